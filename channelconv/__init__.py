@@ -1,0 +1,22 @@
+"""channelconv: multi-input, multi-output channel 2-D cross-correlation (what F.conv2d computes),
+three ways — direct, im2col + GEMM, 1x1 as GEMM — with its own C++ (and CUDA) kernels."""
+
+from . import reference
+from ._ops import OPS  # noqa: F401  (registers fake kernels and autograd)
+from ._shapes import ALGORITHMS
+from .functional import conv2d
+from .modules import Conv2d, convert
+from .select import choose
+from .workspace import get_workspace_limit, set_workspace_limit
+
+__all__ = [
+    "ALGORITHMS",
+    "Conv2d",
+    "choose",
+    "conv2d",
+    "convert",
+    "get_workspace_limit",
+    "reference",
+    "set_workspace_limit",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,64 @@
+"""channelconv.conv2d: F.conv2d's semantics and argument forms, computed by one of channelconv's
+own algorithms. Python normalises the arguments and picks the algorithm; the C++ op checks the
+shapes (csrc/conv_params.cpp, with F.conv2d's message phrases) and computes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._ops import OPS, TAKES_WORKSPACE
+from ._shapes import check_algorithm, pair
+from .select import choose
+from .workspace import get_workspace_limit
+
+_PADDING_STRINGS = ("valid", "same")
+
+
+def _resolve_padding(input, weight, padding, stride, dilation):
+    """Explicit symmetric (pad_h, pad_w), and the input with any extra bottom/right row or column
+    that 'same' needs for an even (dilated) kernel already added, as PyTorch does."""
+    if not isinstance(padding, str):
+        return input, pair(padding, "padding")
+    if padding == "valid":
+        return input, (0, 0)
+    if padding != "same":
+        raise ValueError(f"invalid padding string {padding!r}; expected one of {_PADDING_STRINGS}")
+    if stride != (1, 1):
+        raise ValueError(f"padding='same' is not supported for strided convolutions, but got stride={stride}")
+    if weight.dim() != 4:  # the op names the shape error; 'same' needs the kernel size first
+        return input, (0, 0)
+    totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    before = tuple(total // 2 for total in totals)
+    extra_h, extra_w = (total - 2 * b for total, b in zip(totals, before))
+    if extra_h or extra_w:
+        input = F.pad(input, (0, extra_w, 0, extra_h))
+    return input, before
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
+    """2-D cross-correlation, as ``torch.nn.functional.conv2d``, by ``algorithm``:
+    'direct', 'im2col', '1x1' (1x1 kernels only) or 'auto' (chosen per shape)."""
+    check_algorithm(algorithm)
+    for name, value in (("input", input), ("weight", weight)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"expected {name} to be a Tensor, but got {type(value).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"expected bias to be a Tensor or None, but got {type(bias).__name__}")
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise ValueError(f"expected groups to be an int, but got groups={groups!r}")
+    if input.dim() not in (3, 4):
+        raise ValueError(
+            f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: {list(input.shape)}"
+        )
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    input, padding = _resolve_padding(input, weight, padding, stride, dilation)
+
+    if algorithm == "auto":
+        algorithm = choose(input.shape, weight.shape, stride, padding, dilation, groups)
+    extra = (get_workspace_limit(),) if TAKES_WORKSPACE[algorithm] else ()
+    output = OPS[algorithm].forward(input, weight, bias, stride, padding, dilation, groups, *extra)
+    return output.squeeze(0) if unbatched else output

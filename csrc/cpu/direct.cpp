@@ -1,0 +1,190 @@
+// Direct convolution on the CPU: loops over output (or input / weight) elements, no copies,
+// no workspace beyond one accumulator plane per thread.
+//
+// Every loop over output positions runs over the range whose taps read real input (Axis::first_valid
+// / last_valid), so the innermost loop has no bounds test and the compiler can vectorise it.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../conv_params.h"
+
+namespace channelconv {
+namespace {
+
+using Geo = Geometry<int64_t>;
+
+// For one (image, output channel) plane: acc[ho, wo] += sum_c,r,s w[c, r, s] * x[c, hi, wi].
+template <typename scalar_t, typename acc_t>
+void accumulate_output_plane(acc_t* acc, const scalar_t* x_group, const scalar_t* w_k, int64_t channels, const Geo& g) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const scalar_t* x_c = x_group + c * g.in_area();
+    for (int64_t r = 0; r < g.h.taps; ++r) {
+      const int64_t ho_end = g.h.last_valid(r);
+      for (int64_t t = 0; t < g.w.taps; ++t) {
+        const acc_t wv = static_cast<acc_t>(w_k[(c * g.h.taps + r) * g.w.taps + t]);
+        const int64_t wo_begin = g.w.first_valid(t), wo_end = g.w.last_valid(t);
+        const int64_t wi_offset = g.w.input_at(0, t);  // wi = wo * stride + wi_offset
+        for (int64_t ho = g.h.first_valid(r); ho < ho_end; ++ho) {
+          const int64_t x_row = g.h.input_at(ho, r) * g.w.in + wi_offset;
+          acc_t* acc_row = acc + ho * g.w.out;
+          for (int64_t wo = wo_begin; wo < wo_end; ++wo) {
+            acc_row[wo] += wv * static_cast<acc_t>(x_c[x_row + wo * g.w.stride]);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* bias, scalar_t* y, const ConvShape& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geo g = s.geometry<int64_t>();
+  const int64_t in_per_group = s.in_per_group(), out_per_group = s.out_per_group();
+  const int64_t weight_per_k = in_per_group * g.kernel_area();
+  at::parallel_for(0, s.batch * s.out_channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(g.out_area());
+    for (int64_t nk = begin; nk < end; ++nk) {
+      const int64_t n = nk / s.out_channels, k = nk % s.out_channels;
+      const int64_t group = k / out_per_group;
+      std::fill(acc.begin(), acc.end(), bias ? static_cast<acc_t>(bias[k]) : acc_t(0));
+      accumulate_output_plane(acc.data(), x + (n * s.in_channels + group * in_per_group) * g.in_area(),
+                              w + k * weight_per_k, in_per_group, g);
+      std::copy(acc.begin(), acc.end(), y + nk * g.out_area());
+    }
+  });
+}
+
+// Input gradient, one (image, input channel) plane per task: every output element that read
+// x[c, hi, wi] through tap (r, s) sends back w[k, c, r, s] * dy[k, ho, wo]. The plane belongs to
+// one task, so the scatter inside it needs no atomics and the sum order is fixed.
+template <typename scalar_t>
+void backward_input_kernel(const scalar_t* dy, const scalar_t* w, scalar_t* dx, const ConvShape& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geo g = s.geometry<int64_t>();
+  const int64_t in_per_group = s.in_per_group(), out_per_group = s.out_per_group();
+  at::parallel_for(0, s.batch * s.in_channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc_plane(g.in_area());
+    acc_t* acc = acc_plane.data();
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t n = nc / s.in_channels, c = nc % s.in_channels;
+      const int64_t group = c / in_per_group, c_in_group = c % in_per_group;
+      std::fill(acc, acc + g.in_area(), acc_t(0));
+      for (int64_t k = group * out_per_group; k < (group + 1) * out_per_group; ++k) {
+        const scalar_t* dy_k = dy + (n * s.out_channels + k) * g.out_area();
+        const scalar_t* w_kc = w + (k * in_per_group + c_in_group) * g.kernel_area();
+        for (int64_t r = 0; r < g.h.taps; ++r) {
+          const int64_t ho_end = g.h.last_valid(r);
+          for (int64_t t = 0; t < g.w.taps; ++t) {
+            const acc_t wv = static_cast<acc_t>(w_kc[r * g.w.taps + t]);
+            const int64_t wo_begin = g.w.first_valid(t), wo_end = g.w.last_valid(t);
+            const int64_t wi_offset = g.w.input_at(0, t);
+            for (int64_t ho = g.h.first_valid(r); ho < ho_end; ++ho) {
+              const int64_t acc_row = g.h.input_at(ho, r) * g.w.in + wi_offset;
+              const scalar_t* dy_row = dy_k + ho * g.w.out;
+              for (int64_t wo = wo_begin; wo < wo_end; ++wo) {
+                acc[acc_row + wo * g.w.stride] += wv * static_cast<acc_t>(dy_row[wo]);
+              }
+            }
+          }
+        }
+      }
+      std::copy(acc, acc + g.in_area(), dx + nc * g.in_area());
+    }
+  });
+}
+
+// Weight gradient, one (output channel, input channel of its group) pair per task: its k_h x k_w
+// taps are sums over the batch and the output plane. Each task owns its slice of dW, so there
+// is no reduction across threads and the result is deterministic.
+template <typename scalar_t>
+void backward_weight_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dw, const ConvShape& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geo g = s.geometry<int64_t>();
+  const int64_t in_per_group = s.in_per_group(), out_per_group = s.out_per_group();
+  at::parallel_for(0, s.out_channels * in_per_group, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> taps(g.kernel_area());
+    for (int64_t kc = begin; kc < end; ++kc) {
+      const int64_t k = kc / in_per_group, c = (k / out_per_group) * in_per_group + kc % in_per_group;
+      std::fill(taps.begin(), taps.end(), acc_t(0));
+      for (int64_t n = 0; n < s.batch; ++n) {
+        const scalar_t* dy_k = dy + (n * s.out_channels + k) * g.out_area();
+        const scalar_t* x_c = x + (n * s.in_channels + c) * g.in_area();
+        for (int64_t r = 0; r < g.h.taps; ++r) {
+          const int64_t ho_end = g.h.last_valid(r);
+          for (int64_t t = 0; t < g.w.taps; ++t) {
+            const int64_t wo_begin = g.w.first_valid(t), wo_end = g.w.last_valid(t);
+            const int64_t wi_offset = g.w.input_at(0, t);
+            acc_t sum = 0;
+            for (int64_t ho = g.h.first_valid(r); ho < ho_end; ++ho) {
+              const int64_t x_row = g.h.input_at(ho, r) * g.w.in + wi_offset;
+              const scalar_t* dy_row = dy_k + ho * g.w.out;
+              for (int64_t wo = wo_begin; wo < wo_end; ++wo) {
+                sum += static_cast<acc_t>(dy_row[wo]) * static_cast<acc_t>(x_c[x_row + wo * g.w.stride]);
+              }
+            }
+            taps[r * g.w.taps + t] += sum;
+          }
+        }
+      }
+      std::copy(taps.begin(), taps.end(), dw + kc * g.kernel_area());
+    }
+  });
+}
+
+#define CHANNELCONV_DISPATCH(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, __VA_ARGS__)
+
+at::Tensor direct_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const ConvShape s = check_forward(input, weight, bias, stride, padding, dilation, groups);
+  const at::Tensor x = as_nchw(input), w = weight.contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty(s.output_sizes(), input.options());
+  CHANNELCONV_DISPATCH(input.scalar_type(), "channelconv::direct_forward", [&] {
+    forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                             has_bias ? b.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), s);
+  });
+  return y.contiguous(result_format(input, weight));
+}
+
+at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor& weight, at::IntArrayRef input_size,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups) {
+  const ConvShape s = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
+  const at::Tensor dy = as_nchw(grad_output), w = weight.contiguous();
+  at::Tensor dx = at::empty(s.input_sizes(), grad_output.options());
+  CHANNELCONV_DISPATCH(grad_output.scalar_type(), "channelconv::direct_backward_input", [&] {
+    backward_input_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                    dx.mutable_data_ptr<scalar_t>(), s);
+  });
+  return dx.contiguous(result_format(grad_output, weight));
+}
+
+at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tensor& input, at::IntArrayRef weight_size,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t groups) {
+  const ConvShape s = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
+  const at::Tensor dy = as_nchw(grad_output), x = as_nchw(input);
+  at::Tensor dw = at::empty(s.weight_sizes(), input.options());
+  CHANNELCONV_DISPATCH(input.scalar_type(), "channelconv::direct_backward_weight", [&] {
+    backward_weight_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                     dw.mutable_data_ptr<scalar_t>(), s);
+  });
+  return dw.contiguous(result_format(input, grad_output));
+}
+
+}  // namespace
+}  // namespace channelconv
+
+TORCH_LIBRARY_IMPL(channelconv, CPU, m) {
+  m.impl("direct_forward", &channelconv::direct_forward);
+  m.impl("direct_backward_input", &channelconv::direct_backward_input);
+  m.impl("direct_backward_weight", &channelconv::direct_backward_weight);
+}

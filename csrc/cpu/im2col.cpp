@@ -1,0 +1,94 @@
+// CPU data movement for the GEMM-lowered algorithms (im2col, 1x1): im2col by contiguous row
+// copies, col2im as a gather. The GEMM driver they plug into is csrc/lowered.cpp.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../lowered.h"
+
+namespace channelconv {
+namespace {
+
+// Column row (c, r, t) holds, for each output pixel of the band, the input element that tap (r, t)
+// of channel c reads, or 0 in the padding. Filled one output row at a time: the valid stretch
+// [first_valid, last_valid) is a strided (contiguous for stride 1) run of one input row.
+template <typename scalar_t>
+void im2col_band(const scalar_t* image, scalar_t* columns, const ConvShape& s, int64_t row0, int64_t rows) {
+  const Geometry<int64_t> g = s.geometry<int64_t>();
+  const int64_t band_pixels = rows * g.w.out;
+  at::parallel_for(0, s.in_channels * g.kernel_area(), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t t = row % g.w.taps, r = (row / g.w.taps) % g.h.taps, c = row / g.kernel_area();
+      const scalar_t* x_c = image + c * g.in_area();
+      const int64_t wo_begin = g.w.first_valid(t), wo_end = g.w.last_valid(t);
+      const int64_t wi_offset = g.w.input_at(0, t);
+      scalar_t* dst = columns + row * band_pixels;
+      for (int64_t ho = row0; ho < row0 + rows; ++ho, dst += g.w.out) {
+        const int64_t hi = g.h.input_at(ho, r);
+        if (hi < 0 || hi >= g.h.in) {
+          std::fill(dst, dst + g.w.out, scalar_t(0));
+          continue;
+        }
+        std::fill(dst, dst + wo_begin, scalar_t(0));
+        const int64_t src = hi * g.w.in + wi_offset;
+        if (g.w.stride == 1) {
+          std::copy(x_c + src + wo_begin, x_c + src + wo_end, dst + wo_begin);
+        } else {
+          for (int64_t wo = wo_begin; wo < wo_end; ++wo) dst[wo] = x_c[src + wo * g.w.stride];
+        }
+        std::fill(dst + wo_end, dst + g.w.out, scalar_t(0));
+      }
+    }
+  });
+}
+
+// grad_image[c, hi, wi] += sum over taps (r, t) whose output pixel (Axis::output_reading) lies in
+// the band of columns[(c, r, t), pixel]. Each task owns whole input rows: no atomics, fixed order.
+template <typename scalar_t, typename acc_t>
+void col2im_band(const scalar_t* columns, acc_t* grad_image, const ConvShape& s, int64_t row0, int64_t rows) {
+  const Geometry<int64_t> g = s.geometry<int64_t>();
+  const int64_t band_pixels = rows * g.w.out;
+  at::parallel_for(0, s.in_channels * g.h.in, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c_hi = begin; c_hi < end; ++c_hi) {
+      const int64_t c = c_hi / g.h.in, hi = c_hi % g.h.in;
+      acc_t* grad_row = grad_image + c_hi * g.w.in;
+      for (int64_t r = 0; r < g.h.taps; ++r) {
+        const int64_t ho = g.h.output_reading(hi, r);
+        if (ho < row0 || ho >= row0 + rows) continue;  // also rejects -1
+        const scalar_t* column_base = columns + (c * g.h.taps + r) * g.w.taps * band_pixels + (ho - row0) * g.w.out;
+        for (int64_t t = 0; t < g.w.taps; ++t) {
+          const scalar_t* column_row = column_base + t * band_pixels;
+          for (int64_t wi = 0; wi < g.w.in; ++wi) {
+            const int64_t wo = g.w.output_reading(wi, t);
+            if (wo >= 0) grad_row[wi] += static_cast<acc_t>(column_row[wo]);
+          }
+        }
+      }
+    }
+  });
+}
+
+void im2col_cpu(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, image.scalar_type(), "channelconv::im2col", [&] {
+    im2col_band<scalar_t>(image.const_data_ptr<scalar_t>(), columns.mutable_data_ptr<scalar_t>(), s, row0, rows);
+  });
+}
+
+void col2im_cpu(const at::Tensor& columns, const at::Tensor& grad_image, const ConvShape& s, int64_t row0,
+                int64_t rows) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, columns.scalar_type(), "channelconv::col2im", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    col2im_band<scalar_t, acc_t>(columns.const_data_ptr<scalar_t>(), grad_image.mutable_data_ptr<acc_t>(), s, row0,
+                                 rows);
+  });
+}
+
+constexpr BandKernels kCpuBands{&im2col_cpu, &col2im_cpu};
+
+}  // namespace
+}  // namespace channelconv
+
+TORCH_LIBRARY_IMPL(channelconv, CPU, m) { channelconv::register_lowered_ops<channelconv::kCpuBands>(m); }

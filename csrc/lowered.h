@@ -1,0 +1,79 @@
+// Convolution lowered to GEMM: the im2col and 1x1 algorithms.
+//
+// The driver (chunking by workspace, the GEMM calls through ATen, gradients) is device-neutral;
+// only the two data-movement kernels below differ by device. Each backend passes its own.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "conv_params.h"
+
+namespace channelconv {
+
+struct BandKernels {
+  // columns (C*k_h*k_w, rows*W_o), contiguous  <-  one image (C, H, W), output rows [row0, row0+rows).
+  void (*im2col)(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows);
+  // grad_image (C, H, W) += what each element of `columns` contributed to, for the same band.
+  // A gather: every input element sums the column entries that read it (no atomics).
+  // grad_image may have a wider (accumulation) dtype than columns.
+  void (*col2im)(const at::Tensor& columns, const at::Tensor& grad_image, const ConvShape& s, int64_t row0,
+                 int64_t rows);
+};
+
+enum class Lowering {
+  Im2col,    // always unroll patches into a column buffer
+  OneByOne,  // 1x1 kernels only; the input itself is the column matrix when stride 1 and no padding
+};
+
+at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const at::Tensor& input,
+                           const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t workspace_limit);
+
+at::Tensor lowered_backward_input(const BandKernels& kernels, Lowering lowering, const at::Tensor& grad_output,
+                                  const at::Tensor& weight, at::IntArrayRef input_size, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                  int64_t workspace_limit);
+
+at::Tensor lowered_backward_weight(const BandKernels& kernels, Lowering lowering, const at::Tensor& grad_output,
+                                   const at::Tensor& input, at::IntArrayRef weight_size, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                   int64_t workspace_limit);
+
+// The six op kernels of one device, given its band kernels: each backend registers these.
+template <const BandKernels& kernels, Lowering lowering>
+struct LoweredOps {
+  static at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                            int64_t workspace_limit) {
+    return lowered_forward(kernels, lowering, input, weight, bias, stride, padding, dilation, groups,
+                           workspace_limit);
+  }
+  static at::Tensor backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                                   at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, int64_t groups, int64_t workspace_limit) {
+    return lowered_backward_input(kernels, lowering, grad_output, weight, input_size, stride, padding, dilation,
+                                  groups, workspace_limit);
+  }
+  static at::Tensor backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                                    at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups, int64_t workspace_limit) {
+    return lowered_backward_weight(kernels, lowering, grad_output, input, weight_size, stride, padding, dilation,
+                                   groups, workspace_limit);
+  }
+};
+
+// Registers im2col_* and conv1x1_* for one dispatch key (used inside TORCH_LIBRARY_IMPL).
+template <const BandKernels& kernels>
+void register_lowered_ops(torch::Library& m) {
+  using Im2col = LoweredOps<kernels, Lowering::Im2col>;
+  using OneByOne = LoweredOps<kernels, Lowering::OneByOne>;
+  m.impl("im2col_forward", &Im2col::forward);
+  m.impl("im2col_backward_input", &Im2col::backward_input);
+  m.impl("im2col_backward_weight", &Im2col::backward_weight);
+  m.impl("conv1x1_forward", &OneByOne::forward);
+  m.impl("conv1x1_backward_input", &OneByOne::backward_input);
+  m.impl("conv1x1_backward_weight", &OneByOne::backward_weight);
+}
+
+}  // namespace channelconv
