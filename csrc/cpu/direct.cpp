@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../conv_params.h"
+#include "direct_blocked.h"
 
 namespace channelconv {
 namespace {
@@ -137,6 +138,37 @@ void backward_weight_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dw,
   });
 }
 
+// float32 on an AVX-512 CPU: the register-blocked kernel (direct_blocked.cpp). The forward pass
+// maps onto it directly; the stride-1 input gradient is the same correlation run on grad_output
+// with the weight transposed (C <-> K) and flipped (r -> k_h-1-r, s -> k_w-1-s).
+bool use_blocked(const at::Tensor& t) { return t.scalar_type() == at::kFloat && blocked_kernel_available(); }
+
+void forward_blocked(const float* x, const float* w, const float* bias, float* y, const ConvShape& s) {
+  const BlockedProblem p{s.batch, s.groups, s.in_per_group(), s.in_h, s.in_w, s.out_per_group(), s.out_h, s.out_w,
+                         s.kernel_h, s.kernel_w, s.stride[0], s.stride[1], s.dilation[0], s.dilation[1],
+                         -s.padding[0], -s.padding[1]};
+  std::vector<float> packed(blocked_weight_numel(p));
+  pack_blocked_weight(p, packed.data(), [&](int64_t g, int64_t k, int64_t c, int64_t r, int64_t t) {
+    return w[(((g * s.out_per_group() + k) * s.in_per_group() + c) * s.kernel_h + r) * s.kernel_w + t];
+  });
+  blocked_correlation(p, x, packed.data(), bias, y);
+}
+
+bool backward_input_blocked_applies(const ConvShape& s) { return s.stride[0] == 1 && s.stride[1] == 1; }
+
+void backward_input_blocked(const float* dy, const float* w, float* dx, const ConvShape& s) {
+  const BlockedProblem p{s.batch, s.groups, s.out_per_group(), s.out_h, s.out_w, s.in_per_group(), s.in_h, s.in_w,
+                         s.kernel_h, s.kernel_w, 1, 1, s.dilation[0], s.dilation[1],
+                         s.padding[0] - s.dilation[0] * (s.kernel_h - 1),
+                         s.padding[1] - s.dilation[1] * (s.kernel_w - 1)};
+  std::vector<float> packed(blocked_weight_numel(p));
+  pack_blocked_weight(p, packed.data(), [&](int64_t g, int64_t c, int64_t k, int64_t r, int64_t t) {
+    return w[(((g * s.out_per_group() + k) * s.in_per_group() + c) * s.kernel_h + (s.kernel_h - 1 - r)) *
+                 s.kernel_w + (s.kernel_w - 1 - t)];
+  });
+  blocked_correlation(p, dy, packed.data(), nullptr, dx);
+}
+
 #define CHANNELCONV_DISPATCH(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, __VA_ARGS__)
 
@@ -147,6 +179,11 @@ at::Tensor direct_forward(const at::Tensor& input, const at::Tensor& weight, con
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty(s.output_sizes(), input.options());
+  if (use_blocked(input)) {
+    forward_blocked(x.const_data_ptr<float>(), w.const_data_ptr<float>(), has_bias ? b.const_data_ptr<float>() : nullptr,
+                    y.mutable_data_ptr<float>(), s);
+    return y.contiguous(result_format(input, weight));
+  }
   CHANNELCONV_DISPATCH(input.scalar_type(), "channelconv::direct_forward", [&] {
     forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                              has_bias ? b.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), s);
@@ -160,6 +197,10 @@ at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor
   const ConvShape s = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
   const at::Tensor dy = as_nchw(grad_output), w = weight.contiguous();
   at::Tensor dx = at::empty(s.input_sizes(), grad_output.options());
+  if (use_blocked(grad_output) && backward_input_blocked_applies(s)) {
+    backward_input_blocked(dy.const_data_ptr<float>(), w.const_data_ptr<float>(), dx.mutable_data_ptr<float>(), s);
+    return dx.contiguous(result_format(grad_output, weight));
+  }
   CHANNELCONV_DISPATCH(grad_output.scalar_type(), "channelconv::direct_backward_input", [&] {
     backward_input_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                                     dx.mutable_data_ptr<scalar_t>(), s);

@@ -1,0 +1,54 @@
+// The register-blocked float32 direct kernel (AVX-512, chosen at run time).
+//
+// One correlation problem covers both the forward pass and, at stride 1, the input gradient
+// (which is the forward kernel run on grad_output with the weight flipped and transposed):
+//   out[n, g*out_pg + k, oh, ow] = init[k] + sum_{c, r, s} packed(g, k, c, r, s)
+//                                  * in[n, g*in_pg + c, oh*stride_h + r*dil_h + offset_h, ow*stride_w + s*dil_w + offset_w]
+// with input taps outside the plane reading zero.
+#pragma once
+
+#include <cstdint>
+
+namespace channelconv {
+
+struct BlockedProblem {
+  int64_t batch, groups;
+  int64_t in_per_group, in_h, in_w;     // input planes
+  int64_t out_per_group, out_h, out_w;  // output planes
+  int64_t taps_h, taps_w;
+  int64_t stride_h, stride_w, dil_h, dil_w;
+  int64_t offset_h, offset_w;           // input coordinate of tap 0 at output 0 (minus the padding)
+};
+
+// Output channels per register tile: two 16-float registers.
+constexpr int64_t kBlockedChannels = 32;
+
+// Whether this CPU runs the blocked kernel (AVX-512F); otherwise callers use the plain loops.
+bool blocked_kernel_available();
+
+// Weights in the kernel's order, [group][channel block][c][r][s][32], zero-filled past out_per_group.
+// `weight_at(g, k, c, r, s)` gives each element (so one packer serves forward and input gradient).
+template <typename WeightAt>
+void pack_blocked_weight(const BlockedProblem& p, float* packed, WeightAt weight_at) {
+  const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
+  for (int64_t g = 0; g < p.groups; ++g)
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int64_t c = 0; c < p.in_per_group; ++c)
+        for (int64_t r = 0; r < p.taps_h; ++r)
+          for (int64_t s = 0; s < p.taps_w; ++s)
+            for (int64_t j = 0; j < kBlockedChannels; ++j) {
+              const int64_t k = b * kBlockedChannels + j;
+              *packed++ = k < p.out_per_group ? weight_at(g, k, c, r, s) : 0.0f;
+            }
+}
+
+inline int64_t blocked_weight_numel(const BlockedProblem& p) {
+  const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
+  return p.groups * blocks * p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
+}
+
+// out (N, groups*out_per_group, out_h, out_w), NCHW contiguous; init: per output channel
+// (groups*out_per_group values) or null for zero.
+void blocked_correlation(const BlockedProblem& p, const float* in, const float* packed, const float* init, float* out);
+
+}  // namespace channelconv
