@@ -41,12 +41,15 @@ def _explicit_padding(case: Case) -> tuple:
 
 
 @st.composite
-def cases(draw, one_by_one: bool = False):
-    groups = draw(st.sampled_from([1, 1, 2, 3]))
-    depthwise = draw(st.booleans()) and groups > 1
-    in_per_group = 1 if depthwise else draw(st.integers(1, 3))
-    out_per_group = draw(st.integers(1, 3))
-    kernel = (1, 1) if one_by_one else (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+def cases(draw, one_by_one: bool = False, wide: bool = False):
+    """wide: many channels per group (4..40 out, crossing the 32-channel register tile of the
+    blocked CPU kernels, which narrow cases never reach) and kernels up to 8 wide."""
+    groups = draw(st.sampled_from([1, 1, 2] if wide else [1, 1, 2, 3]))
+    depthwise = draw(st.booleans()) and groups > 1 and not wide
+    in_per_group = 1 if depthwise else draw(st.integers(1, 20 if wide else 3))
+    out_per_group = draw(st.integers(4, 40)) if wide else draw(st.integers(1, 3))
+    max_tap = 8 if wide else 4
+    kernel = (1, 1) if one_by_one else (draw(st.integers(1, max_tap)), draw(st.integers(1, max_tap)))
     stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     padding_forms = [st.integers(0, 3), st.tuples(st.integers(0, 3), st.integers(0, 3)), st.just("valid")]
@@ -134,6 +137,13 @@ def test_sweep_any_kernel(device, algorithm, dtype, case):
 @given(case=cases(one_by_one=True))
 def test_sweep_1x1_kernel(device, algorithm, dtype, case):
     check_case(case, algorithm, dtype, device)
+
+
+@pytest.mark.parametrize("algorithm", channelconv.ALGORITHMS)
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_sweep_wide_channels(device, algorithm, data):
+    check_case(data.draw(cases(one_by_one=algorithm == "1x1", wide=True)), algorithm, torch.float32, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

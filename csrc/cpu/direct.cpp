@@ -141,12 +141,20 @@ void backward_weight_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dw,
 // float32 on an AVX-512 CPU: the register-blocked kernel (direct_blocked.cpp). The forward pass
 // maps onto it directly; the stride-1 input gradient is the same correlation run on grad_output
 // with the weight transposed (C <-> K) and flipped (r -> k_h-1-r, s -> k_w-1-s).
-bool use_blocked(const at::Tensor& t) { return t.scalar_type() == at::kFloat && blocked_kernel_available(); }
+// A tile spans 32 output channels: with fewer than 4 per group (depthwise) most lanes would idle,
+// and the plain loops, vectorised along the width, do better.
+bool use_blocked(const at::Tensor& t, int64_t out_per_group) {
+  return t.scalar_type() == at::kFloat && out_per_group >= 4 && blocked_kernel_available();
+}
+
+BlockedProblem forward_problem(const ConvShape& s) {
+  return {s.batch, s.groups, s.in_per_group(), s.in_h, s.in_w, s.out_per_group(), s.out_h, s.out_w,
+          s.kernel_h, s.kernel_w, s.stride[0], s.stride[1], s.dilation[0], s.dilation[1],
+          -s.padding[0], -s.padding[1]};
+}
 
 void forward_blocked(const float* x, const float* w, const float* bias, float* y, const ConvShape& s) {
-  const BlockedProblem p{s.batch, s.groups, s.in_per_group(), s.in_h, s.in_w, s.out_per_group(), s.out_h, s.out_w,
-                         s.kernel_h, s.kernel_w, s.stride[0], s.stride[1], s.dilation[0], s.dilation[1],
-                         -s.padding[0], -s.padding[1]};
+  const BlockedProblem p = forward_problem(s);
   std::vector<float> packed(blocked_weight_numel(p));
   pack_blocked_weight(p, packed.data(), [&](int64_t g, int64_t k, int64_t c, int64_t r, int64_t t) {
     return w[(((g * s.out_per_group() + k) * s.in_per_group() + c) * s.kernel_h + r) * s.kernel_w + t];
@@ -179,7 +187,7 @@ at::Tensor direct_forward(const at::Tensor& input, const at::Tensor& weight, con
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty(s.output_sizes(), input.options());
-  if (use_blocked(input)) {
+  if (use_blocked(input, s.out_per_group())) {
     forward_blocked(x.const_data_ptr<float>(), w.const_data_ptr<float>(), has_bias ? b.const_data_ptr<float>() : nullptr,
                     y.mutable_data_ptr<float>(), s);
     return y.contiguous(result_format(input, weight));
@@ -197,7 +205,7 @@ at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor
   const ConvShape s = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
   const at::Tensor dy = as_nchw(grad_output), w = weight.contiguous();
   at::Tensor dx = at::empty(s.input_sizes(), grad_output.options());
-  if (use_blocked(grad_output) && backward_input_blocked_applies(s)) {
+  if (use_blocked(grad_output, s.in_per_group()) && backward_input_blocked_applies(s)) {
     backward_input_blocked(dy.const_data_ptr<float>(), w.const_data_ptr<float>(), dx.mutable_data_ptr<float>(), s);
     return dx.contiguous(result_format(grad_output, weight));
   }
@@ -214,6 +222,11 @@ at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tenso
   const ConvShape s = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
   const at::Tensor dy = as_nchw(grad_output), x = as_nchw(input);
   at::Tensor dw = at::empty(s.weight_sizes(), input.options());
+  if (use_blocked(input, s.out_per_group()) && blocked_weight_grad_applies(forward_problem(s))) {
+    blocked_weight_grad(forward_problem(s), dy.const_data_ptr<float>(), x.const_data_ptr<float>(),
+                        dw.mutable_data_ptr<float>());
+    return dw.contiguous(result_format(input, grad_output));
+  }
   CHANNELCONV_DISPATCH(input.scalar_type(), "channelconv::direct_backward_weight", [&] {
     backward_weight_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                      dw.mutable_data_ptr<scalar_t>(), s);

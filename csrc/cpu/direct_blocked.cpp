@@ -151,10 +151,149 @@ void blocked_correlation(const BlockedProblem& p, const float* in, const float* 
   });
 }
 
+namespace {
+
+// Weight-gradient tile: for one (group, 32-channel block, input channel c, kernel row r), the
+// k_w taps x 32 channels of dW, accumulated over every image and output pixel. Per output pixel
+// it loads two dy vectors (the block's 32 channels, from a transposed copy) and broadcasts one
+// input value per tap: k_w x 2 FMAs. U independent partial sums over interleaved pixels keep
+// enough FMAs in flight when k_w is small (FMA latency 4, two ports: 8 chains needed).
+template <int S>
+struct GradTaps {
+  static constexpr int U = S >= 4 ? 1 : (S == 1 ? 4 : 2);
+};
+
+struct GradTile {
+  const float* dy_t;      // [n][oh][ow][32] of this channel block
+  const float* x_plane;   // x[0, c] (image stride: x_image_stride)
+  int64_t x_image_stride, batch, in_h, in_w, out_h, out_w;
+  int64_t row_offset;     // ih = oh*stride_h + row_offset (r*dil_h - pad_h)
+  int64_t stride_h, stride_w, dil_w, pad_w;
+  float* strip;           // scratch: one zero-padded input row, strip_width floats
+  int64_t strip_width;
+  float* dw;              // out: [s][32]
+};
+
+template <int S>
+__attribute__((target("avx512f,fma"))) void grad_tile_kernel(const GradTile& t) {
+  constexpr int U = GradTaps<S>::U;
+  v16 acc0[U][S], acc1[U][S];
+#pragma GCC unroll 16
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) acc0[u][s] = acc1[u][s] = v16{};
+  const int64_t j_begin = std::min(t.strip_width, t.pad_w);
+  const int64_t j_end = std::min(t.strip_width, t.in_w + t.pad_w);
+  for (int64_t n = 0; n < t.batch; ++n) {
+    for (int64_t oh = 0; oh < t.out_h; ++oh) {
+      const int64_t ih = oh * t.stride_h + t.row_offset;
+      if (ih < 0 || ih >= t.in_h) continue;
+      // strip[j] = x[n, c, ih, j - pad_w], zero outside the plane.
+      const float* src = t.x_plane + n * t.x_image_stride + ih * t.in_w;
+      std::fill(t.strip, t.strip + j_begin, 0.0f);
+      std::memcpy(t.strip + j_begin, src + (j_begin - t.pad_w), (j_end - j_begin) * sizeof(float));
+      std::fill(t.strip + j_end, t.strip + t.strip_width, 0.0f);
+      const float* dy_row = t.dy_t + (n * t.out_h + oh) * t.out_w * kBlockedChannels;
+      int64_t ow = 0;
+      for (; ow + U <= t.out_w; ow += U) {
+#pragma GCC unroll 16
+        for (int u = 0; u < U; ++u) {
+          const v16 d0 = *reinterpret_cast<const v16*>(dy_row + (ow + u) * kBlockedChannels);
+          const v16 d1 = *reinterpret_cast<const v16*>(dy_row + (ow + u) * kBlockedChannels + 16);
+          const float* x = t.strip + (ow + u) * t.stride_w;
+#pragma GCC unroll 16
+          for (int s = 0; s < S; ++s) {
+            acc0[u][s] += d0 * x[s * t.dil_w];
+            acc1[u][s] += d1 * x[s * t.dil_w];
+          }
+        }
+      }
+      for (; ow < t.out_w; ++ow) {
+        const v16 d0 = *reinterpret_cast<const v16*>(dy_row + ow * kBlockedChannels);
+        const v16 d1 = *reinterpret_cast<const v16*>(dy_row + ow * kBlockedChannels + 16);
+        const float* x = t.strip + ow * t.stride_w;
+#pragma GCC unroll 16
+        for (int s = 0; s < S; ++s) {
+          acc0[0][s] += d0 * x[s * t.dil_w];
+          acc1[0][s] += d1 * x[s * t.dil_w];
+        }
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int s = 0; s < S; ++s) {
+    v16 sum0 = acc0[0][s], sum1 = acc1[0][s];
+#pragma GCC unroll 16
+    for (int u = 1; u < U; ++u) {
+      sum0 += acc0[u][s];
+      sum1 += acc1[u][s];
+    }
+    *reinterpret_cast<v16*>(t.dw + s * kBlockedChannels) = sum0;
+    *reinterpret_cast<v16*>(t.dw + s * kBlockedChannels + 16) = sum1;
+  }
+}
+
+constexpr int kMaxGradTaps = 7;
+using GradTileFn = void (*)(const GradTile&);
+template <int... S>
+constexpr std::array<GradTileFn, sizeof...(S)> make_grad_table(std::integer_sequence<int, S...>) {
+  return {&grad_tile_kernel<S + 1>...};
+}
+constexpr auto grad_table = make_grad_table(std::make_integer_sequence<int, kMaxGradTaps>{});
+
+}  // namespace
+
+bool blocked_weight_grad_applies(const BlockedProblem& p) {
+  return p.taps_w <= kMaxGradTaps && p.out_per_group >= kBlockedChannels / 2;
+}
+
+void blocked_weight_grad(const BlockedProblem& p, const float* dy, const float* x, float* dw) {
+  const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
+  const int64_t out_area = p.out_h * p.out_w, in_area = p.in_h * p.in_w;
+  const int64_t out_channels = p.groups * p.out_per_group, in_channels = p.groups * p.in_per_group;
+  const int64_t block_numel = p.batch * out_area * kBlockedChannels;
+  // dy transposed once into [group][block][n][oh][ow][32] (zero past the group's channels), so
+  // the tile reads 32 channels of one pixel as two vectors.
+  std::vector<float> dy_t(p.groups * blocks * block_numel);
+  at::parallel_for(0, p.groups * blocks * p.batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t gbn = begin; gbn < end; ++gbn) {
+      const int64_t n = gbn % p.batch, gb = gbn / p.batch, g = gb / blocks, b = gb % blocks;
+      float* dst = dy_t.data() + gb * block_numel + n * out_area * kBlockedChannels;
+      for (int64_t j = 0; j < kBlockedChannels; ++j) {
+        const int64_t k = b * kBlockedChannels + j;
+        const float* src = dy + (n * out_channels + g * p.out_per_group + k) * out_area;
+        for (int64_t i = 0; i < out_area; ++i) dst[i * kBlockedChannels + j] = k < p.out_per_group ? src[i] : 0.0f;
+      }
+    }
+  });
+  const int64_t strip_width = (p.out_w - 1) * p.stride_w + (p.taps_w - 1) * p.dil_w + 1;
+  const int64_t weights_per_k = p.in_per_group * p.taps_h * p.taps_w;
+  // One task per (group, block, input channel, kernel row): each owns its dW slice.
+  at::parallel_for(0, p.groups * blocks * p.in_per_group * p.taps_h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> strip(strip_width);
+    std::vector<float> taps(p.taps_w * kBlockedChannels);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task % p.taps_h, c = (task / p.taps_h) % p.in_per_group;
+      const int64_t gb = task / (p.taps_h * p.in_per_group), g = gb / blocks, b = gb % blocks;
+      const GradTile t{dy_t.data() + gb * block_numel, x + (g * p.in_per_group + c) * in_area, in_channels * in_area,
+                       p.batch, p.in_h, p.in_w, p.out_h, p.out_w, r * p.dil_h + p.offset_h, p.stride_h, p.stride_w,
+                       p.dil_w, -p.offset_w, strip.data(), strip_width, taps.data()};
+      grad_table[p.taps_w - 1](t);
+      const int64_t channels = std::min(kBlockedChannels, p.out_per_group - b * kBlockedChannels);
+      for (int64_t j = 0; j < channels; ++j) {
+        float* dst = dw + (g * p.out_per_group + b * kBlockedChannels + j) * weights_per_k + (c * p.taps_h + r) * p.taps_w;
+        for (int64_t s = 0; s < p.taps_w; ++s) dst[s] = taps[s * kBlockedChannels + j];
+      }
+    }
+  });
+}
+
 #else  // not x86-64 with GCC/Clang: the plain loops serve every case
 
 bool blocked_kernel_available() { return false; }
 void blocked_correlation(const BlockedProblem&, const float*, const float*, const float*, float*) {}
+bool blocked_weight_grad_applies(const BlockedProblem&) { return false; }
+void blocked_weight_grad(const BlockedProblem&, const float*, const float*, float*) {}
 
 #endif
 

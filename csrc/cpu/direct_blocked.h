@@ -51,4 +51,11 @@ inline int64_t blocked_weight_numel(const BlockedProblem& p) {
 // (groups*out_per_group values) or null for zero.
 void blocked_correlation(const BlockedProblem& p, const float* in, const float* packed, const float* init, float* out);
 
+// Weight gradient, float32, AVX-512 (call only when blocked_kernel_available() and
+// blocked_weight_grad_applies()): dw (K, C/groups, k_h, k_w) = sum over images and output pixels
+// of dy[n, k, oh, ow] * x[n, c, oh*stride_h + r*dil_h - pad_h, ow*stride_w + s*dil_w - pad_w].
+// `problem` is the forward problem (input x, output dy).
+bool blocked_weight_grad_applies(const BlockedProblem& problem);
+void blocked_weight_grad(const BlockedProblem& problem, const float* dy, const float* x, float* dw);
+
 }  // namespace channelconv
