@@ -153,13 +153,23 @@ BlockedProblem forward_problem(const ConvShape& s) {
           -s.padding[0], -s.padding[1]};
 }
 
+// The packed weight is rebuilt on every call, into a buffer each calling thread keeps: reusing
+// the allocation spares the page faults of a fresh multi-MB buffer. (A cache keyed on the weight's
+// version was tried and dropped: writes through `.data` do not bump the version, so it could
+// return a stale packing, a silently wrong answer.)
+float* packing_buffer(int64_t numel) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < numel) buffer.resize(numel);
+  return buffer.data();
+}
+
 void forward_blocked(const float* x, const float* w, const float* bias, float* y, const ConvShape& s) {
   const BlockedProblem p = forward_problem(s);
-  std::vector<float> packed(blocked_weight_numel(p));
-  pack_blocked_weight(p, packed.data(), [&](int64_t g, int64_t k, int64_t c, int64_t r, int64_t t) {
+  float* packed = packing_buffer(blocked_weight_numel(p));
+  pack_blocked_weight(p, packed, [&](int64_t g, int64_t k, int64_t c, int64_t r, int64_t t) {
     return w[(((g * s.out_per_group() + k) * s.in_per_group() + c) * s.kernel_h + r) * s.kernel_w + t];
   });
-  blocked_correlation(p, x, packed.data(), bias, y);
+  blocked_correlation(p, x, packed, bias, y);
 }
 
 bool backward_input_blocked_applies(const ConvShape& s) { return s.stride[0] == 1 && s.stride[1] == 1; }
@@ -169,12 +179,12 @@ void backward_input_blocked(const float* dy, const float* w, float* dx, const Co
                          s.kernel_h, s.kernel_w, 1, 1, s.dilation[0], s.dilation[1],
                          s.padding[0] - s.dilation[0] * (s.kernel_h - 1),
                          s.padding[1] - s.dilation[1] * (s.kernel_w - 1)};
-  std::vector<float> packed(blocked_weight_numel(p));
-  pack_blocked_weight(p, packed.data(), [&](int64_t g, int64_t c, int64_t k, int64_t r, int64_t t) {
+  float* packed = packing_buffer(blocked_weight_numel(p));
+  pack_blocked_weight(p, packed, [&](int64_t g, int64_t c, int64_t k, int64_t r, int64_t t) {
     return w[(((g * s.out_per_group() + k) * s.in_per_group() + c) * s.kernel_h + (s.kernel_h - 1 - r)) *
                  s.kernel_w + (s.kernel_w - 1 - t)];
   });
-  blocked_correlation(p, dy, packed.data(), nullptr, dx);
+  blocked_correlation(p, dy, packed, nullptr, dx);
 }
 
 #define CHANNELCONV_DISPATCH(dtype, name, ...) \

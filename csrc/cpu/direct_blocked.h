@@ -7,6 +7,8 @@
 // with input taps outside the plane reading zero.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <cstdint>
 
 namespace channelconv {
@@ -28,18 +30,25 @@ bool blocked_kernel_available();
 
 // Weights in the kernel's order, [group][channel block][c][r][s][32], zero-filled past out_per_group.
 // `weight_at(g, k, c, r, s)` gives each element (so one packer serves forward and input gradient).
+// One task per (group, block); within it, each output channel's (c, r, s) run is read in order.
 template <typename WeightAt>
 void pack_blocked_weight(const BlockedProblem& p, float* packed, WeightAt weight_at) {
   const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
-  for (int64_t g = 0; g < p.groups; ++g)
-    for (int64_t b = 0; b < blocks; ++b)
-      for (int64_t c = 0; c < p.in_per_group; ++c)
-        for (int64_t r = 0; r < p.taps_h; ++r)
-          for (int64_t s = 0; s < p.taps_w; ++s)
-            for (int64_t j = 0; j < kBlockedChannels; ++j) {
-              const int64_t k = b * kBlockedChannels + j;
-              *packed++ = k < p.out_per_group ? weight_at(g, k, c, r, s) : 0.0f;
-            }
+  const int64_t taps = p.in_per_group * p.taps_h * p.taps_w;
+  at::parallel_for(0, p.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t gb = begin; gb < end; ++gb) {
+      const int64_t g = gb / blocks, b = gb % blocks;
+      float* dst = packed + gb * taps * kBlockedChannels;
+      for (int64_t j = 0; j < kBlockedChannels; ++j) {
+        const int64_t k = b * kBlockedChannels + j;
+        int64_t i = 0;
+        for (int64_t c = 0; c < p.in_per_group; ++c)
+          for (int64_t r = 0; r < p.taps_h; ++r)
+            for (int64_t s = 0; s < p.taps_w; ++s, ++i)
+              dst[i * kBlockedChannels + j] = k < p.out_per_group ? weight_at(g, k, c, r, s) : 0.0f;
+      }
+    }
+  });
 }
 
 inline int64_t blocked_weight_numel(const BlockedProblem& p) {
