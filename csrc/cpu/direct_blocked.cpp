@@ -97,7 +97,7 @@ bool blocked_kernel_available() {
 void blocked_correlation(const BlockedProblem& p, const float* in, const float* packed, const float* init, float* out) {
   const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
   const int64_t strip_width = (p.out_w - 1) * p.stride_w + (p.taps_w - 1) * p.dil_w + 1;
-  const int64_t in_area = p.in_h * p.in_w, out_area = p.out_h * p.out_w;
+  const int64_t in_area = p.in_h * p.in_w, out_area = p.plane_h() * p.plane_w();
   const int64_t weights_per_block = p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
 
   // Initial values per (group, padded channel): the bias, zero past the group's channels.
@@ -146,9 +146,10 @@ void blocked_correlation(const BlockedProblem& p, const float* in, const float* 
         }
         // Transpose the row block [ow][32] into the NCHW output rows of this block's channels.
         const int64_t channels = std::min(kBlockedChannels, p.out_per_group - b * kBlockedChannels);
-        float* out_row = out + ((n * p.groups + g) * p.out_per_group + b * kBlockedChannels) * out_area + oh * p.out_w;
+        float* out_row = out + ((n * p.groups + g) * p.out_per_group + b * kBlockedChannels) * out_area +
+                         (p.out_origin_h + oh * p.out_step_h) * p.plane_w() + p.out_origin_w;
         for (int64_t j = 0; j < channels; ++j, out_row += out_area) {
-          for (int64_t ow = 0; ow < p.out_w; ++ow) out_row[ow] = row_acc[ow * kBlockedChannels + j];
+          for (int64_t ow = 0; ow < p.out_w; ++ow) out_row[ow * p.out_step_w] = row_acc[ow * kBlockedChannels + j];
         }
       }
     }

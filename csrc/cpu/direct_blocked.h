@@ -20,6 +20,13 @@ struct BlockedProblem {
   int64_t taps_h, taps_w;
   int64_t stride_h, stride_w, dil_h, dil_w;
   int64_t offset_h, offset_w;           // input coordinate of tap 0 at output 0 (minus the padding)
+  // Where output pixel (oh, ow) is stored: (origin + o*step) in planes of plane_h x plane_w.
+  // The defaults store densely; the strided input gradient writes one stride phase at a time.
+  int64_t out_origin_h = 0, out_origin_w = 0, out_step_h = 1, out_step_w = 1;
+  int64_t out_plane_h = -1, out_plane_w = -1;  // -1: out_h, out_w
+
+  int64_t plane_h() const { return out_plane_h < 0 ? out_h : out_plane_h; }
+  int64_t plane_w() const { return out_plane_w < 0 ? out_w : out_plane_w; }
 };
 
 // Output channels per register tile: two 16-float registers.
@@ -56,7 +63,7 @@ inline int64_t blocked_weight_numel(const BlockedProblem& p) {
   return p.groups * blocks * p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
 }
 
-// out (N, groups*out_per_group, out_h, out_w), NCHW contiguous; init: per output channel
+// out (N, groups*out_per_group, plane_h, plane_w), NCHW contiguous; init: per output channel
 // (groups*out_per_group values) or null for zero.
 void blocked_correlation(const BlockedProblem& p, const float* in, const float* packed, const float* init, float* out);
 
