@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../conv_params.h"
@@ -21,7 +22,7 @@ using Geo = Geometry<int64_t>;
 
 // For one (image, output channel) plane: acc[ho, wo] += sum_c,r,s w[c, r, s] * x[c, hi, wi].
 template <typename scalar_t, typename acc_t>
-void accumulate_output_plane(acc_t* acc, const scalar_t* x_group, const scalar_t* w_k, int64_t channels, const Geo& g) {
+inline __attribute__((always_inline)) void accumulate_output_plane(acc_t* acc, const scalar_t* x_group, const scalar_t* w_k, int64_t channels, const Geo& g) {
   for (int64_t c = 0; c < channels; ++c) {
     const scalar_t* x_c = x_group + c * g.in_area();
     for (int64_t r = 0; r < g.h.taps; ++r) {
@@ -42,6 +43,27 @@ void accumulate_output_plane(acc_t* acc, const scalar_t* x_group, const scalar_t
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// float32 planes the blocked kernel leaves to the plain loops (depthwise, narrow groups): compiled
+// for AVX-512 and AVX2 as well, the best clone picked at load time (GCC function multiversioning).
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void accumulate_output_plane_f32(float* acc, const float* x_group, const float* w_k, int64_t channels, const Geo& g) {
+  accumulate_output_plane<float, float>(acc, x_group, w_k, channels, g);
+}
+#define CHANNELCONV_PLANE_CLONES 1
+#endif
+
+template <typename scalar_t, typename acc_t>
+void output_plane(acc_t* acc, const scalar_t* x_group, const scalar_t* w_k, int64_t channels, const Geo& g) {
+#ifdef CHANNELCONV_PLANE_CLONES
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    accumulate_output_plane_f32(acc, x_group, w_k, channels, g);
+    return;
+  }
+#endif
+  accumulate_output_plane<scalar_t, acc_t>(acc, x_group, w_k, channels, g);
+}
+
 template <typename scalar_t>
 void forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* bias, scalar_t* y, const ConvShape& s) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -54,8 +76,8 @@ void forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* bias, 
       const int64_t n = nk / s.out_channels, k = nk % s.out_channels;
       const int64_t group = k / out_per_group;
       std::fill(acc.begin(), acc.end(), bias ? static_cast<acc_t>(bias[k]) : acc_t(0));
-      accumulate_output_plane(acc.data(), x + (n * s.in_channels + group * in_per_group) * g.in_area(),
-                              w + k * weight_per_k, in_per_group, g);
+      output_plane<scalar_t, acc_t>(acc.data(), x + (n * s.in_channels + group * in_per_group) * g.in_area(),
+                                    w + k * weight_per_k, in_per_group, g);
       std::copy(acc.begin(), acc.end(), y + nk * g.out_area());
     }
   });
