@@ -100,8 +100,8 @@ FIXED_CASES = [
 
 
 def oracle(case, x, w, b, dy):
-    x64 = x.double().requires_grad_()
-    w64 = w.double().requires_grad_()
+    x64 = x.detach().double().clone().requires_grad_()  # clone: .double() of a float64 tensor is itself
+    w64 = w.detach().double().clone().requires_grad_()
     b64 = b.double() if b is not None else None
     y = F.conv2d(x64, w64, b64, case["stride"], case["padding"], case["dilation"], case["groups"])
     if dy is None:
