@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 
 #include "../conv_index.h"
@@ -330,7 +331,11 @@ constexpr int64_t kIndexHeadroom = kMaxBlocks * kThreads;
 // Whether int32 indexing is safe for this convolution and these tensors' element counts:
 // every tensor offset, the products n*C and n*K, and every Axis intermediate
 // (o*stride - pad + t*dilation and its inverse lie within [-(dilation*(k-1)), in + 2*pad + stride]).
+// CHANNELCONV_FORCE_INT64_INDEX=1 in the environment makes it answer false, so tests and the
+// sanitizer runs (scripts/sanitize_kernels.py) reach the 64-bit kernels with small tensors.
 inline bool indices_fit_int32(const ConvShape& s, std::initializer_list<int64_t> numels) {
+  const char* force64 = std::getenv("CHANNELCONV_FORCE_INT64_INDEX");
+  if (force64 != nullptr && force64[0] == '1') return false;
   auto fits = [](int64_t v) { return v >= 0 && fits_in_int32(v + kIndexHeadroom); };
   for (int64_t n : numels) {
     if (!fits(n)) return false;
