@@ -68,8 +68,10 @@ def _convert(module, algorithm, done):
     elif type(module) is nn.Conv2d:
         result = _converted(module, algorithm)
     else:
-        for name, child in module.named_children():
-            setattr(module, name, _convert(child, algorithm, done))
+        # _modules, not named_children(): the latter skips a child that appears twice.
+        for name, child in list(module._modules.items()):
+            if child is not None:
+                setattr(module, name, _convert(child, algorithm, done))
         result = module
     done[id(module)] = result
     return result

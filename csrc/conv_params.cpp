@@ -13,6 +13,10 @@ std::string sizes_str(at::IntArrayRef sizes) { return c10::str(sizes); }
 void check_pair(at::IntArrayRef values, const char* name) {
   TORCH_CHECK_VALUE(values.size() == 2, "channelconv: expected ", name, " to have 2 elements (height, width), got ",
                     name, "=", sizes_str(values));
+  // Bounded so that the size arithmetic below cannot overflow int64.
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(values[0] <= kMax && values[1] <= kMax, "channelconv: ", name, "=", sizes_str(values),
+                    " is too large (at most ", kMax, ")");
 }
 
 bool is_supported_dtype(at::ScalarType t) {

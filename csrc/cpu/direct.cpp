@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../conv_params.h"
+#include "direct_blocked.h"
 
 namespace channelconv {
 namespace {
@@ -137,6 +138,101 @@ void backward_weight_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dw,
   });
 }
 
+// float32 on an AVX-512 CPU: the register-blocked kernel (direct_blocked.cpp). The forward pass
+// maps onto it directly; the stride-1 input gradient is the same correlation run on grad_output
+// with the weight transposed (C <-> K) and flipped (r -> k_h-1-r, s -> k_w-1-s).
+// A tile spans 32 output channels: with fewer than 4 per group (depthwise) most lanes would idle,
+// and the plain loops, vectorised along the width, do better.
+bool use_blocked(const at::Tensor& t, int64_t out_per_group) {
+  return t.scalar_type() == at::kFloat && out_per_group >= 4 && blocked_kernel_available();
+}
+
+BlockedProblem forward_problem(const ConvShape& s) {
+  return {s.batch, s.groups, s.in_per_group(), s.in_h, s.in_w, s.out_per_group(), s.out_h, s.out_w,
+          s.kernel_h, s.kernel_w, s.stride[0], s.stride[1], s.dilation[0], s.dilation[1],
+          -s.padding[0], -s.padding[1]};
+}
+
+// The packed weight is rebuilt on every call, into a buffer each calling thread keeps: reusing
+// the allocation spares the page faults of a fresh multi-MB buffer. (A cache keyed on the weight's
+// version was tried and dropped: writes through `.data` do not bump the version, so it could
+// return a stale packing, a silently wrong answer.)
+float* packing_buffer(int64_t numel) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < numel) buffer.resize(numel);
+  return buffer.data();
+}
+
+void forward_blocked(const float* x, const float* w, const float* bias, float* y, const ConvShape& s) {
+  const BlockedProblem p = forward_problem(s);
+  float* packed = packing_buffer(blocked_weight_numel(p));
+  pack_blocked_weight(p, packed, [&](int64_t g, int64_t k, int64_t c, int64_t r, int64_t t) {
+    return w[(((g * s.out_per_group() + k) * s.in_per_group() + c) * s.kernel_h + r) * s.kernel_w + t];
+  });
+  blocked_correlation(p, x, packed, bias, y);
+}
+
+// With stride > 1, the input gradient splits into stride_h x stride_w phases (hi % stride_h,
+// wi % stride_w). Within a phase, only the taps r with (hi + pad - r*dil) % stride == 0 reach it,
+// and they form a dense stride-1 correlation of grad_output with that sub-kernel, flipped.
+// (With dilation > 1 those taps are not unit-spaced in grad_output; the plain loops serve it.)
+bool backward_input_blocked_applies(const ConvShape& s) {
+  return (s.stride[0] == 1 || s.dilation[0] == 1) && (s.stride[1] == 1 || s.dilation[1] == 1);
+}
+
+// One axis of one phase: its taps (largest first: the flipped order) and where they read.
+struct PhaseAxis {
+  int64_t out = 0;         // input positions in the phase: phase, phase + stride, ...
+  int64_t first_tap = -1;  // largest kernel tap reaching the phase (-1: none)
+  int64_t taps = 0;        // how many taps reach it, tap_step apart in the kernel
+  int64_t tap_step = 1;
+  int64_t dilation = 1;    // spacing of those taps' reads in grad_output
+  int64_t offset = 0;      // grad_output position read by the first tap at the phase's position 0
+};
+
+PhaseAxis phase_axis(int64_t phase, int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dil) {
+  PhaseAxis a;
+  a.out = phase < in ? (in - phase + stride - 1) / stride : 0;
+  if (stride == 1) {  // one phase, every tap, any dilation: the classic flipped correlation
+    a.first_tap = kernel - 1;
+    a.taps = kernel;
+    a.dilation = dil;
+    a.offset = pad - dil * (kernel - 1);
+    return a;
+  }
+  // Dilation is 1 here: tap r reaches hi = phase + i*stride from ho = i + (phase + pad - r) / stride
+  // when the division is exact, so the reaching taps are stride apart and read consecutive ho.
+  for (int64_t r = kernel - 1; r >= 0; --r) {
+    if ((phase + pad - r) % stride == 0) {
+      if (a.first_tap < 0) a.first_tap = r;
+      ++a.taps;
+    }
+  }
+  a.tap_step = stride;
+  a.offset = a.first_tap < 0 ? 0 : (phase + pad - a.first_tap) / stride;
+  return a;
+}
+
+void backward_input_blocked(const float* dy, const float* w, float* dx, const ConvShape& s) {
+  for (int64_t phase_h = 0; phase_h < s.stride[0]; ++phase_h) {
+    for (int64_t phase_w = 0; phase_w < s.stride[1]; ++phase_w) {
+      const PhaseAxis a = phase_axis(phase_h, s.in_h, s.kernel_h, s.stride[0], s.padding[0], s.dilation[0]);
+      const PhaseAxis b = phase_axis(phase_w, s.in_w, s.kernel_w, s.stride[1], s.padding[1], s.dilation[1]);
+      if (a.out == 0 || b.out == 0 || a.taps == 0 || b.taps == 0) continue;  // dx was zero-filled
+      BlockedProblem p{s.batch, s.groups, s.out_per_group(), s.out_h, s.out_w, s.in_per_group(), a.out, b.out,
+                       a.taps, b.taps, 1, 1, a.dilation, b.dilation, a.offset, b.offset};
+      p.out_origin_h = phase_h, p.out_origin_w = phase_w, p.out_step_h = s.stride[0], p.out_step_w = s.stride[1];
+      p.out_plane_h = s.in_h, p.out_plane_w = s.in_w;
+      float* packed = packing_buffer(blocked_weight_numel(p));
+      pack_blocked_weight(p, packed, [&](int64_t g, int64_t c, int64_t k, int64_t t, int64_t u) {
+        const int64_t r = a.first_tap - t * a.tap_step, q = b.first_tap - u * b.tap_step;
+        return w[(((g * s.out_per_group() + k) * s.in_per_group() + c) * s.kernel_h + r) * s.kernel_w + q];
+      });
+      blocked_correlation(p, dy, packed, nullptr, dx);
+    }
+  }
+}
+
 #define CHANNELCONV_DISPATCH(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, __VA_ARGS__)
 
@@ -147,6 +243,11 @@ at::Tensor direct_forward(const at::Tensor& input, const at::Tensor& weight, con
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty(s.output_sizes(), input.options());
+  if (use_blocked(input, s.out_per_group())) {
+    forward_blocked(x.const_data_ptr<float>(), w.const_data_ptr<float>(), has_bias ? b.const_data_ptr<float>() : nullptr,
+                    y.mutable_data_ptr<float>(), s);
+    return y.contiguous(result_format(input, weight));
+  }
   CHANNELCONV_DISPATCH(input.scalar_type(), "channelconv::direct_forward", [&] {
     forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                              has_bias ? b.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), s);
@@ -160,6 +261,11 @@ at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor
   const ConvShape s = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
   const at::Tensor dy = as_nchw(grad_output), w = weight.contiguous();
   at::Tensor dx = at::empty(s.input_sizes(), grad_output.options());
+  if (use_blocked(grad_output, s.in_per_group()) && backward_input_blocked_applies(s)) {
+    if (s.stride[0] > 1 || s.stride[1] > 1) dx.zero_();  // phases no tap reaches stay zero
+    backward_input_blocked(dy.const_data_ptr<float>(), w.const_data_ptr<float>(), dx.mutable_data_ptr<float>(), s);
+    return dx.contiguous(result_format(grad_output, weight));
+  }
   CHANNELCONV_DISPATCH(grad_output.scalar_type(), "channelconv::direct_backward_input", [&] {
     backward_input_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                                     dx.mutable_data_ptr<scalar_t>(), s);
@@ -173,6 +279,11 @@ at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tenso
   const ConvShape s = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
   const at::Tensor dy = as_nchw(grad_output), x = as_nchw(input);
   at::Tensor dw = at::empty(s.weight_sizes(), input.options());
+  if (use_blocked(input, s.out_per_group()) && blocked_weight_grad_applies(forward_problem(s))) {
+    blocked_weight_grad(forward_problem(s), dy.const_data_ptr<float>(), x.const_data_ptr<float>(),
+                        dw.mutable_data_ptr<float>());
+    return dw.contiguous(result_format(input, grad_output));
+  }
   CHANNELCONV_DISPATCH(input.scalar_type(), "channelconv::direct_backward_weight", [&] {
     backward_weight_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                      dw.mutable_data_ptr<scalar_t>(), s);

@@ -1,0 +1,47 @@
+"""Shared test helpers: the float64 F.conv2d oracle, the error measure, the devices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import channelconv
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# Relative error ||out - ref|| / ||ref|| allowed against the float64 oracle (DESIGN.md).
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+if torch.cuda.is_available():  # the oracle must compute in full precision
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", DEVICES)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if ref.numel() == 0:
+        return 0.0
+    scale = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "output"):
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = rel_error(out, ref)
+    assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3e} > {TOLERANCE[dtype]:.0e} ({dtype})"
+
+
+def oracle(x, w, b, stride, padding, dilation, groups):
+    """F.conv2d in float64 on copies of the arguments."""
+    return F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding, dilation, groups)
+
+
+def algorithms_for(kernel_size):
+    return [a for a in channelconv.ALGORITHMS if a != "1x1" or tuple(kernel_size) == (1, 1)]

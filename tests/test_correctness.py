@@ -1,0 +1,165 @@
+"""Every algorithm against F.conv2d in float64: forward and the three gradients, over a
+hypothesis sweep of the whole argument space (batch 0..3, channels, groups incl. depthwise,
+non-square kernels, stride, every padding form, dilation, bias, unbatched, layouts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, oracle
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import channelconv
+
+
+@dataclass
+class Case:
+    batch: int
+    in_channels: int
+    out_channels: int
+    size: tuple
+    kernel: tuple
+    stride: tuple
+    padding: object  # int, pair or 'same' / 'valid'
+    dilation: tuple
+    groups: int
+    bias: bool
+    unbatched: bool
+    layout: str  # 'contiguous', 'channels_last' or 'strided' (a non-contiguous view)
+
+
+def _explicit_padding(case: Case) -> tuple:
+    if case.padding == "valid":
+        return (0, 0)
+    if case.padding == "same":  # enough to decide whether the kernel fits
+        return tuple(d * (k - 1) // 2 for d, k in zip(case.dilation, case.kernel))
+    return (case.padding, case.padding) if isinstance(case.padding, int) else tuple(case.padding)
+
+
+@st.composite
+def cases(draw, one_by_one: bool = False, wide: bool = False):
+    """wide: many channels per group (4..40 out, crossing the 32-channel register tile of the
+    blocked CPU kernels, which narrow cases never reach) and kernels up to 8 wide."""
+    groups = draw(st.sampled_from([1, 1, 2] if wide else [1, 1, 2, 3]))
+    depthwise = draw(st.booleans()) and groups > 1 and not wide
+    in_per_group = 1 if depthwise else draw(st.integers(1, 20 if wide else 3))
+    out_per_group = draw(st.integers(4, 40)) if wide else draw(st.integers(1, 3))
+    max_tap = 8 if wide else 4
+    kernel = (1, 1) if one_by_one else (draw(st.integers(1, max_tap)), draw(st.integers(1, max_tap)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding_forms = [st.integers(0, 3), st.tuples(st.integers(0, 3), st.integers(0, 3)), st.just("valid")]
+    if stride == (1, 1):
+        padding_forms.append(st.just("same"))
+    padding = draw(st.one_of(*padding_forms))
+    case = Case(
+        batch=draw(st.integers(0, 3)), in_channels=groups * in_per_group, out_channels=groups * out_per_group,
+        size=(0, 0), kernel=kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        bias=draw(st.booleans()), unbatched=False,
+        layout=draw(st.sampled_from(["contiguous", "channels_last", "strided"])),
+    )
+    pad = _explicit_padding(case)
+    # The smallest input the dilated kernel fits in after padding, plus a few.
+    extents = [d * (k - 1) + 1 - 2 * p for d, k, p in zip(dilation, kernel, pad)]
+    case.size = tuple(max(1, e) + draw(st.integers(0, 6)) for e in extents)
+    case.unbatched = case.batch == 1 and draw(st.booleans())
+    return case
+
+
+def make_tensors(case: Case, dtype, device="cpu", requires_grad=True):
+    g = torch.Generator().manual_seed(hash((case.batch, case.size, case.kernel)) % 2**31)
+    shape = (case.batch, case.in_channels, *case.size)
+    if case.layout == "strided":  # every other column of a twice-as-wide tensor
+        x = torch.randn(*shape[:-1], 2 * shape[-1], generator=g, dtype=torch.float64)[..., ::2]
+    else:
+        x = torch.randn(shape, generator=g, dtype=torch.float64)
+    w = torch.randn(case.out_channels, case.in_channels // case.groups, *case.kernel, generator=g, dtype=torch.float64)
+    b = torch.randn(case.out_channels, generator=g, dtype=torch.float64) if case.bias else None
+    x, w = x.to(device, dtype), w.to(device, dtype)
+    if case.layout == "channels_last":
+        x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+    elif case.layout == "strided":
+        x = x[..., :]  # keep the non-contiguous view
+    if case.unbatched:
+        x = x[0]
+    b = None if b is None else b.to(device, dtype)
+    for t in (x, w, b):
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    return x, w, b
+
+
+def check_case(case: Case, algorithm: str, dtype, device="cpu"):
+    x, w, b = make_tensors(case, dtype, device)
+    args = (case.stride, case.padding, case.dilation, case.groups)
+    out = channelconv.conv2d(x, w, b, *args, algorithm=algorithm)
+    ref = oracle(x.detach(), w.detach(), None if b is None else b.detach(), *args)
+    assert out.dtype == dtype and out.device == x.device
+    assert_close(out, ref, dtype, "forward")
+
+    # The output's memory format follows F.conv2d's for the same arguments (an empty tensor has none).
+    same_dtype_ref = F.conv2d(x.detach(), w.detach(), None if b is None else b.detach(), *args)
+    if out.dim() == 4 and out.numel() > 0:
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            assert out.is_contiguous(memory_format=fmt) == same_dtype_ref.is_contiguous(memory_format=fmt), fmt
+
+    # Gradients of <out, grad_out> against the float64 oracle's.
+    # grad_out is rounded to dtype first so that the oracle sees exactly what the op sees.
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)).to(device, dtype)
+    inputs = [t for t in (x, w, b) if t is not None]
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    ref_out = oracle(leaves[0], leaves[1], leaves[2] if b is not None else None, *args)
+    ref_grads = torch.autograd.grad(ref_out, leaves, grad_out.double())
+    for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads):
+        assert got.shape == want.shape
+        assert_close(got, want, dtype, f"grad {name}")
+
+
+SWEEP = settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("algorithm", ["direct", "im2col", "auto"])
+@SWEEP
+@given(case=cases())
+def test_sweep_any_kernel(device, algorithm, dtype, case):
+    check_case(case, algorithm, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("algorithm", channelconv.ALGORITHMS)
+@SWEEP
+@given(case=cases(one_by_one=True))
+def test_sweep_1x1_kernel(device, algorithm, dtype, case):
+    check_case(case, algorithm, dtype, device)
+
+
+@pytest.mark.parametrize("algorithm", channelconv.ALGORITHMS)
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_sweep_wide_channels(device, algorithm, data):
+    check_case(data.draw(cases(one_by_one=algorithm == "1x1", wide=True)), algorithm, torch.float32, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("algorithm", channelconv.ALGORITHMS)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_sweep_half_precision(device, algorithm, dtype, data):
+    check_case(data.draw(cases(one_by_one=algorithm == "1x1")), algorithm, dtype, device)
+
+
+@pytest.mark.parametrize("algorithm", channelconv.ALGORITHMS)
+def test_realistic_layer(device, algorithm):
+    """One mid-sized layer with many channels, so the GEMMs and parallel loops do real work."""
+    k = 1 if algorithm == "1x1" else 3
+    case = Case(batch=3, in_channels=48, out_channels=40, size=(17, 15), kernel=(k, k), stride=(1, 1),
+                padding=k // 2, dilation=(1, 1), groups=1, bias=True, unbatched=False, layout="contiguous")
+    check_case(case, algorithm, torch.float32, device)
+    case.stride, case.groups = (2, 2), 4
+    check_case(case, algorithm, torch.float32, device)
