@@ -6,7 +6,8 @@
 #
 #   1. builds the extension in place with the CUDA kernels (for this GPU's architecture unless
 #      TORCH_CUDA_ARCH_LIST is set) and checks that the CUDA kernels are registered
-#   2. runs the whole test-suite (CUDA cases enabled; extra pytest options in $PYTEST_ARGS)
+#   2. runs the whole test-suite (CUDA cases enabled; extra pytest options in $PYTEST_ADDOPTS,
+#      e.g. PYTEST_ADDOPTS='-m "not slow"' for a shorter run)
 #   3. compute-sanitizer --tool memcheck, then --tool racecheck, over scripts/sanitize_kernels.py
 #      (every op, several shapes, dtypes, several workspace bands, 32- and 64-bit indexing)
 #   4. the benchmark suite on CUDA, `python -m benchmarks --device cuda --json ...`, when the
@@ -90,8 +91,7 @@ fi
 
 # 2. The whole test-suite.
 if [ -d tests ]; then
-  # shellcheck disable=SC2086  # PYTEST_ARGS is a list of options
-  step tests "$OUT/pytest.log" "$PY" -m pytest -q -ra ${PYTEST_ARGS:-}
+  step tests "$OUT/pytest.log" "$PY" -m pytest -q -ra
 else
   echo "tests      skip  (no tests/ directory)" | tee -a "$SUMMARY"
 fi
