@@ -1,0 +1,191 @@
+// Direct convolution on CUDA: no column buffer, no workspace, no atomics.
+//
+//   forward          a tiled kernel: a block computes BK output channels x BP output pixels of one
+//                    (image, group), staging weight and input tiles in shared memory; each thread
+//                    accumulates a TM x TN register tile in at::opmath_type<scalar_t>.
+//   backward_input   a gather: one thread per input element sums over (k, r, s) the outputs that
+//                    read it (Axis::output_reading).
+//   backward_weight  one block per weight element reduces over N x H_o x W_o: each thread a
+//                    strided partial sum, then a fixed-order tree in shared memory (deterministic).
+//
+// The per-thread work is in kernel_bodies.h (shared with the CPU emulation in emulate_kernels.cpp).
+// Same op signatures, checks and result layout as csrc/cpu/direct.cpp.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../conv_params.h"
+#include "kernel_bodies.h"
+
+namespace channelconv {
+namespace gpu {
+namespace {
+
+// Blocks loop over tiles (grid-stride); every thread of a block takes the same trip count, so
+// the barriers inside are reached by all of them.
+template <typename Cfg, typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    direct_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
+                          const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, ConvDims<index_t> d,
+                          int64_t tiles) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t ws[Cfg::kWeightTile];
+  __shared__ acc_t xs[Cfg::kInputTile];
+  const int tid = threadIdx.x;
+  const index_t R = d.reduction();
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const TilePos<index_t> t = forward_tile_pos<Cfg>(d, index_t(tile));
+    acc_t acc[Cfg::TM][Cfg::TN];
+    forward_init<Cfg>(tid, bias, d, t, acc);
+    for (index_t q0 = 0; q0 < R; q0 += Cfg::BR) {
+      forward_load_stage<Cfg>(tid, x, w, d, t, q0, ws, xs);
+      __syncthreads();  // the stage is in shared memory
+      forward_multiply_stage<Cfg>(tid, ws, xs, acc);
+      __syncthreads();  // everyone is done reading it before the next stage overwrites it
+    }
+    forward_store<Cfg>(tid, y, d, t, acc);
+  }
+}
+
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    direct_backward_input_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ w,
+                                 scalar_t* __restrict__ dx, ConvDims<index_t> d, int64_t total) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    direct_backward_input_element(dy, w, dx, d, index_t(e));
+  }
+}
+
+// Launched with exactly kThreads threads per block (the tree below assumes it).
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    direct_backward_weight_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                  scalar_t* __restrict__ dw, ConvDims<index_t> d, int64_t total) {
+  using acc_t = at::opmath_type<scalar_t>;
+  static_assert((kThreads & (kThreads - 1)) == 0, "the tree reduction halves a power of two");
+  __shared__ acc_t partial[kThreads];
+  const int tid = threadIdx.x;
+  for (int64_t e = blockIdx.x; e < total; e += gridDim.x) {
+    partial[tid] = direct_backward_weight_partial(dy, x, d, index_t(e), index_t(tid), index_t(kThreads));
+    __syncthreads();
+    for (int offset = kThreads / 2; offset > 0; offset /= 2) {
+      if (tid < offset) partial[tid] += partial[tid + offset];
+      __syncthreads();
+    }
+    if (tid == 0) dw[e] = static_cast<scalar_t>(partial[0]);
+    __syncthreads();  // partial[0] is read before the next element overwrites the array
+  }
+}
+
+template <typename Cfg, typename scalar_t, typename index_t>
+void launch_forward(const at::Tensor& x, const at::Tensor& w, const scalar_t* bias, const at::Tensor& y,
+                    const ConvShape& s) {
+  const ConvDims<index_t> d = make_dims<index_t>(s);
+  const int64_t tiles = s.batch * s.groups * int64_t(forward_channel_tiles<Cfg>(d)) * int64_t(forward_pixel_tiles<Cfg>(d));
+  direct_forward_kernel<Cfg, scalar_t, index_t><<<grid_size(tiles, 1), Cfg::kThreads, 0,
+                                                  c10::cuda::getCurrentCUDAStream()>>>(
+      x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bias, y.mutable_data_ptr<scalar_t>(), d, tiles);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, typename index_t>
+void launch_backward_input(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& dx, const ConvShape& s) {
+  const int64_t total = dx.numel();
+  direct_backward_input_kernel<scalar_t, index_t><<<grid_size(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      dy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
+      make_dims<index_t>(s), total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, typename index_t>
+void launch_backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dw, const ConvShape& s) {
+  const int64_t total = dw.numel();
+  direct_backward_weight_kernel<scalar_t, index_t><<<grid_size(total, 1), kThreads, 0,
+                                                     c10::cuda::getCurrentCUDAStream()>>>(
+      dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dw.mutable_data_ptr<scalar_t>(),
+      make_dims<index_t>(s), total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define CHANNELCONV_DISPATCH(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, __VA_ARGS__)
+
+at::Tensor direct_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const ConvShape s = check_forward(input, weight, bias, stride, padding, dilation, groups);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = as_nchw(input), w = weight.contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty(s.output_sizes(), input.options());
+  if (y.numel() > 0) {
+    const bool int32 = indices_fit_int32(s, {x.numel(), w.numel(), y.numel()});
+    const bool wide = use_wide_tile(s);
+    CHANNELCONV_DISPATCH(input.scalar_type(), "channelconv::direct_forward_cuda", [&] {
+      const scalar_t* bias_ptr = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
+      if (wide && int32) {
+        launch_forward<WideTile, scalar_t, int32_t>(x, w, bias_ptr, y, s);
+      } else if (wide) {
+        launch_forward<WideTile, scalar_t, int64_t>(x, w, bias_ptr, y, s);
+      } else if (int32) {
+        launch_forward<NarrowTile, scalar_t, int32_t>(x, w, bias_ptr, y, s);
+      } else {
+        launch_forward<NarrowTile, scalar_t, int64_t>(x, w, bias_ptr, y, s);
+      }
+    });
+  }
+  return y.contiguous(result_format(input, weight));
+}
+
+at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor& weight, at::IntArrayRef input_size,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups) {
+  const ConvShape s = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
+  const c10::cuda::CUDAGuard guard(grad_output.device());
+  const at::Tensor dy = as_nchw(grad_output), w = weight.contiguous();
+  at::Tensor dx = at::empty(s.input_sizes(), grad_output.options());
+  if (dx.numel() > 0) {
+    const bool int32 = indices_fit_int32(s, {dy.numel(), w.numel(), dx.numel()});
+    CHANNELCONV_DISPATCH(grad_output.scalar_type(), "channelconv::direct_backward_input_cuda", [&] {
+      if (int32) {
+        launch_backward_input<scalar_t, int32_t>(dy, w, dx, s);
+      } else {
+        launch_backward_input<scalar_t, int64_t>(dy, w, dx, s);
+      }
+    });
+  }
+  return dx.contiguous(result_format(grad_output, weight));
+}
+
+at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tensor& input, at::IntArrayRef weight_size,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t groups) {
+  const ConvShape s = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor dy = as_nchw(grad_output), x = as_nchw(input);
+  at::Tensor dw = at::empty(s.weight_sizes(), input.options());
+  if (dw.numel() > 0) {
+    const bool int32 = indices_fit_int32(s, {dy.numel(), x.numel(), dw.numel()});
+    CHANNELCONV_DISPATCH(input.scalar_type(), "channelconv::direct_backward_weight_cuda", [&] {
+      if (int32) {
+        launch_backward_weight<scalar_t, int32_t>(dy, x, dw, s);
+      } else {
+        launch_backward_weight<scalar_t, int64_t>(dy, x, dw, s);
+      }
+    });
+  }
+  return dw.contiguous(result_format(input, grad_output));
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace channelconv
+
+TORCH_LIBRARY_IMPL(channelconv, CUDA, m) {
+  m.impl("direct_forward", &channelconv::gpu::direct_forward);
+  m.impl("direct_backward_input", &channelconv::gpu::direct_backward_input);
+  m.impl("direct_backward_weight", &channelconv::gpu::direct_backward_weight);
+}

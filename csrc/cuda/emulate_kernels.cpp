@@ -1,0 +1,270 @@
+// CPU emulation of the CUDA kernels, for machines without a GPU. NOT part of the extension
+// (setup.py compiles csrc/cuda/*.cu only): csrc/cuda/emulate_kernels.py builds it as a separate
+// test module with torch.utils.cpp_extension.load and compares it with F.conv2d.
+//
+// Each emulated launch runs the HOST_DEVICE bodies of kernel_bodies.h exactly as the __global__
+// kernels in direct.cu / im2col.cu do, with one CPU loop standing in for the threads between two
+// barriers. Shared-memory tiles are poisoned with NaN before every stage, so a read of an entry the
+// stage did not write shows up in the result; outputs are allocated inside NaN guard zones that
+// must survive the call. Built with -fsanitize=address (emulate_kernels.py --asan), every
+// out-of-bounds access to a tensor or a shared tile is reported.
+#include <torch/extension.h>
+
+#include <ATen/Dispatch.h>
+
+#include <limits>
+#include <vector>
+
+#include "../lowered.h"
+#include "kernel_bodies.h"
+
+namespace channelconv {
+namespace gpu {
+namespace {
+
+// Index type forced by the caller: 32, 64, or 0 for what the CUDA host code would pick.
+int g_index_bits = 0;
+
+bool pick_int32(bool fits) {
+  TORCH_CHECK(g_index_bits != 32 || fits, "emulate: int32 forced but indices do not fit");
+  return g_index_bits == 32 || (g_index_bits == 0 && fits);
+}
+
+// A tensor of `sizes` in the middle of a NaN-filled buffer; check_guards verifies the margins.
+constexpr int64_t kGuard = 64;
+struct Guarded {
+  at::Tensor buffer, tensor;
+};
+Guarded guarded_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t numel = 1;
+  for (int64_t d : sizes) numel *= d;
+  Guarded g;
+  g.buffer = at::full({numel + 2 * kGuard}, std::numeric_limits<double>::quiet_NaN(), options);
+  g.tensor = g.buffer.narrow(0, kGuard, numel).view(sizes);
+  return g;
+}
+void check_guards(const Guarded& g) {
+  const int64_t numel = g.tensor.numel();
+  const at::Tensor head = g.buffer.narrow(0, 0, kGuard), tail = g.buffer.narrow(0, kGuard + numel, kGuard);
+  TORCH_CHECK(head.isnan().all().item<bool>() && tail.isnan().all().item<bool>(),
+              "emulate: a kernel wrote outside its output tensor");
+}
+
+template <typename acc_t>
+void poison(std::vector<acc_t>& v) {
+  std::fill(v.begin(), v.end(), std::numeric_limits<acc_t>::quiet_NaN());
+}
+
+// ---- direct forward: one block at a time, its threads stage by stage --------------------------
+template <typename Cfg, typename scalar_t, typename index_t>
+void emulate_forward(const scalar_t* x, const scalar_t* w, const scalar_t* bias, scalar_t* y, const ConvShape& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const ConvDims<index_t> d = make_dims<index_t>(s);
+  const int64_t tiles = s.batch * s.groups * int64_t(forward_channel_tiles<Cfg>(d)) * int64_t(forward_pixel_tiles<Cfg>(d));
+  std::vector<acc_t> ws(Cfg::kWeightTile), xs(Cfg::kInputTile);
+  struct Regs {
+    acc_t acc[Cfg::TM][Cfg::TN];
+  };
+  std::vector<Regs> regs(Cfg::kThreads);
+  const index_t R = d.reduction();
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const TilePos<index_t> t = forward_tile_pos<Cfg>(d, index_t(tile));
+    for (int tid = 0; tid < Cfg::kThreads; ++tid) forward_init<Cfg>(tid, bias, d, t, regs[tid].acc);
+    for (index_t q0 = 0; q0 < R; q0 += Cfg::BR) {
+      poison(ws);
+      poison(xs);
+      for (int tid = 0; tid < Cfg::kThreads; ++tid) forward_load_stage<Cfg>(tid, x, w, d, t, q0, ws.data(), xs.data());
+      // __syncthreads()
+      for (int tid = 0; tid < Cfg::kThreads; ++tid) forward_multiply_stage<Cfg>(tid, ws.data(), xs.data(), regs[tid].acc);
+      // __syncthreads()
+    }
+    for (int tid = 0; tid < Cfg::kThreads; ++tid) forward_store<Cfg>(tid, y, d, t, regs[tid].acc);
+  }
+}
+
+// tile: "wide", "narrow" or "auto" (what the CUDA host code picks).
+at::Tensor direct_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                          int64_t groups, const std::string& tile) {
+  const ConvShape s = check_forward(input, weight, bias, stride, padding, dilation, groups);
+  const at::Tensor x = as_nchw(input), w = weight.contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  Guarded y = guarded_empty(s.output_sizes(), input.options());
+  if (y.tensor.numel() > 0) {
+    const bool int32 = pick_int32(indices_fit_int32(s, {x.numel(), w.numel(), y.tensor.numel()}));
+    const bool wide = tile == "auto" ? use_wide_tile(s) : tile == "wide";
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "emulate_forward", [&] {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* wp = w.const_data_ptr<scalar_t>();
+      const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* yp = y.tensor.mutable_data_ptr<scalar_t>();
+      if (wide && int32) emulate_forward<WideTile, scalar_t, int32_t>(xp, wp, bp, yp, s);
+      else if (wide) emulate_forward<WideTile, scalar_t, int64_t>(xp, wp, bp, yp, s);
+      else if (int32) emulate_forward<NarrowTile, scalar_t, int32_t>(xp, wp, bp, yp, s);
+      else emulate_forward<NarrowTile, scalar_t, int64_t>(xp, wp, bp, yp, s);
+    });
+  }
+  check_guards(y);
+  return y.tensor.clone();
+}
+
+// ---- direct backward ----------------------------------------------------------------------------
+at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                                 std::vector<int64_t> input_size, std::vector<int64_t> stride,
+                                 std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups) {
+  const ConvShape s = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
+  const at::Tensor dy = as_nchw(grad_output), w = weight.contiguous();
+  Guarded dx = guarded_empty(s.input_sizes(), grad_output.options());
+  const int64_t total = dx.tensor.numel();
+  if (total > 0) {
+    const bool int32 = pick_int32(indices_fit_int32(s, {dy.numel(), w.numel(), total}));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_output.scalar_type(), "emulate_bi", [&] {
+      auto run = [&](auto index_tag) {
+        using index_t = decltype(index_tag);
+        const ConvDims<index_t> d = make_dims<index_t>(s);
+        for (int64_t e = 0; e < total; ++e) {
+          direct_backward_input_element(dy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                        dx.tensor.mutable_data_ptr<scalar_t>(), d, index_t(e));
+        }
+      };
+      if (int32) run(int32_t{0});
+      else run(int64_t{0});
+    });
+  }
+  check_guards(dx);
+  return dx.tensor.clone();
+}
+
+at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                                  std::vector<int64_t> weight_size, std::vector<int64_t> stride,
+                                  std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups) {
+  const ConvShape s = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
+  const at::Tensor dy = as_nchw(grad_output), x = as_nchw(input);
+  Guarded dw = guarded_empty(s.weight_sizes(), input.options());
+  const int64_t total = dw.tensor.numel();
+  if (total > 0) {
+    const bool int32 = pick_int32(indices_fit_int32(s, {dy.numel(), x.numel(), total}));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "emulate_bw", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      auto run = [&](auto index_tag) {
+        using index_t = decltype(index_tag);
+        const ConvDims<index_t> d = make_dims<index_t>(s);
+        std::vector<acc_t> partial(kThreads);
+        for (int64_t e = 0; e < total; ++e) {  // one block
+          for (int tid = 0; tid < kThreads; ++tid) {
+            partial[tid] = direct_backward_weight_partial(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                                          d, index_t(e), index_t(tid), index_t(kThreads));
+          }
+          for (int offset = kThreads / 2; offset > 0; offset /= 2) {
+            for (int tid = 0; tid < offset; ++tid) partial[tid] += partial[tid + offset];
+          }
+          dw.tensor.mutable_data_ptr<scalar_t>()[e] = static_cast<scalar_t>(partial[0]);
+        }
+      };
+      if (int32) run(int32_t{0});
+      else run(int64_t{0});
+    });
+  }
+  check_guards(dw);
+  return dw.tensor.clone();
+}
+
+// ---- band kernels, plugged into the real GEMM driver (lowered.cpp) ------------------------------
+void im2col_emulated(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0,
+                     int64_t rows) {
+  TORCH_CHECK(image.is_contiguous() && columns.is_contiguous());
+  TORCH_CHECK(columns.numel() == s.in_channels * s.kernel_h * s.kernel_w * rows * s.out_w);
+  const int64_t total = columns.numel();
+  const bool int32 = pick_int32(indices_fit_int32(s, {image.numel(), total}));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, image.scalar_type(), "emulate_im2col", [&] {
+    auto run = [&](auto index_tag) {
+      using index_t = decltype(index_tag);
+      const Geometry<index_t> g = s.geometry<index_t>();
+      for (int64_t e = 0; e < total; ++e) {
+        im2col_element(image.const_data_ptr<scalar_t>(), columns.mutable_data_ptr<scalar_t>(), g, index_t(row0),
+                       index_t(rows * s.out_w), index_t(e));
+      }
+    };
+    if (int32) run(int32_t{0});
+    else run(int64_t{0});
+  });
+}
+
+void col2im_emulated(const at::Tensor& columns, const at::Tensor& grad_image, const ConvShape& s, int64_t row0,
+                     int64_t rows) {
+  TORCH_CHECK(grad_image.is_contiguous() && columns.is_contiguous());
+  TORCH_CHECK(grad_image.scalar_type() == at::toOpMathType(columns.scalar_type()));
+  const int64_t total = grad_image.numel();
+  const bool int32 = pick_int32(indices_fit_int32(s, {total, columns.numel()}));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, columns.scalar_type(), "emulate_col2im", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto run = [&](auto index_tag) {
+      using index_t = decltype(index_tag);
+      const Geometry<index_t> g = s.geometry<index_t>();
+      for (int64_t e = 0; e < total; ++e) {
+        col2im_element(columns.const_data_ptr<scalar_t>(), grad_image.mutable_data_ptr<acc_t>(), g, index_t(row0),
+                       index_t(rows), index_t(e));
+      }
+    };
+    if (int32) run(int32_t{0});
+    else run(int64_t{0});
+  });
+}
+
+constexpr BandKernels kEmulatedBands{&im2col_emulated, &col2im_emulated};
+
+Lowering lowering_of(const std::string& algorithm) {
+  TORCH_CHECK(algorithm == "im2col" || algorithm == "1x1", "emulate: unknown lowering ", algorithm);
+  return algorithm == "im2col" ? Lowering::Im2col : Lowering::OneByOne;
+}
+
+at::Tensor lowered_forward_op(const std::string& algorithm, const at::Tensor& input, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+                              std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+                              int64_t workspace_limit) {
+  return lowered_forward(kEmulatedBands, lowering_of(algorithm), input, weight, bias, stride, padding, dilation,
+                         groups, workspace_limit);
+}
+at::Tensor lowered_backward_input_op(const std::string& algorithm, const at::Tensor& grad_output,
+                                     const at::Tensor& weight, std::vector<int64_t> input_size,
+                                     std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                     std::vector<int64_t> dilation, int64_t groups, int64_t workspace_limit) {
+  return lowered_backward_input(kEmulatedBands, lowering_of(algorithm), grad_output, weight, input_size, stride,
+                                padding, dilation, groups, workspace_limit);
+}
+at::Tensor lowered_backward_weight_op(const std::string& algorithm, const at::Tensor& grad_output,
+                                      const at::Tensor& input, std::vector<int64_t> weight_size,
+                                      std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                      std::vector<int64_t> dilation, int64_t groups, int64_t workspace_limit) {
+  return lowered_backward_weight(kEmulatedBands, lowering_of(algorithm), grad_output, input, weight_size, stride,
+                                 padding, dilation, groups, workspace_limit);
+}
+
+bool fits_int32(std::vector<int64_t> input_size, std::vector<int64_t> weight_size, std::vector<int64_t> stride,
+                std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+                std::vector<int64_t> numels) {
+  const ConvShape s = make_shape(input_size, weight_size, stride, padding, dilation, groups);
+  bool ok = true;
+  for (int64_t n : numels) ok = ok && indices_fit_int32(s, {n});
+  return ok && indices_fit_int32(s, {});
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace channelconv
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace channelconv::gpu;
+  m.def("set_index_bits", [](int bits) {
+    TORCH_CHECK(bits == 0 || bits == 32 || bits == 64, "index bits: 0 (auto), 32 or 64");
+    g_index_bits = bits;
+  });
+  m.def("direct_forward", &direct_forward);
+  m.def("direct_backward_input", &direct_backward_input);
+  m.def("direct_backward_weight", &direct_backward_weight);
+  m.def("lowered_forward", &lowered_forward_op);
+  m.def("lowered_backward_input", &lowered_backward_input_op);
+  m.def("lowered_backward_weight", &lowered_backward_weight_op);
+  m.def("fits_int32", &fits_int32);
+}

@@ -1,0 +1,223 @@
+"""Checks the CUDA kernels' logic on a machine without a GPU.
+
+Builds csrc/cuda/emulate_kernels.cpp (the HOST_DEVICE bodies of kernel_bodies.h run thread by
+thread and stage by stage, see that file) as a throwaway CPU module and compares every emulated
+op with F.conv2d evaluated in float64, over random shapes (stride, padding, dilation, groups,
+ragged tiles, several workspace bands), both tile configurations, both index types and all dtypes.
+
+    python csrc/cuda/emulate_kernels.py [--cases 200] [--seed 0] [--asan]
+
+--asan builds the module with AddressSanitizer (run python with libasan preloaded, e.g.
+LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0), so any out-of-bounds
+access to a tensor or an emulated shared-memory tile aborts the run. Exits non-zero on a mismatch.
+F.conv2d is the oracle here only; the emulated ops never call it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils.cpp_extension import load
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.dirname(HERE)
+ROOT = os.path.dirname(CSRC)
+
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def build(asan: bool):
+    flags = ["-O1", "-g"] + (["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else [])
+    build_dir = os.path.join(ROOT, "build", "emulate-asan" if asan else "emulate")
+    os.makedirs(build_dir, exist_ok=True)
+    return load(
+        name="channelconv_emulate_asan" if asan else "channelconv_emulate",
+        sources=[os.path.join(HERE, "emulate_kernels.cpp"), os.path.join(CSRC, "lowered.cpp"),
+                 os.path.join(CSRC, "conv_params.cpp")],
+        extra_include_paths=[CSRC],
+        extra_cflags=flags,
+        extra_ldflags=["-fsanitize=address"] if asan else [],
+        build_directory=build_dir,
+        verbose=False,
+    )
+
+
+def guarded(t: torch.Tensor) -> torch.Tensor:
+    """t's values, stored inside a NaN-filled buffer: a read past either end poisons the result."""
+    margin = 37
+    buffer = torch.full((t.numel() + 2 * margin,), float("nan"), dtype=t.dtype)
+    view = buffer[margin:margin + t.numel()].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def random_case(rng: random.Random) -> dict:
+    while True:
+        groups = rng.choice([1, 1, 2, 3])
+        cg = rng.randint(1, 5)
+        kg = rng.choice([1, 2, 3, 5, 31, 32, 33, 64, 70])  # around the tile widths 4 and 64
+        kh, kw = rng.randint(1, 4), rng.randint(1, 4)
+        sh, sw = rng.randint(1, 3), rng.randint(1, 3)
+        ph, pw = rng.randint(0, 3), rng.randint(0, 3)
+        dh, dw = rng.randint(1, 3), rng.randint(1, 3)
+        h, w = rng.randint(0, 19), rng.randint(0, 19)
+        n = rng.choice([0, 1, 1, 2, 3])
+        if h + 2 * ph < dh * (kh - 1) + 1 or w + 2 * pw < dw * (kw - 1) + 1:
+            continue
+        if h == 0 or w == 0:  # F.conv2d refuses empty spatial input; keep those to the edge cases
+            continue
+        return dict(input=(n, cg * groups, h, w), weight=(kg * groups, cg, kh, kw), stride=[sh, sw],
+                    padding=[ph, pw], dilation=[dh, dw], groups=groups, bias=rng.random() < 0.5)
+
+
+FIXED_CASES = [
+    # 3x3 same, one group, a wide tile with two pixel tiles
+    dict(input=(2, 4, 9, 9), weight=(8, 4, 3, 3), stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1, bias=True),
+    # depthwise, stride 2 (narrow tile)
+    dict(input=(2, 6, 17, 13), weight=(6, 1, 3, 3), stride=[2, 2], padding=[1, 1], dilation=[1, 1], groups=6,
+         bias=False),
+    # a pixel count past one narrow tile (256) and past four wide tiles
+    dict(input=(1, 3, 20, 20), weight=(65, 3, 2, 2), stride=[1, 1], padding=[1, 0], dilation=[2, 1], groups=1,
+         bias=True),
+    # 1x1 with stride and padding (the 1x1 lowering then uses the band kernels)
+    dict(input=(2, 6, 7, 5), weight=(4, 3, 1, 1), stride=[2, 1], padding=[1, 2], dilation=[1, 1], groups=2,
+         bias=True),
+    # 1x1, stride 1, no padding (the input is the column matrix)
+    dict(input=(2, 6, 7, 5), weight=(9, 6, 1, 1), stride=[1, 1], padding=[0, 0], dilation=[3, 3], groups=1,
+         bias=False),
+    # kernel as large as the padded input: a single output pixel
+    dict(input=(1, 2, 3, 4), weight=(5, 2, 5, 6), stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1,
+         bias=True),
+    # taps that only ever read padding on one axis
+    dict(input=(2, 2, 1, 6), weight=(3, 2, 3, 2), stride=[1, 2], padding=[3, 0], dilation=[3, 1], groups=1,
+         bias=True),
+]
+
+
+def oracle(case, x, w, b, dy):
+    x64 = x.detach().double().clone().requires_grad_()  # clone: .double() of a float64 tensor is itself
+    w64 = w.detach().double().clone().requires_grad_()
+    b64 = b.double() if b is not None else None
+    y = F.conv2d(x64, w64, b64, case["stride"], case["padding"], case["dilation"], case["groups"])
+    if dy is None:
+        return y.detach(), None, None
+    dx, dw = torch.autograd.grad(y, (x64, w64), dy.double())
+    return y.detach(), dx, dw
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if torch.isnan(out).any():
+        return float("inf")
+    denom = ref.norm().item()
+    diff = (out.double() - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+class Checker:
+    def __init__(self):
+        self.failures = 0
+        self.checks = 0
+
+    def __call__(self, what: str, out: torch.Tensor, ref: torch.Tensor, dtype, case):
+        self.checks += 1
+        if out.shape != ref.shape:
+            err = float("inf")
+        else:
+            err = rel_error(out, ref)
+        if not err <= TOLERANCE[dtype]:
+            self.failures += 1
+            print(f"FAIL {what} {dtype} rel_error={err:.3g} case={case}", flush=True)
+
+
+def run_case(mod, case, rng: random.Random, check: Checker, dtypes):
+    args = (case["stride"], case["padding"], case["dilation"], case["groups"])
+    for dtype in dtypes:
+        x = torch.randn(case["input"]).to(dtype)
+        w = torch.randn(case["weight"]).to(dtype)
+        b = torch.randn(case["weight"][0]).to(dtype) if case["bias"] else None
+        y_ref, _, _ = oracle(case, x, w, b, None)
+        dy = torch.randn(y_ref.shape).to(dtype)
+        y_ref, dx_ref, dw_ref = oracle(case, x, w, b, dy)
+        gx, gw, gdy = guarded(x), guarded(w), guarded(dy)
+        gb = guarded(b) if b is not None else None
+        index_choices = [32, 64] if dtype == torch.float64 else [0]
+        for bits in index_choices:
+            mod.set_index_bits(bits)
+            tag = f"int{bits or 'auto'}"
+            for tile in ("wide", "narrow"):
+                check(f"direct_forward/{tile}/{tag}", mod.direct_forward(gx, gw, gb, *args, tile), y_ref, dtype, case)
+            check(f"direct_backward_input/{tag}", mod.direct_backward_input(gdy, gw, list(x.shape), *args), dx_ref,
+                  dtype, case)
+            check(f"direct_backward_weight/{tag}", mod.direct_backward_weight(gdy, gx, list(w.shape), *args), dw_ref,
+                  dtype, case)
+            algorithms = ["im2col"] + (["1x1"] if case["weight"][2:] == (1, 1) else [])
+            for algorithm in algorithms:
+                # A limit of 1-3 output rows' columns: several bands, a ragged last one.
+                row_bytes = x.shape[1] * w.shape[2] * w.shape[3] * y_ref.shape[3] * x.element_size()
+                limit = max(1, row_bytes * rng.randint(1, 3))
+                largs = (*args, limit)
+                check(f"{algorithm}_forward/{tag}", mod.lowered_forward(algorithm, gx, gw, gb, *largs), y_ref, dtype,
+                      case)
+                check(f"{algorithm}_backward_input/{tag}",
+                      mod.lowered_backward_input(algorithm, gdy, gw, list(x.shape), *largs), dx_ref, dtype, case)
+                check(f"{algorithm}_backward_weight/{tag}",
+                      mod.lowered_backward_weight(algorithm, gdy, gx, list(w.shape), *largs), dw_ref, dtype, case)
+        mod.set_index_bits(0)
+
+
+def edge_cases(mod, check: Checker):
+    """Shapes F.conv2d cannot be the oracle for: an input with no pixels, all taps in the padding."""
+    x = torch.empty(2, 3, 0, 4, dtype=torch.float64)
+    w = torch.randn(4, 3, 1, 3, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    y = mod.direct_forward(x, w, b, *args, "auto")  # (2, 4, 2, 4): every output is the bias
+    check("edge direct_forward (H=0)", y, b.view(1, 4, 1, 1).expand(2, 4, 2, 4), torch.float64, "H=0")
+    y = mod.lowered_forward("im2col", x, w, b, *args, 1 << 20)
+    check("edge im2col_forward (H=0)", y, b.view(1, 4, 1, 1).expand(2, 4, 2, 4), torch.float64, "H=0")
+    dy = torch.randn(2, 4, 2, 4, dtype=torch.float64)
+    dw = mod.direct_backward_weight(dy, x, [4, 3, 1, 3], *args)
+    check("edge direct_backward_weight (H=0)", dw, torch.zeros(4, 3, 1, 3, dtype=torch.float64), torch.float64, "H=0")
+    dx = mod.direct_backward_input(dy, w, [2, 3, 0, 4], *args)
+    assert dx.shape == (2, 3, 0, 4)
+    # No output channels: dx is all zeros.
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    w0 = torch.empty(0, 3, 3, 3, dtype=torch.float64)
+    dy0 = torch.empty(2, 0, 3, 3, dtype=torch.float64)
+    dx = mod.direct_backward_input(dy0, w0, [2, 3, 5, 5], [1, 1], [0, 0], [1, 1], 1)
+    check("edge direct_backward_input (K=0)", dx, torch.zeros(2, 3, 5, 5, dtype=torch.float64), torch.float64, "K=0")
+    # The int32 decision.
+    assert mod.fits_int32([1, 1, 8, 8], [1, 1, 3, 3], [1, 1], [1, 1], [1, 1], 1, [64])
+    assert not mod.fits_int32([1, 1, 8, 8], [1, 1, 3, 3], [1, 1], [1, 1], [1, 1], 1, [2**31 - 1])
+    assert not mod.fits_int32([1, 1, 8, 8], [1, 1, 3, 3], [1, 1], [2**31 - 100, 1], [1, 1], 1, [64])
+    assert not mod.fits_int32([1, 1, 8, 8], [1, 1, 3, 3], [2**31 - 1, 1], [1, 1], [1, 1], 1, [64])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", type=int, default=150, help="random cases after the fixed ones")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--asan", action="store_true", help="build with AddressSanitizer (see the docstring)")
+    options = parser.parse_args()
+    torch.manual_seed(options.seed)
+    rng = random.Random(options.seed)
+    mod = build(options.asan)
+    check = Checker()
+    edge_cases(mod, check)
+    all_dtypes = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+    for case in FIXED_CASES:
+        run_case(mod, case, rng, check, all_dtypes)
+    for i in range(options.cases):
+        # float64 always (both index types); one other dtype per case keeps the run short.
+        run_case(mod, random_case(rng), rng, check, [torch.float64, all_dtypes[1 + i % 3]])
+    print(f"{check.checks} checks, {check.failures} failures")
+    return 1 if check.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

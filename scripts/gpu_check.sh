@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# The GPU check, one command, for a machine with an NVIDIA GPU, the CUDA toolkit and a CUDA
+# build of torch (plus pytest, hypothesis, expecttest) in the Python on PATH (or $PYTHON):
+#
+#   scripts/gpu_check.sh OUTDIR
+#
+#   1. builds the extension in place with the CUDA kernels (for this GPU's architecture unless
+#      TORCH_CUDA_ARCH_LIST is set) and checks that the CUDA kernels are registered
+#   2. runs the whole test-suite (CUDA cases enabled; extra pytest options in $PYTEST_ADDOPTS,
+#      e.g. PYTEST_ADDOPTS='-m "not slow"' for a shorter run)
+#   3. compute-sanitizer --tool memcheck, then --tool racecheck, over scripts/sanitize_kernels.py
+#      (every op, several shapes, dtypes, several workspace bands, 32- and 64-bit indexing)
+#   4. the benchmark suite on CUDA, `python -m benchmarks --device cuda --json ...`, when the
+#      benchmarks package supports those options
+#
+# Logs and results go to OUTDIR (build.log, pytest.log, memcheck.log, racecheck.log,
+# bench-cuda.json, summary.txt). Every step runs even when an earlier one fails; the exit
+# status is non-zero when any failed. About 5-10 minutes on an H100.
+set -uo pipefail
+
+if [ $# -lt 1 ]; then
+  echo "usage: $0 OUTDIR" >&2
+  exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+PY=${PYTHON:-python}
+case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac  # a path: make it absolute
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$PWD
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+failed=0
+
+# step NAME LOG COMMAND...: runs the command, its output to the terminal and LOG, and records
+# the outcome and the time it took in summary.txt.
+step() {
+  local name=$1 log=$2
+  shift 2
+  echo "== $name"
+  local start=$SECONDS
+  "$@" 2>&1 | tee "$log"
+  local rc=${PIPESTATUS[0]}
+  local line
+  line=$(printf '%-10s %-5s %4ds  (log: %s)' "$name" "$([ "$rc" -eq 0 ] && echo ok || echo "FAIL($rc)")" \
+         $((SECONDS - start)) "$(basename "$log")")
+  echo "$line" | tee -a "$SUMMARY"
+  [ "$rc" -eq 0 ] || failed=1
+  return "$rc"
+}
+
+# The toolkit: $CUDA_HOME, or the usual places (nvcc on PATH may be a wrapper script).
+if [ -z "${CUDA_HOME:-}" ]; then
+  for d in /usr/local/cuda /usr/local/cuda-*; do
+    if [ -x "$d/bin/nvcc" ]; then CUDA_HOME=$d; break; fi
+  done
+fi
+export CUDA_HOME
+echo "CUDA_HOME=${CUDA_HOME:-<not found>}" | tee -a "$SUMMARY"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA device visible to $PY (torch.cuda.is_available() is False)" | tee -a "$SUMMARY"
+  exit 1
+fi
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+fi
+export TORCH_CUDA_ARCH_LIST
+"$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())" \
+  | tee -a "$SUMMARY"
+
+# 1. Build in place (replaces a CPU-only channelconv/_C*.so in this tree).
+build() {
+  FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" setup.py build_ext --inplace || return 1
+  "$PY" - <<'EOF'
+import torch, channelconv
+missing = [f"channelconv::{a}_{k}" for a in ("direct", "im2col", "conv1x1")
+           for k in ("forward", "backward_input", "backward_weight")
+           if not torch._C._dispatch_has_kernel_for_dispatch_key(f"channelconv::{a}_{k}", "CUDA")]
+if missing:
+    raise SystemExit(f"no CUDA kernel registered for {missing}")
+print("CUDA kernels registered for all 9 ops; extension:", channelconv._C.__file__)
+EOF
+}
+if ! step build "$OUT/build.log" build; then
+  echo "the build failed: nothing else to run" | tee -a "$SUMMARY"
+  exit 1
+fi
+
+# 2. The whole test-suite.
+if [ -d tests ]; then
+  step tests "$OUT/pytest.log" "$PY" -m pytest -q -ra
+else
+  echo "tests      skip  (no tests/ directory)" | tee -a "$SUMMARY"
+fi
+
+# 3. compute-sanitizer. No caching allocator, so every tensor is its own allocation and an access
+# just past a tensor's end is out of bounds; only channelconv's kernels are instrumented when this
+# compute-sanitizer can filter by kernel name (cuBLAS's are then left alone).
+SANITIZER=$(command -v compute-sanitizer || true)
+for candidate in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
+                 "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer/compute-sanitizer"; do
+  if [ -z "$SANITIZER" ] && [ -x "$candidate" ]; then SANITIZER=$candidate; fi
+done
+if [ -n "$SANITIZER" ]; then
+  FILTER=()
+  if "$SANITIZER" --help 2>&1 | grep -q -- '--kernel-name'; then FILTER=(--kernel-name kns=channelconv); fi
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  step memcheck "$OUT/memcheck.log" "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 ${FILTER[@]+"${FILTER[@]}"} \
+    "$PY" scripts/sanitize_kernels.py
+  step racecheck "$OUT/racecheck.log" "$SANITIZER" --tool racecheck --error-exitcode 1 --print-limit 20 \
+    ${FILTER[@]+"${FILTER[@]}"} "$PY" scripts/sanitize_kernels.py --quick
+  unset PYTORCH_NO_CUDA_MEMORY_CACHING
+else
+  echo "sanitizer FAIL  (compute-sanitizer not found; set CUDA_HOME)" | tee -a "$SUMMARY"
+  failed=1
+fi
+
+# 4. Benchmarks, when the suite takes --device and --json.
+bench_help=$("$PY" -m benchmarks --help 2>&1 || true)
+if grep -q -- '--device' <<<"$bench_help" && grep -q -- '--json' <<<"$bench_help"; then
+  step bench "$OUT/bench.log" timeout "${BENCH_TIMEOUT:-300}" "$PY" -m benchmarks --device cuda \
+    --json "$OUT/bench-cuda.json"
+else
+  echo "bench      skip  (python -m benchmarks has no --device/--json yet)" | tee -a "$SUMMARY"
+fi
+
+echo "== summary ($OUT/summary.txt)"
+cat "$SUMMARY"
+exit "$failed"
