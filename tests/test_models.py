@@ -116,35 +116,39 @@ def inputs(device):
     return torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
 
 
-@pytest.mark.parametrize("algorithm", ["auto", "direct"])  # auto: im2col and 1x1
+def run(model, mode, x):
+    """Output, input and parameter gradients, and buffers after one step in `mode` on a copy of model."""
+    model = copy.deepcopy(model)
+    getattr(model, mode)()
+    torch.manual_seed(2)  # the same dropout mask
+    x = x.clone().requires_grad_()
+    out = model(x)
+    out.logsumexp(1).sum().backward()
+    return out, [x.grad] + [p.grad for p in model.parameters()], list(model.buffers())
+
+
 @pytest.mark.parametrize("name", MODELS)
-def test_convert_keeps_outputs_and_gradients(device, name, algorithm):
+def test_convert_keeps_outputs_and_gradients(device, name):
     plain = build(name).to(device)
-    ours = channelconv.convert(copy.deepcopy(plain), algorithm=algorithm)
-    assert len(convs(ours)) == MODELS[name][1]
-    assert all(type(m) is channelconv.Conv2d for m in convs(ours))
-    assert not any(type(m) is nn.Conv2d for m in ours.modules())
     x = inputs(device)
-    for mode in ("train", "eval"):
-        outs, grads = [], []
-        for model in (plain, ours):
-            getattr(model, mode)()
-            torch.manual_seed(2)  # the same dropout mask
-            xi = x.clone().requires_grad_()
-            out = model(xi)
-            out.logsumexp(1).sum().backward()
-            outs.append(out)
-            grads.append([xi.grad] + [p.grad for p in model.parameters()])
-            model.zero_grad()
-        assert_close(outs[1], outs[0], torch.float64, f"{mode} output")
+    references = {mode: run(plain, mode, x) for mode in ("train", "eval")}  # nn.Conv2d: once
+    for algorithm in ("auto", "direct"):  # auto: im2col and 1x1
+        ours = channelconv.convert(copy.deepcopy(plain), algorithm=algorithm)
+        assert len(convs(ours)) == MODELS[name][1]
+        assert all(type(m) is channelconv.Conv2d for m in convs(ours))
+        assert not any(type(m) is nn.Conv2d for m in ours.modules())
         names = ["input"] + [n for n, _ in ours.named_parameters()]
-        for n, g, r in zip(names, grads[1], grads[0]):
-            if r.norm() < 1e-12:  # a bias right before a train-mode batch norm: zero up to rounding
-                assert g.norm() < 1e-12, f"{mode} grad {n}"
-            else:  # float64 through ~20 layers, batch norm cancelling most of some gradients
-                assert rel_error(g, r) < MODEL_TOLERANCE, f"{mode} grad {n}: {rel_error(g, r):.2e}"
-    for (n, a), b in zip(ours.named_buffers(), plain.buffers()):  # batch-norm statistics moved alike
-        assert torch.equal(a, b) if a.dtype == torch.long else torch.allclose(a, b, rtol=1e-12, atol=1e-14), n
+        for mode, (ref, ref_grads, ref_buffers) in references.items():
+            what = f"{algorithm}, {mode}"
+            out, grads, buffers = run(ours, mode, x)
+            assert_close(out, ref, torch.float64, f"{what}: output")
+            for n, g, r in zip(names, grads, ref_grads, strict=True):
+                if r.norm() < 1e-12:  # a bias right before a train-mode batch norm: zero up to rounding
+                    assert g.norm() < 1e-12, f"{what}: grad {n}"
+                else:  # float64 through ~20 layers, batch norm cancelling most of some gradients
+                    assert rel_error(g, r) < MODEL_TOLERANCE, f"{what}: grad {n}: {rel_error(g, r):.2e}"
+            for a, b in zip(buffers, ref_buffers, strict=True):  # batch-norm statistics moved alike
+                assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), what
 
 
 @pytest.mark.parametrize("name", MODELS)
