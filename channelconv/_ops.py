@@ -134,16 +134,21 @@ def _sum(terms):
 # a custom op's jvp, and the kernel register_autograd installs does not see tangents (it would drop
 # them silently: a zero jvp). So each op gets an Autograd kernel of its own, per backend key: dual
 # arguments take the tangent rule, everything else goes to register_autograd's kernel, fetched with
-# torch.library.get_kernel. The rule calls the ops themselves, which are differentiable in both
-# modes: forward-over-reverse (Hessian-vector products) and higher orders compose.
+# torch.library.get_kernel (torch >= 2.9; older torch goes without forward mode). The rule calls the
+# ops themselves, which are differentiable in both modes: forward-over-reverse (Hessian-vector
+# products) and higher orders compose.
 _AUTOGRAD_KEYS = ("AutogradCPU", "AutogradCUDA")
 
 
 def _register_forward_ad(op, tangent):
+    if not hasattr(torch.library, "get_kernel"):
+        return
     for key in _AUTOGRAD_KEYS:
         reverse = torch.library.get_kernel(op, key)
 
         def kernel(keyset, *args, reverse=reverse):
+            if forward_ad._current_level < 0:  # outside every dual level no tensor has a tangent
+                return reverse.call_boxed(keyset, *args)
             duals = [forward_ad.unpack_dual(a) if isinstance(a, torch.Tensor) else None for a in args]
             if all(d is None or d.tangent is None for d in duals):
                 return reverse.call_boxed(keyset, *args)
