@@ -6,11 +6,15 @@ autograd. The three ops of an algorithm are closed under differentiation (DESIGN
     backward_weight(gY, X)     -> d/dgY: forward(X, H)            d/dX: backward_input(gY, H)
 
 so registering autograd on all three gives double (and higher) backward.
+
+Two more registrations per op, for what torch.library's register_* functions do not cover:
+forward-mode AD (jvp) on all three ops, and autocast on the forward ops (see below).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from . import _C  # noqa: F401  (loads the schemas and the kernels)
 from ._shapes import output_shape, result_format
@@ -31,6 +35,9 @@ class AlgorithmOps:
 
 
 OPS = {algorithm: AlgorithmOps(prefix) for algorithm, prefix in OP_PREFIX.items()}
+
+# The kernels registered here from Python besides register_fake / register_autograd.
+_LIB = torch.library.Library("channelconv", "FRAGMENT")
 
 
 def _empty(shape, like: torch.Tensor, memory_format) -> torch.Tensor:
@@ -87,6 +94,98 @@ def _register(ops: AlgorithmOps) -> None:
     torch.library.register_autograd(ops.forward, backward_forward, setup_context=setup_forward)
     torch.library.register_autograd(ops.backward_input, backward_backward_input, setup_context=setup_backward)
     torch.library.register_autograd(ops.backward_weight, backward_backward_weight, setup_context=setup_backward)
+
+    # Tangents: every op is linear in each tensor argument (bilinear in its first two), so its
+    # tangent is a sum of calls of the op itself with one argument replaced by that argument's tangent.
+    def tangent_forward(primals, tangents, output):
+        input, weight, bias, *rest = primals
+        d_input, d_weight, d_bias = tangents[:3]
+        terms = []
+        if d_input is not None:
+            terms.append(ops.forward(d_input, weight, None, *rest))
+        if d_weight is not None:
+            terms.append(ops.forward(input, d_weight, None, *rest))
+        if d_bias is not None:
+            terms.append(d_bias.reshape(1, -1, 1, 1).expand(output.shape))
+        return _sum(terms)
+
+    def tangent_bilinear(op):  # backward_input(grad_output, weight, ...), backward_weight(grad_output, input, ...)
+        def tangent(primals, tangents, output):
+            a, b, *rest = primals
+            d_a, d_b = tangents[:2]
+            return _sum(([op(d_a, b, *rest)] if d_a is not None else [])
+                        + ([op(a, d_b, *rest)] if d_b is not None else []))
+        return tangent
+
+    _register_forward_ad(ops.forward, tangent_forward)
+    _register_forward_ad(ops.backward_input, tangent_bilinear(ops.backward_input))
+    _register_forward_ad(ops.backward_weight, tangent_bilinear(ops.backward_weight))
+    _register_autocast(ops.forward)
+
+
+def _sum(terms):
+    total = terms[0]
+    for term in terms[1:]:  # the bias term, if any, comes last and broadcasts
+        total = total + term
+    return total
+
+
+# Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad). torch.library has no registration for
+# a custom op's jvp, and the kernel register_autograd installs does not see tangents (it would drop
+# them silently: a zero jvp). So each op gets an Autograd kernel of its own, per backend key: dual
+# arguments take the tangent rule, everything else goes to register_autograd's kernel, fetched with
+# torch.library.get_kernel (torch >= 2.9; older torch goes without forward mode). The rule calls the
+# ops themselves, which are differentiable in both modes: forward-over-reverse (Hessian-vector
+# products) and higher orders compose.
+_AUTOGRAD_KEYS = ("AutogradCPU", "AutogradCUDA")
+
+
+def _register_forward_ad(op, tangent):
+    if not hasattr(torch.library, "get_kernel"):
+        return
+    for key in _AUTOGRAD_KEYS:
+        reverse = torch.library.get_kernel(op, key)
+
+        def kernel(keyset, *args, reverse=reverse):
+            if forward_ad._current_level < 0:  # outside every dual level no tensor has a tangent
+                return reverse.call_boxed(keyset, *args)
+            duals = [forward_ad.unpack_dual(a) if isinstance(a, torch.Tensor) else None for a in args]
+            if all(d is None or d.tangent is None for d in duals):
+                return reverse.call_boxed(keyset, *args)
+            # The value: the op on the dual arguments themselves, with forward AD off, so that
+            # what reverse mode saves for backward keeps its tangent (forward-over-reverse).
+            with forward_ad._set_fwd_grad_enabled(False):
+                output = reverse.call_boxed(keyset, *args)
+            primals = [a if d is None else d.primal for a, d in zip(args, duals)]
+            tangents = [None if d is None else d.tangent for d in duals]
+            return forward_ad.make_dual(output, tangent(primals, tangents, output))
+
+        _LIB.impl(op, kernel, key, with_keyset=True)
+
+
+# Autocast: conv2d is on autocast's lower-precision list, so under torch.autocast(device_type) its
+# floating-point tensors on that device, float64 excepted, are cast to the autocast dtype of the
+# moment, and the op runs with autocast off (at::autocast's cached_cast rules). Not
+# torch.library.register_autocast: that casts to one dtype fixed at registration, where F.conv2d
+# follows the dtype the autocast region names (bfloat16 or float16, on the CPU as on CUDA).
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+
+
+def _autocast_eligible(value, device_type: str) -> bool:
+    return (isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type == device_type
+            and value.dtype != torch.float64)
+
+
+def _register_autocast(op):
+    for device_type, key in _AUTOCAST_KEYS.items():
+
+        def kernel(*args, device_type=device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            args = [a.to(dtype) if _autocast_eligible(a, device_type) else a for a in args]
+            with torch.autocast(device_type, enabled=False):
+                return op(*args)
+
+        _LIB.impl(op, kernel, key)
 
 
 for _ops in OPS.values():
