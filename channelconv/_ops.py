@@ -67,7 +67,10 @@ def _register(ops: AlgorithmOps) -> None:
     def backward_forward(ctx, grad):
         input, weight = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_input = ops.backward_input(grad, weight, input.shape, *ctx.rest) if need_input else None
+        grad_input = None
+        if need_input:  # laid out like the input, as F.conv2d's (the op itself never sees the input)
+            grad_input = ops.backward_input(grad, weight, input.shape, *ctx.rest)
+            grad_input = grad_input.contiguous(memory_format=result_format(input, weight))
         grad_weight = ops.backward_weight(grad, input, weight.shape, *ctx.rest) if need_weight else None
         grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and need_bias else None
         return (grad_input, grad_weight, grad_bias, *[None] * len(ctx.rest))

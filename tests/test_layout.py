@@ -104,9 +104,6 @@ def test_channels_last_model(device):
         assert formats(p.grad) == formats(q.grad), name
 
 
-@pytest.mark.xfail(strict=True, reason="backward_input takes its memory format from grad_output and weight (it "
-                   "never sees the input); F.conv2d's grad_input follows the input. Values are right, and a "
-                   "leaf's .grad is channels_last anyway (AccumulateGrad's layout contract).")
 @pytest.mark.parametrize("algorithm", channelconv.ALGORITHMS)
 def test_grad_input_format_with_a_contiguous_incoming_gradient(algorithm):
     k = 1 if algorithm == "1x1" else 3
