@@ -110,7 +110,8 @@ def gemm_rate(settings: Settings, size: int = 2048, min_run_time: float = 1.0) -
     machine's practical ceiling, against which each kernel's rate is read."""
     a = torch.randn(size, size, device=settings.device).to(settings.dtype)
     b = torch.randn(size, size, device=settings.device).to(settings.dtype)
-    timer = Timer("torch.mm(a, b)", globals={"torch": torch, "a": a, "b": b}, num_threads=settings.threads)
+    timer = Timer("torch.mm(a, b)", globals={"torch": torch, "a": a, "b": b},
+                  num_threads=settings.threads or torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
     return 2 * size**3 / measurement.median / 1e9
 
@@ -127,12 +128,12 @@ def _block(timer: Timer, number: int, threads: int) -> float:
 
 def interleaved(functions: dict, settings: Settings) -> dict:
     """name -> list of per-call seconds, one per round the side took part in."""
-    timers = {name: Timer("fn()", globals={"fn": fn}, num_threads=settings.threads)
-              for name, fn in functions.items()}
+    threads = settings.threads or torch.get_num_threads()
+    timers = {name: Timer("fn()", globals={"fn": fn}, num_threads=threads) for name, fn in functions.items()}
     first = {}
     for name, timer in timers.items():  # warm-up, then one call to size the blocks
-        _block(timer, 1, settings.threads)
-        first[name] = _block(timer, 1, settings.threads)
+        _block(timer, 1, threads)
+        first[name] = _block(timer, 1, threads)
     number = {name: max(1, int(settings.block_s / max(t, 1e-9))) for name, t in first.items()}
     samples = {name: [] for name in timers}
     names = list(timers)
@@ -141,7 +142,7 @@ def interleaved(functions: dict, settings: Settings) -> dict:
         for name in order:
             if r >= settings.min_rounds and first[name] > settings.slow_s:
                 continue
-            samples[name].append(_block(timers[name], number[name], settings.threads))
+            samples[name].append(_block(timers[name], number[name], threads))
     return samples
 
 
