@@ -149,35 +149,50 @@ def measure_probes(layers, pass_: str, settings: Settings, progress=None) -> lis
     return out
 
 
-def fit_algorithms(measured, gemm: dict, log, pass_: str) -> tuple[dict, dict]:
+def _fit_one(measured, algorithm, gemm, vector_bytes):
+    names = select.DIRECT_FEATURES if algorithm == "direct" else select.LOWERED_FEATURES
+    rows, times = [], []
+    for probe in measured:
+        if algorithm in probe["seconds"]:
+            f = select.features(algorithm, probe["cost"], gemm, vector_bytes)
+            rows.append([f[name] for name in names])
+            times.append(probe["seconds"][algorithm])
+    a, t = np.array(rows), np.array(times)
+    coef = relative_fit(a, t)
+    err = np.abs(a @ coef / t - 1)
+    return {name: float(c) for name, c in zip(names, coef)}, err
+
+
+def fit_algorithms(measured, gemm: dict, log, pass_: str, vector_bytes=None) -> tuple[dict, dict, int]:
+    """Coefficients per algorithm; for direct also its vector width (16, 32 or 64 bytes: the one
+    that fits best, unless given)."""
     coefficients, quality = {}, {}
     for algorithm in channelconv.ALGORITHMS:
-        names = select.DIRECT_FEATURES if algorithm == "direct" else select.LOWERED_FEATURES
-        rows, times = [], []
-        for probe in measured:
-            if algorithm in probe["seconds"]:
-                f = select.features(algorithm, probe["cost"], gemm)
-                rows.append([f[name] for name in names])
-                times.append(probe["seconds"][algorithm])
-        a, t = np.array(rows), np.array(times)
-        coef = relative_fit(a, t)
-        err = np.abs(a @ coef / t - 1)
-        coefficients[algorithm] = {name: float(c) for name, c in zip(names, coef)}
-        quality[algorithm] = {"probes": len(t), "median_rel_error": float(np.median(err)),
+        if algorithm == "direct" and vector_bytes is None:
+            fits = {vb: _fit_one(measured, algorithm, gemm, vb) for vb in (16, 32, 64)}
+            vector_bytes = min(fits, key=lambda vb: float(np.mean(fits[vb][1] ** 2)))
+            coef, err = fits[vector_bytes]
+        else:
+            coef, err = _fit_one(measured, algorithm, gemm, vector_bytes or 16)
+        coefficients[algorithm] = coef
+        quality[algorithm] = {"probes": len(err), "median_rel_error": float(np.median(err)),
                               "max_rel_error": float(err.max())}
-        log(f"{pass_:8s} {algorithm:7s}: {len(t)} probes, prediction error median {100 * np.median(err):.0f}%, "
-            f"max {100 * err.max():.0f}%; " + ", ".join(f"{n}={c:.3g}" for n, c in zip(names, coef)))
-    return coefficients, quality
+        extra = f" (vector {vector_bytes} B)" if algorithm == "direct" else ""
+        log(f"{pass_:8s} {algorithm:7s}{extra}: {len(err)} probes, prediction error median "
+            f"{100 * np.median(err):.0f}%, max {100 * err.max():.0f}%; "
+            + ", ".join(f"{n}={c:.3g}" for n, c in coef.items()))
+    return coefficients, quality, vector_bytes
 
 
-def ranking_quality(measured, model_pass: dict, gemm: dict, pass_: str) -> dict:
+def ranking_quality(measured, model_pass: dict, gemm: dict, vector_bytes: int) -> dict:
     """How often the fitted model's pick is within 10 % of the measured fastest, on the probes."""
     good, total = 0, 0
     for probe in measured:
         seconds = probe["seconds"]
         if len(seconds) < 2:
             continue
-        predicted = {a: sum(model_pass[a].get(f, 0) * v for f, v in select.features(a, probe["cost"], gemm).items())
+        predicted = {a: sum(model_pass[a].get(f, 0) * v
+                            for f, v in select.features(a, probe["cost"], gemm, vector_bytes).items())
                      for a in seconds}
         pick = min(predicted, key=predicted.get)
         good += seconds[pick] <= 1.10 * min(seconds.values())
@@ -208,11 +223,13 @@ def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool
         except ImportError:
             bar = None
     entry = {"gemm": {k: gemm[k] for k in ("m0", "n0", "k0")}, "gemm_rate_gflops": gemm["rate_gflops"], "fit": {}}
+    vector_bytes = None
     for pass_ in passes:
         measured = measure_probes(layers, pass_, settings, bar)
-        coefficients, quality = fit_algorithms(measured, entry["gemm"], log, pass_)
+        coefficients, quality, vector_bytes = fit_algorithms(measured, entry["gemm"], log, pass_, vector_bytes)
         entry[pass_] = coefficients
-        rank = ranking_quality(measured, coefficients, entry["gemm"], pass_)
+        entry["direct_vector_bytes"] = vector_bytes
+        rank = ranking_quality(measured, coefficients, entry["gemm"], vector_bytes)
         quality["ranking"] = rank
         entry["fit"][pass_] = quality
         log(f"{pass_:8s} ranking: the model's pick within 10% of the measured fastest on "

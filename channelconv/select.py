@@ -12,7 +12,7 @@ Two ways to decide, like cuDNN's:
   saturating the machine (``2*MACs * (1 + m0/M + n0/N + k0/K)``), the column elements the
   unrolling writes, the number of (small) GEMMs, and a per-call constant; for direct the
   multiply-adds (with the lanes a vector loop wastes on a short output row), the multiply-adds
-  made through strided loads, the inner-loop count and the number of output planes. The
+  made through strided loads, the inner-loop count and the output elements. The
   coefficients are seconds per unit (1/rate, 1/bandwidth, overhead), measured on this machine by
   ``python -m benchmarks --calibrate`` and saved in channelconv/calibration.json (or the file
   named by CHANNELCONV_CALIBRATION); built-in defaults apply when it is missing. The candidate
@@ -51,7 +51,7 @@ PRUNE_FACTOR = 10.0
 
 # Features of each algorithm's time model (see features()).
 LOWERED_FEATURES = ("gemm", "column", "gemm_call", "call")
-DIRECT_FEATURES = ("mac", "mac_strided", "inner_loop", "plane", "call")
+DIRECT_FEATURES = ("mac", "mac_strided", "inner_loop", "output", "call")
 FEATURE_NAMES = {
     "gemm": "GEMM FLOPs (inflated for small M, N, K)",
     "column": "column elements unrolled",
@@ -60,31 +60,33 @@ FEATURE_NAMES = {
     "mac": "multiply-adds in vector loops",
     "mac_strided": "multiply-adds through strided loads",
     "inner_loop": "inner loops started",
-    "plane": "output planes",
+    "output": "output elements (accumulator fill and copy)",
 }
 
 # Built-in model (CPU float32, 2 threads of this project's machine, measured before the
 # calibration file existed); a calibration file overrides it.
 DEFAULT_MODEL = {
     "gemm": {"m0": 8.0, "n0": 32.0, "k0": 16.0},
+    "direct_vector_bytes": 16,
     "forward": {
-        "direct": {"mac": 1 / 12e9, "mac_strided": 1 / 10e9, "inner_loop": 2e-9, "plane": 2e-7, "call": 3e-5},
+        "direct": {"mac": 1 / 12e9, "mac_strided": 1 / 10e9, "inner_loop": 2e-9, "output": 1e-9, "call": 3e-5},
         "im2col": {"gemm": 1 / 330e9, "column": 1.5e-10, "gemm_call": 2e-7, "call": 3e-5},
         "1x1": {"gemm": 1 / 330e9, "column": 1.5e-10, "gemm_call": 2e-7, "call": 2e-5},
     },
 }
 
 
-def features(algorithm: str, c: Cost, gemm: dict) -> dict:
-    """The quantities the time model multiplies by its coefficients, for one algorithm."""
+def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16) -> dict:
+    """The quantities the time model multiplies by its coefficients, for one algorithm.
+    ``vector_bytes``: the direct kernel's vector width (a short output row wastes lanes)."""
     plan = c.plans[algorithm]
     if algorithm == "direct":
         n, k, h_o, w_o = c.output_shape
-        lanes = max(1, 64 // c.element_size)  # one AVX-512 register
+        lanes = max(1, vector_bytes // c.element_size)
         waste = math.ceil(w_o / lanes) * lanes / w_o
         mac = c.macs * waste
-        return {"mac": mac if c.stride[1] == 1 else 0.0, "mac_strided": mac if c.stride[1] != 1 else 0.0,
-                "inner_loop": float(plan.inner_loops), "plane": float(plan.planes), "call": 1.0}
+        return {"mac": mac if c.stride[1] == 1 else 0.0, "mac_strided": c.macs if c.stride[1] != 1 else 0.0,
+                "inner_loop": float(plan.inner_loops), "output": float(n * k * h_o * w_o), "call": 1.0}
     m, n_, k_ = max(plan.gemm_m, 1), max(plan.gemm_n, 1), max(plan.gemm_k, 1)
     inflation = 1.0 + gemm["m0"] / m + gemm["n0"] / n_ + gemm["k0"] / k_
     return {"gemm": 2.0 * c.macs * inflation, "column": float(plan.column_elements),
@@ -128,7 +130,8 @@ def model_for(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> d
         models = load_calibration().get("models", {})
         name = str(dtype).replace("torch.", "")
         found = models.get(f"{device_type}/{name}") or models.get(f"{device_type}/float32") or {}
-        model = {"gemm": {**DEFAULT_MODEL["gemm"], **found.get("gemm", {})}, "source": found.get("source", "defaults")}
+        model = {"gemm": {**DEFAULT_MODEL["gemm"], **found.get("gemm", {})}, "source": found.get("source", "defaults"),
+                 "direct_vector_bytes": found.get("direct_vector_bytes", DEFAULT_MODEL["direct_vector_bytes"])}
         for pass_ in ("forward", "training"):
             fitted = found.get(pass_, {})
             base = DEFAULT_MODEL["forward"]
@@ -147,7 +150,8 @@ def predict(algorithm: str, c: Cost, device_type: str = "cpu", training: bool = 
     scale = 1.0
     if coefficients is None:
         coefficients, scale = model["forward"][algorithm], 3.0
-    terms = {f: scale * coefficients.get(f, 0.0) * v for f, v in features(algorithm, c, model["gemm"]).items()}
+    values = features(algorithm, c, model["gemm"], model["direct_vector_bytes"])
+    terms = {f: scale * coefficients.get(f, 0.0) * v for f, v in values.items()}
     return sum(terms.values()), terms
 
 
