@@ -11,7 +11,7 @@ import torch
 
 import channelconv
 
-from . import report
+from . import report, runner
 from .runner import DTYPES, PASSES, REFERENCE, Settings, configure, environment, gemm_rate, run_layer
 from .shapes import SUITES, parse_shape
 
@@ -141,6 +141,7 @@ def main(argv=None) -> int:
         progress.close()
     elapsed = time.perf_counter() - start
     meta["elapsed_s"] = elapsed
+    meta["load_average_end"] = runner._load_average()
 
     by_pass = {}
     for row in results:
@@ -154,7 +155,9 @@ def main(argv=None) -> int:
         print(report.ratio_table(rows))
         print(report.summary_text(rows))
         markdown.append(f"**{title}**\n\n{report.markdown_table(rows)}\n\n" + report.summary_text(rows) + "\n")
-    print(f"\ndone in {elapsed:.0f} s")
+    load = meta["load_average"], meta["load_average_end"]
+    print(f"\ndone in {elapsed:.0f} s" + (f" (load average {load[0][0]:.1f} at the start, {load[1][0]:.1f} at the end "
+                                          f"on {meta['cpu_count']} CPUs)" if all(load) else ""))
     if args.json:
         report.write_json(args.json, meta, results)
     if args.csv:

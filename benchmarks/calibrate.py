@@ -143,13 +143,17 @@ def measure_probes(layers, pass_: str, settings: Settings, progress=None) -> lis
         case = LayerCase(layer, settings)
         algorithms = [a for a in channelconv.ALGORITHMS if case.cost.plans[a].applicable]
         samples = interleaved({a: case.function(a, pass_) for a in algorithms}, settings)
-        out.append({"layer": layer, "cost": case.cost, "seconds": {a: statistics.median(s) for a, s in samples.items()}})
+        # The least-disturbed block: the model should describe the machine, not its neighbours.
+        out.append({"layer": layer, "cost": case.cost, "seconds": {a: min(s) for a, s in samples.items()}})
         if progress is not None:
             progress.update()
     return out
 
 
-def _fit_one(measured, algorithm, gemm, vector_bytes):
+LOWERED = ("im2col", "1x1")  # one GEMM driver (csrc/lowered.cpp): fitted together
+
+
+def _rows(measured, algorithm, gemm, vector_bytes):
     names = select.DIRECT_FEATURES if algorithm == "direct" else select.LOWERED_FEATURES
     rows, times = [], []
     for probe in measured:
@@ -157,30 +161,44 @@ def _fit_one(measured, algorithm, gemm, vector_bytes):
             f = select.features(algorithm, probe["cost"], gemm, vector_bytes)
             rows.append([f[name] for name in names])
             times.append(probe["seconds"][algorithm])
-    a, t = np.array(rows), np.array(times)
-    coef = relative_fit(a, t)
-    err = np.abs(a @ coef / t - 1)
-    return {name: float(c) for name, c in zip(names, coef)}, err
+    return names, np.array(rows).reshape(len(rows), len(names)), np.array(times)
+
+
+def _fit(measured, algorithms, gemm, vector_bytes):
+    """One set of coefficients for ``algorithms`` (their probes pooled); the relative errors per algorithm."""
+    parts = [_rows(measured, a, gemm, vector_bytes) for a in algorithms]
+    names = parts[0][0]
+    coef = relative_fit(np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]))
+    errors = {a: np.abs(p[1] @ coef / p[2] - 1) for a, p in zip(algorithms, parts)}
+    return {name: float(c) for name, c in zip(names, coef)}, errors
 
 
 def fit_algorithms(measured, gemm: dict, log, pass_: str, vector_bytes=None) -> tuple[dict, dict, int]:
-    """Coefficients per algorithm; for direct also its vector width (16, 32 or 64 bytes: the one
-    that fits best, unless given)."""
-    coefficients, quality = {}, {}
+    """Coefficients per algorithm: direct on its own (with its vector width, 16, 32 or 64 bytes,
+    the one that fits best unless given), im2col and 1x1 together, since they share the GEMM
+    driver and differ only in building columns (so a 1x1 kernel at stride 1, which needs none,
+    is never predicted slower by im2col)."""
+    coefficients, errors = {}, {}
+    if vector_bytes is None:
+        fits = {vb: _fit(measured, ["direct"], gemm, vb) for vb in (16, 32, 64)}
+        vector_bytes = min(fits, key=lambda vb: float(np.mean(fits[vb][1]["direct"] ** 2)))
+        coef, err = fits[vector_bytes]
+    else:
+        coef, err = _fit(measured, ["direct"], gemm, vector_bytes)
+    coefficients["direct"] = coef
+    errors.update(err)
+    coef, err = _fit(measured, list(LOWERED), gemm, vector_bytes)
+    coefficients.update({a: dict(coef) for a in LOWERED})
+    errors.update(err)
+    quality = {}
     for algorithm in channelconv.ALGORITHMS:
-        if algorithm == "direct" and vector_bytes is None:
-            fits = {vb: _fit_one(measured, algorithm, gemm, vb) for vb in (16, 32, 64)}
-            vector_bytes = min(fits, key=lambda vb: float(np.mean(fits[vb][1] ** 2)))
-            coef, err = fits[vector_bytes]
-        else:
-            coef, err = _fit_one(measured, algorithm, gemm, vector_bytes or 16)
-        coefficients[algorithm] = coef
+        err = errors[algorithm]
         quality[algorithm] = {"probes": len(err), "median_rel_error": float(np.median(err)),
                               "max_rel_error": float(err.max())}
         extra = f" (vector {vector_bytes} B)" if algorithm == "direct" else ""
         log(f"{pass_:8s} {algorithm:7s}{extra}: {len(err)} probes, prediction error median "
             f"{100 * np.median(err):.0f}%, max {100 * err.max():.0f}%; "
-            + ", ".join(f"{n}={c:.3g}" for n, c in coef.items()))
+            + ", ".join(f"{n}={c:.3g}" for n, c in coefficients[algorithm].items()))
     return coefficients, quality, vector_bytes
 
 

@@ -74,6 +74,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _load_average():
+    try:
+        return [round(v, 2) for v in __import__("os").getloadavg()]
+    except OSError:
+        return None
+
+
 def environment(settings: Settings) -> dict:
     info = {
         "torch": torch.__version__,
@@ -86,6 +93,7 @@ def environment(settings: Settings) -> dict:
         "dtype": str(settings.dtype).replace("torch.", ""),
         "mkldnn": torch.backends.mkldnn.is_available(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_average": _load_average(),  # the machine is shared: how busy it was at the start
     }
     if settings.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
