@@ -115,7 +115,7 @@ def _time_gemm(g, m, k, n, settings: Settings, min_run_time: float) -> float:
     out = torch.empty(g, m, n, device=settings.device, dtype=settings.dtype)
     timer = Timer("torch.bmm(a, b, out=out)", globals={"torch": torch, "a": a, "b": b, "out": out},
                   num_threads=settings.threads or torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+    return min(timer.blocked_autorange(min_run_time=min_run_time).times)  # the least-disturbed block
 
 
 def fit_gemm(settings: Settings, quick: bool, log) -> dict:
@@ -226,8 +226,9 @@ def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool
     def log(text):
         print(text, flush=True)
 
-    settings.rounds, settings.min_rounds = (2, 2) if quick else (3, 3)
-    settings.block_s, settings.slow_s = (0.005, 0.05) if quick else (0.02, 0.2)
+    # Many short blocks: the more of them, the likelier one ran undisturbed (its minimum is kept).
+    settings.rounds, settings.min_rounds = (2, 2) if quick else (6, 3)
+    settings.block_s, settings.slow_s = (0.005, 0.05) if quick else (0.01, 0.2)
     settings.batch = 2
     log(f"calibrating 'auto' on {cpu_name()}, {settings.threads} threads, {settings.device} "
         f"{str(settings.dtype).replace('torch.', '')}")

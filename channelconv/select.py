@@ -249,11 +249,10 @@ def benchmark_cache() -> dict:
 
 
 def _is_real(t) -> bool:
+    """Plain tensors with data: not meta, fake (torch.compile / export) or other subclasses."""
     if t is None:
         return True
-    if t.device.type == "meta" or isinstance(t, torch._subclasses.fake_tensor.FakeTensor):
-        return False
-    return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
+    return (type(t) is torch.Tensor or type(t) is torch.nn.Parameter) and t.device.type != "meta"
 
 
 def _measured_choice(input, weight, bias, stride, padding, dilation, groups, training):
@@ -393,7 +392,7 @@ def explain(input, weight, stride=1, padding=0, dilation=1, groups=1, *, bias=No
     ranked = _ranked(c, device_type, training)
 
     measured = None
-    if tensors:
+    if tensors and _benchmark_mode:
         bias_t = bias if isinstance(bias, torch.Tensor) else None
         x = input if input.dim() == 4 else input.unsqueeze(0)
         if c.input_shape == tuple(x.shape):  # not an even-kernel 'same' (its padded input is made later)

@@ -197,6 +197,7 @@ def test_benchmark_mode_times_once_per_signature_and_caches(monkeypatch):
     assert e.candidates[entry["choice"]].measured_seconds == entry["seconds"][entry["choice"]]
     # off again: the heuristic decides, nothing more is timed
     channelconv.set_benchmark_mode(False)
+    assert channelconv.explain(x, w, padding=1).source == "heuristic"
     channelconv.conv2d(torch.randn(4, 8, 12, 12), w, None, 1, 1)
     assert len(calls) == 3
 
