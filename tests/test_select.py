@@ -70,7 +70,8 @@ def test_explain_agrees_with_choose_and_gives_every_candidate(shape):
         else:
             assert cand.why_not and cand.predicted_seconds is None
     applicable = {n: c.predicted_seconds for n, c in e.candidates.items() if c.applicable}
-    assert e.choice == min(applicable, key=applicable.get)
+    assert applicable[e.choice] == min(applicable.values())  # ties go to '1x1', then 'im2col'
+    assert e.choice == "1x1" or applicable[e.choice] < applicable.get("1x1", float("inf"))
     assert e.choice in str(e)
 
 
