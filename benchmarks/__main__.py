@@ -51,6 +51,8 @@ def parse_args(argv=None):
                    help="measure the constants of 'auto''s time model on probe layers and save them "
                         "(channelconv/calibration.json unless --calibration-file)")
     p.add_argument("--calibration-file", default=None)
+    p.add_argument("--cpu-clock", action="store_true",
+                   help="with --calibrate: time one thread by its CPU clock (robust on a busy, shared machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
@@ -103,7 +105,8 @@ def main(argv=None) -> int:
     configure(settings)
     if args.calibrate:
         from .calibrate import calibrate
-        calibrate(settings, path=args.calibration_file, quick=args.quick, progress=not args.no_progress)
+        calibrate(settings, path=args.calibration_file, quick=args.quick, progress=not args.no_progress,
+                  cpu_clock=args.cpu_clock)
         return 0
 
     start = time.perf_counter()

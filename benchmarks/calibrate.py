@@ -115,8 +115,9 @@ def _time_gemm(g, m, k, n, settings: Settings, min_run_time: float) -> float:
     a = torch.randn(g, m, k, device=settings.device).to(settings.dtype)
     b = torch.randn(g, k, n, device=settings.device).to(settings.dtype)
     out = torch.empty(g, m, n, device=settings.device, dtype=settings.dtype)
+    clock = {"timer": time.thread_time} if settings.cpu_clock else {}
     timer = Timer("torch.bmm(a, b, out=out)", globals={"torch": torch, "a": a, "b": b, "out": out},
-                  num_threads=settings.threads or torch.get_num_threads())
+                  num_threads=settings.threads or torch.get_num_threads(), **clock)
     return min(timer.blocked_autorange(min_run_time=min_run_time).times)  # the least-disturbed block
 
 
@@ -221,19 +222,30 @@ def ranking_quality(measured, model_pass: dict, gemm: dict, vector_bytes: int) -
 
 
 def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool = True,
-              passes=("forward", "training")) -> dict:
+              passes=("forward", "training"), cpu_clock: bool = False) -> dict:
+    """Measure, fit, save. ``cpu_clock``: time one thread by its own CPU clock
+    (``time.thread_time``) instead of the wall clock: on a shared, busy machine the CPU time of
+    a single-threaded op is what it would take alone, while wall time includes whoever else ran.
+    The model then scales its parallel terms from 1 thread to the thread count in use."""
     path = Path(path or select.CALIBRATION_FILE)
     start = time.perf_counter()
 
     def log(text):
         print(text, flush=True)
 
+    if cpu_clock:
+        if settings.device != "cpu":
+            raise ValueError("--cpu-clock calibrates CPU kernels only")
+        torch.set_num_threads(1)
+        settings.threads, settings.cpu_clock = 1, True
+
     # Many short blocks: the more of them, the likelier one ran undisturbed (its minimum is kept).
     settings.rounds, settings.min_rounds = (2, 2) if quick else (6, 3)
     settings.block_s, settings.slow_s = (0.005, 0.05) if quick else (0.01, 0.2)
     settings.batch = 2
+    clock_name = "thread CPU time" if settings.cpu_clock else "wall time"
     log(f"calibrating 'auto' on {cpu_name()}, {settings.threads} threads, {settings.device} "
-        f"{str(settings.dtype).replace('torch.', '')}")
+        f"{str(settings.dtype).replace('torch.', '')}, {clock_name}")
     gemm = fit_gemm(settings, quick, log)
     layers = probe_layers(quick)
     bar = None
@@ -243,7 +255,8 @@ def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool
             bar = tqdm(total=len(layers) * len(passes), unit="probe", file=sys.stderr, leave=False)
         except ImportError:
             bar = None
-    entry = {"gemm": {k: gemm[k] for k in ("m0", "n0", "k0")}, "gemm_rate_gflops": gemm["rate_gflops"], "fit": {}}
+    entry = {"gemm": {k: gemm[k] for k in ("m0", "n0", "k0")}, "gemm_rate_gflops": gemm["rate_gflops"], "fit": {},
+             "threads": settings.threads, "clock": clock_name}
     vector_bytes = None
     for pass_ in passes:
         measured = measure_probes(layers, pass_, settings, bar)
@@ -257,8 +270,8 @@ def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool
             f"{rank['within_10pct']}/{rank['probes']} probes")
     if bar is not None:
         bar.close()
-    entry["source"] = (f"calibrated {time.strftime('%Y-%m-%d')} on {cpu_name()}, {settings.threads} threads, "
-                       f"torch {torch.__version__}{' (quick)' if quick else ''}")
+    entry["source"] = (f"calibrated {time.strftime('%Y-%m-%d')} on {cpu_name()}, {settings.threads} thread(s), "
+                       f"{clock_name}, torch {torch.__version__}{' (quick)' if quick else ''}")
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -48,6 +48,7 @@ class Settings:
     slow_s: float = 0.25
     check_errors: bool = True
     measured_auto: bool = False  # also time 'auto' in benchmark mode
+    cpu_clock: bool = False  # time with the calling thread's CPU clock instead of the wall clock
 
 
 def algorithms_for(layer: Layer, wanted) -> list[str]:
@@ -137,7 +138,8 @@ def _block(timer: Timer, number: int, threads: int) -> float:
 def interleaved(functions: dict, settings: Settings) -> dict:
     """name -> list of per-call seconds, one per round the side took part in."""
     threads = settings.threads or torch.get_num_threads()
-    timers = {name: Timer("fn()", globals={"fn": fn}, num_threads=threads) for name, fn in functions.items()}
+    clock = {"timer": time.thread_time} if settings.cpu_clock else {}
+    timers = {name: Timer("fn()", globals={"fn": fn}, num_threads=threads, **clock) for name, fn in functions.items()}
     first = {}
     for name, timer in timers.items():  # warm-up, then one call to size the blocks
         _block(timer, 1, threads)

@@ -52,6 +52,8 @@ PRUNE_FACTOR = 10.0
 # Features of each algorithm's time model (see features()).
 LOWERED_FEATURES = ("gemm", "column", "gemm_call", "call")
 DIRECT_FEATURES = ("mac", "mac_strided", "inner_loop", "output", "call")
+# Work that the kernels spread over threads; the rest (dispatch, per-GEMM setup) is serial.
+PARALLEL_FEATURES = frozenset({"gemm", "column", "mac", "mac_strided", "inner_loop", "output"})
 FEATURE_NAMES = {
     "gemm": "GEMM FLOPs (inflated for small M, N, K)",
     "column": "column elements unrolled",
@@ -63,15 +65,17 @@ FEATURE_NAMES = {
     "output": "output elements (accumulator fill and copy)",
 }
 
-# Built-in model (CPU float32, 2 threads of this project's machine, measured before the
-# calibration file existed); a calibration file overrides it.
+# Built-in model: the shipped calibration's forward coefficients, rounded (CPU float32, one thread
+# by its CPU clock on this project's 2-core AVX-512 machine); the calibration file overrides it.
+_LOWERED_DEFAULT = {"gemm": 6.1e-12, "column": 2.8e-10, "gemm_call": 4.9e-7, "call": 2.7e-5}
 DEFAULT_MODEL = {
-    "gemm": {"m0": 8.0, "n0": 32.0, "k0": 16.0},
+    "gemm": {"m0": 8.1, "n0": 20.1, "k0": 0.7},
     "direct_vector_bytes": 16,
+    "threads": 1,  # the thread count the coefficients describe
     "forward": {
-        "direct": {"mac": 1 / 12e9, "mac_strided": 1 / 10e9, "inner_loop": 2e-9, "output": 1e-9, "call": 3e-5},
-        "im2col": {"gemm": 1 / 330e9, "column": 1.5e-10, "gemm_call": 2e-7, "call": 3e-5},
-        "1x1": {"gemm": 1 / 330e9, "column": 1.5e-10, "gemm_call": 2e-7, "call": 2e-5},
+        "direct": {"mac": 1.1e-10, "mac_strided": 2.5e-10, "inner_loop": 2.8e-9, "output": 3.2e-10, "call": 2.1e-5},
+        "im2col": dict(_LOWERED_DEFAULT),
+        "1x1": dict(_LOWERED_DEFAULT),
     },
 }
 
@@ -131,7 +135,8 @@ def model_for(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> d
         name = str(dtype).replace("torch.", "")
         found = models.get(f"{device_type}/{name}") or models.get(f"{device_type}/float32") or {}
         model = {"gemm": {**DEFAULT_MODEL["gemm"], **found.get("gemm", {})}, "source": found.get("source", "defaults"),
-                 "direct_vector_bytes": found.get("direct_vector_bytes", DEFAULT_MODEL["direct_vector_bytes"])}
+                 "direct_vector_bytes": found.get("direct_vector_bytes", DEFAULT_MODEL["direct_vector_bytes"]),
+                 "threads": found.get("threads", DEFAULT_MODEL["threads"])}
         for pass_ in ("forward", "training"):
             fitted = found.get(pass_, {})
             base = DEFAULT_MODEL["forward"]
@@ -141,17 +146,23 @@ def model_for(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> d
     return _model_cache[key]
 
 
-def predict(algorithm: str, c: Cost, device_type: str = "cpu", training: bool = False) -> tuple[float, dict]:
+def predict(algorithm: str, c: Cost, device_type: str = "cpu", training: bool = False,
+            threads: int | None = None) -> tuple[float, dict]:
     """(predicted seconds, seconds per feature) of ``algorithm`` on the layer ``c``; training
     predicts forward + both gradients (from the training model when calibrated, else three
-    times the forward model)."""
+    times the forward model). The parallel terms scale from the calibration's thread count to
+    ``threads`` (default: torch's current count; CPU only)."""
     model = model_for(device_type, c.dtype)
     coefficients = model["training"][algorithm] if training else model["forward"][algorithm]
     scale = 1.0
     if coefficients is None:
         coefficients, scale = model["forward"][algorithm], 3.0
+    parallel = 1.0
+    if device_type == "cpu":
+        parallel = model["threads"] / max(1, threads or torch.get_num_threads())
     values = features(algorithm, c, model["gemm"], model["direct_vector_bytes"])
-    terms = {f: scale * coefficients.get(f, 0.0) * v for f, v in values.items()}
+    terms = {f: scale * coefficients.get(f, 0.0) * v * (parallel if f in PARALLEL_FEATURES else 1.0)
+             for f, v in values.items()}
     return sum(terms.values()), terms
 
 
@@ -199,7 +210,7 @@ def choose(input_shape, weight_shape, stride, padding, dilation, groups, *, tens
             if measured is not None:
                 return measured
     key = (tuple(input_shape), tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups,
-           device_type, dtype, training, get_workspace_limit())
+           device_type, dtype, training, get_workspace_limit(), torch.get_num_threads())
     choice = _choice_cache.get(key)
     if choice is None:
         if len(_choice_cache) >= 4096:

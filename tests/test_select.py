@@ -154,6 +154,19 @@ def test_shipped_calibration_is_well_formed():
             assert set(entry[pass_][a]) == set(names)
             assert all(v >= 0 for v in entry[pass_][a].values())
     assert all(entry["gemm"][k] >= 0 for k in ("m0", "n0", "k0"))
+    assert entry["threads"] >= 1 and entry["direct_vector_bytes"] in (16, 32, 64)
+    for pass_ in ("forward", "training"):  # the calibration was good on its own probes
+        assert entry["fit"][pass_]["ranking"]["within_10pct"] >= 0.8 * entry["fit"][pass_]["ranking"]["probes"]
+
+
+def test_parallel_terms_scale_with_threads():
+    c = channelconv.cost((8, 64, 28, 28), (64, 64, 3, 3), padding=1)
+    one, terms_one = select.predict("im2col", c, threads=1)
+    two, terms_two = select.predict("im2col", c, threads=2)
+    assert two < one
+    for name in terms_one:
+        ratio = terms_two[name] / terms_one[name] if terms_one[name] else 1.0
+        assert ratio == pytest.approx(0.5 if name in select.PARALLEL_FEATURES else 1.0)
 
 
 # ----------------------------------------------------------------------------------------------
