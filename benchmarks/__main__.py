@@ -167,9 +167,12 @@ def main(argv=None) -> int:
         report.write_csv(args.csv, results)
     if args.markdown:
         with open(args.markdown, "w") as f:
+            loads = ""
+            if all(load):
+                loads = f", load average {load[0][0]:.1f} -> {load[1][0]:.1f} on {meta['cpu_count']} CPUs (shared)"
             f.write(f"`{meta['command']}` — {meta['cpu'] if settings.device == 'cpu' else where}, "
                     f"{meta['threads']} threads, torch {meta['torch']}, GEMM {gemm:.0f} GFLOP/s, "
-                    f"{elapsed:.0f} s\n\n" + "\n".join(markdown))
+                    f"{elapsed:.0f} s{loads}\n\n" + "\n".join(markdown))
     if args.plot:
         report.plot(args.plot, results, title=f"{','.join(args.suites) or 'custom'} batch {settings.batch}")
     return 0
