@@ -6,7 +6,11 @@ from ._ops import OPS  # noqa: F401  (registers fake kernels and autograd)
 from ._shapes import ALGORITHMS
 from .functional import conv2d
 from .modules import Conv2d, convert
+from .cost import cost
 from .select import choose
+from .select import explain
+from .select import get_benchmark_mode
+from .select import set_benchmark_mode
 from .workspace import get_workspace_limit, set_workspace_limit
 
 __all__ = [
@@ -14,9 +18,13 @@ __all__ = [
     "Conv2d",
     "choose",
     "conv2d",
+    "cost",
     "convert",
+    "explain",
+    "get_benchmark_mode",
     "get_workspace_limit",
     "reference",
+    "set_benchmark_mode",
     "set_workspace_limit",
 ]
 __version__ = "0.1.0"

@@ -58,7 +58,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     input, padding = _resolve_padding(input, weight, padding, stride, dilation)
 
     if algorithm == "auto":
-        algorithm = choose(input.shape, weight.shape, stride, padding, dilation, groups)
+        algorithm = choose(input.shape, weight.shape, stride, padding, dilation, groups, tensors=(input, weight, bias))
     extra = (get_workspace_limit(),) if TAKES_WORKSPACE[algorithm] else ()
     output = OPS[algorithm].forward(input, weight, bias, stride, padding, dilation, groups, *extra)
     return output.squeeze(0) if unbatched else output

@@ -1,15 +1,456 @@
-"""'auto': which of channelconv's own algorithms runs a given shape.
+"""'auto': which of channelconv's own algorithms runs a given shape (never F.conv2d).
 
-For now a fixed rule: a 1x1 kernel is a GEMM over the input as it lies ('1x1'); everything else
-goes through 'im2col' (one large GEMM per band of output rows), which is the faster of the two
-general algorithms until the direct kernel is blocked for speed. A measured choice (cost model,
-calibration, benchmark mode) replaces this rule with the benchmark-suite issue.
+Two ways to decide, like cuDNN's:
+
+* The heuristic (default). Each algorithm's time is predicted from the layer's cost figures
+  (channelconv/cost.py) by a small linear model,
+
+      time ~= sum_f coefficient[f] * feature[f]
+
+  whose features are the work an algorithm does and its overheads: for the GEMM-lowered
+  algorithms (im2col, 1x1) the GEMM FLOPs inflated by how far the GEMM's M, N, K fall short of
+  saturating the machine (``2*MACs * (1 + m0/M + n0/N + k0/K)``), the column elements the
+  unrolling writes, the number of (small) GEMMs, and a per-call constant; for direct the
+  multiply-adds (with the lanes a vector loop wastes on a short output row), the multiply-adds
+  made through strided loads, the inner-loop count and the output elements. The
+  coefficients are seconds per unit (1/rate, 1/bandwidth, overhead), measured on this machine by
+  ``python -m benchmarks --calibrate`` and saved in channelconv/calibration.json (or the file
+  named by CHANNELCONV_CALIBRATION); built-in defaults apply when it is missing. The candidate
+  with the smallest predicted time wins. With symbolic sizes (torch.compile dynamic shapes) the
+  model cannot run; a structural rule decides ('1x1' for 1x1 kernels, otherwise 'im2col').
+
+* Measured (``set_benchmark_mode(True)``, like ``torch.backends.cudnn.benchmark``): the first call
+  for a shape signature (sizes, arguments, dtype, device, layout, whether gradients are needed,
+  threads, workspace limit) times every applicable candidate on the call's own tensors — forward,
+  plus both gradients when the call records autograd — and caches the fastest; later calls with
+  that signature use it. The cache is shared by all threads and filled under a lock. Candidates
+  the heuristic predicts to be over ``PRUNE_FACTOR`` times slower than the best are not timed.
+  Inside a torch.compile trace nothing is timed; the heuristic decides.
+
+``explain(...)`` shows the choice, the reason in words and every candidate's cost figures.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
 
-def choose(input_shape, weight_shape, stride, padding, dilation, groups) -> str:
-    if tuple(weight_shape[2:]) == (1, 1):
-        return "1x1"
-    return "im2col"
+import torch
+
+from ._shapes import ALGORITHMS, pair
+from .cost import Cost, cost
+from .workspace import get_workspace_limit
+
+CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
+_CALIBRATION_ENV = "CHANNELCONV_CALIBRATION"
+PRUNE_FACTOR = 10.0
+
+# Features of each algorithm's time model (see features()).
+LOWERED_FEATURES = ("gemm", "column", "gemm_call", "call")
+DIRECT_FEATURES = ("mac", "mac_strided", "inner_loop", "output", "call")
+# Work that the kernels spread over threads; the rest (dispatch, per-GEMM setup) is serial.
+PARALLEL_FEATURES = frozenset({"gemm", "column", "mac", "mac_strided", "inner_loop", "output"})
+FEATURE_NAMES = {
+    "gemm": "GEMM FLOPs (inflated for small M, N, K)",
+    "column": "column elements unrolled",
+    "gemm_call": "small GEMMs (images x bands x groups)",
+    "call": "per-call overhead",
+    "mac": "multiply-adds in vector loops",
+    "mac_strided": "multiply-adds through strided loads",
+    "inner_loop": "inner loops started",
+    "output": "output elements (accumulator fill and copy)",
+}
+
+# Built-in model: the shipped calibration's forward coefficients, rounded (CPU float32, one thread
+# by its CPU clock on this project's 2-core AVX-512 machine); the calibration file overrides it.
+_LOWERED_DEFAULT = {"gemm": 6.1e-12, "column": 2.8e-10, "gemm_call": 4.9e-7, "call": 2.7e-5}
+DEFAULT_MODEL = {
+    "gemm": {"m0": 8.1, "n0": 20.1, "k0": 0.7},
+    "direct_vector_bytes": 16,
+    "threads": 1,  # the thread count the coefficients describe
+    "forward": {
+        "direct": {"mac": 1.1e-10, "mac_strided": 2.5e-10, "inner_loop": 2.8e-9, "output": 3.2e-10, "call": 2.1e-5},
+        "im2col": dict(_LOWERED_DEFAULT),
+        "1x1": dict(_LOWERED_DEFAULT),
+    },
+}
+
+
+def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16) -> dict:
+    """The quantities the time model multiplies by its coefficients, for one algorithm.
+    ``vector_bytes``: the direct kernel's vector width (a short output row wastes lanes)."""
+    plan = c.plans[algorithm]
+    if algorithm == "direct":
+        n, k, h_o, w_o = c.output_shape
+        lanes = max(1, vector_bytes // c.element_size)
+        waste = math.ceil(w_o / lanes) * lanes / w_o
+        mac = c.macs * waste
+        return {"mac": mac if c.stride[1] == 1 else 0.0, "mac_strided": c.macs if c.stride[1] != 1 else 0.0,
+                "inner_loop": float(plan.inner_loops), "output": float(n * k * h_o * w_o), "call": 1.0}
+    m, n_, k_ = max(plan.gemm_m, 1), max(plan.gemm_n, 1), max(plan.gemm_k, 1)
+    inflation = 1.0 + gemm["m0"] / m + gemm["n0"] / n_ + gemm["k0"] / k_
+    return {"gemm": 2.0 * c.macs * inflation, "column": float(plan.column_elements),
+            "gemm_call": float(plan.gemm_calls * c.groups), "call": 1.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration constants
+
+
+_calibration_cache: dict = {}
+
+
+def load_calibration(path=None) -> dict:
+    """The calibration file's content ({} when missing or unreadable); cached per path."""
+    path = Path(path or os.environ.get(_CALIBRATION_ENV) or CALIBRATION_FILE)
+    key = str(path)
+    if key not in _calibration_cache:
+        try:
+            _calibration_cache[key] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            _calibration_cache[key] = {}
+    return _calibration_cache[key]
+
+
+def reload_calibration() -> None:
+    """Forget the loaded calibration (after ``python -m benchmarks --calibrate`` rewrote it)."""
+    _calibration_cache.clear()
+    _model_cache.clear()
+    _choice_cache.clear()
+
+
+_model_cache: dict = {}
+
+
+def model_for(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """The time model for a device type and dtype: the calibration's entry for it, else its
+    device's float32 entry, else the built-in defaults; each missing piece from the defaults."""
+    key = (device_type, dtype)
+    if key not in _model_cache:
+        models = load_calibration().get("models", {})
+        name = str(dtype).replace("torch.", "")
+        found = models.get(f"{device_type}/{name}") or models.get(f"{device_type}/float32") or {}
+        model = {"gemm": {**DEFAULT_MODEL["gemm"], **found.get("gemm", {})}, "source": found.get("source", "defaults"),
+                 "direct_vector_bytes": found.get("direct_vector_bytes", DEFAULT_MODEL["direct_vector_bytes"]),
+                 "threads": found.get("threads", DEFAULT_MODEL["threads"])}
+        for pass_ in ("forward", "training"):
+            fitted = found.get(pass_, {})
+            base = DEFAULT_MODEL["forward"]
+            model[pass_] = {a: {**base[a], **fitted.get(a, {})} if (pass_ == "forward" or a in fitted) else None
+                            for a in ALGORITHMS}
+        _model_cache[key] = model
+    return _model_cache[key]
+
+
+def predict(algorithm: str, c: Cost, device_type: str = "cpu", training: bool = False,
+            threads: int | None = None) -> tuple[float, dict]:
+    """(predicted seconds, seconds per feature) of ``algorithm`` on the layer ``c``; training
+    predicts forward + both gradients (from the training model when calibrated, else three
+    times the forward model). The parallel terms scale from the calibration's thread count to
+    ``threads`` (default: torch's current count; CPU only)."""
+    model = model_for(device_type, c.dtype)
+    coefficients = model["training"][algorithm] if training else model["forward"][algorithm]
+    scale = 1.0
+    if coefficients is None:
+        coefficients, scale = model["forward"][algorithm], 3.0
+    parallel = 1.0
+    if device_type == "cpu":
+        parallel = model["threads"] / max(1, threads or torch.get_num_threads())
+    values = features(algorithm, c, model["gemm"], model["direct_vector_bytes"])
+    terms = {f: scale * coefficients.get(f, 0.0) * v * (parallel if f in PARALLEL_FEATURES else 1.0)
+             for f, v in values.items()}
+    return sum(terms.values()), terms
+
+
+# ---------------------------------------------------------------------------------------------
+# The choice
+
+
+def _structural(weight_shape) -> str:
+    return "1x1" if tuple(weight_shape[2:]) == (1, 1) else "im2col"
+
+
+def _ranked(c: Cost, device_type: str, training: bool) -> list[tuple[float, str]]:
+    """(predicted seconds, algorithm) of the applicable candidates, fastest first; ties keep
+    the order '1x1', 'im2col', 'direct' (no copy before copy before loops)."""
+    preference = ("1x1", "im2col", "direct")
+    ranked = [(predict(a, c, device_type, training)[0], preference.index(a), a)
+              for a in preference if c.plans[a].applicable]
+    return [(t, a) for t, _, a in sorted(ranked)]
+
+
+def _signature(input, weight, bias, stride, padding, dilation, groups, training):
+    fmt = ("channels_last" if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+           else "contiguous" if input.is_contiguous() else "strided")
+    return (tuple(input.shape), tuple(weight.shape), bias is not None, tuple(stride), tuple(padding), tuple(dilation),
+            groups, input.dtype, str(input.device), fmt, training, torch.get_num_threads(), get_workspace_limit())
+
+
+def _needs_grad(input, weight, bias) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+
+
+def choose(input_shape, weight_shape, stride, padding, dilation, groups, *, tensors=None) -> str:
+    """The algorithm 'auto' runs for these explicit arguments (padding a pair of ints).
+    ``tensors=(input, weight, bias)``, when given, supplies the dtype and device, whether the
+    call needs gradients, and in benchmark mode the tensors to time the candidates on."""
+    if torch.compiler.is_compiling() or not all(type(d) is int for d in (*input_shape, *weight_shape)):
+        # Traced sizes may be symbolic (and a trace must not time anything): decide on the kernel alone.
+        return _structural(weight_shape)
+    device_type, dtype, training = "cpu", torch.float32, False
+    if tensors is not None:
+        input, weight, bias = tensors
+        device_type, dtype, training = input.device.type, input.dtype, _needs_grad(input, weight, bias)
+        if _benchmark_mode:
+            measured = _measured_choice(input, weight, bias, stride, padding, dilation, groups, training)
+            if measured is not None:
+                return measured
+    key = (tuple(input_shape), tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups,
+           device_type, dtype, training, get_workspace_limit(), torch.get_num_threads())
+    choice = _choice_cache.get(key)
+    if choice is None:
+        if len(_choice_cache) >= 4096:
+            _choice_cache.clear()
+        choice = _choice_cache[key] = _heuristic_choice(*key[:9])
+    return choice
+
+
+_choice_cache: dict = {}  # the heuristic's answers (a pure function of the key and the model)
+
+
+def _heuristic_choice(input_shape, weight_shape, stride, padding, dilation, groups, device_type, dtype, training):
+    c = cost(input_shape, weight_shape, stride, padding, dilation, groups, dtype)
+    ranked = _ranked(c, device_type, training)
+    return ranked[0][1] if ranked else "direct"
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured mode
+
+
+_benchmark_mode = False
+_benchmark_cache: dict = {}
+_benchmark_lock = threading.Lock()
+
+
+def set_benchmark_mode(enabled: bool = True) -> None:
+    """Measured 'auto': time every candidate on the first call of each shape signature and cache
+    the fastest (like ``torch.backends.cudnn.benchmark``). Off by default."""
+    global _benchmark_mode
+    _benchmark_mode = bool(enabled)
+
+
+def get_benchmark_mode() -> bool:
+    return _benchmark_mode
+
+
+def clear_benchmark_cache() -> None:
+    with _benchmark_lock:
+        _benchmark_cache.clear()
+
+
+def benchmark_cache() -> dict:
+    """A copy of the measured choices: signature -> {'choice': ..., 'seconds': {algorithm: median}}."""
+    with _benchmark_lock:
+        return {k: {"choice": v["choice"], "seconds": dict(v["seconds"])} for k, v in _benchmark_cache.items()}
+
+
+def _is_real(t) -> bool:
+    """Plain tensors with data: not meta, fake (torch.compile / export) or other subclasses."""
+    if t is None:
+        return True
+    return (type(t) is torch.Tensor or type(t) is torch.nn.Parameter) and t.device.type != "meta"
+
+
+def _measured_choice(input, weight, bias, stride, padding, dilation, groups, training):
+    if not all(_is_real(t) for t in (input, weight, bias)):
+        return None
+    key = _signature(input, weight, bias, stride, padding, dilation, groups, training)
+    hit = _benchmark_cache.get(key)
+    if hit is not None:
+        return hit["choice"]
+    with _benchmark_lock:
+        hit = _benchmark_cache.get(key)
+        if hit is None:
+            hit = _time_candidates(input, weight, bias, stride, padding, dilation, groups, training)
+            _benchmark_cache[key] = hit
+    return hit["choice"]
+
+
+def _time_candidates(input, weight, bias, stride, padding, dilation, groups, training, rounds: int = 3) -> dict:
+    from torch.utils.benchmark.utils.timer import timer as clock  # synchronises an accelerator
+
+    from ._ops import OPS, TAKES_WORKSPACE
+
+    c = cost(input.shape, weight.shape, stride, padding, dilation, groups, input.dtype)
+    ranked = _ranked(c, input.device.type, training)
+    if len(ranked) == 1:
+        return {"choice": ranked[0][1], "seconds": {}}
+    best_predicted = ranked[0][0]
+    candidates = [a for t, a in ranked if t <= PRUNE_FACTOR * best_predicted]
+    args = (tuple(stride), tuple(padding), tuple(dilation), groups)
+
+    def runner(algorithm):
+        ops = OPS[algorithm]
+        extra = (get_workspace_limit(),) if TAKES_WORKSPACE[algorithm] else ()
+        x, w, b = input.detach(), weight.detach(), None if bias is None else bias.detach()
+
+        def run():
+            y = ops.forward(x, w, b, *args, *extra)
+            if training:
+                ops.backward_input(y, w, x.shape, *args, *extra)
+                ops.backward_weight(y, x, w.shape, *args, *extra)
+        return run
+
+    seconds: dict = {}
+    runs = {}
+    with torch.no_grad():
+        for algorithm in candidates:  # warm-up, and a first time
+            run = runner(algorithm)
+            try:
+                start = clock()
+                run()
+                elapsed = clock() - start
+            except RuntimeError:  # e.g. a workspace the limit does not allow
+                continue
+            runs[algorithm], seconds[algorithm] = run, [elapsed]
+        if not runs:
+            return {"choice": ranked[0][1], "seconds": {}}
+        fastest_first = min(s[0] for s in seconds.values())
+        # A candidate many times slower than the best on its first run is not timed again.
+        runs = {a: r for a, r in runs.items() if seconds[a][0] <= 4 * fastest_first}
+        for _ in range(rounds):
+            for algorithm, run in runs.items():
+                start = clock()
+                run()
+                seconds[algorithm].append(clock() - start)
+    medians = {a: sorted(s[1:] or s)[len(s[1:] or s) // 2] for a, s in seconds.items()}
+    return {"choice": min(medians, key=medians.get), "seconds": medians}
+
+
+# ---------------------------------------------------------------------------------------------
+# explain
+
+
+@dataclass
+class Candidate:
+    algorithm: str
+    applicable: bool
+    why_not: str
+    predicted_seconds: float | None
+    terms: dict  # seconds per feature of the time model
+    flops: int
+    workspace_bytes: int | None
+    column_bytes: int
+    bytes_moved: int  # compulsory bytes + columns written and read back
+    measured_seconds: float | None = None
+
+    @property
+    def predicted_gflops(self) -> float | None:
+        return self.flops / self.predicted_seconds / 1e9 if self.predicted_seconds else None
+
+
+@dataclass
+class Explanation:
+    choice: str
+    reason: str
+    source: str  # 'heuristic', 'measured' or 'rule'
+    training: bool
+    candidates: dict = field(default_factory=dict)
+    cost: Cost | None = None
+
+    def __str__(self) -> str:
+        lines = [f"auto -> {self.choice!r} ({self.source}): {self.reason}"]
+        for cand in self.candidates.values():
+            if not cand.applicable:
+                lines.append(f"  {cand.algorithm:7s} not applicable: {cand.why_not}")
+                continue
+            measured = f", measured {_fmt_s(cand.measured_seconds)}" if cand.measured_seconds else ""
+            lines.append(f"  {cand.algorithm:7s} predicted {_fmt_s(cand.predicted_seconds)} "
+                         f"({cand.predicted_gflops:.1f} GFLOP/s){measured}, workspace {cand.workspace_bytes} B, "
+                         f"moves {cand.bytes_moved / 1e6:.1f} MB")
+        return "\n".join(lines)
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} us"
+
+
+def _shape_of(value):
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
+
+
+def explain(input, weight, stride=1, padding=0, dilation=1, groups=1, *, bias=None, training=None) -> Explanation:
+    """Why 'auto' picks what it picks for ``conv2d(input, weight, bias, stride, padding, dilation,
+    groups)``: the choice, the reason in words, and each candidate's cost figures (predicted time
+    and its terms, FLOPs, workspace, bytes moved; the measured time when benchmark mode has
+    timed this signature). ``input`` and ``weight`` may be tensors or shapes; ``training``
+    defaults to whether a call with these tensors would record gradients."""
+    in_shape, w_shape = _shape_of(input), _shape_of(weight)
+    if len(in_shape) == 3:
+        in_shape = (1, *in_shape)
+    tensors = isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor)
+    dtype = input.dtype if tensors else torch.float32
+    device_type = input.device.type if tensors else "cpu"
+    if training is None:
+        training = tensors and _needs_grad(input, weight, bias if isinstance(bias, torch.Tensor) else None)
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    c = cost(in_shape, w_shape, stride, padding, dilation, groups, dtype, bias=bias is not None and bias is not False)
+    ranked = _ranked(c, device_type, training)
+
+    measured = None
+    if tensors and _benchmark_mode:
+        bias_t = bias if isinstance(bias, torch.Tensor) else None
+        x = input if input.dim() == 4 else input.unsqueeze(0)
+        if c.input_shape == tuple(x.shape):  # not an even-kernel 'same' (its padded input is made later)
+            hit = _benchmark_cache.get(_signature(x, weight, bias_t, stride, c.padding, dilation, groups, training))
+            measured = hit if hit and hit["seconds"] else None
+
+    candidates = {}
+    for algorithm in ALGORITHMS:
+        plan = c.plans[algorithm]
+        flops = c.training_flops if training else c.forward_flops
+        moved = (c.backward_bytes_moved + c.forward_bytes_moved if training else c.forward_bytes_moved)
+        moved += 2 * plan.column_bytes * (3 if training else 1)
+        if plan.applicable:
+            seconds, terms = predict(algorithm, c, device_type, training)
+        else:
+            seconds, terms = None, {}
+        candidates[algorithm] = Candidate(
+            algorithm, plan.applicable, plan.why_not, seconds, terms, flops,
+            plan.workspace_bytes if plan.applicable else None, plan.column_bytes, moved,
+            measured["seconds"].get(algorithm) if measured else None)
+
+    if not all(type(d) is int for d in (*in_shape, *w_shape)):
+        choice, source, reason = _structural(w_shape), "rule", "symbolic sizes: the structural rule decides"
+    elif measured:
+        choice, source = measured["choice"], "measured"
+        timed = sorted(measured["seconds"].items(), key=lambda kv: kv[1])
+        reason = f"benchmark mode timed {', '.join(f'{a} {_fmt_s(s)}' for a, s in timed)}; the fastest is cached"
+    else:
+        choice, source = (ranked[0][1] if ranked else "direct"), "heuristic"
+        reason = _reason(ranked, candidates)
+    return Explanation(choice, reason, source, training, candidates, c)
+
+
+def _reason(ranked, candidates) -> str:
+    if not ranked:
+        return "no lowered algorithm applies; 'direct' always does"
+    best_t, best = ranked[0]
+    parts = [f"'{best}' is predicted fastest ({_fmt_s(best_t)})"]
+    if len(ranked) > 1:
+        second_t, second = ranked[1]
+        parts.append(f"{second_t / best_t:.2f}x ahead of '{second}' ({_fmt_s(second_t)})")
+    text = ", ".join(parts) + "."
+    for t, algorithm in ranked:
+        terms = candidates[algorithm].terms
+        top = max(terms, key=terms.get)
+        text += f" {algorithm}: mostly {FEATURE_NAMES[top]} ({100 * terms[top] / t:.0f}% of its time)."
+    for cand in candidates.values():
+        if not cand.applicable:
+            text += f" {cand.algorithm}: not applicable ({cand.why_not})."
+    return text

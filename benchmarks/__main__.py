@@ -1,0 +1,182 @@
+"""python -m benchmarks: channelconv's algorithms (and 'auto') against F.conv2d on real network
+shapes, measured interleaved in one process. See benchmarks/NOTES.md and --help."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+import channelconv
+
+from . import report, runner
+from .runner import DTYPES, PASSES, REFERENCE, Settings, configure, environment, gemm_rate, run_layer
+from .shapes import SUITES, parse_shape
+
+PASS_GROUPS = {"both": ("forward", "training"), "all": PASSES}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Time channelconv's algorithms and 'auto' beside F.conv2d, interleaved in one process; "
+                    "report median time, GFLOP/s, time / F.conv2d, fraction of the machine's GEMM rate, "
+                    "workspace and relative error against F.conv2d in float64.")
+    p.add_argument("--suite", default=None,
+                   help=f"comma-separated suites: {', '.join(SUITES)} (default resnet50; 'quick' with --quick)")
+    p.add_argument("--shape", action="append", default=[], metavar="N,C_in,H,W,C_out,KH,KW[,s,p,d,g]",
+                   help="a custom layer (repeatable); runs instead of the suites unless --suite is given too")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--batch", type=int, default=None, help="images per layer (default 8; 2 with --quick)")
+    p.add_argument("--algorithms", default=",".join(channelconv.ALGORITHMS),
+                   help="comma-separated subset of channelconv.ALGORITHMS ('1x1' runs on 1x1 kernels only)")
+    p.add_argument("--pass", dest="passes", default="forward",
+                   help="forward | training | both (forward, training) | all (also input_grad, weight_grad) | "
+                        "a comma-separated list of forward, input_grad, weight_grad, training")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per layer (default 5; 3 quick)")
+    p.add_argument("--block", type=float, default=None, help="seconds per timed block (default 0.05)")
+    p.add_argument("--measured", action="store_true",
+                   help="also time 'auto' in benchmark mode (channelconv.set_benchmark_mode) as 'auto:measured'")
+    p.add_argument("--no-errors", action="store_true", help="skip the float64 F.conv2d error check")
+    p.add_argument("--json", help="write every measurement, the environment and the summary to this file")
+    p.add_argument("--csv", help="write one row per layer, pass and side to this file")
+    p.add_argument("--plot", help="write a PNG chart of time / F.conv2d per layer and algorithm")
+    p.add_argument("--markdown", help="write the ratio table(s) as Markdown to this file")
+    p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (tiny layers, few repeats)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure the constants of 'auto''s time model on probe layers and save them "
+                        "(channelconv/calibration.json unless --calibration-file)")
+    p.add_argument("--calibration-file", default=None)
+    p.add_argument("--cpu-clock", action="store_true",
+                   help="with --calibrate: time one thread by its CPU clock (robust on a busy, shared machine)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+
+    passes = []
+    for item in args.passes.split(","):
+        item = item.strip()
+        group = PASS_GROUPS.get(item, (item,))
+        for name in group:
+            if name not in PASSES:
+                p.error(f"--pass: unknown pass {item!r}; expected forward, training, both, all, input_grad, "
+                        f"weight_grad")
+            if name not in passes:
+                passes.append(name)
+    args.passes = passes
+    args.algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    for a in args.algorithms:
+        if a not in channelconv.ALGORITHMS:
+            p.error(f"--algorithms: unknown algorithm {a!r}; expected some of {channelconv.ALGORITHMS}")
+    try:
+        args.custom = [parse_shape(s) for s in args.shape]
+    except ValueError as e:
+        p.error(str(e))
+    if args.suite is None:
+        args.suites = [] if args.custom else ["quick" if args.quick else "resnet50"]
+    else:
+        args.suites = [s.strip() for s in args.suite.split(",")]
+        for s in args.suites:
+            if s not in SUITES:
+                p.error(f"--suite: unknown suite {s!r}; expected some of {', '.join(SUITES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def settings_from(args) -> Settings:
+    s = Settings(device=args.device, dtype=DTYPES[args.dtype], batch=args.batch or (2 if args.quick else 8),
+                 threads=args.threads, measured_auto=args.measured, check_errors=not args.no_errors)
+    if args.quick:
+        s.rounds, s.min_rounds, s.block_s, s.slow_s = 3, 2, 0.004, 0.05
+    if args.rounds:
+        s.rounds, s.min_rounds = args.rounds, min(s.min_rounds, args.rounds)
+    if args.block:
+        s.block_s = args.block
+    return s
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    settings = settings_from(args)
+    configure(settings)
+    if args.calibrate:
+        from .calibrate import calibrate
+        calibrate(settings, path=args.calibration_file, quick=args.quick, progress=not args.no_progress,
+                  cpu_clock=args.cpu_clock)
+        return 0
+
+    start = time.perf_counter()
+    gemm = gemm_rate(settings, *((256, 0.05) if args.quick else (2048, 1.0)))
+    meta = environment(settings)
+    meta.update({"command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+                 "suites": args.suites, "batch": settings.batch, "passes": args.passes,
+                 "algorithms": args.algorithms, "rounds": settings.rounds, "block_s": settings.block_s,
+                 "gemm_gflops": gemm, "calibration": channelconv.select.model_for(settings.device,
+                                                                                   settings.dtype)["source"]})
+    where = meta.get("gpu") or meta["cpu"]
+    print(f"channelconv {meta['channelconv']} | torch {meta['torch']} | {settings.device} ({where}) | "
+          f"{meta['threads']} threads | {meta['dtype']} | batch {settings.batch}")
+    print(f"GEMM rate ({'256' if args.quick else '2048'}^3 torch.mm): {gemm:.0f} GFLOP/s; "
+          f"'auto' model: {meta['calibration']}")
+
+    work = [(suite, layer) for suite in args.suites for layer in SUITES[suite]()]
+    work += [("custom", layer) for layer in args.custom]
+    items = [(suite, layer, pass_) for pass_ in args.passes for suite, layer in work]
+    progress = None
+    if not args.no_progress:
+        try:
+            from tqdm import tqdm
+            progress = tqdm(total=len(items), unit="layer", file=sys.stderr, leave=False, dynamic_ncols=True)
+        except ImportError:
+            progress = None
+    results = []
+    for suite, layer, pass_ in items:
+        if progress is not None:
+            progress.set_description(f"{pass_} {layer.describe()}")
+        results.extend(run_layer(layer, args.algorithms, pass_, settings, gemm, suite=suite))
+        if progress is not None:
+            progress.update()
+    if progress is not None:
+        progress.close()
+    elapsed = time.perf_counter() - start
+    meta["elapsed_s"] = elapsed
+    meta["load_average_end"] = runner._load_average()
+
+    by_pass = {}
+    for row in results:
+        by_pass.setdefault((row["suite"], row["pass"]), []).append(row)
+    markdown = []
+    for (suite, pass_), rows in by_pass.items():
+        title = f"{suite} | {pass_} | batch {settings.batch} | {meta['dtype']} | {settings.device}"
+        print(f"\n== {title}")
+        print(report.detail_table(rows))
+        print(f"\n-- time / {REFERENCE} (lower is faster; 'auto' with its choice)")
+        print(report.ratio_table(rows))
+        print(report.summary_text(rows))
+        markdown.append(f"**{title}**\n\n{report.markdown_table(rows)}\n\n" + report.summary_text(rows) + "\n")
+    load = meta["load_average"], meta["load_average_end"]
+    print(f"\ndone in {elapsed:.0f} s" + (f" (load average {load[0][0]:.1f} at the start, {load[1][0]:.1f} at the end "
+                                          f"on {meta['cpu_count']} CPUs)" if all(load) else ""))
+    if args.json:
+        report.write_json(args.json, meta, results)
+    if args.csv:
+        report.write_csv(args.csv, results)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            loads = ""
+            if all(load):
+                loads = f", load average {load[0][0]:.1f} -> {load[1][0]:.1f} on {meta['cpu_count']} CPUs (shared)"
+            f.write(f"`{meta['command']}` — {meta['cpu'] if settings.device == 'cpu' else where}, "
+                    f"{meta['threads']} threads, torch {meta['torch']}, GEMM {gemm:.0f} GFLOP/s, "
+                    f"{elapsed:.0f} s{loads}\n\n" + "\n".join(markdown))
+    if args.plot:
+        report.plot(args.plot, results, title=f"{','.join(args.suites) or 'custom'} batch {settings.batch}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

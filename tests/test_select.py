@@ -1,0 +1,295 @@
+"""'auto': the heuristic (a time model with calibrated constants), explain(), and benchmark mode
+(measure once per shape signature, cache, thread-safe)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import channelconv
+from channelconv import select
+
+SHAPES = [  # input, weight, stride, padding, dilation, groups
+    ((2, 16, 12, 12), (32, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((2, 16, 12, 12), (32, 16, 1, 1), (1, 1), (0, 0), (1, 1), 1),
+    ((2, 16, 12, 12), (32, 16, 1, 1), (2, 2), (0, 0), (1, 1), 1),
+    ((2, 16, 12, 12), (16, 1, 3, 3), (1, 1), (1, 1), (1, 1), 16),
+    ((1, 3, 32, 32), (8, 3, 7, 7), (2, 2), (3, 3), (1, 1), 1),
+    ((8, 256, 14, 14), (256, 256, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((8, 1024, 14, 14), (256, 1024, 1, 1), (1, 1), (0, 0), (1, 1), 1),
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_state():
+    """Each test starts with heuristic 'auto', an empty measured cache and the default limit."""
+    select.set_benchmark_mode(False)
+    select.clear_benchmark_cache()
+    select.reload_calibration()
+    yield
+    select.set_benchmark_mode(False)
+    select.clear_benchmark_cache()
+    channelconv.set_workspace_limit(256 << 20)
+    select.reload_calibration()
+
+
+def make(shape, requires_grad=False):
+    x_shape, w_shape, *_ = shape
+    return torch.randn(x_shape, requires_grad=requires_grad), torch.randn(w_shape, requires_grad=requires_grad)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_choice_is_one_of_ours_and_applicable(shape):
+    x_shape, w_shape, *args = shape
+    choice = select.choose(x_shape, w_shape, *args)
+    assert choice in channelconv.ALGORITHMS
+    if tuple(w_shape[2:]) != (1, 1):
+        assert choice != "1x1"
+    x, w = make(shape)
+    assert select.choose(x.shape, w.shape, *args, tensors=(x, w, None)) in channelconv.ALGORITHMS
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_explain_agrees_with_choose_and_gives_every_candidate(shape):
+    x_shape, w_shape, *args = shape
+    e = channelconv.explain(x_shape, w_shape, *args)
+    assert e.choice == select.choose(x_shape, w_shape, *args)
+    assert e.source == "heuristic" and e.choice in e.reason
+    assert set(e.candidates) == set(channelconv.ALGORITHMS)
+    for name, cand in e.candidates.items():
+        assert cand.flops == e.cost.forward_flops
+        if cand.applicable:
+            assert cand.predicted_seconds > 0 and abs(sum(cand.terms.values()) - cand.predicted_seconds) < 1e-12
+            assert cand.workspace_bytes == e.cost.workspace(name)
+            assert cand.bytes_moved >= e.cost.forward_bytes_moved
+        else:
+            assert cand.why_not and cand.predicted_seconds is None
+    applicable = {n: c.predicted_seconds for n, c in e.candidates.items() if c.applicable}
+    assert applicable[e.choice] == min(applicable.values())  # ties go to '1x1', then 'im2col'
+    assert e.choice == "1x1" or applicable[e.choice] < applicable.get("1x1", float("inf"))
+    assert e.choice in str(e)
+
+
+def test_explain_takes_tensors_and_conv2d_arguments():
+    x, w = torch.randn(3, 8, 10, 10), torch.randn(4, 8, 3, 3)
+    e = channelconv.explain(x, w, stride=2, padding="valid")
+    assert e.cost.output_shape == tuple(F.conv2d(x, w, None, 2).shape)
+    e = channelconv.explain(x[0], w, padding="same")  # unbatched input
+    assert e.cost.output_shape == (1, 4, 10, 10)
+    xg = x.clone().requires_grad_()
+    assert channelconv.explain(xg, w).training and not channelconv.explain(x, w).training
+    assert channelconv.explain(xg, w).candidates["im2col"].flops == channelconv.cost(x.shape, w.shape).training_flops
+
+
+def test_conv2d_auto_matches_f_conv2d():
+    for x_shape, w_shape, stride, padding, dilation, groups in SHAPES[:5]:
+        x, w = torch.randn(x_shape, dtype=torch.float64), torch.randn(w_shape, dtype=torch.float64)
+        out = channelconv.conv2d(x, w, None, stride, padding, dilation, groups)
+        torch.testing.assert_close(out, F.conv2d(x, w, None, stride, padding, dilation, groups))
+
+
+def test_infeasible_im2col_is_never_chosen():
+    """With a workspace limit below one output row of columns, im2col would raise: 'auto' must not pick it."""
+    x, w = torch.randn(1, 64, 30, 30), torch.randn(64, 64, 3, 3)
+    channelconv.set_workspace_limit(1024)
+    assert select.choose(x.shape, w.shape, (1, 1), (1, 1), (1, 1), 1) == "direct"
+    assert not channelconv.explain(x, w, padding=1).candidates["im2col"].applicable
+    torch.testing.assert_close(channelconv.conv2d(x, w, None, 1, 1), F.conv2d(x, w, None, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+def write_calibration(path, fast: str):
+    """A calibration whose model makes ``fast`` 1000x cheaper per unit of work than the others."""
+    forward = {}
+    for a in channelconv.ALGORITHMS:
+        names = select.DIRECT_FEATURES if a == "direct" else select.LOWERED_FEATURES
+        scale = 1e-3 if a == fast else 1.0
+        forward[a] = {n: scale * (1e-9 if n != "call" else 1e-5) for n in names}
+    data = {"version": 1, "models": {"cpu/float32": {"source": f"test ({fast})", "gemm": {"m0": 1, "n0": 1, "k0": 1},
+                                                     "forward": forward}}}
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("fast", ["direct", "im2col"])
+def test_calibration_file_drives_the_choice(tmp_path, monkeypatch, fast):
+    path = tmp_path / "calibration.json"
+    write_calibration(path, fast)
+    monkeypatch.setenv("CHANNELCONV_CALIBRATION", str(path))
+    select.reload_calibration()
+    assert select.model_for("cpu", torch.float32)["source"] == f"test ({fast})"
+    for x_shape, w_shape, *args in SHAPES:
+        if tuple(w_shape[2:]) != (1, 1):
+            assert select.choose(x_shape, w_shape, *args) == fast
+    # other dtypes fall back to the device's float32 entry; training to 3x the forward model
+    assert select.model_for("cpu", torch.float64)["source"] == f"test ({fast})"
+    x, w = make(SHAPES[0], requires_grad=True)
+    e = channelconv.explain(x, w, padding=1)
+    assert e.training and e.choice == fast
+
+
+def test_missing_or_broken_calibration_falls_back_to_defaults(tmp_path, monkeypatch):
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    monkeypatch.setenv("CHANNELCONV_CALIBRATION", str(path))
+    select.reload_calibration()
+    assert select.model_for()["source"] == "defaults"
+    monkeypatch.setenv("CHANNELCONV_CALIBRATION", str(tmp_path / "absent.json"))
+    select.reload_calibration()
+    assert select.model_for()["source"] == "defaults"
+    assert select.choose(*SHAPES[0]) in channelconv.ALGORITHMS
+
+
+def test_shipped_calibration_is_well_formed():
+    if not select.CALIBRATION_FILE.exists():
+        pytest.skip("no calibration file shipped")
+    data = json.loads(select.CALIBRATION_FILE.read_text())
+    entry = data["models"]["cpu/float32"]
+    for pass_ in ("forward", "training"):
+        for a in channelconv.ALGORITHMS:
+            names = select.DIRECT_FEATURES if a == "direct" else select.LOWERED_FEATURES
+            assert set(entry[pass_][a]) == set(names)
+            assert all(v >= 0 for v in entry[pass_][a].values())
+    assert all(entry["gemm"][k] >= 0 for k in ("m0", "n0", "k0"))
+    assert entry["threads"] >= 1 and entry["direct_vector_bytes"] in (16, 32, 64)
+    for pass_ in ("forward", "training"):  # the calibration was good on its own probes
+        assert entry["fit"][pass_]["ranking"]["within_10pct"] >= 0.8 * entry["fit"][pass_]["ranking"]["probes"]
+
+
+def test_parallel_terms_scale_with_threads():
+    c = channelconv.cost((8, 64, 28, 28), (64, 64, 3, 3), padding=1)
+    one, terms_one = select.predict("im2col", c, threads=1)
+    two, terms_two = select.predict("im2col", c, threads=2)
+    assert two < one
+    for name in terms_one:
+        ratio = terms_two[name] / terms_one[name] if terms_one[name] else 1.0
+        assert ratio == pytest.approx(0.5 if name in select.PARALLEL_FEATURES else 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmark mode
+
+
+def test_benchmark_mode_flag():
+    assert channelconv.get_benchmark_mode() is False
+    channelconv.set_benchmark_mode(True)
+    assert channelconv.get_benchmark_mode() is True
+    channelconv.set_benchmark_mode(False)
+    assert channelconv.get_benchmark_mode() is False
+
+
+def test_benchmark_mode_times_once_per_signature_and_caches(monkeypatch):
+    calls = []
+    real = select._time_candidates
+
+    def counting(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(select, "_time_candidates", counting)
+    channelconv.set_benchmark_mode(True)
+    x, w = torch.randn(2, 8, 12, 12), torch.randn(8, 8, 3, 3)
+    for _ in range(3):
+        torch.testing.assert_close(channelconv.conv2d(x, w, None, 1, 1), F.conv2d(x, w, None, 1, 1),
+                                   rtol=1e-4, atol=1e-5)
+    assert calls == [(2, 8, 12, 12)]
+    cache = select.benchmark_cache()
+    assert len(cache) == 1
+    (entry,) = cache.values()
+    assert entry["choice"] in ("direct", "im2col")
+    assert set(entry["seconds"]) <= {"direct", "im2col"} and entry["choice"] in entry["seconds"]
+    # a new signature (batch, then gradients needed) is timed again
+    channelconv.conv2d(torch.randn(3, 8, 12, 12), w, None, 1, 1)
+    xg = x.clone().requires_grad_()
+    channelconv.conv2d(xg, w, None, 1, 1).sum().backward()
+    assert len(calls) == 3 and len(select.benchmark_cache()) == 3
+    e = channelconv.explain(x, w, padding=1)
+    assert e.source == "measured" and e.choice == entry["choice"]
+    assert e.candidates[entry["choice"]].measured_seconds == entry["seconds"][entry["choice"]]
+    # off again: the heuristic decides, nothing more is timed
+    channelconv.set_benchmark_mode(False)
+    assert channelconv.explain(x, w, padding=1).source == "heuristic"
+    channelconv.conv2d(torch.randn(4, 8, 12, 12), w, None, 1, 1)
+    assert len(calls) == 3
+
+
+def test_benchmark_mode_uses_the_cached_winner(monkeypatch):
+    """Whatever the timing says wins is what later calls run (here: a fake timing crowning 'direct')."""
+    monkeypatch.setattr(select, "_time_candidates", lambda *a, **k: {"choice": "direct", "seconds": {"direct": 1.0}})
+    channelconv.set_benchmark_mode(True)
+    x, w = torch.randn(2, 8, 12, 12), torch.randn(8, 8, 3, 3)
+    assert select.choose(x.shape, w.shape, (1, 1), (1, 1), (1, 1), 1, tensors=(x, w, None)) == "direct"
+    ran = []
+    monkeypatch.setitem(channelconv.functional.OPS, "direct", _Recorder(channelconv.functional.OPS["direct"], ran))
+    channelconv.conv2d(x, w, None, 1, 1)
+    assert ran == ["forward"]
+
+
+class _Recorder:
+    def __init__(self, ops, log):
+        self._ops, self._log = ops, log
+
+    @property
+    def forward(self):
+        self._log.append("forward")
+        return self._ops.forward
+
+
+def test_benchmark_mode_is_thread_safe(monkeypatch):
+    """Many threads hitting a new signature at once: the candidates are timed once, every thread
+    gets the same choice and a correct result."""
+    calls = []
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.2)  # widen the race window
+        return {"choice": "im2col", "seconds": {"im2col": 0.1, "direct": 0.2}}
+
+    monkeypatch.setattr(select, "_time_candidates", slow)
+    channelconv.set_benchmark_mode(True)
+    x, w = torch.randn(2, 8, 12, 12), torch.randn(8, 8, 3, 3)
+    expected = F.conv2d(x, w, None, 1, 1)
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(channelconv.conv2d(x, w, None, 1, 1))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 8 and len(calls) == 1
+    for out in results:
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_benchmark_mode_real_timing_picks_a_timed_candidate():
+    channelconv.set_benchmark_mode(True)
+    x, w = torch.randn(2, 16, 16, 16), torch.randn(16, 16, 1, 1)
+    out = channelconv.conv2d(x, w, None, 2)
+    torch.testing.assert_close(out, F.conv2d(x, w, None, 2), rtol=1e-4, atol=1e-5)
+    (entry,) = select.benchmark_cache().values()
+    assert entry["choice"] in entry["seconds"] and all(s > 0 for s in entry["seconds"].values())
+    assert entry["choice"] == min(entry["seconds"], key=entry["seconds"].get)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph_with_auto_and_benchmark_mode(dynamic):
+    channelconv.set_benchmark_mode(True)  # nothing may be timed inside a trace
+
+    def f(x, w3, w1):
+        return channelconv.conv2d(x, w3, None, 1, 1) + channelconv.conv2d(x, w1)
+
+    x, w3, w1 = torch.randn(2, 4, 9, 9), torch.randn(6, 4, 3, 3), torch.randn(6, 4, 1, 1)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic, backend="eager")
+    expected = F.conv2d(x, w3, None, 1, 1) + F.conv2d(x, w1)
+    torch.testing.assert_close(compiled(x, w3, w1), expected, rtol=1e-4, atol=1e-5)
+    assert select.benchmark_cache() == {}
