@@ -154,7 +154,7 @@ def main(argv=None) -> int:
         title = f"{suite} | {pass_} | batch {settings.batch} | {meta['dtype']} | {settings.device}"
         print(f"\n== {title}")
         print(report.detail_table(rows))
-        print(f"\n-- time / {REFERENCE} (lower is faster; 'auto' with its choice)")
+        print(f"\n-- speed relative to {REFERENCE} ({REFERENCE} time / time: > 1 is faster; 'auto' with its choice)")
         print(report.ratio_table(rows))
         print(report.summary_text(rows))
         markdown.append(f"**{title}**\n\n{report.markdown_table(rows)}\n\n" + report.summary_text(rows) + "\n")

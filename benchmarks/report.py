@@ -147,7 +147,7 @@ def summary(rows) -> dict:
                                         "auto_over_fastest": sides[side]["median_s"] / fastest})
     n_layers = len(layers)
     ref_total = totals[REFERENCE]
-    network = {side: {"seconds": t, "ratio": t / ref_total} for side, t in totals.items()
+    network = {side: {"seconds": t, "ratio": ref_total / t} for side, t in totals.items()
                if complete[side] == n_layers and ref_total > 0}
     return {"layers": n_layers, "network": network, "auto": {k: v for k, v in auto.items() if v["layers"]}}
 
@@ -214,7 +214,7 @@ def plot(path, results, title=""):
             ax.bar(xs, ys, width, label=side, color=colors.get(side))
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_yscale("log")
-        ax.set_ylabel("time / F.conv2d (lower is faster)")
+        ax.set_ylabel("speed relative to F.conv2d (higher is faster)")
         ax.set_xticks(range(len(layers)))
         ax.set_xticklabels([s[REFERENCE]["shape"] for s in layers.values()], rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{title} {pass_}".strip())

@@ -6,7 +6,7 @@ thread count and, on an accelerator, synchronises around each block). A side is 
 then sized: a block of ``number`` calls lasts about ``block_s``. The measurement runs ``rounds``
 rounds; in each round every side runs one block, the order rotating from round to round, so
 that a noisy neighbour on the machine slows all sides alike. A side's time is the median of its
-blocks' per-call means; its ratio is that median over F.conv2d's median (< 1: faster than F.conv2d).
+blocks' per-call means; its ratio is F.conv2d's median over that median: its speed relative to F.conv2d (> 1: faster).
 Sides slower than ``slow_s`` per call take part in the first ``min_rounds`` rounds only.
 """
 
@@ -307,7 +307,7 @@ def run_layer(layer: Layer, algorithms, pass_: str, settings: Settings, gemm_gfl
             "stride": list(layer.stride), "padding": list(layer.padding), "dilation": list(layer.dilation),
             "groups": layer.groups, "bias": layer.bias, "pass": pass_, "algorithm": side, "chosen": algorithm,
             "median_s": median, "min_s": min(samples[side]), "samples_s": samples[side],
-            "gflop": flops / 1e9, "gflops": flops / median / 1e9, "ratio": median / ref_median,
+            "gflop": flops / 1e9, "gflops": flops / median / 1e9, "ratio": ref_median / median,
             "gemm_fraction": flops / median / 1e9 / gemm_gflops if gemm_gflops else None,
             "workspace_bytes": workspace,
             "predicted_workspace_bytes": None if side == REFERENCE else case.cost.workspace(algorithm),

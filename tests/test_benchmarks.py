@@ -109,7 +109,7 @@ def fake_rows(times_by_layer, chosen):
         for side, t in {REFERENCE: 1.0, **times, "auto": times[choice]}.items():
             rows.append({"suite": "s", "layer": f"l{i}", "shape": f"l{i}", "count": 2, "pass": "forward",
                          "algorithm": side, "chosen": choice if side == "auto" else side, "median_s": t,
-                         "gflops": 1.0, "ratio": t, "gemm_fraction": 0.5, "workspace_bytes": 0, "rel_error": 0.0})
+                         "gflops": 1.0, "ratio": 1.0 / t, "gemm_fraction": 0.5, "workspace_bytes": 0, "rel_error": 0.0})
     return rows
 
 
@@ -121,7 +121,7 @@ def test_summary_counts_auto_within_ten_percent():
     assert [m["layer"] for m in s["auto"]["auto"]["misses"]] == ["l2"]
     assert s["network"][REFERENCE]["seconds"] == 6.0 and s["network"]["direct"]["seconds"] == 2 * 4.05
     text = report.ratio_table(rows) + report.detail_table(rows) + report.markdown_table(rows)
-    assert "3.00 (im2col)" in text and "2/3" in report.summary_text(rows)
+    assert "0.33 (im2col)" in text and "2/3" in report.summary_text(rows)
 
 
 def test_nnls_and_relative_fit():
