@@ -11,8 +11,9 @@ Two ways to decide, like cuDNN's:
   algorithms (im2col, 1x1) the GEMM FLOPs inflated by how far the GEMM's M, N, K fall short of
   saturating the machine (``2*MACs * (1 + m0/M + n0/N + k0/K)``), the column elements the
   unrolling writes, the number of (small) GEMMs, and a per-call constant; for direct the
-  multiply-adds (with the lanes a vector loop wastes on a short output row), the multiply-adds
-  made through strided loads, the inner-loop count and the output elements. The
+  multiply-adds of its register-blocked tiles (channels padded to the 32-wide tile) or, where
+  those do not apply (depthwise, no AVX-512, other dtypes), of its plain loops, the tile or
+  inner-loop count and the output elements. The
   coefficients are seconds per unit (1/rate, 1/bandwidth, overhead), measured on this machine by
   ``python -m benchmarks --calibrate`` and saved in channelconv/calibration.json (or the file
   named by CHANNELCONV_CALIBRATION); built-in defaults apply when it is missing. The candidate
@@ -51,16 +52,16 @@ PRUNE_FACTOR = 10.0
 
 # Features of each algorithm's time model (see features()).
 LOWERED_FEATURES = ("gemm", "column", "gemm_call", "call")
-DIRECT_FEATURES = ("mac", "mac_strided", "inner_loop", "output", "call")
+DIRECT_FEATURES = ("mac", "mac_plain", "inner_loop", "output", "call")
 # Work that the kernels spread over threads; the rest (dispatch, per-GEMM setup) is serial.
-PARALLEL_FEATURES = frozenset({"gemm", "column", "mac", "mac_strided", "inner_loop", "output"})
+PARALLEL_FEATURES = frozenset({"gemm", "column", "mac", "mac_plain", "inner_loop", "output"})
 FEATURE_NAMES = {
     "gemm": "GEMM FLOPs (inflated for small M, N, K)",
     "column": "column elements unrolled",
     "gemm_call": "small GEMMs (images x bands x groups)",
     "call": "per-call overhead",
-    "mac": "multiply-adds in vector loops",
-    "mac_strided": "multiply-adds through strided loads",
+    "mac": "multiply-adds in register-blocked tiles (channels padded to 32)",
+    "mac_plain": "multiply-adds in the plain loops (lanes wasted on short rows)",
     "inner_loop": "inner loops started",
     "output": "output elements (accumulator fill and copy)",
 }
@@ -73,7 +74,7 @@ DEFAULT_MODEL = {
     "direct_vector_bytes": 16,
     "threads": 1,  # the thread count the coefficients describe
     "forward": {
-        "direct": {"mac": 1.1e-10, "mac_strided": 2.5e-10, "inner_loop": 2.8e-9, "output": 3.2e-10, "call": 2.1e-5},
+        "direct": {"mac": 1.6e-11, "mac_plain": 1.1e-10, "inner_loop": 2e-8, "output": 3.2e-10, "call": 2.1e-5},
         "im2col": dict(_LOWERED_DEFAULT),
         "1x1": dict(_LOWERED_DEFAULT),
     },
@@ -86,15 +87,36 @@ def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16) -> dic
     plan = c.plans[algorithm]
     if algorithm == "direct":
         n, k, h_o, w_o = c.output_shape
+        outputs = float(n * k * h_o * w_o)
+        out_per_group = max(1, k // c.groups)
+        if _blocked_direct(c.element_size, out_per_group):
+            # Register tiles of 32 output channels x up to 14 pixels of a row (csrc/cpu/direct_blocked.cpp):
+            # a group's last channel block is zero-padded to 32, and each tile has a fixed cost.
+            blocks = math.ceil(out_per_group / BLOCK_CHANNELS)
+            tiles = n * c.groups * h_o * blocks * math.ceil(w_o / BLOCK_PIXELS)
+            return {"mac": c.macs * blocks * BLOCK_CHANNELS / out_per_group, "mac_plain": 0.0,
+                    "inner_loop": float(tiles), "output": outputs, "call": 1.0}
+        # The plain loops, vectorised along the output row (a short row wastes lanes).
         lanes = max(1, vector_bytes // c.element_size)
         waste = math.ceil(w_o / lanes) * lanes / w_o
-        mac = c.macs * waste
-        return {"mac": mac if c.stride[1] == 1 else 0.0, "mac_strided": c.macs if c.stride[1] != 1 else 0.0,
-                "inner_loop": float(plan.inner_loops), "output": float(n * k * h_o * w_o), "call": 1.0}
+        return {"mac": 0.0, "mac_plain": c.macs * waste * (1 if c.stride[1] == 1 else 2),
+                "inner_loop": float(plan.inner_loops), "output": outputs, "call": 1.0}
     m, n_, k_ = max(plan.gemm_m, 1), max(plan.gemm_n, 1), max(plan.gemm_k, 1)
     inflation = 1.0 + gemm["m0"] / m + gemm["n0"] / n_ + gemm["k0"] / k_
     return {"gemm": 2.0 * c.macs * inflation, "column": float(plan.column_elements),
             "gemm_call": float(plan.gemm_calls * c.groups), "call": 1.0}
+
+
+BLOCK_CHANNELS, BLOCK_PIXELS = 32, 14
+
+
+def _blocked_direct(element_size: int, out_per_group: int) -> bool:
+    """Whether the direct kernel runs register-blocked: float32, at least 4 output channels per
+    group, on a CPU with AVX-512 (the rule in csrc/cpu/direct.cpp, use_blocked)."""
+    return element_size == 4 and out_per_group >= 4 and _BLOCKED_KERNEL
+
+
+_BLOCKED_KERNEL = bool(torch.ops.channelconv.blocked_kernel_available())
 
 
 # ---------------------------------------------------------------------------------------------
