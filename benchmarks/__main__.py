@@ -22,7 +22,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Time channelconv's algorithms and 'auto' beside F.conv2d, interleaved in one process; "
-                    "report median time, GFLOP/s, time / F.conv2d, fraction of the machine's GEMM rate, "
+                    "report median time, GFLOP/s, speed relative to F.conv2d, fraction of the machine's GEMM rate, "
                     "workspace and relative error against F.conv2d in float64.")
     p.add_argument("--suite", default=None,
                    help=f"comma-separated suites: {', '.join(SUITES)} (default resnet50; 'quick' with --quick)")
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--no-errors", action="store_true", help="skip the float64 F.conv2d error check")
     p.add_argument("--json", help="write every measurement, the environment and the summary to this file")
     p.add_argument("--csv", help="write one row per layer, pass and side to this file")
-    p.add_argument("--plot", help="write a PNG chart of time / F.conv2d per layer and algorithm")
+    p.add_argument("--plot", help="write a PNG chart of speed relative to F.conv2d per layer and algorithm")
     p.add_argument("--markdown", help="write the ratio table(s) as Markdown to this file")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (tiny layers, few repeats)")
     p.add_argument("--calibrate", action="store_true",

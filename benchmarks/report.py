@@ -81,7 +81,7 @@ def ratio_columns(rows):
 
 
 def ratio_rows(rows):
-    """Per layer: F.conv2d's time and rate, then each side's time / F.conv2d (auto with its choice)."""
+    """Per layer: F.conv2d's time and rate, then each side's speed relative to F.conv2d (auto with its choice)."""
     columns = ratio_columns(rows)
     out = []
     for (_, _), sides in _by_layer(rows).items():
@@ -159,7 +159,7 @@ def summary_text(rows, title="") -> str:
     ref = s["network"].get(REFERENCE)
     if ref:
         lines.append(f"{title}network total (each layer x its count): F.conv2d {ref['seconds'] * 1e3:.1f} ms; "
-                     f"time / F.conv2d: " + ", ".join(parts))
+                     f"speed relative to F.conv2d (its time / theirs): " + ", ".join(parts))
     for side, stats in s["auto"].items():
         lines.append(f"{title}'{side}': choice within 10% of the fastest algorithm on {stats['choice_within_10pct']}"
                      f"/{stats['layers']} layers; its own time within 10% on {stats['time_within_10pct']}"
@@ -191,7 +191,7 @@ def write_csv(path, results):
 
 
 def plot(path, results, title=""):
-    """A PNG: per pass, time / F.conv2d per layer (log scale), one bar per algorithm and 'auto'."""
+    """A PNG: per pass, speed relative to F.conv2d per layer (log scale), one bar per algorithm and 'auto'."""
     import matplotlib
 
     matplotlib.use("Agg")
