@@ -22,6 +22,19 @@ bool input_is_columns(Lowering lowering, const ConvShape& s) {
          s.padding[1] == 0;
 }
 
+// channels_last data of a 1x1, stride-1, unpadded, single-group convolution is already a row-major
+// (N*H*W, C) matrix: one GEMM over the whole batch, no copy in or out, the output channels_last.
+bool nhwc_gemm(Lowering lowering, const ConvShape& s, std::initializer_list<at::Tensor> operands) {
+  if (!input_is_columns(lowering, s) || s.groups != 1) return false;
+  for (const at::Tensor& t : operands) {
+    if (!t.is_contiguous(at::MemoryFormat::ChannelsLast) || t.is_contiguous()) return false;
+  }
+  return true;
+}
+
+// (N, C, H, W) channels_last as its (N*H*W, C) matrix (a view).
+at::Tensor nhwc_rows(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
+
 // One column buffer, reused for every band of output rows of every image.
 class ColumnBands {
  public:
@@ -65,9 +78,20 @@ at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const 
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t workspace_limit) {
   const ConvShape s = check_forward(input, weight, bias, stride, padding, dilation, groups);
   check_lowering(lowering, s, weight.sizes(), workspace_limit);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (nhwc_gemm(lowering, s, {input})) {
+    at::Tensor y = at::empty(s.output_sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
+    at::Tensor y_rows = nhwc_rows(y);
+    const at::Tensor w_t = weight.reshape({s.out_channels, s.in_channels}).t();
+    if (has_bias) {
+      at::addmm_out(y_rows, *bias, nhwc_rows(input), w_t);
+    } else {
+      at::mm_out(y_rows, nhwc_rows(input), w_t);
+    }
+    return y;
+  }
   const at::Tensor x = as_nchw(input);
   const at::Tensor w = weight.contiguous().view({s.groups, s.out_per_group(), s.column_rows()});
-  const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->view({s.groups, s.out_per_group(), 1}) : at::Tensor();
   at::Tensor y = at::empty(s.output_sizes(), input.options());
 
@@ -104,6 +128,12 @@ at::Tensor lowered_backward_input(const BandKernels& kernels, Lowering lowering,
   // (G, C/G*k_h*k_w, K/G): the transposed weight, a view (the GEMM reads it transposed).
   const at::Tensor w_t = weight.contiguous().view({s.groups, s.out_per_group(), s.column_rows()}).transpose(1, 2);
   at::Tensor dx;
+  if (nhwc_gemm(lowering, s, {grad_output})) {
+    dx = at::empty(s.input_sizes(), grad_output.options().memory_format(at::MemoryFormat::ChannelsLast));
+    at::Tensor dx_rows = nhwc_rows(dx);
+    at::mm_out(dx_rows, nhwc_rows(grad_output), weight.reshape({s.out_channels, s.in_channels}));
+    return dx;
+  }
   if (input_is_columns(lowering, s)) {
     dx = at::empty(s.input_sizes(), grad_output.options());
     for (int64_t n = 0; n < s.batch; ++n) {
@@ -134,6 +164,9 @@ at::Tensor lowered_backward_weight(const BandKernels& kernels, Lowering lowering
                                    int64_t workspace_limit) {
   const ConvShape s = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
   check_lowering(lowering, s, weight_size, workspace_limit);
+  if (nhwc_gemm(lowering, s, {input, grad_output})) {  // dW (K, C) = dy_rows^T . x_rows over the whole batch
+    return at::mm(nhwc_rows(grad_output).t(), nhwc_rows(input)).view(s.weight_sizes());
+  }
   const at::Tensor x = as_nchw(input), dy = as_nchw(grad_output);
   const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
   // dW (G, K/G, C/G*k_h*k_w) = sum over images and bands of dy_band . columns_band^T.

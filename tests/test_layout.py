@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import assert_close, oracle
 
 import channelconv
 
@@ -115,3 +115,26 @@ def test_grad_input_format_with_a_contiguous_incoming_gradient(algorithm):
         (gx,) = torch.autograd.grad(out, x, torch.ones(out.shape, dtype=out.dtype))  # contiguous
         formats_seen.append(formats(gx))
     assert formats_seen[0] == formats_seen[1]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_1x1_channels_last_runs_as_one_gemm_over_the_batch(dtype, bias):
+    """channels_last 1x1 (stride 1, no padding, one group): the NHWC data is the GEMM's matrix as it
+    lies; forward and both gradients stay channels_last and match F.conv2d."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 12, 5, 7, generator=g, dtype=torch.float64).to(dtype).contiguous(memory_format=CL)
+    w = torch.randn(10, 12, 1, 1, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(10, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
+    out = channelconv.conv2d(*leaves, algorithm="1x1")
+    assert out.is_contiguous(memory_format=CL) and not out.is_contiguous()
+    gy = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype).contiguous(memory_format=CL)
+    grads = torch.autograd.grad(out, leaves, gy)
+    assert grads[0].is_contiguous(memory_format=CL)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = oracle(ref_leaves[0], ref_leaves[1], ref_leaves[2] if bias else None, 1, 0, 1, 1)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, gy.double())
+    assert_close(out, ref, dtype)
+    for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads):
+        assert_close(got, want, dtype, f"grad {name}")
