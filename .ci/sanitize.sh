@@ -34,34 +34,47 @@ tar --exclude='./.venv*' --exclude=./build --exclude='*.so' --exclude=./.git --e
     --exclude=./.hypothesis --exclude=./.pytest_cache --exclude='__pycache__' -cf - . | tar -xf - -C "$work"
 
 echo "== sanitize: building with -fsanitize=address,undefined in $work"
-(cd "$work" && FORCE_CUDA=0 CHANNELCONV_SANITIZE=address,undefined MAX_JOBS=${MAX_JOBS:-2} \
+# CFLAGS=-fno-wrapv: Python's own compiler flags carry -fwrapv, which defines signed overflow as
+# wrapping and so switches off UBSan's signed-integer-overflow check (the one that matters for
+# index arithmetic); distutils appends CFLAGS after them, so this turns the check back on.
+(cd "$work" && FORCE_CUDA=0 CHANNELCONV_SANITIZE=address,undefined MAX_JOBS=${MAX_JOBS:-2} CFLAGS="-fno-wrapv" \
   "$PY" setup.py --quiet build_ext --inplace >"$work/build.log" 2>&1) || { cat "$work/build.log"; exit 1; }
-if ! ldd "$work"/channelconv/_C*.so | grep -q libasan; then
+libs=$(ldd "$work"/channelconv/_C*.so)  # (not piped into grep -q: with pipefail, SIGPIPE would fail it)
+if [[ $libs != *libasan* ]]; then
   echo "sanitize: the extension is not linked against ASan" >&2
   exit 1
 fi
 echo "   built in $((SECONDS - start)) s"
 
-# detect_leaks=0: CPython does not free everything at exit by design.
-# Reports make the process fail (ASan aborts; halt_on_error makes UBSan abort too), and the log is
-# also searched, so a report from a subprocess or a caught signal cannot slip through.
-export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:print_summary=1
-export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
-export CHANNELCONV_FUZZ_CASES=${CHANNELCONV_FUZZ_CASES:-1500}  # tests/test_fuzz.py, scaled down
+# detect_leaks=0: CPython does not free everything at exit by design. allocator_may_return_null=1:
+# an impossible allocation fails as it does without ASan (tests/test_memory.py checks the error).
+# Reports make the process fail (ASan aborts; halt_on_error makes UBSan exit). ASan writes them to
+# files under $work (log_path), one per process, subprocesses included; UBSan (which ignores
+# log_path in gcc's combined runtime) writes to stderr, which pytest leaves alone with
+# --capture=sys (its default fd capture would swallow a report when the process dies).
+reports="$work/sanitizer-report"
+rm -f "$reports".*
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:print_summary=1:allocator_may_return_null=1:log_path=$reports
+export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:log_path=$reports
+export CHANNELCONV_FUZZ_CASES=${CHANNELCONV_FUZZ_CASES:-4000}  # tests/test_fuzz.py, scaled down
 log="$work/pytest.log"
 tests=(tests/test_errors.py tests/test_gradcheck.py tests/test_workspace.py tests/test_textbook.py
        tests/test_index.py tests/test_fuzz.py tests/test_threads.py
+       "tests/test_memory.py::test_workspace_that_cannot_be_allocated_is_a_clear_error"
+       "tests/test_memory.py::test_output_that_cannot_be_allocated_is_an_error_not_a_crash"
        "tests/test_correctness.py::test_realistic_layer" "tests/test_correctness.py::test_sweep_half_precision")
 present=()
 for t in "${tests[@]}"; do [[ -e $work/${t%%::*} ]] && present+=("$t"); done
 echo "== sanitize: pytest ${present[*]}"
 status=0
-(cd "$work" && LD_PRELOAD="$asan $cxx" "$PY" -m pytest -q -p no:cacheprovider -m "not large" "${present[@]}" "$@") \
+(cd "$work" && LD_PRELOAD="$asan $cxx" "$PY" -m pytest -q -p no:cacheprovider --capture=sys -m "not large" "${present[@]}" "$@") \
   >"$log" 2>&1 || status=$?
 tail -n 25 "$log"
-if grep -qE "ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$log"; then
-  echo "sanitize: FAILED, sanitizer report:" >&2
-  grep -nE -A40 "ERROR: AddressSanitizer|runtime error:" "$log" | head -n 120 >&2
+found=("$reports".*)
+if [[ -e ${found[0]} ]] || grep -qE "ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$log"; then
+  echo "sanitize: FAILED, sanitizer report(s):" >&2
+  [[ -e ${found[0]} ]] && head -n 80 "${found[@]}" >&2
+  grep -nE -A40 "ERROR: AddressSanitizer|runtime error:" "$log" | head -n 80 >&2 || true
   exit 1
 fi
 if [[ $status -ne 0 ]]; then
