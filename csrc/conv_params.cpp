@@ -63,6 +63,8 @@ ConvShape make_shape(at::IntArrayRef input_sizes, at::IntArrayRef weight_sizes, 
 
   TORCH_CHECK(s.kernel_h > 0 && s.kernel_w > 0, "channelconv: weight must have a non-empty kernel, but got weight of size ",
               sizes_str(weight_sizes));
+  TORCH_CHECK(s.out_channels >= groups, "Given groups=", groups, ", expected weight to be at least ", groups,
+              " at dimension 0, but got weight of size ", sizes_str(weight_sizes), " instead");
   TORCH_CHECK(s.out_channels % groups == 0, "Given groups=", groups, ", expected weight to be divisible by ", groups,
               " at dimension 0, but got weight of size ", sizes_str(weight_sizes), " instead");
   TORCH_CHECK(s.in_channels == weight_sizes[1] * groups, "Given groups=", groups, ", weight of size ",
@@ -78,6 +80,9 @@ ConvShape make_shape(at::IntArrayRef input_sizes, at::IntArrayRef weight_sizes, 
   TORCH_CHECK(padded_h >= extent_h && padded_w >= extent_w, "Calculated padded input size per channel: (", padded_h,
               " x ", padded_w, "). Kernel size: (", extent_h, " x ", extent_w,
               "). Kernel size can't be greater than actual input size");
+  // As F.conv2d: an image with no pixels is only accepted in an empty batch.
+  TORCH_CHECK(s.batch == 0 || (s.in_h > 0 && s.in_w > 0),
+              "Only zero batch or zero channel inputs are supported, but got input shape: ", sizes_str(input_sizes));
   s.out_h = output_extent(s.in_h, s.kernel_h, s.stride[0], s.padding[0], s.dilation[0]);
   s.out_w = output_extent(s.in_w, s.kernel_w, s.stride[1], s.padding[1], s.dilation[1]);
   return s;

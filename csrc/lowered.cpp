@@ -41,8 +41,16 @@ class ColumnBands {
   ColumnBands(const ConvShape& s, const at::TensorOptions& options, int64_t workspace_limit)
       : shape_(s), rows_(rows_per_band(s, options.dtype().itemsize(), workspace_limit)) {
     const int64_t numel = s.in_channels * s.kernel_h * s.kernel_w * rows_ * s.out_w;
-    buffer_ = at::empty({numel}, options);
-    note_workspace(numel * static_cast<int64_t>(options.dtype().itemsize()));
+    const int64_t bytes = numel * static_cast<int64_t>(options.dtype().itemsize());
+    try {
+      buffer_ = at::empty({numel}, options);
+    } catch (const c10::Error& e) {  // the allocator's "can't allocate memory" (a c10::Error on the CPU)
+      TORCH_CHECK_WITH(OutOfMemoryError, false, "channelconv: cannot allocate the im2col workspace: a column buffer of ",
+                       bytes, " bytes (", rows_, " output row(s); workspace limit ", workspace_limit,
+                       " bytes) could not be allocated; use algorithm='direct', which needs no workspace, or free ",
+                       "memory. Allocator: ", e.what_without_backtrace());
+    }
+    note_workspace(bytes);
   }
 
   // Calls fn(row0, rows, columns) for each band of output rows; columns is (C*k_h*k_w, rows*W_o).

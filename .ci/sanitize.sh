@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# CI step: build the CPU extension with AddressSanitizer + UndefinedBehaviorSanitizer in a scratch
+# copy of the tree (the normal in-place build is left alone) and run a representative subset of the
+# test-suite against it, with gcc's ASan runtime preloaded into Python. Fails on any sanitizer report.
+#
+#   .ci/sanitize.sh [extra pytest arguments]      (PY=python with torch; default .venv/bin/python)
+#
+# The scratch copy is a fresh temporary directory, removed at the end; CHANNELCONV_SANITIZE_DIR=dir
+# keeps it in `dir` instead, so a second run rebuilds only what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+PY=${PY:-$root/.venv/bin/python}
+start=$SECONDS
+
+asan=$(gcc -print-file-name=libasan.so)
+# libstdc++ is preloaded too: python does not link it, and without it ASan's __cxa_throw
+# interceptor finds no real __cxa_throw and aborts at the first C++ exception (every TORCH_CHECK).
+cxx=$(gcc -print-file-name=libstdc++.so)
+if [[ ! -e $asan || ! -e $cxx ]]; then
+  echo "sanitize: gcc has no ASan runtime ($asan) or libstdc++ ($cxx)" >&2
+  exit 1
+fi
+
+if [[ -n ${CHANNELCONV_SANITIZE_DIR:-} ]]; then
+  work=$CHANNELCONV_SANITIZE_DIR
+  mkdir -p "$work"
+else
+  work=$(mktemp -d "${TMPDIR:-/tmp}/channelconv-sanitize.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+fi
+# Sources only: no virtual environment, no build outputs, no git metadata.
+tar --exclude='./.venv*' --exclude=./build --exclude='*.so' --exclude=./.git --exclude=./.worktrees \
+    --exclude=./.hypothesis --exclude=./.pytest_cache --exclude='__pycache__' -cf - . | tar -xf - -C "$work"
+
+echo "== sanitize: building with -fsanitize=address,undefined in $work"
+# CFLAGS=-fno-wrapv: Python's own compiler flags carry -fwrapv, which defines signed overflow as
+# wrapping and so switches off UBSan's signed-integer-overflow check (the one that matters for
+# index arithmetic); distutils appends CFLAGS after them, so this turns the check back on.
+(cd "$work" && FORCE_CUDA=0 CHANNELCONV_SANITIZE=address,undefined MAX_JOBS=${MAX_JOBS:-2} CFLAGS="-fno-wrapv" \
+  "$PY" setup.py --quiet build_ext --inplace >"$work/build.log" 2>&1) || { cat "$work/build.log"; exit 1; }
+libs=$(ldd "$work"/channelconv/_C*.so)  # (not piped into grep -q: with pipefail, SIGPIPE would fail it)
+if [[ $libs != *libasan* ]]; then
+  echo "sanitize: the extension is not linked against ASan" >&2
+  exit 1
+fi
+echo "   built in $((SECONDS - start)) s"
+
+# detect_leaks=0: CPython does not free everything at exit by design. allocator_may_return_null=1:
+# an impossible allocation fails as it does without ASan (tests/test_memory.py checks the error).
+# Reports make the process fail (ASan aborts; halt_on_error makes UBSan exit). ASan writes them to
+# files under $work (log_path), one per process, subprocesses included; UBSan (which ignores
+# log_path in gcc's combined runtime) writes to stderr, which pytest leaves alone with
+# --capture=sys (its default fd capture would swallow a report when the process dies).
+reports="$work/sanitizer-report"
+rm -f "$reports".*
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:print_summary=1:allocator_may_return_null=1:log_path=$reports
+export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:log_path=$reports
+export CHANNELCONV_FUZZ_CASES=${CHANNELCONV_FUZZ_CASES:-4000}  # tests/test_fuzz.py, scaled down
+log="$work/pytest.log"
+tests=(tests/test_errors.py tests/test_gradcheck.py tests/test_workspace.py tests/test_textbook.py
+       tests/test_index.py tests/test_fuzz.py tests/test_threads.py
+       "tests/test_memory.py::test_workspace_that_cannot_be_allocated_is_a_clear_error"
+       "tests/test_memory.py::test_output_that_cannot_be_allocated_is_an_error_not_a_crash"
+       "tests/test_correctness.py::test_realistic_layer" "tests/test_correctness.py::test_sweep_half_precision")
+present=()
+for t in "${tests[@]}"; do [[ -e $work/${t%%::*} ]] && present+=("$t"); done
+echo "== sanitize: pytest ${present[*]}"
+status=0
+(cd "$work" && LD_PRELOAD="$asan $cxx" "$PY" -m pytest -q -p no:cacheprovider --capture=sys -m "not large" "${present[@]}" "$@") \
+  >"$log" 2>&1 || status=$?
+tail -n 25 "$log"
+found=("$reports".*)
+if [[ -e ${found[0]} ]] || grep -qE "ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$log"; then
+  echo "sanitize: FAILED, sanitizer report(s):" >&2
+  [[ -e ${found[0]} ]] && head -n 80 "${found[@]}" >&2
+  grep -nE -A40 "ERROR: AddressSanitizer|runtime error:" "$log" | head -n 80 >&2 || true
+  exit 1
+fi
+if [[ $status -ne 0 ]]; then
+  echo "sanitize: FAILED, pytest exited with status $status" >&2
+  exit "$status"
+fi
+echo "== sanitize: no reports, done in $((SECONDS - start)) s"
