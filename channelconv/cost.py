@@ -197,7 +197,11 @@ def cost(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, d
         raise ValueError(f"Given groups={groups}, weight of size {list(weight_shape)} does not fit an input of "
                          f"size {list(input_shape)}: expected {c_per_group * groups} input channels and C_out "
                          f"divisible by {groups}")
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(f"expected positive stride and dilation, but got stride={stride}, dilation={dilation}")
     padding, (h, w) = explicit_padding(padding, (h, w), (kh, kw), stride, dilation)
+    if min(padding) < 0:
+        raise ValueError(f"expected non-negative padding, but got padding={padding}")
     h_o, w_o = (_out(h, kh, stride[0], padding[0], dilation[0]), _out(w, kw, stride[1], padding[1], dilation[1]))
     if h_o < 1 or w_o < 1:
         raise ValueError(f"the (dilated) kernel {kh}x{kw} does not fit the padded input {h}x{w}")

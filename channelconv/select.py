@@ -237,7 +237,10 @@ def choose(input_shape, weight_shape, stride, padding, dilation, groups, *, tens
     if choice is None:
         if len(_choice_cache) >= 4096:
             _choice_cache.clear()
-        choice = _choice_cache[key] = _heuristic_choice(*key[:9])
+        try:
+            choice = _choice_cache[key] = _heuristic_choice(*key[:9])
+        except ValueError:  # arguments the op will reject, with its own message: no cost to model
+            return _structural(weight_shape)
     return choice
 
 

@@ -10,8 +10,8 @@ Documented deviations, where channelconv raises a "bad value" error and F.conv2d
   * zero input channels: F.conv2d returns a tensor with 0 output channels (not C_out), even with
     an empty kernel; channelconv rejects the input ("at least one channel");
   * integer and complex dtypes: F.conv2d computes them; channelconv supports floating dtypes only;
-  * stride / padding / dilation above 2^31 - 1: rejected ("too large") so size arithmetic cannot
-    overflow;
+  * stride / padding / dilation above 2^31 - 1 (padding='same' included, as computed from the
+    dilated kernel): rejected ("too large") so size arithmetic cannot overflow;
   * an empty batch with a zero dilation: F.conv2d returns an empty tensor without checking the
     dilation; channelconv checks its arguments whatever the batch;
   * a weight or bias whose dtype differs from the input's: F.conv2d accepts it on some paths (an
@@ -52,7 +52,7 @@ TOTAL_CASES = int(os.environ.get("CHANNELCONV_FUZZ_CASES", "10500"))
 EDGE_CASES = TOTAL_CASES * 2 // 3
 BAD_CASES = TOTAL_CASES - EDGE_CASES
 GRAD_EVERY = 8
-INT32_MAX = 2**31 - 1
+MAX_ARGUMENT = 2**31 - 1  # csrc/conv_params.cpp, check_pair
 # CHANNELCONV_FUZZ_TRACE=path: append every call to that file before making it.
 TRACE = open(os.environ["CHANNELCONV_FUZZ_TRACE"], "a") if os.environ.get("CHANNELCONV_FUZZ_TRACE") else None
 FLOAT_DTYPES = (torch.float64, torch.float32)
@@ -270,7 +270,11 @@ def _values(v):
 
 def deviation(args: Args, x, w) -> str | None:
     """Which documented deviation applies (channelconv refuses what F.conv2d computes), if any."""
-    if any(abs(v) > INT32_MAX for v in (*_values(args.stride), *_values(args.padding), *_values(args.dilation))):
+    padding = _values(args.padding)
+    if args.padding == "same" and w.dim() == 4:  # what 'same' becomes: dilation * (k - 1) // 2 per axis
+        dilation = _values(args.dilation) * (2 // max(1, len(_values(args.dilation))))
+        padding = [d * (k - 1) // 2 for d, k in zip(dilation, w.shape[2:])]
+    if any(abs(v) > MAX_ARGUMENT for v in (*_values(args.stride), *padding, *_values(args.dilation))):
         return "too large"
     if any(not (t.dtype.is_floating_point) for t in (x, w)):
         return "unsupported dtype"
@@ -318,7 +322,7 @@ def check(args: Args, gradients: bool):
     dev = deviation(args, x, w)
     # F.conv2d on the same tensors decides the expected outcome; with a padding past 2^31 it is
     # not even tried (it would try to allocate the output), channelconv must refuse it.
-    if any(abs(v) > INT32_MAX for v in _values(args.padding)):
+    if any(abs(v) > MAX_ARGUMENT for v in _values(args.padding)):
         expected, f_error = None, None
     else:
         if TRACE:
