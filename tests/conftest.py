@@ -18,6 +18,24 @@ if torch.cuda.is_available():  # the oracle must compute in full precision
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on a loaded two-core machine every two-thread OpenMP
+    region can cost milliseconds, which adds up over thousands of small calls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def limit():
+    """channelconv.set_workspace_limit for the test; the limit before it is restored after."""
+    before = channelconv.get_workspace_limit()
+    yield channelconv.set_workspace_limit
+    channelconv.set_workspace_limit(before)
+
+
 def pytest_generate_tests(metafunc):
     if "device" in metafunc.fixturenames:
         metafunc.parametrize("device", DEVICES)

@@ -410,14 +410,6 @@ def check_gradients(x, w, b, conv, algorithm, where):
         assert_matches(got, want, scale, x.dtype, f"grad {name}, {where}")
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def report(capsys, what, target, seconds):
     with capsys.disabled():
         print(f"\n[fuzz] {what}: {Count.cases} cases ({Count.matched} results equal to F.conv2d, "

@@ -77,21 +77,6 @@ def run_algorithm(algorithm, x, w, b, stride, padding, dilation):
     return OPS[algorithm].forward(x, w, b, stride, padding, dilation, 1, *extra)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def workspace_limit():
-    before = channelconv.get_workspace_limit()
-    yield channelconv.set_workspace_limit
-    channelconv.set_workspace_limit(before)
-
-
 def test_input_past_2_31_elements():
     """Input (1, 2, 34000, 34000): 2.31e9 elements; channel 1's last 4000 rows lie past offset
     2^31. A strided, dilated, padded 2x3 kernel (and a strided 1x1 one) samples it down to a
@@ -153,7 +138,7 @@ def test_output_past_2_31_elements(one_thread):
         del y
 
 
-def test_column_buffer_past_2_31_elements(workspace_limit):
+def test_column_buffer_past_2_31_elements(limit):
     """One output row of im2col columns past 2^31 elements: input (1, 1, 1, 96000), kernel
     (1, 1, 1, 48000): 48000 x 48001 = 2.30e9 columns (4.3 GiB of bfloat16) under a 5 GiB
     workspace limit, forward and weight gradient. The weight (and the output gradient) is non-zero
@@ -165,7 +150,7 @@ def test_column_buffer_past_2_31_elements(workspace_limit):
     columns = taps * out
     assert columns > BIG
     needs(columns * 2 + GiB)
-    workspace_limit(5 * GiB)
+    limit(5 * GiB)
     x = small_ints((1, 1, 1, width), -8, 8, seed=9)
     nonzero = torch.tensor([0, 1, 20000, 44739, 44740, 47998, 47999])  # rows 44739+ start past 2^31
     assert 44739 * out > BIG > 44738 * out
@@ -191,7 +176,7 @@ def test_column_buffer_past_2_31_elements(workspace_limit):
     assert torch.equal(dw[0, 0, 0].double(), ref_dw), "grad weight"
 
 
-def test_col2im_past_2_31_elements(workspace_limit):
+def test_col2im_past_2_31_elements(limit):
     """The input gradient through a column buffer of 46341 x 46342 = 2^31 + 50974 float32 elements
     (8 GiB): the GEMM fills the columns, col2im gathers them back, the last tap's row lying past
     offset 2^31. (float32: in bfloat16 ATen's GEMM would add an 8.6 GiB float32 copy of its
@@ -202,7 +187,7 @@ def test_col2im_past_2_31_elements(workspace_limit):
     columns = taps * out
     assert columns > BIG and (taps - 1) * out > BIG
     needs(columns * 4 + GiB)
-    workspace_limit(9 * GiB)
+    limit(9 * GiB)
     w = torch.zeros((1, 1, 1, taps))
     nonzero = torch.tensor([0, 7, 23170, taps - 2, taps - 1])
     w[0, 0, 0, nonzero] = torch.tensor([1.0, -2.0, 3.0, -1.0, 2.0])

@@ -32,23 +32,6 @@ def rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a loaded two-core machine every two-thread OpenMP region can cost
-    milliseconds, and a thousand calls of a few regions each would take a minute."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def limit():
-    before = channelconv.get_workspace_limit()
-    yield channelconv.set_workspace_limit
-    channelconv.set_workspace_limit(before)
-
-
 # (algorithm, input shape, weight shape, stride, padding)
 LAYERS = [
     ("direct", (4, 16, 24, 24), (16, 16, 3, 3), 1, 1),

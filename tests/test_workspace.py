@@ -16,13 +16,6 @@ import channelconv
 ROW_BYTES = 8 * 3 * 3 * 20 * 4  # one output row's columns: C * k_h * k_w * W_o * sizeof(float)
 
 
-@pytest.fixture
-def limit():
-    before = channelconv.get_workspace_limit()
-    yield channelconv.set_workspace_limit
-    channelconv.set_workspace_limit(before)
-
-
 def peak():
     return torch.ops.channelconv.workspace_peak()
 
