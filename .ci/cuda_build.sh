@@ -35,11 +35,9 @@ export CUDA_HOME
 echo "== CUDA toolkit: $CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | tail -1))"
 
 echo "== $VENV ($TORCH_SPEC)"
-if [ ! -f "$VENV/.deps-installed" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet "$TORCH_SPEC" numpy setuptools wheel ninja pytest hypothesis expecttest
-  touch "$VENV/.deps-installed"
-fi
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+# Every run (a no-op once satisfied): the same tools as the CPU venv, so the same tests run.
+"$VENV/bin/pip" install --quiet "$TORCH_SPEC" numpy setuptools wheel ninja pytest hypothesis expecttest tqdm matplotlib
 "$PY" -c "import torch; assert torch.version.cuda, 'not a CUDA build of torch'; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 echo "== copy of the tree in $TREE"

@@ -148,6 +148,7 @@ def test_probes_are_not_the_suites_layers():
 
 def test_quick_command_end_to_end(tmp_path):
     """The CI smoke run: `python -m benchmarks --quick` with every output file."""
+    pytest.importorskip("matplotlib")  # the chart's one dependency (installed by make and CI)
     files = {k: tmp_path / f"out.{k}" for k in ("json", "csv", "png", "md")}
     cmd = [sys.executable, "-m", "benchmarks", "--quick", "--no-progress", "--pass", "both",
            "--json", str(files["json"]), "--csv", str(files["csv"]), "--plot", str(files["png"]),
