@@ -171,26 +171,21 @@ def run_case(mod, case, rng: random.Random, check: Checker, dtypes):
 
 
 def edge_cases(mod, check: Checker):
-    """Shapes F.conv2d cannot be the oracle for: an input with no pixels, all taps in the padding."""
+    """Shapes the op checks refuse, as F.conv2d does (an image with no pixels in a non-empty batch,
+    fewer output channels than groups): the kernels are never reached with them."""
     x = torch.empty(2, 3, 0, 4, dtype=torch.float64)
     w = torch.randn(4, 3, 1, 3, dtype=torch.float64)
-    b = torch.randn(4, dtype=torch.float64)
     args = ([1, 1], [1, 1], [1, 1], 1)
-    y = mod.direct_forward(x, w, b, *args, "auto")  # (2, 4, 2, 4): every output is the bias
-    check("edge direct_forward (H=0)", y, b.view(1, 4, 1, 1).expand(2, 4, 2, 4), torch.float64, "H=0")
-    y = mod.lowered_forward("im2col", x, w, b, *args, 1 << 20)
-    check("edge im2col_forward (H=0)", y, b.view(1, 4, 1, 1).expand(2, 4, 2, 4), torch.float64, "H=0")
-    dy = torch.randn(2, 4, 2, 4, dtype=torch.float64)
-    dw = mod.direct_backward_weight(dy, x, [4, 3, 1, 3], *args)
-    check("edge direct_backward_weight (H=0)", dw, torch.zeros(4, 3, 1, 3, dtype=torch.float64), torch.float64, "H=0")
-    dx = mod.direct_backward_input(dy, w, [2, 3, 0, 4], *args)
-    assert dx.shape == (2, 3, 0, 4)
-    # No output channels: dx is all zeros.
-    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
-    w0 = torch.empty(0, 3, 3, 3, dtype=torch.float64)
-    dy0 = torch.empty(2, 0, 3, 3, dtype=torch.float64)
-    dx = mod.direct_backward_input(dy0, w0, [2, 3, 5, 5], [1, 1], [0, 0], [1, 1], 1)
-    check("edge direct_backward_input (K=0)", dx, torch.zeros(2, 3, 5, 5, dtype=torch.float64), torch.float64, "K=0")
+    for name, call in (("direct_forward (H=0)", lambda: mod.direct_forward(x, w, None, *args, "auto")),
+                       ("im2col_forward (H=0)", lambda: mod.lowered_forward("im2col", x, w, None, *args, 1 << 20)),
+                       ("direct_backward_input (K=0)", lambda: mod.direct_backward_input(
+                           torch.empty(2, 0, 3, 3, dtype=torch.float64), torch.empty(0, 3, 3, 3, dtype=torch.float64),
+                           [2, 3, 5, 5], [1, 1], [0, 0], [1, 1], 1))):
+        try:
+            call()
+        except RuntimeError:
+            continue
+        raise AssertionError(f"edge {name}: expected the op's checks to refuse it")
     # The int32 decision.
     assert mod.fits_int32([1, 1, 8, 8], [1, 1, 3, 3], [1, 1], [1, 1], [1, 1], 1, [64])
     assert not mod.fits_int32([1, 1, 8, 8], [1, 1, 3, 3], [1, 1], [1, 1], [1, 1], 1, [2**31 - 1])
