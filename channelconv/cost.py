@@ -55,8 +55,9 @@ class AlgorithmPlan:
     gemm_m: int = 0
     gemm_n: int = 0  # pixels of a full band
     gemm_k: int = 0
-    gemm_calls: int = 0  # images x bands
+    gemm_calls: int = 0  # batched GEMM calls: (images / band_images) x bands
     band_rows: int = 0
+    band_images: int = 1  # images per batched GEMM call (whole images only)
     column_elements: int = 0  # elements the unrolling writes in one forward pass (0: reads the input as is)
     column_bytes: int = 0
     # Direct: the innermost loop runs along an output row, once per (image, out channel, in channel, tap, row).
@@ -162,18 +163,23 @@ def _out(in_size, kernel, stride, padding, dilation) -> int:
 
 def _lowered_plan(algorithm, n, c_in, c_out, h_o, w_o, kh, kw, groups, elem, limit, reads_input) -> AlgorithmPlan:
     m, k = c_out // groups, (c_in // groups) * kh * kw
-    if reads_input:  # 1x1, stride 1, no padding: the image is the column matrix
-        return AlgorithmPlan(algorithm, True, gemm_m=m, gemm_n=h_o * w_o, gemm_k=k, gemm_calls=n, band_rows=h_o)
+    if reads_input:  # 1x1, stride 1, no padding: the image is the column matrix; one group: one GEMM call
+        return AlgorithmPlan(algorithm, True, gemm_m=m, gemm_n=h_o * w_o, gemm_k=k, gemm_calls=1 if groups == 1 else n,
+                             band_rows=h_o, band_images=max(n, 1) if groups == 1 else 1)
     bytes_per_row = c_in * kh * kw * w_o * elem
     if bytes_per_row > limit:
         return AlgorithmPlan(algorithm, False, why_not=(
             f"one output row's columns ({bytes_per_row} bytes) exceed the workspace limit ({limit} bytes)"))
-    rows = max(1, min(h_o, min(limit, PREFERRED_COLUMN_BYTES) // bytes_per_row)) if bytes_per_row else max(h_o, 1)
+    # The band plan of csrc/conv_params.cpp (plan_bands): rows of one image, or whole images.
+    budget = min(limit, PREFERRED_COLUMN_BYTES)
+    rows = max(1, min(h_o, budget // bytes_per_row)) if bytes_per_row else max(h_o, 1)
+    images = max(1, min(n, budget // (bytes_per_row * h_o))) if rows == h_o and groups == 1 and bytes_per_row else 1
     bands = math.ceil(h_o / rows)
-    workspace = c_in * kh * kw * rows * w_o * elem if n > 0 else 0
+    workspace = images * c_in * kh * kw * rows * w_o * elem if n > 0 else 0
     columns = n * c_in * kh * kw * h_o * w_o
     return AlgorithmPlan(algorithm, True, workspace_bytes=workspace, gemm_m=m, gemm_n=rows * w_o, gemm_k=k,
-                         gemm_calls=n * bands, band_rows=rows, column_elements=columns, column_bytes=columns * elem)
+                         gemm_calls=math.ceil(n / images) * bands, band_rows=rows, band_images=images,
+                         column_elements=columns, column_bytes=columns * elem)
 
 
 def cost(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, dtype=torch.float32, *,

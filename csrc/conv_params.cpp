@@ -153,17 +153,20 @@ at::MemoryFormat result_format(const at::Tensor& a, const at::Tensor& b) {
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-int64_t rows_per_band(const ConvShape& shape, int64_t element_size, int64_t limit_bytes) {
+BandPlan plan_bands(const ConvShape& shape, int64_t element_size, int64_t limit_bytes) {
   // A band spans every group's rows: (C * k_h * k_w) x (rows * W_o) elements.
   const int64_t bytes_per_row = shape.in_channels * shape.kernel_h * shape.kernel_w * shape.out_w * element_size;
-  if (bytes_per_row == 0) return std::max<int64_t>(shape.out_h, 1);
+  if (bytes_per_row == 0) return {1, std::max<int64_t>(shape.out_h, 1)};
   TORCH_CHECK(bytes_per_row <= limit_bytes, "channelconv: the im2col workspace limit (", limit_bytes,
               " bytes) is smaller than one output row's column buffer (", bytes_per_row,
               " bytes); raise it with channelconv.set_workspace_limit() or use algorithm='direct'");
   // Below the limit, prefer bands that stay cache-sized: the GEMM then reads the columns it
   // was just written from cache instead of memory (PERFORMANCE.md, im2col).
   const int64_t budget = std::min(limit_bytes, kPreferredColumnBytes);
-  return std::max<int64_t>(1, std::min(shape.out_h, budget / bytes_per_row));
+  const int64_t rows = std::max<int64_t>(1, std::min(shape.out_h, budget / bytes_per_row));
+  const int64_t image_bytes = bytes_per_row * shape.out_h;
+  const bool whole_images = rows == shape.out_h && shape.groups == 1;
+  return {whole_images ? std::max<int64_t>(1, std::min(shape.batch, budget / image_bytes)) : 1, rows};
 }
 
 namespace {

@@ -70,10 +70,16 @@ inline at::Tensor as_nchw(const at::Tensor& t) { return t.contiguous(); }
 
 inline bool fits_in_int32(int64_t n) { return n <= std::numeric_limits<int32_t>::max(); }
 
-// im2col workspace: the column buffer covers one image's band of output rows at a time; a band
-// holds as many rows as fit in `limit_bytes` (the last band may be shorter). Throws when even
-// one output row does not fit, naming the bytes it needs.
-int64_t rows_per_band(const ConvShape& shape, int64_t element_size, int64_t limit_bytes);
+// im2col workspace: the column buffer covers a band of output rows of one image at a time, as
+// many rows as fit in `limit_bytes` (the last band may be shorter); or, when whole images fit and
+// there is one group, several whole images, which then run as one batched GEMM (a small map's
+// per-image GEMM, N = H_o*W_o, is too skinny to run well). Throws when even one output row does
+// not fit, naming the bytes it needs. (Mirrored in channelconv/cost.py.)
+struct BandPlan {
+  int64_t images = 1;  // images per band (> 1 only with whole images: rows == out_h)
+  int64_t rows = 1;    // output rows per band
+};
+BandPlan plan_bands(const ConvShape& shape, int64_t element_size, int64_t limit_bytes);
 
 // Largest column buffer any op has allocated since the last reset (a statistic for tests and
 // cost reports; the workspace limit is a promise about it).

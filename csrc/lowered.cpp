@@ -35,49 +35,67 @@ bool nhwc_gemm(Lowering lowering, const ConvShape& s, std::initializer_list<at::
 // (N, C, H, W) channels_last as its (N*H*W, C) matrix (a view).
 at::Tensor nhwc_rows(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
 
-// One column buffer, reused for every band of output rows of every image.
+// One column buffer, reused for every band (plan_bands: rows of one image, or whole images).
 class ColumnBands {
  public:
   ColumnBands(const ConvShape& s, const at::TensorOptions& options, int64_t workspace_limit)
-      : shape_(s), rows_(rows_per_band(s, options.dtype().itemsize(), workspace_limit)) {
-    const int64_t numel = s.in_channels * s.kernel_h * s.kernel_w * rows_ * s.out_w;
+      : shape_(s), plan_(plan_bands(s, options.dtype().itemsize(), workspace_limit)) {
+    const int64_t numel = plan_.images * s.in_channels * s.kernel_h * s.kernel_w * plan_.rows * s.out_w;
     const int64_t bytes = numel * static_cast<int64_t>(options.dtype().itemsize());
     try {
       buffer_ = at::empty({numel}, options);
     } catch (const c10::Error& e) {  // the allocator's "can't allocate memory" (a c10::Error on the CPU)
       TORCH_CHECK_WITH(OutOfMemoryError, false, "channelconv: cannot allocate the im2col workspace: a column buffer of ",
-                       bytes, " bytes (", rows_, " output row(s); workspace limit ", workspace_limit,
-                       " bytes) could not be allocated; use algorithm='direct', which needs no workspace, or free ",
-                       "memory. Allocator: ", e.what_without_backtrace());
+                       bytes, " bytes (", plan_.images, " image(s) x ", plan_.rows, " output row(s); workspace limit ",
+                       workspace_limit, " bytes) could not be allocated; use algorithm='direct', which needs no ",
+                       "workspace, or free memory. Allocator: ", e.what_without_backtrace());
     }
     note_workspace(bytes);
   }
 
-  // Calls fn(row0, rows, columns) for each band of output rows; columns is (C*k_h*k_w, rows*W_o).
+  // Calls fn(n0, images, row0, rows, columns) for each band: output rows [row0, row0+rows) of
+  // images [n0, n0+images); columns is (images, C*k_h*k_w, rows*W_o), contiguous.
   template <typename Fn>
   void for_each(Fn fn) const {
     const int64_t column_rows = shape_.in_channels * shape_.kernel_h * shape_.kernel_w;
-    for (int64_t row0 = 0; row0 < shape_.out_h; row0 += rows_) {
-      const int64_t rows = std::min(rows_, shape_.out_h - row0);
-      fn(row0, rows, buffer_.narrow(0, 0, column_rows * rows * shape_.out_w).view({column_rows, rows * shape_.out_w}));
+    for (int64_t n0 = 0; n0 < shape_.batch; n0 += plan_.images) {
+      const int64_t images = std::min(plan_.images, shape_.batch - n0);
+      for (int64_t row0 = 0; row0 < shape_.out_h; row0 += plan_.rows) {
+        const int64_t rows = std::min(plan_.rows, shape_.out_h - row0);
+        const int64_t pixels = rows * shape_.out_w;
+        fn(n0, images, row0, rows, buffer_.narrow(0, 0, images * column_rows * pixels).view({images, column_rows, pixels}));
+      }
     }
   }
 
  private:
   const ConvShape& shape_;
-  int64_t rows_;
+  BandPlan plan_;
   at::Tensor buffer_;
 };
 
-// Image n's output-pixel range [row0, row0+rows) of a (N, channels, H_o, W_o) tensor, as (groups, channels/groups, pixels).
-at::Tensor band_view(const at::Tensor& t, int64_t n, const ConvShape& s, int64_t row0, int64_t rows) {
-  return t[n].view({s.groups, t.size(1) / s.groups, s.out_h * s.out_w}).narrow(2, row0 * s.out_w, rows * s.out_w);
+// Output pixels [row0, row0+rows) of images [n0, n0+images) of an (N, channels, H_o, W_o)
+// tensor, as (images*groups, channels/groups, pixels): the batch of one batched GEMM.
+at::Tensor band_view(const at::Tensor& t, const ConvShape& s, int64_t n0, int64_t images, int64_t row0, int64_t rows) {
+  return t.narrow(0, n0, images)
+      .view({images * s.groups, t.size(1) / s.groups, s.out_h * s.out_w})
+      .narrow(2, row0 * s.out_w, rows * s.out_w);
 }
 
-// Image n of an (N, channels, H, W) tensor as (groups, channels/groups, H*W).
-at::Tensor group_view(const at::Tensor& t, int64_t n, int64_t groups) {
-  return t[n].view({groups, t.size(1) / groups, t.size(2) * t.size(3)});
+// Images [n0, n0+images) of an (N, channels, H, W) tensor as (images*groups, channels/groups, H*W).
+at::Tensor images_view(const at::Tensor& t, const ConvShape& s, int64_t n0, int64_t images) {
+  return t.narrow(0, n0, images).view({images * s.groups, t.size(1) / s.groups, t.size(2) * t.size(3)});
 }
+
+// A per-group matrix (G, a, b) shared by `images` images, as (images*G, a, b). A view (stride 0
+// over the images) when G == 1 or images == 1, which is when the driver batches images.
+at::Tensor per_image(const at::Tensor& m, int64_t images) {
+  return m.unsqueeze(0).expand({images, m.size(0), m.size(1), m.size(2)}).reshape({-1, m.size(1), m.size(2)});
+}
+
+// Images per GEMM when the input itself is the column matrix: the whole batch with one group
+// (the weight is then shared as a view), else one image at a time.
+int64_t images_per_gemm(const ConvShape& s) { return s.groups == 1 ? std::max<int64_t>(s.batch, 1) : 1; }
 
 }  // namespace
 
@@ -103,25 +121,29 @@ at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const 
   const at::Tensor b = has_bias ? bias->view({s.groups, s.out_per_group(), 1}) : at::Tensor();
   at::Tensor y = at::empty(s.output_sizes(), input.options());
 
-  // y_slice (G, K/G, pixels) = w (G, K/G, rows) . columns (G, rows, pixels) [+ bias]: one batched
-  // GEMM over the groups, written straight into the output, the bias as its initial value.
-  auto gemm_into = [&](at::Tensor y_slice, const at::Tensor& columns) {
+  // y_slice (images*G, K/G, pixels) = w (G, K/G, rows) . columns (images*G, rows, pixels) [+ bias]:
+  // one batched GEMM over images and groups, written straight into the output, the bias as its
+  // initial value.
+  auto gemm_into = [&](at::Tensor y_slice, const at::Tensor& columns, int64_t images) {
     if (has_bias) {
-      at::baddbmm_out(y_slice, b.expand_as(y_slice), w, columns);
+      at::baddbmm_out(y_slice, per_image(b, images).expand_as(y_slice), per_image(w, images), columns);
     } else {
-      at::bmm_out(y_slice, w, columns);
+      at::bmm_out(y_slice, per_image(w, images), columns);
     }
   };
   if (input_is_columns(lowering, s)) {
-    for (int64_t n = 0; n < s.batch; ++n) gemm_into(group_view(y, n, s.groups), group_view(x, n, s.groups));
+    const int64_t step = images_per_gemm(s);
+    for (int64_t n0 = 0; n0 < s.batch; n0 += step) {
+      const int64_t images = std::min(step, s.batch - n0);
+      gemm_into(images_view(y, s, n0, images), images_view(x, s, n0, images), images);
+    }
   } else if (s.batch > 0) {
     const ColumnBands bands(s, input.options(), workspace_limit);
-    for (int64_t n = 0; n < s.batch; ++n) {
-      bands.for_each([&](int64_t row0, int64_t rows, const at::Tensor& columns) {
-        kernels.im2col(x[n], columns, s, row0, rows);
-        gemm_into(band_view(y, n, s, row0, rows), columns.view({s.groups, s.column_rows(), rows * s.out_w}));
-      });
-    }
+    bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
+      for (int64_t i = 0; i < images; ++i) kernels.im2col(x[n0 + i], columns[i], s, row0, rows);
+      gemm_into(band_view(y, s, n0, images, row0, rows),
+                columns.view({images * s.groups, s.column_rows(), rows * s.out_w}), images);
+    });
   }
   return y.contiguous(result_format(input, weight));
 }
@@ -144,22 +166,22 @@ at::Tensor lowered_backward_input(const BandKernels& kernels, Lowering lowering,
   }
   if (input_is_columns(lowering, s)) {
     dx = at::empty(s.input_sizes(), grad_output.options());
-    for (int64_t n = 0; n < s.batch; ++n) {
-      at::Tensor dx_n = group_view(dx, n, s.groups);
-      at::bmm_out(dx_n, w_t, group_view(dy, n, s.groups));
+    const int64_t step = images_per_gemm(s);
+    for (int64_t n0 = 0; n0 < s.batch; n0 += step) {
+      const int64_t images = std::min(step, s.batch - n0);
+      at::Tensor dx_images = images_view(dx, s, n0, images);
+      at::bmm_out(dx_images, per_image(w_t, images), images_view(dy, s, n0, images));
     }
   } else {
     // col2im adds band after band into dx: accumulate in the op-math type (float for halves).
     dx = at::zeros(s.input_sizes(), grad_output.options().dtype(at::toOpMathType(grad_output.scalar_type())));
     if (s.batch > 0) {
       const ColumnBands bands(s, grad_output.options(), workspace_limit);
-      for (int64_t n = 0; n < s.batch; ++n) {
-        bands.for_each([&](int64_t row0, int64_t rows, const at::Tensor& columns) {
-          at::Tensor grouped_columns = columns.view({s.groups, s.column_rows(), rows * s.out_w});
-          at::bmm_out(grouped_columns, w_t, band_view(dy, n, s, row0, rows));
-          kernels.col2im(columns, dx[n], s, row0, rows);
-        });
-      }
+      bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
+        at::Tensor grouped_columns = columns.view({images * s.groups, s.column_rows(), rows * s.out_w});
+        at::bmm_out(grouped_columns, per_image(w_t, images), band_view(dy, s, n0, images, row0, rows));
+        for (int64_t i = 0; i < images; ++i) kernels.col2im(columns[i], dx[n0 + i], s, row0, rows);
+      });
     }
     dx = dx.to(grad_output.scalar_type());
   }
@@ -186,16 +208,17 @@ at::Tensor lowered_backward_weight(const BandKernels& kernels, Lowering lowering
       dw.add_(at::bmm(dy_slice, columns.transpose(1, 2)));
     }
   };
+  // A sum over images: one GEMM per image (an image's pixels are the GEMM's inner dimension).
   if (input_is_columns(lowering, s)) {
-    for (int64_t n = 0; n < s.batch; ++n) accumulate(group_view(dy, n, s.groups), group_view(x, n, s.groups));
+    for (int64_t n = 0; n < s.batch; ++n) accumulate(images_view(dy, s, n, 1), images_view(x, s, n, 1));
   } else if (s.batch > 0) {
     const ColumnBands bands(s, input.options(), workspace_limit);
-    for (int64_t n = 0; n < s.batch; ++n) {
-      bands.for_each([&](int64_t row0, int64_t rows, const at::Tensor& columns) {
-        kernels.im2col(x[n], columns, s, row0, rows);
-        accumulate(band_view(dy, n, s, row0, rows), columns.view({s.groups, s.column_rows(), rows * s.out_w}));
-      });
-    }
+    bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
+      for (int64_t i = 0; i < images; ++i) {
+        kernels.im2col(x[n0 + i], columns[i], s, row0, rows);
+        accumulate(band_view(dy, s, n0 + i, 1, row0, rows), columns[i].view({s.groups, s.column_rows(), rows * s.out_w}));
+      }
+    });
   }
   return dw.to(input.scalar_type()).view(s.weight_sizes()).contiguous(result_format(input, grad_output));
 }

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import channelconv
+from channelconv._ops import OPS, TAKES_WORKSPACE
 from channelconv.cost import PREFERRED_COLUMN_BYTES
 
 
@@ -140,15 +141,22 @@ def test_memory_footprint_is_the_tensors_bytes(dtype, bias):
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_workspace_matches_what_the_ops_allocate(shape, dtype):
+    # Forward and both gradients hold the same column buffer (rows of one image, or whole images).
     x_shape, w_shape, stride, padding, dilation, groups = shape
     x, w = torch.randn(x_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype)
+    args = ((stride, stride), (padding, padding), (dilation, dilation), groups)
     c = channelconv.cost(x_shape, w_shape, stride, padding, dilation, groups, dtype)
     for algorithm in channelconv.ALGORITHMS:
         if not c.plans[algorithm].applicable:
             continue
-        torch.ops.channelconv.reset_workspace_peak()
-        channelconv.conv2d(x, w, None, stride, padding, dilation, groups, algorithm=algorithm)
-        assert torch.ops.channelconv.workspace_peak() == c.workspace(algorithm), algorithm
+        ops, extra = OPS[algorithm], (channelconv.get_workspace_limit(),) if TAKES_WORKSPACE[algorithm] else ()
+        y = ops.forward(x, w, None, *args, *extra)
+        for pass_, run in (("forward", lambda: ops.forward(x, w, None, *args, *extra)),
+                           ("input_grad", lambda: ops.backward_input(y, w, x.shape, *args, *extra)),
+                           ("weight_grad", lambda: ops.backward_weight(y, x, w.shape, *args, *extra))):
+            torch.ops.channelconv.reset_workspace_peak()
+            run()
+            assert torch.ops.channelconv.workspace_peak() == c.workspace(algorithm), (algorithm, pass_)
     assert c.im2col_workspace_bytes == c.workspace("im2col") <= PREFERRED_COLUMN_BYTES
 
 
@@ -159,7 +167,7 @@ def test_workspace_follows_the_limit():
         channelconv.set_workspace_limit(5 * row_bytes + 7)
         c = channelconv.cost(x.shape, w.shape, padding=1)
         assert c.workspace_limit == 5 * row_bytes + 7
-        assert c.im2col_workspace_bytes == 5 * row_bytes
+        assert c.im2col_workspace_bytes == 5 * row_bytes and c.plans["im2col"].band_images == 1
         torch.ops.channelconv.reset_workspace_peak()
         channelconv.conv2d(x, w, None, 1, 1, algorithm="im2col")
         assert torch.ops.channelconv.workspace_peak() == 5 * row_bytes
@@ -173,6 +181,26 @@ def test_workspace_follows_the_limit():
         channelconv.set_workspace_limit(256 << 20)
     assert channelconv.cost(x.shape, w.shape, padding=1, workspace_limit=3 * row_bytes).im2col_workspace_bytes \
         == 3 * row_bytes
+
+
+@pytest.mark.parametrize("groups, images", [(1, 3), (2, 1)])
+def test_small_maps_batch_whole_images(groups, images, limit):
+    # Whole images that fit the buffer share one batched GEMM (one group only: the weight is then
+    # shared as a view); with 5 images, 3 to a band, the last band holds 2.
+    x = torch.randn(5, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 8 // groups, 3, 3, dtype=torch.float64, requires_grad=True)
+    image_bytes = 8 * 9 * 36 * 8
+    limit(3 * image_bytes + 5)
+    c = channelconv.cost(x.shape, w.shape, padding=1, groups=groups, dtype=torch.float64)
+    assert (c.plans["im2col"].band_images, c.workspace("im2col")) == (images, images * image_bytes)
+    torch.ops.channelconv.reset_workspace_peak()
+    y = channelconv.conv2d(x, w, None, 1, 1, 1, groups, algorithm="im2col")
+    gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+    assert torch.ops.channelconv.workspace_peak() == images * image_bytes
+    ref = F.conv2d(x, w, None, 1, 1, 1, groups)
+    ref_gx, ref_gw = torch.autograd.grad(ref, (x, w), torch.ones_like(ref))
+    for got, want in ((y, ref), (gx, ref_gx), (gw, ref_gw)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_padding_strings_and_unbatched_input():
