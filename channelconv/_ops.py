@@ -44,6 +44,12 @@ def _empty(shape, like: torch.Tensor, memory_format) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device).contiguous(memory_format=memory_format)
 
 
+def bias_grad(grad: torch.Tensor) -> torch.Tensor:
+    """The bias gradient, summed in float64: a channel's sum over the batch and pixels can nearly
+    cancel, and a float32 sum of many terms would then keep few correct digits. A small reduction."""
+    return grad.sum((0, 2, 3), dtype=torch.float64).to(grad.dtype)
+
+
 def _register(ops: AlgorithmOps) -> None:
     # `rest` is (stride, padding, dilation, groups[, workspace_limit]); it is passed through unchanged.
     @torch.library.register_fake(ops.forward)
@@ -72,7 +78,7 @@ def _register(ops: AlgorithmOps) -> None:
             grad_input = ops.backward_input(grad, weight, input.shape, *ctx.rest)
             grad_input = grad_input.contiguous(memory_format=result_format(input, weight))
         grad_weight = ops.backward_weight(grad, input, weight.shape, *ctx.rest) if need_weight else None
-        grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and need_bias else None
+        grad_bias = bias_grad(grad) if ctx.has_bias and need_bias else None
         return (grad_input, grad_weight, grad_bias, *[None] * len(ctx.rest))
 
     def setup_backward(ctx, inputs, output):
