@@ -12,7 +12,7 @@ import torch
 import channelconv
 
 from . import report, runner
-from .runner import DTYPES, PASSES, REFERENCE, Settings, configure, environment, gemm_rate, run_layer
+from .runner import DTYPES, PASSES, REFERENCE, TORCH_IM2COL, Settings, configure, environment, gemm_rate, run_layer
 from .shapes import SUITES, parse_shape
 
 PASS_GROUPS = {"both": ("forward", "training"), "all": PASSES}
@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per layer (default 5; 3 quick)")
     p.add_argument("--block", type=float, default=None, help="seconds per timed block (default 0.05)")
+    p.add_argument("--torch-im2col", action="store_true",
+                   help=f"also time PyTorch's own im2col + GEMM path (F.conv2d with oneDNN off) as '{TORCH_IM2COL}'")
     p.add_argument("--measured", action="store_true",
                    help="also time 'auto' in benchmark mode (channelconv.set_benchmark_mode) as 'auto:measured'")
     p.add_argument("--no-errors", action="store_true", help="skip the float64 F.conv2d error check")
@@ -89,7 +91,7 @@ def parse_args(argv=None):
 
 def settings_from(args) -> Settings:
     s = Settings(device=args.device, dtype=DTYPES[args.dtype], batch=args.batch or (2 if args.quick else 8),
-                 threads=args.threads, measured_auto=args.measured, check_errors=not args.no_errors)
+                 threads=args.threads, measured_auto=args.measured, torch_im2col=args.torch_im2col, check_errors=not args.no_errors)
     if args.quick:
         s.rounds, s.min_rounds, s.block_s, s.slow_s = 3, 2, 0.004, 0.05
     if args.rounds:

@@ -90,7 +90,9 @@ def probe_layers(quick: bool = False) -> list[Layer]:
         (6, 12, 14, 3, 1, 1, 1, 1), (12, 6, 9, 1, 1, 1, 1, 1), (12, 12, 9, 3, 1, 12, 2, 1), (10, 20, 11, 1, 2, 1, 1, 1),
     ]
     layers = []
-    for c_in, c_out, size, k, s, g, n, d in spec:
+    for i, (c_in, c_out, size, k, s, g, n, d) in enumerate(spec):
+        if i < len(spec) - 4:  # batches of 2-8, as in training: whole images then share GEMMs
+            n *= 2
         layers.append(Layer(f"probe {c_in}->{c_out} {k}x{k}/{s} @{size} g{g} n{n}", c_in, c_out, (size, size),
                             (k, k), (s, s), ((k // 2) * d,) * 2, (d, d), g, False, batch=n))
     return layers[::4] if quick else layers

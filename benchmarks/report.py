@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections import defaultdict
 
 from channelconv import ALGORITHMS
 
-from .runner import REFERENCE
+from .runner import REFERENCE, TORCH_IM2COL
 
 AUTO_SIDES = ("auto", "auto:measured")
 NEAR = 1.10  # 'within 10 % of the fastest'
@@ -77,7 +78,7 @@ def detail_table(rows) -> str:
 
 def ratio_columns(rows):
     present = {row["algorithm"] for row in rows}
-    return [a for a in (*ALGORITHMS, *AUTO_SIDES) if a in present]
+    return [a for a in (TORCH_IM2COL, *ALGORITHMS, *AUTO_SIDES) if a in present]
 
 
 def ratio_rows(rows):
@@ -109,7 +110,7 @@ def ratio_table(rows) -> str:
 
 def markdown_table(rows) -> str:
     header, body = ratio_rows(rows)
-    header = [h if h not in ALGORITHMS and h not in AUTO_SIDES else f"`{h}`" for h in header]
+    header = [h if h not in (*ALGORITHMS, *AUTO_SIDES, TORCH_IM2COL) else f"`{h}`" for h in header]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
     return "\n".join(lines)
@@ -149,7 +150,17 @@ def summary(rows) -> dict:
     ref_total = totals[REFERENCE]
     network = {side: {"seconds": t, "ratio": ref_total / t} for side, t in totals.items()
                if complete[side] == n_layers and ref_total > 0}
-    return {"layers": n_layers, "network": network, "auto": {k: v for k, v in auto.items() if v["layers"]}}
+    # Geometric means over the layers (each once) of the speed relative to F.conv2d, and of im2col's
+    # speed relative to PyTorch's own im2col path when that was timed: the targets.
+    ratios = defaultdict(list)
+    for sides in layers.values():
+        for side, row in sides.items():
+            ratios[side].append(row["ratio"])
+        if TORCH_IM2COL in sides and "im2col" in sides:
+            ratios["im2col/" + TORCH_IM2COL].append(sides["im2col"]["ratio"] / sides[TORCH_IM2COL]["ratio"])
+    geomean = {side: math.exp(sum(map(math.log, r)) / len(r)) for side, r in ratios.items() if side != REFERENCE}
+    return {"layers": n_layers, "network": network, "geomean": geomean,
+            "auto": {k: v for k, v in auto.items() if v["layers"]}}
 
 
 def summary_text(rows, title="") -> str:
@@ -160,6 +171,13 @@ def summary_text(rows, title="") -> str:
     if ref:
         lines.append(f"{title}network total (each layer x its count): F.conv2d {ref['seconds'] * 1e3:.1f} ms; "
                      f"speed relative to F.conv2d (its time / theirs): " + ", ".join(parts))
+    if s["geomean"]:
+        lines.append(f"{title}geometric mean over the layers of the speed relative to F.conv2d: "
+                     + ", ".join(f"{side} {g:.2f}" for side, g in s["geomean"].items() if "/" not in side))
+    pair = "im2col/" + TORCH_IM2COL
+    if pair in s["geomean"]:
+        lines.append(f"{title}im2col relative to PyTorch's own im2col path ({TORCH_IM2COL}, F.conv2d with oneDNN "
+                     f"off): geometric mean {s['geomean'][pair]:.2f}")
     for side, stats in s["auto"].items():
         lines.append(f"{title}'{side}': choice within 10% of the fastest algorithm on {stats['choice_within_10pct']}"
                      f"/{stats['layers']} layers; its own time within 10% on {stats['time_within_10pct']}"
@@ -200,7 +218,8 @@ def plot(path, results, title=""):
     passes = _by_pass(results)
     fig, axes = plt.subplots(len(passes), 1, figsize=(max(8, 0.55 * max(len(_by_layer(r)) for r in passes.values())),
                                                        4.2 * len(passes)), squeeze=False)
-    colors = {"direct": "#d62728", "im2col": "#1f77b4", "1x1": "#2ca02c", "auto": "#222222", "auto:measured": "#888888"}
+    colors = {"direct": "#d62728", "im2col": "#1f77b4", "1x1": "#2ca02c", "auto": "#222222", "auto:measured": "#888888",
+              TORCH_IM2COL: "#bcbd22"}
     for ax, (pass_, rows) in zip(axes[:, 0], passes.items()):
         layers = _by_layer(rows)
         columns = ratio_columns(rows)

@@ -32,6 +32,9 @@ from channelconv.cost import cost
 from .shapes import Layer
 
 REFERENCE = "F.conv2d"
+# PyTorch's own im2col + GEMM path: F.conv2d with oneDNN off (the bar issue 4 sets for 'im2col').
+TORCH_IM2COL = "F.conv2d:im2col"
+TORCH_SIDES = (REFERENCE, TORCH_IM2COL)
 PASSES = ("forward", "input_grad", "weight_grad", "training")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,6 +51,7 @@ class Settings:
     slow_s: float = 0.25
     check_errors: bool = True
     measured_auto: bool = False  # also time 'auto' in benchmark mode
+    torch_im2col: bool = False  # also time PyTorch's own im2col + GEMM path (TORCH_IM2COL)
     cpu_clock: bool = False  # time with the calling thread's CPU clock instead of the wall clock
 
 
@@ -214,6 +218,8 @@ class LayerCase:
 
     def function(self, side: str, pass_: str):
         """A zero-argument callable running ``pass_`` by ``side``."""
+        if side == TORCH_IM2COL:
+            return _without_onednn(self.function(REFERENCE, pass_))
         x, w, b = self._tensors(pass_)
         gy, args = self.gy, self.args
         stride, padding, dilation, groups = args
@@ -252,9 +258,9 @@ class LayerCase:
         if pass_ == "forward":
             return rel_error(result, oracle["out"])
         if pass_ == "input_grad":
-            return rel_error(result[0] if side == REFERENCE else result, oracle["grads"][0])
+            return rel_error(result[0] if side in TORCH_SIDES else result, oracle["grads"][0])
         if pass_ == "weight_grad":
-            return rel_error(result[1] if side == REFERENCE else result, oracle["grads"][1])
+            return rel_error(result[1] if side in TORCH_SIDES else result, oracle["grads"][1])
         return max(rel_error(got, want) for got, want in zip(result, oracle["grads"]))
 
     def oracle(self, pass_: str) -> dict:
@@ -269,6 +275,13 @@ class LayerCase:
         return {"out": out.detach(), "grads": grads}
 
 
+def _without_onednn(fn):
+    def run():
+        with torch.backends.mkldnn.flags(enabled=False):
+            return fn()
+    return run
+
+
 def _in_benchmark_mode(fn):
     def run():
         with benchmark_mode(True):
@@ -280,7 +293,7 @@ def run_layer(layer: Layer, algorithms, pass_: str, settings: Settings, gemm_gfl
               suite: str = "") -> list:
     """One result dict per side (F.conv2d first) for ``pass_``."""
     case = LayerCase(layer, settings)
-    sides = [REFERENCE, *algorithms_for(layer, algorithms), "auto"]
+    sides = [REFERENCE, *([TORCH_IM2COL] if settings.torch_im2col else []), *algorithms_for(layer, algorithms), "auto"]
     if settings.measured_auto:
         sides.append("auto:measured")
     chosen = {side: case.resolved(side, pass_) for side in sides}  # measured: times the candidates once
@@ -300,7 +313,7 @@ def run_layer(layer: Layer, algorithms, pass_: str, settings: Settings, gemm_gfl
             error = case.error(side, pass_, oracle)
         else:
             case.function(side, pass_)()
-        workspace = None if side == REFERENCE else int(torch.ops.channelconv.workspace_peak())
+        workspace = None if side in TORCH_SIDES else int(torch.ops.channelconv.workspace_peak())
         results.append({
             "suite": suite, "layer": layer.name, "shape": layer.describe(), "count": layer.count,
             "names": list(layer.names), "input_shape": list(case.x.shape), "weight_shape": list(case.w.shape),
@@ -310,7 +323,7 @@ def run_layer(layer: Layer, algorithms, pass_: str, settings: Settings, gemm_gfl
             "gflop": flops / 1e9, "gflops": flops / median / 1e9, "ratio": ref_median / median,
             "gemm_fraction": flops / median / 1e9 / gemm_gflops if gemm_gflops else None,
             "workspace_bytes": workspace,
-            "predicted_workspace_bytes": None if side == REFERENCE else case.cost.workspace(algorithm),
+            "predicted_workspace_bytes": None if side in TORCH_SIDES else case.cost.workspace(algorithm),
             "rel_error": error,
         })
     return results

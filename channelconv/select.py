@@ -52,9 +52,9 @@ PRUNE_FACTOR = 10.0
 
 # Features of each algorithm's time model (see features()).
 LOWERED_FEATURES = ("gemm", "column", "gemm_call", "call")
-DIRECT_FEATURES = ("mac", "mac_plain", "inner_loop", "output", "call")
+DIRECT_FEATURES = ("mac", "mac_plain", "inner_loop", "weight_read", "output", "call")
 # Work that the kernels spread over threads; the rest (dispatch, per-GEMM setup) is serial.
-PARALLEL_FEATURES = frozenset({"gemm", "column", "mac", "mac_plain", "inner_loop", "output"})
+PARALLEL_FEATURES = frozenset({"gemm", "column", "mac", "mac_plain", "inner_loop", "weight_read", "output"})
 FEATURE_NAMES = {
     "gemm": "GEMM FLOPs (inflated for small M, N, K)",
     "column": "column elements unrolled",
@@ -63,6 +63,7 @@ FEATURE_NAMES = {
     "mac": "multiply-adds in register-blocked tiles (channels padded to 32)",
     "mac_plain": "multiply-adds in the plain loops (lanes wasted on short rows)",
     "inner_loop": "inner loops started",
+    "weight_read": "packed weights streamed (once per task of output rows)",
     "output": "output elements (accumulator fill and copy)",
 }
 
@@ -81,26 +82,32 @@ DEFAULT_MODEL = {
 }
 
 
-def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16) -> dict:
+def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16, threads: int | None = None) -> dict:
     """The quantities the time model multiplies by its coefficients, for one algorithm.
-    ``vector_bytes``: the direct kernel's vector width (a short output row wastes lanes)."""
+    ``vector_bytes``: the direct kernel's vector width (a short output row wastes lanes);
+    ``threads`` (default torch's): the CPU threads, which set the direct kernel's task size."""
     plan = c.plans[algorithm]
     if algorithm == "direct":
         n, k, h_o, w_o = c.output_shape
         outputs = float(n * k * h_o * w_o)
         out_per_group = max(1, k // c.groups)
         if _blocked_direct(c.element_size, out_per_group):
-            # Register tiles of 32 output channels x up to 14 pixels of a row (csrc/cpu/direct_blocked.cpp):
-            # a group's last channel block is zero-padded to 32, and each tile has a fixed cost.
+            # Register tiles of 32 output channels x up to 14 consecutive pixels of a task's output
+            # rows (csrc/cpu/direct_blocked.cpp): a group's last channel block is zero-padded to 32,
+            # each tile has a fixed cost, and each task streams the group's packed weights once.
             blocks = math.ceil(out_per_group / BLOCK_CHANNELS)
-            tiles = n * c.groups * h_o * blocks * math.ceil(w_o / BLOCK_PIXELS)
+            rows = _direct_task_rows(c, threads)
+            tasks = n * c.groups * math.ceil(h_o / rows)
+            tiles = tasks * blocks * math.ceil(rows * w_o / BLOCK_PIXELS)
+            weights = blocks * BLOCK_CHANNELS * (c.input_shape[1] // c.groups) * c.weight_shape[2] * c.weight_shape[3]
             return {"mac": c.macs * blocks * BLOCK_CHANNELS / out_per_group, "mac_plain": 0.0,
-                    "inner_loop": float(tiles), "output": outputs, "call": 1.0}
+                    "inner_loop": float(tiles), "weight_read": float(tasks * weights), "output": outputs,
+                    "call": 1.0}
         # The plain loops, vectorised along the output row (a short row wastes lanes).
         lanes = max(1, vector_bytes // c.element_size)
         waste = math.ceil(w_o / lanes) * lanes / w_o
         return {"mac": 0.0, "mac_plain": c.macs * waste * (1 if c.stride[1] == 1 else 2),
-                "inner_loop": float(plan.inner_loops), "output": outputs, "call": 1.0}
+                "inner_loop": float(plan.inner_loops), "weight_read": 0.0, "output": outputs, "call": 1.0}
     m, n_, k_ = max(plan.gemm_m, 1), max(plan.gemm_n, 1), max(plan.gemm_k, 1)
     inflation = 1.0 + gemm["m0"] / m + gemm["n0"] / n_ + gemm["k0"] / k_
     return {"gemm": 2.0 * c.macs * inflation, "column": float(plan.column_elements),
@@ -108,6 +115,19 @@ def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16) -> dic
 
 
 BLOCK_CHANNELS, BLOCK_PIXELS = 32, 14
+STRIP_BYTES = 1 << 20
+
+
+def _direct_task_rows(c: Cost, threads: int | None) -> int:
+    """Output rows per task of the blocked direct kernel (csrc/cpu/direct_blocked.cpp): as many as
+    keep the task's float32 input strips within STRIP_BYTES, with at least one task per thread."""
+    n, _, h_o, w_o = c.output_shape
+    kh, kw = c.weight_shape[2:]
+    strip_width = (w_o - 1) * c.stride[1] + (kw - 1) * c.dilation[1] + 1
+    strip_bytes = 4 * (c.input_shape[1] // c.groups) * kh * strip_width
+    threads = threads or torch.get_num_threads()
+    by_threads = max(1, math.ceil(n * c.groups * h_o / threads))
+    return max(1, min(h_o, STRIP_BYTES // strip_bytes, by_threads))
 
 
 def _blocked_direct(element_size: int, out_per_group: int) -> bool:
@@ -182,7 +202,7 @@ def predict(algorithm: str, c: Cost, device_type: str = "cpu", training: bool = 
     parallel = 1.0
     if device_type == "cpu":
         parallel = model["threads"] / max(1, threads or torch.get_num_threads())
-    values = features(algorithm, c, model["gemm"], model["direct_vector_bytes"])
+    values = features(algorithm, c, model["gemm"], model["direct_vector_bytes"], threads)
     terms = {f: scale * coefficients.get(f, 0.0) * v * (parallel if f in PARALLEL_FEATURES else 1.0)
              for f, v in values.items()}
     return sum(terms.values()), terms

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import channelconv
 from benchmarks import report
 from benchmarks.calibrate import nnls, probe_layers, relative_fit
-from benchmarks.runner import REFERENCE, Settings, run_layer
+from benchmarks.runner import REFERENCE, TORCH_IM2COL, LayerCase, Settings, run_layer
 from benchmarks.shapes import SUITES, Layer, parse_shape
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +101,32 @@ def test_run_layer_measured_auto_and_1x1():
     assert rows[-1]["chosen"] in channelconv.ALGORITHMS and rows[1]["gemm_fraction"] is None
     assert not channelconv.get_benchmark_mode()  # restored
     channelconv.select.clear_benchmark_cache()
+
+
+@pytest.mark.parametrize("pass_", ["forward", "weight_grad"])
+def test_pytorch_im2col_side_runs_with_onednn_off(pass_):
+    layer = Layer("t", 6, 8, (9, 9), (3, 3), (1, 1), (1, 1), names=("t",))
+    rows = run_layer(layer, ["im2col"], pass_, quick_settings(torch_im2col=True), gemm_gflops=None)
+    assert [row["algorithm"] for row in rows] == [REFERENCE, TORCH_IM2COL, "im2col", "auto"]
+    assert rows[1]["rel_error"] < 1e-5 and rows[1]["workspace_bytes"] is None
+    with torch.profiler.profile() as prof:  # what the side calls: PyTorch's im2col path, not oneDNN
+        LayerCase(layer, quick_settings()).function(TORCH_IM2COL, pass_)()
+    seen = {e.name for e in prof.events()}
+    assert any("slow_conv2d" in name for name in seen) and not any("mkldnn" in name for name in seen), seen
+    assert torch.backends.mkldnn.enabled  # restored after the call
+
+
+def test_geometric_means_and_im2col_against_pytorch_im2col():
+    times = [{"direct": 2.0, "im2col": 1.0}, {"direct": 0.5, "im2col": 4.0}]
+    rows = fake_rows(times, ["im2col", "direct"])
+    for i, t in enumerate((0.5, 2.0)):  # PyTorch's im2col path: 2x and 0.5x F.conv2d's speed
+        rows.append({**rows[0], "layer": f"l{i}", "shape": f"l{i}", "algorithm": TORCH_IM2COL, "chosen": TORCH_IM2COL,
+                     "median_s": t, "ratio": 1.0 / t})
+    s = report.summary(rows)
+    assert s["geomean"]["direct"] == pytest.approx(1.0) and s["geomean"]["im2col"] == pytest.approx(0.5)
+    # im2col / PyTorch's im2col per layer: (1/1)/(1/0.5) = 0.5 and (1/4)/(1/2) = 0.5
+    assert s["geomean"]["im2col/" + TORCH_IM2COL] == pytest.approx(0.5)
+    assert "geometric mean 0.50" in report.summary_text(rows)
 
 
 def fake_rows(times_by_layer, chosen):
