@@ -183,8 +183,10 @@ def summary_text(rows, title="") -> str:
                      f"/{stats['layers']} layers; its own time within 10% on {stats['time_within_10pct']}"
                      f"/{stats['layers']}")
         for miss in stats["misses"]:
-            lines.append(f"    {miss['layer']}: chose {miss['chose']} ({miss['choice_over_fastest']:.2f}x the "
-                         f"fastest, {miss['fastest']}); auto measured {miss['auto_over_fastest']:.2f}x")
+            over = miss["choice_over_fastest"]
+            timed = f"{over:.2f}x the fastest" if over == over else "not timed alone"  # NaN: not in --algorithms
+            lines.append(f"    {miss['layer']}: chose {miss['chose']} ({timed}, {miss['fastest']}); auto measured "
+                         f"{miss['auto_over_fastest']:.2f}x")
     return "\n".join(lines)
 
 
