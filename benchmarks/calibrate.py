@@ -152,7 +152,8 @@ def measure_probes(layers, pass_: str, settings: Settings, progress=None) -> lis
         algorithms = [a for a in channelconv.ALGORITHMS if case.cost.plans[a].applicable]
         samples = interleaved({a: case.function(a, pass_) for a in algorithms}, settings)
         # The least-disturbed block: the model should describe the machine, not its neighbours.
-        out.append({"layer": layer, "cost": case.cost, "seconds": {a: min(s) for a, s in samples.items()}})
+        out.append({"layer": layer, "cost": case.cost, "training": pass_ == "training",
+                    "seconds": {a: min(s) for a, s in samples.items()}})
         if progress is not None:
             progress.update()
     return out
@@ -166,7 +167,7 @@ def _rows(measured, algorithm, gemm, vector_bytes):
     rows, times = [], []
     for probe in measured:
         if algorithm in probe["seconds"]:
-            f = select.features(algorithm, probe["cost"], gemm, vector_bytes)
+            f = select.features(algorithm, probe["cost"], gemm, vector_bytes, training=probe["training"])
             rows.append([f[name] for name in names])
             times.append(probe["seconds"][algorithm])
     return names, np.array(rows).reshape(len(rows), len(names)), np.array(times)
@@ -218,7 +219,8 @@ def ranking_quality(measured, model_pass: dict, gemm: dict, vector_bytes: int) -
         if len(seconds) < 2:
             continue
         predicted = {a: sum(model_pass[a].get(f, 0) * v
-                            for f, v in select.features(a, probe["cost"], gemm, vector_bytes).items())
+                            for f, v in select.features(a, probe["cost"], gemm, vector_bytes,
+                                                        training=probe["training"]).items())
                      for a in seconds}
         pick = min(predicted, key=predicted.get)
         good += seconds[pick] <= 1.10 * min(seconds.values())

@@ -82,32 +82,31 @@ DEFAULT_MODEL = {
 }
 
 
-def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16, threads: int | None = None) -> dict:
+def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16, threads: int | None = None,
+             training: bool = False) -> dict:
     """The quantities the time model multiplies by its coefficients, for one algorithm.
     ``vector_bytes``: the direct kernel's vector width (a short output row wastes lanes);
-    ``threads`` (default torch's): the CPU threads, which set the direct kernel's task size."""
+    ``threads`` (default torch's): the CPU threads, which set the direct kernel's task size;
+    ``training``: direct sums its three ops, each by the kernel it runs (the GEMM algorithms run
+    the same GEMMs in each op, so their forward features describe a training step too)."""
     plan = c.plans[algorithm]
     if algorithm == "direct":
         n, k, h_o, w_o = c.output_shape
-        outputs = float(n * k * h_o * w_o)
-        out_per_group = max(1, k // c.groups)
-        if _blocked_direct(c.element_size, out_per_group):
-            # Register tiles of 32 output channels x up to 14 consecutive pixels of a task's output
-            # rows (csrc/cpu/direct_blocked.cpp): a group's last channel block is zero-padded to 32,
-            # each tile has a fixed cost, and each task streams the group's packed weights once.
-            blocks = math.ceil(out_per_group / BLOCK_CHANNELS)
-            rows = _direct_task_rows(c, threads)
-            tasks = n * c.groups * math.ceil(h_o / rows)
-            tiles = tasks * blocks * math.ceil(rows * w_o / BLOCK_PIXELS)
-            weights = blocks * BLOCK_CHANNELS * (c.input_shape[1] // c.groups) * c.weight_shape[2] * c.weight_shape[3]
-            return {"mac": c.macs * blocks * BLOCK_CHANNELS / out_per_group, "mac_plain": 0.0,
-                    "inner_loop": float(tiles), "weight_read": float(tasks * weights), "output": outputs,
-                    "call": 1.0}
-        # The plain loops, vectorised along the output row (a short row wastes lanes).
-        lanes = max(1, vector_bytes // c.element_size)
-        waste = math.ceil(w_o / lanes) * lanes / w_o
-        return {"mac": 0.0, "mac_plain": c.macs * waste * (1 if c.stride[1] == 1 else 2),
-                "inner_loop": float(plan.inner_loops), "weight_read": 0.0, "output": outputs, "call": 1.0}
+        c_in, h, w = c.input_shape[1:]
+        kh, kw = c.weight_shape[2:]
+        out_pg, in_pg = max(1, k // c.groups), max(1, c_in // c.groups)
+        ops = [_direct_op(c, out_pg, in_pg, h_o, w_o, n * k * h_o * w_o, _direct_task_rows(c, threads), vector_bytes,
+                          _blocked_direct(c.element_size, out_pg), c.stride[1])]
+        if training:
+            # Input gradient: dy correlated with the flipped, transposed weight (C_in/g "output"
+            # channels over the input plane); blocked at stride 1, or strided without dilation.
+            in_blocked = _blocked_direct(c.element_size, in_pg) and (c.stride == (1, 1) or c.dilation == (1, 1))
+            ops.append(_direct_op(c, in_pg, out_pg, h, w, n * c_in * h * w, h, vector_bytes, in_blocked, 1))
+            # Weight gradient: blocked for k_w <= 7 and at least 16 output channels per group.
+            w_blocked = _blocked_direct(c.element_size, out_pg) and kw <= 7 and out_pg >= BLOCK_CHANNELS // 2
+            ops.append(_direct_op(c, out_pg, in_pg, h_o, w_o, c.weight_shape[0] * in_pg * kh * kw, h_o, vector_bytes,
+                                  w_blocked, c.stride[1]))
+        return {f: sum(op[f] for op in ops) for f in ops[0]}
     m, n_, k_ = max(plan.gemm_m, 1), max(plan.gemm_n, 1), max(plan.gemm_k, 1)
     inflation = 1.0 + gemm["m0"] / m + gemm["n0"] / n_ + gemm["k0"] / k_
     return {"gemm": 2.0 * c.macs * inflation, "column": float(plan.column_elements),
@@ -116,6 +115,27 @@ def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16, thread
 
 BLOCK_CHANNELS, BLOCK_PIXELS = 32, 14
 STRIP_BYTES = 1 << 20
+
+
+def _direct_op(c: Cost, out_pg, in_pg, h_o, w_o, outputs, task_rows, vector_bytes, blocked, stride_w) -> dict:
+    """Features of one direct op computing out_pg channels per group over an h_o x w_o plane from
+    in_pg channels: register-blocked (csrc/cpu/direct_blocked.cpp: tiles of 32 channels, padded,
+    x 14 consecutive pixels of a task's rows; each task streams the group's packed weights once)
+    or the plain loops (vectorised along the row: a short row wastes lanes; strided rows gather)."""
+    n = c.output_shape[0]
+    kh, kw = c.weight_shape[2:]
+    if blocked:
+        blocks = math.ceil(out_pg / BLOCK_CHANNELS)
+        tasks = n * c.groups * math.ceil(h_o / task_rows)
+        tiles = tasks * blocks * math.ceil(task_rows * w_o / BLOCK_PIXELS)
+        weights = blocks * BLOCK_CHANNELS * in_pg * kh * kw
+        return {"mac": c.macs * blocks * BLOCK_CHANNELS / out_pg, "mac_plain": 0.0, "inner_loop": float(tiles),
+                "weight_read": float(tasks * weights), "output": float(outputs), "call": 1.0}
+    lanes = max(1, vector_bytes // c.element_size)
+    waste = math.ceil(w_o / lanes) * lanes / w_o
+    return {"mac": 0.0, "mac_plain": c.macs * waste * (1 if stride_w == 1 else 2),
+            "inner_loop": float(n * c.groups * out_pg * in_pg * kh * kw * h_o), "weight_read": 0.0,
+            "output": float(outputs), "call": 1.0}
 
 
 def _direct_task_rows(c: Cost, threads: int | None) -> int:
@@ -202,7 +222,8 @@ def predict(algorithm: str, c: Cost, device_type: str = "cpu", training: bool = 
     parallel = 1.0
     if device_type == "cpu":
         parallel = model["threads"] / max(1, threads or torch.get_num_threads())
-    values = features(algorithm, c, model["gemm"], model["direct_vector_bytes"], threads)
+    values = features(algorithm, c, model["gemm"], model["direct_vector_bytes"], threads,
+                      training and model["training"][algorithm] is not None)
     terms = {f: scale * coefficients.get(f, 0.0) * v * (parallel if f in PARALLEL_FEATURES else 1.0)
              for f, v in values.items()}
     return sum(terms.values()), terms

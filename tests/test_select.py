@@ -173,6 +173,25 @@ def test_parallel_terms_scale_with_threads():
 # benchmark mode
 
 
+@pytest.mark.skipif(not select._BLOCKED_KERNEL, reason="the blocked direct kernel needs AVX-512")
+def test_direct_training_features_follow_each_ops_kernel():
+    gemm = select.DEFAULT_MODEL["gemm"]
+    # The stem's input gradient has 3 "output" channels: plain loops; its forward and weight
+    # gradient (64 channels) are blocked. A 64 -> 64 layer runs all three ops blocked.
+    stem = channelconv.cost((8, 3, 224, 224), (64, 3, 7, 7), 2, 3)
+    forward = select.features("direct", stem, gemm)
+    training = select.features("direct", stem, gemm, training=True)
+    assert forward["mac_plain"] == 0 and training["mac_plain"] > 0
+    assert training["mac"] == pytest.approx(2 * forward["mac"])
+    mid = channelconv.cost((8, 64, 56, 56), (64, 64, 3, 3), 1, 1)
+    training = select.features("direct", mid, gemm, training=True)
+    assert training["mac_plain"] == 0 and training["mac"] == pytest.approx(3 * mid.macs)
+    # A task of output rows streams the group's packed weights once: more rows per task, fewer reads.
+    small = channelconv.cost((8, 512, 7, 7), (512, 512, 3, 3), 1, 1)
+    assert select.features("direct", small, gemm, threads=2)["weight_read"] == 8 * 512 * 512 * 9
+    assert select.features("direct", small, gemm, threads=64)["weight_read"] > 8 * 512 * 512 * 9
+
+
 def test_benchmark_mode_flag():
     assert channelconv.get_benchmark_mode() is False
     channelconv.set_benchmark_mode(True)
