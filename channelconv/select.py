@@ -132,7 +132,7 @@ def _direct_op(c: Cost, out_pg, in_pg, h_o, w_o, outputs, task_rows, vector_byte
         return {"mac": c.macs * blocks * BLOCK_CHANNELS / out_pg, "mac_plain": 0.0, "inner_loop": float(tiles),
                 "weight_read": float(tasks * weights), "output": float(outputs), "call": 1.0}
     lanes = max(1, vector_bytes // c.element_size)
-    waste = math.ceil(w_o / lanes) * lanes / w_o
+    waste = math.ceil(w_o / lanes) * lanes / w_o if w_o else 1.0
     return {"mac": 0.0, "mac_plain": c.macs * waste * (1 if stride_w == 1 else 2),
             "inner_loop": float(n * c.groups * out_pg * in_pg * kh * kw * h_o), "weight_read": 0.0,
             "output": float(outputs), "call": 1.0}
@@ -147,7 +147,7 @@ def _direct_task_rows(c: Cost, threads: int | None) -> int:
     strip_bytes = 4 * (c.input_shape[1] // c.groups) * kh * strip_width
     threads = threads or torch.get_num_threads()
     by_threads = max(1, math.ceil(n * c.groups * h_o / threads))
-    return max(1, min(h_o, STRIP_BYTES // strip_bytes, by_threads))
+    return max(1, min(h_o, STRIP_BYTES // max(1, strip_bytes), by_threads))
 
 
 def _blocked_direct(element_size: int, out_per_group: int) -> bool:

@@ -45,8 +45,8 @@ void im2col_band(const scalar_t* image, scalar_t* columns, const ConvShape& s, i
   });
 }
 
-// grad_image[c, hi, wi] += sum over taps (r, t) whose output pixel (Axis::output_reading) lies in
-// the band of columns[(c, r, t), pixel]. Each task owns whole input rows: no atomics, fixed order.
+// grad_image[c, hi, wi] += sum over taps (r, t) whose output pixel lies in the band of
+// columns[(c, r, t), pixel]. Each task owns whole input rows: no atomics, fixed order.
 template <typename scalar_t, typename acc_t>
 void col2im_band(const scalar_t* columns, acc_t* grad_image, const ConvShape& s, int64_t row0, int64_t rows) {
   const Geometry<int64_t> g = s.geometry<int64_t>();
@@ -60,10 +60,17 @@ void col2im_band(const scalar_t* columns, acc_t* grad_image, const ConvShape& s,
         if (ho < row0 || ho >= row0 + rows) continue;  // also rejects -1
         const scalar_t* column_base = columns + (c * g.h.taps + r) * g.w.taps * band_pixels + (ho - row0) * g.w.out;
         for (int64_t t = 0; t < g.w.taps; ++t) {
+          // Tap t sends output wo to input wi = wi0 + wo*stride: one input per output, so walking
+          // the valid outputs adds each input's term once, in the same (r, t) order as a gather
+          // over wi would; at stride 1 it is a contiguous, vectorised add.
           const scalar_t* column_row = column_base + t * band_pixels;
-          for (int64_t wi = 0; wi < g.w.in; ++wi) {
-            const int64_t wo = g.w.output_reading(wi, t);
-            if (wo >= 0) grad_row[wi] += static_cast<acc_t>(column_row[wo]);
+          const int64_t wi0 = g.w.input_at(0, t), wo_end = g.w.last_valid(t);
+          if (g.w.stride == 1) {
+            for (int64_t wo = g.w.first_valid(t); wo < wo_end; ++wo) grad_row[wi0 + wo] += static_cast<acc_t>(column_row[wo]);
+          } else {
+            for (int64_t wo = g.w.first_valid(t); wo < wo_end; ++wo) {
+              grad_row[wi0 + wo * g.w.stride] += static_cast<acc_t>(column_row[wo]);
+            }
           }
         }
       }
