@@ -140,13 +140,13 @@ def _direct_op(c: Cost, out_pg, in_pg, h_o, w_o, outputs, task_rows, vector_byte
 
 def _direct_task_rows(c: Cost, threads: int | None) -> int:
     """Output rows per task of the blocked direct kernel (csrc/cpu/direct_blocked.cpp): as many as
-    keep the task's float32 input strips within STRIP_BYTES, with at least one task per thread."""
+    keep the task's float32 input strips within STRIP_BYTES, with at least four tasks per thread."""
     n, _, h_o, w_o = c.output_shape
     kh, kw = c.weight_shape[2:]
     strip_width = (w_o - 1) * c.stride[1] + (kw - 1) * c.dilation[1] + 1
     strip_bytes = 4 * (c.input_shape[1] // c.groups) * kh * strip_width
     threads = threads or torch.get_num_threads()
-    by_threads = max(1, math.ceil(n * c.groups * h_o / threads))
+    by_threads = max(1, math.ceil(n * c.groups * h_o / (4 * threads)))
     return max(1, min(h_o, STRIP_BYTES // max(1, strip_bytes), by_threads))
 
 

@@ -118,11 +118,13 @@ void blocked_correlation(const BlockedProblem& p, const float* in, const float* 
   // of them, so a block's packed weights are read from memory once per task instead of once per
   // row: on small maps with many channels (512 -> 512 at 7x7: 9.4 MB of weights, 0.2 MB of input
   // per image) the weights dominate the traffic. Rows per task: as many as keep their strips
-  // within kStripBytes (cache-resident), but at least one task per thread.
+  // within kStripBytes (cache-resident), but at least four tasks per thread, so that whole tasks
+  // share out evenly (a batch-1 layer in three tasks would leave one of two threads idle a third
+  // of the time).
   const int64_t strip_floats = p.in_per_group * p.taps_h * strip_width;
   const int64_t threads = at::get_num_threads();
   const int64_t rows_by_cache = std::max<int64_t>(1, kStripBytes / (strip_floats * int64_t(sizeof(float))));
-  const int64_t rows_by_threads = std::max<int64_t>(1, (p.batch * p.groups * p.out_h + threads - 1) / threads);
+  const int64_t rows_by_threads = std::max<int64_t>(1, (p.batch * p.groups * p.out_h + 4 * threads - 1) / (4 * threads));
   const int64_t task_rows = std::min({p.out_h, rows_by_cache, rows_by_threads});
   const int64_t chunks = (p.out_h + task_rows - 1) / task_rows;
 
