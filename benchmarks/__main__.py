@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         print(f"\n-- speed relative to {REFERENCE} ({REFERENCE} time / time: > 1 is faster; 'auto' with its choice)")
         print(report.ratio_table(rows))
         print(report.summary_text(rows))
-        markdown.append(f"**{title}**\n\n{report.markdown_table(rows)}\n\n" + report.summary_text(rows) + "\n")
+        markdown.append(f"**{title}**\n\n{report.markdown_table(rows)}\n\n```\n" + report.summary_text(rows) + "\n```\n")
     load = meta["load_average"], meta["load_average_end"]
     print(f"\ndone in {elapsed:.0f} s" + (f" (load average {load[0][0]:.1f} at the start, {load[1][0]:.1f} at the end "
                                           f"on {meta['cpu_count']} CPUs)" if all(load) else ""))
