@@ -51,13 +51,15 @@ _CALIBRATION_ENV = "CHANNELCONV_CALIBRATION"
 PRUNE_FACTOR = 10.0
 
 # Features of each algorithm's time model (see features()).
-LOWERED_FEATURES = ("gemm", "column", "gemm_call", "call")
+LOWERED_FEATURES = ("gemm", "column", "column_strided", "gemm_call", "call")
 DIRECT_FEATURES = ("mac", "mac_plain", "inner_loop", "weight_read", "output", "call")
 # Work that the kernels spread over threads; the rest (dispatch, per-GEMM setup) is serial.
-PARALLEL_FEATURES = frozenset({"gemm", "column", "mac", "mac_plain", "inner_loop", "weight_read", "output"})
+PARALLEL_FEATURES = frozenset({"gemm", "column", "column_strided", "mac", "mac_plain", "inner_loop", "weight_read",
+                               "output"})
 FEATURE_NAMES = {
     "gemm": "GEMM FLOPs (inflated for small M, N, K)",
     "column": "column elements unrolled",
+    "column_strided": "column elements gathered one by one (stride > 1; stride 1 copies whole runs)",
     "gemm_call": "small GEMMs (images x bands x groups)",
     "call": "per-call overhead",
     "mac": "multiply-adds in register-blocked tiles (channels padded to 32)",
@@ -67,8 +69,9 @@ FEATURE_NAMES = {
     "output": "output elements (accumulator fill and copy)",
 }
 
-# Built-in model: the shipped calibration's forward coefficients, rounded (CPU float32, one thread
-# by its CPU clock on this project's 2-core AVX-512 machine); the calibration file overrides it.
+# Built-in model, for when no calibration file is found: an earlier calibration's forward
+# coefficients, rounded (CPU float32, one thread by its CPU clock on this project's 2-core AVX-512
+# machine; features it lacks count zero). The shipped channelconv/calibration.json overrides it.
 _LOWERED_DEFAULT = {"gemm": 6.1e-12, "column": 2.8e-10, "gemm_call": 4.9e-7, "call": 2.7e-5}
 DEFAULT_MODEL = {
     "gemm": {"m0": 8.1, "n0": 20.1, "k0": 0.7},
@@ -110,6 +113,7 @@ def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16, thread
     m, n_, k_ = max(plan.gemm_m, 1), max(plan.gemm_n, 1), max(plan.gemm_k, 1)
     inflation = 1.0 + gemm["m0"] / m + gemm["n0"] / n_ + gemm["k0"] / k_
     return {"gemm": 2.0 * c.macs * inflation, "column": float(plan.column_elements),
+            "column_strided": float(plan.column_elements) if c.stride[1] > 1 else 0.0,
             "gemm_call": float(plan.gemm_calls * c.groups), "call": 1.0}
 
 
