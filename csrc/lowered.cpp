@@ -63,7 +63,8 @@ class ColumnBands {
       for (int64_t row0 = 0; row0 < shape_.out_h; row0 += plan_.rows) {
         const int64_t rows = std::min(plan_.rows, shape_.out_h - row0);
         const int64_t pixels = rows * shape_.out_w;
-        fn(n0, images, row0, rows, buffer_.narrow(0, 0, images * column_rows * pixels).view({images, column_rows, pixels}));
+        const at::Tensor columns = buffer_.narrow(0, 0, images * column_rows * pixels);
+        fn(n0, images, row0, rows, columns.view({images, column_rows, pixels}));
       }
     }
   }
@@ -216,7 +217,8 @@ at::Tensor lowered_backward_weight(const BandKernels& kernels, Lowering lowering
     bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
       for (int64_t i = 0; i < images; ++i) {
         kernels.im2col(x[n0 + i], columns[i], s, row0, rows);
-        accumulate(band_view(dy, s, n0 + i, 1, row0, rows), columns[i].view({s.groups, s.column_rows(), rows * s.out_w}));
+        accumulate(band_view(dy, s, n0 + i, 1, row0, rows),
+                   columns[i].view({s.groups, s.column_rows(), rows * s.out_w}));
       }
     });
   }

@@ -1,8 +1,8 @@
 // Register-blocked float32 direct correlation (see direct_blocked.h).
 //
 // The tile: 32 output channels (two AVX-512 registers) x up to 14 consecutive output pixels
-// (of one row, or running on into the next), 28 accumulators held in registers. Each step loads two weight vectors and, per pixel,
-// broadcasts one input value into two FMAs: 16 loads feed 28 FMAs, so the loop is bound by the
+// (of one row, or running on into the next), 28 accumulators held in registers. Each step loads
+// two weight vectors and, per pixel, broadcasts one input value into two FMAs: 16 loads feed 28 FMAs, so the loop is bound by the
 // FMA ports rather than by loads (PERFORMANCE.md, "a register tile of outputs"). Vectorising over
 // output channels, not width, makes stride and width-7 layers cost nothing extra.
 //
@@ -124,7 +124,8 @@ void blocked_correlation(const BlockedProblem& p, const float* in, const float* 
   const int64_t strip_floats = p.in_per_group * p.taps_h * strip_width;
   const int64_t threads = at::get_num_threads();
   const int64_t rows_by_cache = std::max<int64_t>(1, kStripBytes / (strip_floats * int64_t(sizeof(float))));
-  const int64_t rows_by_threads = std::max<int64_t>(1, (p.batch * p.groups * p.out_h + 4 * threads - 1) / (4 * threads));
+  const int64_t min_tasks = 4 * threads;
+  const int64_t rows_by_threads = std::max<int64_t>(1, (p.batch * p.groups * p.out_h + min_tasks - 1) / min_tasks);
   const int64_t task_rows = std::min({p.out_h, rows_by_cache, rows_by_threads});
   const int64_t chunks = (p.out_h + task_rows - 1) / task_rows;
 

@@ -66,7 +66,9 @@ void col2im_band(const scalar_t* columns, acc_t* grad_image, const ConvShape& s,
           const scalar_t* column_row = column_base + t * band_pixels;
           const int64_t wi0 = g.w.input_at(0, t), wo_end = g.w.last_valid(t);
           if (g.w.stride == 1) {
-            for (int64_t wo = g.w.first_valid(t); wo < wo_end; ++wo) grad_row[wi0 + wo] += static_cast<acc_t>(column_row[wo]);
+            for (int64_t wo = g.w.first_valid(t); wo < wo_end; ++wo) {
+              grad_row[wi0 + wo] += static_cast<acc_t>(column_row[wo]);
+            }
           } else {
             for (int64_t wo = g.w.first_valid(t); wo < wo_end; ++wo) {
               grad_row[wi0 + wo * g.w.stride] += static_cast<acc_t>(column_row[wo]);
