@@ -94,9 +94,14 @@ at::Tensor per_image(const at::Tensor& m, int64_t images) {
   return m.unsqueeze(0).expand({images, m.size(0), m.size(1), m.size(2)}).reshape({-1, m.size(1), m.size(2)});
 }
 
-// Images per GEMM when the input itself is the column matrix: the whole batch with one group
-// (the weight is then shared as a view), else one image at a time.
-int64_t images_per_gemm(const ConvShape& s) { return s.groups == 1 ? std::max<int64_t>(s.batch, 1) : 1; }
+// When the input itself is the column matrix: calls fn(n0, images) for runs of images that share
+// one batched GEMM, the whole batch with one group (the weight is then shared as a view), else
+// one image at a time.
+template <typename Fn>
+void for_each_image_run(const ConvShape& s, Fn fn) {
+  const int64_t step = s.groups == 1 ? std::max<int64_t>(s.batch, 1) : 1;
+  for (int64_t n0 = 0; n0 < s.batch; n0 += step) fn(n0, std::min(step, s.batch - n0));
+}
 
 }  // namespace
 
@@ -133,11 +138,9 @@ at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const 
     }
   };
   if (input_is_columns(lowering, s)) {
-    const int64_t step = images_per_gemm(s);
-    for (int64_t n0 = 0; n0 < s.batch; n0 += step) {
-      const int64_t images = std::min(step, s.batch - n0);
+    for_each_image_run(s, [&](int64_t n0, int64_t images) {
       gemm_into(images_view(y, s, n0, images), images_view(x, s, n0, images), images);
-    }
+    });
   } else if (s.batch > 0) {
     const ColumnBands bands(s, input.options(), workspace_limit);
     bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
@@ -167,12 +170,10 @@ at::Tensor lowered_backward_input(const BandKernels& kernels, Lowering lowering,
   }
   if (input_is_columns(lowering, s)) {
     dx = at::empty(s.input_sizes(), grad_output.options());
-    const int64_t step = images_per_gemm(s);
-    for (int64_t n0 = 0; n0 < s.batch; n0 += step) {
-      const int64_t images = std::min(step, s.batch - n0);
+    for_each_image_run(s, [&](int64_t n0, int64_t images) {
       at::Tensor dx_images = images_view(dx, s, n0, images);
       at::bmm_out(dx_images, per_image(w_t, images), images_view(dy, s, n0, images));
-    }
+    });
   } else {
     // col2im adds band after band into dx: accumulate in the op-math type (float for halves).
     dx = at::zeros(s.input_sizes(), grad_output.options().dtype(at::toOpMathType(grad_output.scalar_type())));

@@ -129,6 +129,10 @@ void blocked_correlation(const BlockedProblem& p, const float* in, const float* 
   const int64_t task_rows = std::min({p.out_h, rows_by_cache, rows_by_threads});
   const int64_t chunks = (p.out_h + task_rows - 1) / task_rows;
 
+  // Strip columns [x_begin, x_end) hold input columns; the rest is padding.
+  const int64_t x_begin = std::max<int64_t>(0, -p.offset_w);
+  const int64_t x_end = std::min(strip_width, p.in_w - p.offset_w);
+
   at::parallel_for(0, p.batch * p.groups * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> strips(task_rows * strip_floats);
     std::vector<int64_t> r_begin(task_rows), r_end(task_rows);
@@ -151,8 +155,6 @@ void blocked_correlation(const BlockedProblem& p, const float* in, const float* 
           }
         }
         // Row j's zero-padded strip: strip[c][r][x] = in[ih(r), offset_w + x] (0 outside the plane).
-        const int64_t x_begin = std::max<int64_t>(0, -p.offset_w);
-        const int64_t x_end = std::min(strip_width, p.in_w - p.offset_w);
         // Kernel rows outside the plane read zeros: a tile spanning two output rows runs the
         // kernel rows either of them needs.
         for (int64_t c = 0; c < p.in_per_group; ++c) {
