@@ -56,6 +56,18 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
     assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3e} > {TOLERANCE[dtype]:.0e} ({dtype})"
 
 
+def f_conv2d(*args):
+    """F.conv2d without oneDNN: torch's oneDNN path can crash the process (SIGSEGV) on some small
+    float32 channels_last shapes (tests/test_fuzz.py's docstring has one); its reference path
+    computes the same function, raises the same errors and picks the same memory format."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return F.conv2d(*args)
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
 def oracle(x, w, b, stride, padding, dilation, groups):
     """F.conv2d in float64 on contiguous copies of the arguments. (Contiguous: in torch 2.13 the
     float64 CPU F.conv2d computes a wrong weight gradient for some strided channels_last slices.)"""

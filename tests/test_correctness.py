@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, oracle
+from conftest import assert_close, f_conv2d, oracle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -102,7 +102,7 @@ def check_case(case: Case, algorithm: str, dtype, device="cpu"):
     assert_close(out, ref, dtype, "forward")
 
     # The output's memory format follows F.conv2d's for the same arguments (an empty tensor has none).
-    same_dtype_ref = F.conv2d(x.detach(), w.detach(), None if b is None else b.detach(), *args)
+    same_dtype_ref = f_conv2d(x.detach(), w.detach(), None if b is None else b.detach(), *args)
     if out.dim() == 4 and out.numel() > 0:
         for fmt in (torch.contiguous_format, torch.channels_last):
             assert out.is_contiguous(memory_format=fmt) == same_dtype_ref.is_contiguous(memory_format=fmt), fmt

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCE
+from conftest import TOLERANCE, f_conv2d
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -286,16 +286,6 @@ def deviation(args: Args, x, w) -> str | None:
             args.bias_shape is not None and (args.bias_dtype or args.dtype) != args.dtype):
         return "mixed dtypes"
     return None
-
-
-def f_conv2d(*args):
-    """F.conv2d without oneDNN (see the module docstring)."""
-    enabled = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        return F.conv2d(*args)
-    finally:
-        torch._C._set_mkldnn_enabled(enabled)
 
 
 def call(fn, *args, **kwargs):
