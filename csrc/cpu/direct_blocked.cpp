@@ -202,93 +202,81 @@ void blocked_correlation(const BlockedProblem& p, const float* in, const float* 
 
 namespace {
 
-// Weight-gradient tile: for one (group, 32-channel block, input channel c, kernel row r), the
-// k_w taps x 32 channels of dW, accumulated over every image and output pixel. Per output pixel
-// it loads two dy vectors (the block's 32 channels, from a transposed copy) and broadcasts one
-// input value per tap: k_w x 2 FMAs. U independent partial sums over interleaved pixels keep
-// enough FMAs in flight when k_w is small (FMA latency 4, two ports: 8 chains needed).
-template <int S>
-struct GradTaps {
-  static constexpr int U = S >= 4 ? 1 : (S == 1 ? 4 : 2);
-};
+// Weight gradient, blocked like a GEMM whose reduction runs over output pixels:
+//   dW[k, c, r, s] = sum over (n, oh, ow) of dy[n, k, oh, ow] * x[n, c, ih(oh, r), iw(ow, s)].
+// The pixels go by in chunks (a band of output rows of one image). Per chunk, the input rows the
+// band reads are copied channel-last and zero-padded ([row][column][c]), and each 32-channel block of
+// dy is transposed to [pixel][32]. A tile holds 32 output channels x G input channels x S taps of
+// one kernel row in 2*G*S registers; per pixel it loads two dy vectors and broadcasts G*S input
+// values, contiguous in the channel-last rows: 2 + G*S loads feed 2*G*S FMAs (G*S up to 12, so at
+// most 14 loads per 24 FMAs: bound by the FMA ports). The tile adds into a [c][r][s][32] copy of
+// dW, so each weight element is summed over the chunks in order, the pixels within a chunk in
+// order, whatever the tiling or the thread count: the result is deterministic.
+constexpr int kMaxGradTaps = 7;
+constexpr int kGradTileValues = 12;  // G * S: 24 accumulators of the 32 registers
+// Bytes of channel-last input rows per chunk: with the chunk's dy, resident in a core's L2.
+constexpr int64_t kGradChunkBytes = int64_t(1) << 20;
 
 struct GradTile {
-  const float* dy_t;      // [n][oh][ow][32] of this channel block
-  const float* x_plane;   // x[0, c] (image stride: x_image_stride)
-  int64_t x_image_stride, batch, in_h, in_w, out_h, out_w;
-  int64_t row_offset;     // ih = oh*stride_h + row_offset (r*dil_h - pad_h)
-  int64_t stride_h, stride_w, dil_w, pad_w;
-  float* strip;           // scratch: one zero-padded input row, strip_width floats
-  int64_t strip_width;
-  float* dw;              // out: [s][32]
+  const float* dy;     // [pixel][32]: the chunk's output pixels, row after row
+  const float* x;      // channel-last rows at (kernel row r's first input row, column 0, first channel)
+  int64_t rows, out_w;
+  int64_t row_step;    // floats from one output row's input row to the next
+  int64_t pixel_step;  // floats from one output pixel's input column to the next
+  int64_t tap_step;    // floats from tap s to tap s + 1
+  float* dw;           // [g][..][s][32] at dw_channel_step per input channel
+  int64_t dw_channel_step;
 };
 
-template <int S>
+template <int S, int G>
 __attribute__((target("avx512f,fma"))) void grad_tile_kernel(const GradTile& t) {
-  constexpr int U = GradTaps<S>::U;
-  v16 acc0[U][S], acc1[U][S];
+  v16 acc0[G][S], acc1[G][S];
 #pragma GCC unroll 16
-  for (int u = 0; u < U; ++u)
+  for (int g = 0; g < G; ++g)
 #pragma GCC unroll 16
-    for (int s = 0; s < S; ++s) acc0[u][s] = acc1[u][s] = v16{};
-  const int64_t j_begin = std::min(t.strip_width, t.pad_w);
-  const int64_t j_end = std::min(t.strip_width, t.in_w + t.pad_w);
-  for (int64_t n = 0; n < t.batch; ++n) {
-    for (int64_t oh = 0; oh < t.out_h; ++oh) {
-      const int64_t ih = oh * t.stride_h + t.row_offset;
-      if (ih < 0 || ih >= t.in_h) continue;
-      // strip[j] = x[n, c, ih, j - pad_w], zero outside the plane.
-      const float* src = t.x_plane + n * t.x_image_stride + ih * t.in_w;
-      std::fill(t.strip, t.strip + j_begin, 0.0f);
-      std::memcpy(t.strip + j_begin, src + (j_begin - t.pad_w), (j_end - j_begin) * sizeof(float));
-      std::fill(t.strip + j_end, t.strip + t.strip_width, 0.0f);
-      const float* dy_row = t.dy_t + (n * t.out_h + oh) * t.out_w * kBlockedChannels;
-      int64_t ow = 0;
-      for (; ow + U <= t.out_w; ow += U) {
+    for (int s = 0; s < S; ++s) {
+      acc0[g][s] = *reinterpret_cast<const v16*>(t.dw + g * t.dw_channel_step + s * kBlockedChannels);
+      acc1[g][s] = *reinterpret_cast<const v16*>(t.dw + g * t.dw_channel_step + s * kBlockedChannels + 16);
+    }
+  const float* d = t.dy;
+  for (int64_t j = 0; j < t.rows; ++j) {
+    const float* x = t.x + j * t.row_step;
+    for (int64_t ow = 0; ow < t.out_w; ++ow, x += t.pixel_step, d += kBlockedChannels) {
+      const v16 d0 = *reinterpret_cast<const v16*>(d);
+      const v16 d1 = *reinterpret_cast<const v16*>(d + 16);
 #pragma GCC unroll 16
-        for (int u = 0; u < U; ++u) {
-          const v16 d0 = *reinterpret_cast<const v16*>(dy_row + (ow + u) * kBlockedChannels);
-          const v16 d1 = *reinterpret_cast<const v16*>(dy_row + (ow + u) * kBlockedChannels + 16);
-          const float* x = t.strip + (ow + u) * t.stride_w;
+      for (int s = 0; s < S; ++s)
 #pragma GCC unroll 16
-          for (int s = 0; s < S; ++s) {
-            acc0[u][s] += d0 * x[s * t.dil_w];
-            acc1[u][s] += d1 * x[s * t.dil_w];
-          }
+        for (int g = 0; g < G; ++g) {
+          const float xv = x[s * t.tap_step + g];
+          acc0[g][s] += d0 * xv;
+          acc1[g][s] += d1 * xv;
         }
-      }
-      for (; ow < t.out_w; ++ow) {
-        const v16 d0 = *reinterpret_cast<const v16*>(dy_row + ow * kBlockedChannels);
-        const v16 d1 = *reinterpret_cast<const v16*>(dy_row + ow * kBlockedChannels + 16);
-        const float* x = t.strip + ow * t.stride_w;
-#pragma GCC unroll 16
-        for (int s = 0; s < S; ++s) {
-          acc0[0][s] += d0 * x[s * t.dil_w];
-          acc1[0][s] += d1 * x[s * t.dil_w];
-        }
-      }
     }
   }
 #pragma GCC unroll 16
-  for (int s = 0; s < S; ++s) {
-    v16 sum0 = acc0[0][s], sum1 = acc1[0][s];
+  for (int g = 0; g < G; ++g)
 #pragma GCC unroll 16
-    for (int u = 1; u < U; ++u) {
-      sum0 += acc0[u][s];
-      sum1 += acc1[u][s];
+    for (int s = 0; s < S; ++s) {
+      *reinterpret_cast<v16*>(t.dw + g * t.dw_channel_step + s * kBlockedChannels) = acc0[g][s];
+      *reinterpret_cast<v16*>(t.dw + g * t.dw_channel_step + s * kBlockedChannels + 16) = acc1[g][s];
     }
-    *reinterpret_cast<v16*>(t.dw + s * kBlockedChannels) = sum0;
-    *reinterpret_cast<v16*>(t.dw + s * kBlockedChannels + 16) = sum1;
-  }
 }
 
-constexpr int kMaxGradTaps = 7;
 using GradTileFn = void (*)(const GradTile&);
-template <int... S>
-constexpr std::array<GradTileFn, sizeof...(S)> make_grad_table(std::integer_sequence<int, S...>) {
-  return {&grad_tile_kernel<S + 1>...};
+
+// grad_tiles[S - 1][G - 1]: S taps, G input channels (G * S <= kGradTileValues; null past that).
+template <int S, int... G>
+constexpr std::array<GradTileFn, kGradTileValues> grad_tile_row(std::integer_sequence<int, G...>) {
+  return {(S * (G + 1) <= kGradTileValues ? &grad_tile_kernel<S, (S * (G + 1) <= kGradTileValues ? G + 1 : 1)>
+                                          : nullptr)...};
 }
-constexpr auto grad_table = make_grad_table(std::make_integer_sequence<int, kMaxGradTaps>{});
+template <int... S>
+constexpr std::array<std::array<GradTileFn, kGradTileValues>, sizeof...(S)> make_grad_tiles(
+    std::integer_sequence<int, S...>) {
+  return {grad_tile_row<S + 1>(std::make_integer_sequence<int, kGradTileValues>{})...};
+}
+constexpr auto grad_tiles = make_grad_tiles(std::make_integer_sequence<int, kMaxGradTaps>{});
 
 }  // namespace
 
@@ -300,38 +288,88 @@ void blocked_weight_grad(const BlockedProblem& p, const float* dy, const float* 
   const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
   const int64_t out_area = p.out_h * p.out_w, in_area = p.in_h * p.in_w;
   const int64_t out_channels = p.groups * p.out_per_group, in_channels = p.groups * p.in_per_group;
-  const int64_t block_numel = p.batch * out_area * kBlockedChannels;
-  // dy transposed once into [group][block][n][oh][ow][32] (zero past the group's channels), so
-  // the tile reads 32 channels of one pixel as two vectors.
-  std::vector<float> dy_t(p.groups * blocks * block_numel);
-  at::parallel_for(0, p.groups * blocks * p.batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t gbn = begin; gbn < end; ++gbn) {
-      const int64_t n = gbn % p.batch, gb = gbn / p.batch, g = gb / blocks, b = gb % blocks;
-      float* dst = dy_t.data() + gb * block_numel + n * out_area * kBlockedChannels;
-      for (int64_t j = 0; j < kBlockedChannels; ++j) {
-        const int64_t k = b * kBlockedChannels + j;
-        const float* src = dy + (n * out_channels + g * p.out_per_group + k) * out_area;
-        for (int64_t i = 0; i < out_area; ++i) dst[i * kBlockedChannels + j] = k < p.out_per_group ? src[i] : 0.0f;
+  const int64_t C = p.in_per_group, R = p.taps_h, S = p.taps_w;
+  const int tile_channels = std::max(1, kGradTileValues / static_cast<int>(S));
+  // Channel-last input rows of a chunk: wide enough for every tap of the band's output columns.
+  const int64_t cols = (p.out_w - 1) * p.stride_w + (S - 1) * p.dil_w + 1;
+  const auto input_rows = [&](int64_t out_rows) { return (out_rows - 1) * p.stride_h + (R - 1) * p.dil_h + 1; };
+  // Output rows per chunk: as many as keep the chunk's input rows within kGradChunkBytes.
+  // (It depends on the shape only, not on the thread count, so neither does the summation order.)
+  int64_t chunk_rows = p.out_h;
+  while (chunk_rows > 1 && input_rows(chunk_rows) * cols * C * int64_t(sizeof(float)) > kGradChunkBytes) --chunk_rows;
+  const int64_t chunks_per_image = (p.out_h + chunk_rows - 1) / chunk_rows;
+
+  // Work units (group, input-channel part, channel block), each owning its slice of dW. With fewer
+  // (group, block) pairs than threads, the input channels are split too, so no thread idles.
+  const int64_t threads = at::get_num_threads();
+  int64_t parts = 1;
+  while ((p.groups * blocks * parts) % threads != 0 && p.groups * blocks * parts < 4 * threads &&
+         C / (parts + 1) >= tile_channels)
+    ++parts;
+  const int64_t part_channels = (C + parts - 1) / parts;
+
+  // dW in the tiles' order, [group][block][c][r][s][32], summed over all chunks.
+  const int64_t dw_block = C * R * S * kBlockedChannels;
+  std::vector<float> dw_t(p.groups * blocks * dw_block, 0.0f);
+  at::parallel_for(0, p.groups * parts * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> rows_t(input_rows(chunk_rows) * cols * part_channels);
+    std::vector<float> dy_t(chunk_rows * p.out_w * kBlockedChannels);
+    for (int64_t n = 0; n < p.batch; ++n) {
+      for (int64_t chunk = 0; chunk < chunks_per_image; ++chunk) {
+        const int64_t oh0 = chunk * chunk_rows, rows = std::min(chunk_rows, p.out_h - oh0);
+        const int64_t in_rows = input_rows(rows), ih0 = oh0 * p.stride_h + p.offset_h;
+        int64_t built = -1;  // (group, part) whose input rows rows_t holds
+        for (int64_t unit = begin; unit < end; ++unit) {
+          const int64_t b = unit % blocks, part = (unit / blocks) % parts, g = unit / (blocks * parts);
+          const int64_t c0 = part * part_channels, channels = std::min(part_channels, C - c0);
+          if (channels <= 0) continue;
+          if (built != g * parts + part) {
+            // rows_t[i][col][c] = x[n, c0 + c, ih0 + i, col + offset_w], zero outside the plane.
+            std::fill(rows_t.begin(), rows_t.end(), 0.0f);
+            const float* x_part = x + (n * in_channels + g * C + c0) * in_area;
+            const int64_t col_begin = std::max<int64_t>(0, -p.offset_w);
+            const int64_t col_end = std::min(cols, p.in_w - p.offset_w);
+            for (int64_t i = 0; i < in_rows; ++i) {
+              const int64_t ih = ih0 + i;
+              if (ih < 0 || ih >= p.in_h) continue;
+              float* dst = rows_t.data() + i * cols * channels;
+              for (int64_t c = 0; c < channels; ++c) {
+                const float* src = x_part + c * in_area + ih * p.in_w + p.offset_w;
+                for (int64_t col = col_begin; col < col_end; ++col) dst[col * channels + c] = src[col];
+              }
+            }
+            built = g * parts + part;
+          }
+          // dy_t[pixel][j] = dy[n, block channel j, pixel of the band], zero past the group's channels.
+          const int64_t band_pixels = rows * p.out_w;
+          for (int64_t j = 0; j < kBlockedChannels; ++j) {
+            const int64_t k = b * kBlockedChannels + j;
+            const float* src = dy + (n * out_channels + g * p.out_per_group + k) * out_area + oh0 * p.out_w;
+            for (int64_t q = 0; q < band_pixels; ++q)
+              dy_t[q * kBlockedChannels + j] = k < p.out_per_group ? src[q] : 0.0f;
+          }
+          float* dw_unit = dw_t.data() + (g * blocks + b) * dw_block;
+          for (int64_t r = 0; r < R; ++r) {
+            for (int64_t c = 0; c < channels; c += tile_channels) {
+              const int64_t tile_g = std::min<int64_t>(tile_channels, channels - c);
+              const GradTile t{dy_t.data(), rows_t.data() + r * p.dil_h * cols * channels + c, rows, p.out_w,
+                               p.stride_h * cols * channels, p.stride_w * channels, p.dil_w * channels,
+                               dw_unit + ((c0 + c) * R + r) * S * kBlockedChannels, R * S * kBlockedChannels};
+              grad_tiles[S - 1][tile_g - 1](t);
+            }
+          }
+        }
       }
     }
-  });
-  const int64_t strip_width = (p.out_w - 1) * p.stride_w + (p.taps_w - 1) * p.dil_w + 1;
-  const int64_t weights_per_k = p.in_per_group * p.taps_h * p.taps_w;
-  // One task per (group, block, input channel, kernel row): each owns its dW slice.
-  at::parallel_for(0, p.groups * blocks * p.in_per_group * p.taps_h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> strip(strip_width);
-    std::vector<float> taps(p.taps_w * kBlockedChannels);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task % p.taps_h, c = (task / p.taps_h) % p.in_per_group;
-      const int64_t gb = task / (p.taps_h * p.in_per_group), g = gb / blocks, b = gb % blocks;
-      const GradTile t{dy_t.data() + gb * block_numel, x + (g * p.in_per_group + c) * in_area, in_channels * in_area,
-                       p.batch, p.in_h, p.in_w, p.out_h, p.out_w, r * p.dil_h + p.offset_h, p.stride_h, p.stride_w,
-                       p.dil_w, -p.offset_w, strip.data(), strip_width, taps.data()};
-      grad_table[p.taps_w - 1](t);
+    // Each unit's dW slice back to (K, C, k_h, k_w).
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit % blocks, part = (unit / blocks) % parts, g = unit / (blocks * parts);
+      const int64_t c0 = part * part_channels, c1 = std::min(C, c0 + part_channels);
       const int64_t channels = std::min(kBlockedChannels, p.out_per_group - b * kBlockedChannels);
+      const float* src = dw_t.data() + (g * blocks + b) * dw_block;
       for (int64_t j = 0; j < channels; ++j) {
-        float* dst = dw + (g * p.out_per_group + b * kBlockedChannels + j) * weights_per_k + (c * p.taps_h + r) * p.taps_w;
-        for (int64_t s = 0; s < p.taps_w; ++s) dst[s] = taps[s * kBlockedChannels + j];
+        float* dst = dw + (g * p.out_per_group + b * kBlockedChannels + j) * C * R * S;
+        for (int64_t i = c0 * R * S; i < c1 * R * S; ++i) dst[i] = src[i * kBlockedChannels + j];
       }
     }
   });
