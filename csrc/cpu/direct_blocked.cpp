@@ -13,6 +13,7 @@
 #include "direct_blocked.h"
 
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <array>
@@ -205,7 +206,7 @@ namespace {
 // Weight gradient, blocked like a GEMM whose reduction runs over output pixels:
 //   dW[k, c, r, s] = sum over (n, oh, ow) of dy[n, k, oh, ow] * x[n, c, ih(oh, r), iw(ow, s)].
 // The pixels go by in chunks (a band of output rows of one image). Per chunk, the input rows the
-// band reads are copied channel-last and zero-padded ([row][column][c]), and each 32-channel block of
+// band reads are copied channel-last and zero-padded ([tile's channels][row][column][c]), and each 32-channel block of
 // dy is transposed to [pixel][32]. A tile holds 32 output channels x G input channels x S taps of
 // one kernel row in 2*G*S registers; per pixel it loads two dy vectors and broadcasts G*S input
 // values, contiguous in the channel-last rows: 2 + G*S loads feed 2*G*S FMAs (G*S up to 12, so at
@@ -217,10 +218,51 @@ constexpr int kGradTileValues = 12;  // G * S: 24 accumulators of the 32 registe
 // Bytes of channel-last input rows per chunk: with the chunk's dy, resident in a core's L2.
 constexpr int64_t kGradChunkBytes = int64_t(1) << 20;
 
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols, 16 x 16 at a time in
+// registers (masked at the edges): the packing of x and dy for the weight gradient. A plain double
+// loop cost more than the multiply-adds on 1x1 layers, and writing with a stride of 1 KiB (256
+// channels) evicted each line before its next write.
+__attribute__((target("avx512f"))) void transpose(const float* src, int64_t src_stride, int64_t rows, int64_t cols,
+                                                  float* dst, int64_t dst_stride) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+    const int block_rows = static_cast<int>(std::min<int64_t>(16, rows - i0));
+    const __mmask16 row_mask = static_cast<__mmask16>((1u << block_rows) - 1);
+    for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+      const int block_cols = static_cast<int>(std::min<int64_t>(16, cols - j0));
+      const __mmask16 col_mask = static_cast<__mmask16>((1u << block_cols) - 1);
+      __m512 a[16], b[16];
+      for (int i = 0; i < 16; ++i)
+        a[i] = i < block_rows ? _mm512_maskz_loadu_ps(col_mask, src + (i0 + i) * src_stride + j0) : _mm512_setzero_ps();
+      // Interleave pairs of rows, then pairs of pairs, then 128-bit lanes twice: b[j] = column j.
+      for (int i = 0; i < 16; i += 2) {
+        b[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
+        b[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
+      }
+      for (int i = 0; i < 16; i += 4) {
+        a[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(b[i]), _mm512_castps_pd(b[i + 2])));
+        a[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(b[i]), _mm512_castps_pd(b[i + 2])));
+        a[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(b[i + 1]), _mm512_castps_pd(b[i + 3])));
+        a[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(b[i + 1]), _mm512_castps_pd(b[i + 3])));
+      }
+      for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; ++i) {
+          b[h + i] = _mm512_shuffle_f32x4(a[h + i], a[h + i + 4], 0x88);
+          b[h + i + 4] = _mm512_shuffle_f32x4(a[h + i], a[h + i + 4], 0xdd);
+        }
+      for (int i = 0; i < 8; ++i) {
+        a[i] = _mm512_shuffle_f32x4(b[i], b[i + 8], 0x88);
+        a[i + 8] = _mm512_shuffle_f32x4(b[i], b[i + 8], 0xdd);
+      }
+      for (int j = 0; j < block_cols; ++j) _mm512_mask_storeu_ps(dst + (j0 + j) * dst_stride + i0, row_mask, a[j]);
+    }
+  }
+}
+
 struct GradTile {
-  const float* dy;     // [pixel][32]: the chunk's output pixels, row after row
-  const float* x;      // channel-last rows at (kernel row r's first input row, column 0, first channel)
-  int64_t rows, out_w;
+  const float* dy;     // [image][pixel][32]: the chunk's output pixels, row after row
+  const float* x;      // channel-last rows at (image 0, kernel row r's first input row, column 0, first channel)
+  int64_t images, image_step;  // the chunk's images, image_step floats apart in x
+  int64_t rows, out_w;         // output rows and columns per image
   int64_t row_step;    // floats from one output row's input row to the next
   int64_t pixel_step;  // floats from one output pixel's input column to the next
   int64_t tap_step;    // floats from tap s to tap s + 1
@@ -239,19 +281,21 @@ __attribute__((target("avx512f,fma"))) void grad_tile_kernel(const GradTile& t) 
       acc1[g][s] = *reinterpret_cast<const v16*>(t.dw + g * t.dw_channel_step + s * kBlockedChannels + 16);
     }
   const float* d = t.dy;
-  for (int64_t j = 0; j < t.rows; ++j) {
-    const float* x = t.x + j * t.row_step;
-    for (int64_t ow = 0; ow < t.out_w; ++ow, x += t.pixel_step, d += kBlockedChannels) {
-      const v16 d0 = *reinterpret_cast<const v16*>(d);
-      const v16 d1 = *reinterpret_cast<const v16*>(d + 16);
+  for (int64_t m = 0; m < t.images; ++m) {
+    for (int64_t j = 0; j < t.rows; ++j) {
+      const float* x = t.x + m * t.image_step + j * t.row_step;
+      for (int64_t ow = 0; ow < t.out_w; ++ow, x += t.pixel_step, d += kBlockedChannels) {
+        const v16 d0 = *reinterpret_cast<const v16*>(d);
+        const v16 d1 = *reinterpret_cast<const v16*>(d + 16);
 #pragma GCC unroll 16
-      for (int s = 0; s < S; ++s)
+        for (int s = 0; s < S; ++s)
 #pragma GCC unroll 16
-        for (int g = 0; g < G; ++g) {
-          const float xv = x[s * t.tap_step + g];
-          acc0[g][s] += d0 * xv;
-          acc1[g][s] += d1 * xv;
-        }
+          for (int g = 0; g < G; ++g) {
+            const float xv = x[s * t.tap_step + g];
+            acc0[g][s] += d0 * xv;
+            acc1[g][s] += d1 * xv;
+          }
+      }
     }
   }
 #pragma GCC unroll 16
@@ -285,6 +329,10 @@ bool blocked_weight_grad_applies(const BlockedProblem& p) {
 }
 
 void blocked_weight_grad(const BlockedProblem& p, const float* dy, const float* x, float* dw) {
+  if (p.out_h == 0 || p.out_w == 0) {  // no output pixels: a zero gradient
+    std::fill(dw, dw + p.groups * p.out_per_group * p.in_per_group * p.taps_h * p.taps_w, 0.0f);
+    return;
+  }
   const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
   const int64_t out_area = p.out_h * p.out_w, in_area = p.in_h * p.in_w;
   const int64_t out_channels = p.groups * p.out_per_group, in_channels = p.groups * p.in_per_group;
@@ -293,67 +341,90 @@ void blocked_weight_grad(const BlockedProblem& p, const float* dy, const float* 
   // Channel-last input rows of a chunk: wide enough for every tap of the band's output columns.
   const int64_t cols = (p.out_w - 1) * p.stride_w + (S - 1) * p.dil_w + 1;
   const auto input_rows = [&](int64_t out_rows) { return (out_rows - 1) * p.stride_h + (R - 1) * p.dil_h + 1; };
-  // Output rows per chunk: as many as keep the chunk's input rows within kGradChunkBytes.
-  // (It depends on the shape only, not on the thread count, so neither does the summation order.)
+  // A chunk: a band of output rows of one image, as many rows as keep the band's input rows within
+  // kGradChunkBytes; or, when a whole image fits, several whole images (7x7 maps: the dW tiles are
+  // loaded and stored once per chunk, so fewer, larger chunks save that traffic). The chunking
+  // depends on the shape only, not on the thread count, so neither does the summation order.
+  const auto chunk_bytes = [&](int64_t out_rows) { return input_rows(out_rows) * cols * C * int64_t(sizeof(float)); };
   int64_t chunk_rows = p.out_h;
-  while (chunk_rows > 1 && input_rows(chunk_rows) * cols * C * int64_t(sizeof(float)) > kGradChunkBytes) --chunk_rows;
-  const int64_t chunks_per_image = (p.out_h + chunk_rows - 1) / chunk_rows;
+  while (chunk_rows > 1 && chunk_bytes(chunk_rows) > kGradChunkBytes) --chunk_rows;
+  const int64_t bands = (p.out_h + chunk_rows - 1) / chunk_rows;
+  int64_t chunk_images = 1;
+  if (bands == 1 && p.batch > 1) {  // as many images as fit, evened out over the chunks
+    const int64_t fit = std::clamp<int64_t>(kGradChunkBytes / chunk_bytes(p.out_h), 1, p.batch);
+    const int64_t chunks = (p.batch + fit - 1) / fit;
+    chunk_images = (p.batch + chunks - 1) / chunks;
+  }
 
-  // Work units (group, input-channel part, channel block), each owning its slice of dW. With fewer
-  // (group, block) pairs than threads, the input channels are split too, so no thread idles.
+  // Work units (group, input-channel part, channel block), each owning its slice of dW; a thread
+  // takes a run of consecutive units and packs the input rows of its parts only. With more input
+  // than output channels the input channels are split among the threads, so that each packs its
+  // share of x (the larger operand) and all of dy rather than all of x and its share of dy (a
+  // 256 -> 64 1x1 gradient spent more time packing x than multiplying). They are also split when
+  // there are fewer (group, block) pairs than threads, so that no thread idles.
   const int64_t threads = at::get_num_threads();
-  int64_t parts = 1;
+  int64_t parts = C > p.out_per_group && p.groups < threads ? (threads + p.groups - 1) / p.groups : 1;
   while ((p.groups * blocks * parts) % threads != 0 && p.groups * blocks * parts < 4 * threads &&
          C / (parts + 1) >= tile_channels)
     ++parts;
+  parts = std::min(parts, std::max<int64_t>(1, C / tile_channels));
   const int64_t part_channels = (C + parts - 1) / parts;
 
   // dW in the tiles' order, [group][block][c][r][s][32], summed over all chunks.
   const int64_t dw_block = C * R * S * kBlockedChannels;
   std::vector<float> dw_t(p.groups * blocks * dw_block, 0.0f);
   at::parallel_for(0, p.groups * parts * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> rows_t(input_rows(chunk_rows) * cols * part_channels);
-    std::vector<float> dy_t(chunk_rows * p.out_w * kBlockedChannels);
-    for (int64_t n = 0; n < p.batch; ++n) {
-      for (int64_t chunk = 0; chunk < chunks_per_image; ++chunk) {
-        const int64_t oh0 = chunk * chunk_rows, rows = std::min(chunk_rows, p.out_h - oh0);
+    std::vector<float> rows_t(chunk_images * input_rows(chunk_rows) * cols * part_channels);
+    std::vector<float> dy_t(chunk_images * chunk_rows * p.out_w * kBlockedChannels);
+    for (int64_t n0 = 0; n0 < p.batch; n0 += chunk_images) {
+      const int64_t images = std::min(chunk_images, p.batch - n0);
+      for (int64_t band = 0; band < bands; ++band) {
+        const int64_t oh0 = band * chunk_rows, rows = std::min(chunk_rows, p.out_h - oh0);
         const int64_t in_rows = input_rows(rows), ih0 = oh0 * p.stride_h + p.offset_h;
+        const int64_t band_pixels = rows * p.out_w;
         int64_t built = -1;  // (group, part) whose input rows rows_t holds
         for (int64_t unit = begin; unit < end; ++unit) {
           const int64_t b = unit % blocks, part = (unit / blocks) % parts, g = unit / (blocks * parts);
           const int64_t c0 = part * part_channels, channels = std::min(part_channels, C - c0);
           if (channels <= 0) continue;
           if (built != g * parts + part) {
-            // rows_t[i][col][c] = x[n, c0 + c, ih0 + i, col + offset_w], zero outside the plane.
-            std::fill(rows_t.begin(), rows_t.end(), 0.0f);
-            const float* x_part = x + (n * in_channels + g * C + c0) * in_area;
+            // Per tile's channels [c, c + tile_g), image m:
+            //   rows_t[c * images * in_rows * cols + ((m * in_rows + i) * cols + col) * tile_g + c'] =
+            //   x[n0 + m, c0 + c + c', ih0 + i, col + offset_w], zero outside the plane,
+            // so that a tile reads one contiguous stream.
+            std::fill(rows_t.begin(), rows_t.begin() + channels * images * in_rows * cols, 0.0f);
             const int64_t col_begin = std::max<int64_t>(0, -p.offset_w);
             const int64_t col_end = std::min(cols, p.in_w - p.offset_w);
-            for (int64_t i = 0; i < in_rows; ++i) {
-              const int64_t ih = ih0 + i;
-              if (ih < 0 || ih >= p.in_h) continue;
-              float* dst = rows_t.data() + i * cols * channels;
-              for (int64_t c = 0; c < channels; ++c) {
-                const float* src = x_part + c * in_area + ih * p.in_w + p.offset_w;
-                for (int64_t col = col_begin; col < col_end; ++col) dst[col * channels + c] = src[col];
+            for (int64_t c = 0; c < channels; c += tile_channels) {
+              const int64_t tile_g = std::min<int64_t>(tile_channels, channels - c);
+              for (int64_t m = 0; m < images; ++m) {
+                const float* x_tile = x + ((n0 + m) * in_channels + g * C + c0 + c) * in_area;
+                for (int64_t i = 0; i < in_rows; ++i) {
+                  const int64_t ih = ih0 + i;
+                  if (ih < 0 || ih >= p.in_h) continue;
+                  transpose(x_tile + ih * p.in_w + p.offset_w + col_begin, in_area, tile_g, col_end - col_begin,
+                            rows_t.data() + c * images * in_rows * cols + ((m * in_rows + i) * cols + col_begin) * tile_g,
+                            tile_g);
+                }
               }
             }
             built = g * parts + part;
           }
-          // dy_t[pixel][j] = dy[n, block channel j, pixel of the band], zero past the group's channels.
-          const int64_t band_pixels = rows * p.out_w;
-          for (int64_t j = 0; j < kBlockedChannels; ++j) {
-            const int64_t k = b * kBlockedChannels + j;
-            const float* src = dy + (n * out_channels + g * p.out_per_group + k) * out_area + oh0 * p.out_w;
-            for (int64_t q = 0; q < band_pixels; ++q)
-              dy_t[q * kBlockedChannels + j] = k < p.out_per_group ? src[q] : 0.0f;
-          }
+          // dy_t[m][pixel][j] = dy[n0 + m, block channel j, pixel of the band], zero past the group's channels.
+          const int64_t block_channels = std::min(kBlockedChannels, p.out_per_group - b * kBlockedChannels);
+          if (block_channels < kBlockedChannels) std::fill(dy_t.begin(), dy_t.end(), 0.0f);
+          for (int64_t m = 0; m < images; ++m)
+            transpose(dy + ((n0 + m) * out_channels + g * p.out_per_group + b * kBlockedChannels) * out_area +
+                          oh0 * p.out_w,
+                      out_area, block_channels, band_pixels, dy_t.data() + m * band_pixels * kBlockedChannels,
+                      kBlockedChannels);
           float* dw_unit = dw_t.data() + (g * blocks + b) * dw_block;
           for (int64_t r = 0; r < R; ++r) {
             for (int64_t c = 0; c < channels; c += tile_channels) {
               const int64_t tile_g = std::min<int64_t>(tile_channels, channels - c);
-              const GradTile t{dy_t.data(), rows_t.data() + r * p.dil_h * cols * channels + c, rows, p.out_w,
-                               p.stride_h * cols * channels, p.stride_w * channels, p.dil_w * channels,
+              const GradTile t{dy_t.data(), rows_t.data() + c * images * in_rows * cols + r * p.dil_h * cols * tile_g,
+                               images, in_rows * cols * tile_g, rows, p.out_w,
+                               p.stride_h * cols * tile_g, p.stride_w * tile_g, p.dil_w * tile_g,
                                dw_unit + ((c0 + c) * R + r) * S * kBlockedChannels, R * S * kBlockedChannels};
               grad_tiles[S - 1][tile_g - 1](t);
             }
