@@ -106,9 +106,11 @@ def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16, thread
             in_blocked = _blocked_direct(c.element_size, in_pg) and (c.stride == (1, 1) or c.dilation == (1, 1))
             ops.append(_direct_op(c, in_pg, out_pg, h, w, n * c_in * h * w, h, vector_bytes, in_blocked, 1))
             # Weight gradient: blocked for k_w <= 7 and at least 16 output channels per group.
-            w_blocked = _blocked_direct(c.element_size, out_pg) and kw <= 7 and out_pg >= BLOCK_CHANNELS // 2
-            ops.append(_direct_op(c, out_pg, in_pg, h_o, w_o, c.weight_shape[0] * in_pg * kh * kw, h_o, vector_bytes,
-                                  w_blocked, c.stride[1]))
+            if _blocked_direct(c.element_size, out_pg) and kw <= 7 and out_pg >= BLOCK_CHANNELS // 2:
+                ops.append(_direct_weight_grad_op(c, out_pg, in_pg, threads))
+            else:
+                ops.append(_direct_op(c, out_pg, in_pg, h_o, w_o, c.weight_shape[0] * in_pg * kh * kw, h_o,
+                                      vector_bytes, False, c.stride[1]))
         return {f: sum(op[f] for op in ops) for f in ops[0]}
     m, n_, k_ = max(plan.gemm_m, 1), max(plan.gemm_n, 1), max(plan.gemm_k, 1)
     inflation = 1.0 + gemm["m0"] / m + gemm["n0"] / n_ + gemm["k0"] / k_
@@ -140,6 +142,45 @@ def _direct_op(c: Cost, out_pg, in_pg, h_o, w_o, outputs, task_rows, vector_byte
     return {"mac": 0.0, "mac_plain": c.macs * waste * (1 if stride_w == 1 else 2),
             "inner_loop": float(n * c.groups * out_pg * in_pg * kh * kw * h_o), "weight_read": 0.0,
             "output": float(outputs), "call": 1.0}
+
+
+GRAD_TILE_VALUES = 12
+GRAD_CHUNK_BYTES = 1 << 20
+
+
+def _direct_weight_grad_op(c: Cost, out_pg, in_pg, threads: int | None) -> dict:
+    """Features of the blocked direct weight gradient (csrc/cpu/direct_blocked.cpp,
+    blocked_weight_grad), in the direct model's terms: its multiply-adds (output channels padded to
+    32); its tiles (32 channels x G input channels x k_w taps) as inner loops; the dW tiles it loads
+    and stores once per chunk as weights streamed; and the x and dy elements it transposes while
+    packing as output elements. The chunking mirrors the kernel's."""
+    n, _, h_o, w_o = c.output_shape
+    kh, kw = c.weight_shape[2:]
+    threads = threads or torch.get_num_threads()
+    blocks = math.ceil(out_pg / BLOCK_CHANNELS)
+    cols = (w_o - 1) * c.stride[1] + (kw - 1) * c.dilation[1] + 1
+
+    def chunk_bytes(rows):
+        return ((rows - 1) * c.stride[0] + (kh - 1) * c.dilation[0] + 1) * cols * in_pg * 4
+
+    rows = h_o
+    while rows > 1 and chunk_bytes(rows) > GRAD_CHUNK_BYTES:
+        rows -= 1
+    bands = math.ceil(h_o / rows)
+    images = 1 if bands > 1 else max(1, min(n, GRAD_CHUNK_BYTES // chunk_bytes(h_o)))
+    chunks = bands * math.ceil(n / images)
+    tile_channels = max(1, GRAD_TILE_VALUES // kw)
+    # Threads split the output-channel blocks (each packs all of x) unless the input channels are
+    # more numerous (then each packs its share of x and all of dy).
+    split_inputs = in_pg > out_pg and c.groups < threads
+    x_copies = 1 if split_inputs or c.groups >= threads else min(threads, blocks)
+    dy_copies = min(threads, in_pg // tile_channels or 1) if split_inputs else 1
+    x_packed = c.groups * in_pg * n * bands * ((rows - 1) * c.stride[0] + (kh - 1) * c.dilation[0] + 1) * cols
+    dy_packed = n * c.groups * blocks * BLOCK_CHANNELS * h_o * w_o
+    return {"mac": c.macs * blocks * BLOCK_CHANNELS / out_pg, "mac_plain": 0.0,
+            "inner_loop": float(chunks * c.groups * blocks * kh * math.ceil(in_pg / tile_channels)),
+            "weight_read": float(chunks * c.groups * blocks * BLOCK_CHANNELS * in_pg * kh * kw),
+            "output": float(x_packed * x_copies + dy_packed * dy_copies), "call": 1.0}
 
 
 def _direct_task_rows(c: Cost, threads: int | None) -> int:

@@ -191,6 +191,10 @@ def test_direct_training_features_follow_each_ops_kernel():
     small = channelconv.cost((8, 512, 7, 7), (512, 512, 3, 3), 1, 1)
     assert select.features("direct", small, gemm, threads=2)["weight_read"] == 8 * 512 * 512 * 9
     assert select.features("direct", small, gemm, threads=64)["weight_read"] > 8 * 512 * 512 * 9
+    # The weight gradient loads and stores its dW tiles once per chunk: a 56x56 image's rows fill a
+    # chunk (8 chunks at batch 8), while 7x7 images share chunks (6 fit in one: 2 chunks).
+    assert select._direct_weight_grad_op(mid, 64, 64, 2)["weight_read"] == 8 * 64 * 64 * 9
+    assert select._direct_weight_grad_op(small, 512, 512, 2)["weight_read"] == 2 * 512 * 512 * 9
 
 
 def test_benchmark_mode_flag():
