@@ -132,7 +132,7 @@ def _direct_op(c: Cost, out_pg, in_pg, h_o, w_o, outputs, task_rows, vector_byte
     kh, kw = c.weight_shape[2:]
     if blocked:
         blocks = math.ceil(out_pg / BLOCK_CHANNELS)
-        tasks = n * c.groups * math.ceil(h_o / task_rows)
+        tasks = c.groups * math.ceil(n * h_o / task_rows)
         tiles = tasks * blocks * math.ceil(task_rows * w_o / BLOCK_PIXELS)
         weights = blocks * BLOCK_CHANNELS * in_pg * kh * kw
         return {"mac": c.macs * blocks * BLOCK_CHANNELS / out_pg, "mac_plain": 0.0, "inner_loop": float(tiles),
@@ -184,15 +184,23 @@ def _direct_weight_grad_op(c: Cost, out_pg, in_pg, threads: int | None) -> dict:
 
 
 def _direct_task_rows(c: Cost, threads: int | None) -> int:
-    """Output rows per task of the blocked direct kernel (csrc/cpu/direct_blocked.cpp): as many as
-    keep the task's float32 input strips within STRIP_BYTES, with at least four tasks per thread."""
+    """Output rows per task of the blocked direct kernel (csrc/cpu/direct_blocked.cpp,
+    blocked_task_rows): as many as keep the task's float32 input strips within STRIP_BYTES, in a
+    number of tasks (rows run on from one image into the next) that is a multiple of the thread
+    count, at least two per thread; even on a 7-wide map (whole 14-pixel tiles)."""
     n, _, h_o, w_o = c.output_shape
     kh, kw = c.weight_shape[2:]
     strip_width = (w_o - 1) * c.stride[1] + (kw - 1) * c.dilation[1] + 1
     strip_bytes = 4 * (c.input_shape[1] // c.groups) * kh * strip_width
     threads = threads or torch.get_num_threads()
-    by_threads = max(1, math.ceil(n * c.groups * h_o / (4 * threads)))
-    return max(1, min(h_o, STRIP_BYTES // max(1, strip_bytes), by_threads))
+    rows_per_group = n * h_o
+    rows_by_cache = max(1, STRIP_BYTES // max(1, strip_bytes))
+    tasks = max(2 * threads, math.ceil(c.groups * rows_per_group / rows_by_cache))
+    tasks = math.ceil(tasks / threads) * threads
+    rows = max(1, math.ceil(rows_per_group / max(1, tasks // c.groups)))
+    if 2 * w_o == BLOCK_PIXELS and rows % 2 == 1 and rows < rows_per_group:
+        rows += 1
+    return rows
 
 
 def _blocked_direct(element_size: int, out_per_group: int) -> bool:

@@ -188,8 +188,10 @@ def test_direct_training_features_follow_each_ops_kernel():
     training = select.features("direct", mid, gemm, training=True)
     assert training["mac_plain"] == 0 and training["mac"] == pytest.approx(3 * mid.macs)
     # A task of output rows streams the group's packed weights once: more rows per task, fewer reads.
+    # At 7x7 with two threads: four tasks of two whole images (14 rows, 98 pixels: 7 full tiles).
     small = channelconv.cost((8, 512, 7, 7), (512, 512, 3, 3), 1, 1)
-    assert select.features("direct", small, gemm, threads=2)["weight_read"] == 8 * 512 * 512 * 9
+    assert select._direct_task_rows(small, 2) == 14
+    assert select.features("direct", small, gemm, threads=2)["weight_read"] == 4 * 512 * 512 * 9
     assert select.features("direct", small, gemm, threads=64)["weight_read"] > 8 * 512 * 512 * 9
     # The weight gradient loads and stores its dW tiles once per chunk: a 56x56 image's rows fill a
     # chunk (8 chunks at batch 8), while 7x7 images share chunks (6 fit in one: 2 chunks).

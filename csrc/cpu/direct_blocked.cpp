@@ -101,6 +101,22 @@ bool blocked_kernel_available() {
   return available;
 }
 
+namespace {
+
+// Output rows per task of blocked_correlation (see there; rows run on from one image into the next).
+int64_t blocked_task_rows(const BlockedProblem& p, int64_t strip_floats, int64_t threads) {
+  const int64_t rows_per_group = p.batch * p.out_h;
+  const int64_t rows_by_cache = std::max<int64_t>(1, kStripBytes / (strip_floats * int64_t(sizeof(float))));
+  int64_t tasks = std::max(2 * threads, (p.groups * rows_per_group + rows_by_cache - 1) / rows_by_cache);
+  tasks = (tasks + threads - 1) / threads * threads;
+  const int64_t group_tasks = std::max<int64_t>(1, tasks / p.groups);
+  int64_t rows = std::max<int64_t>(1, (rows_per_group + group_tasks - 1) / group_tasks);
+  if (p.out_w * 2 == kMaxPixels && rows % 2 == 1 && rows < rows_per_group) ++rows;
+  return rows;
+}
+
+}  // namespace
+
 void blocked_correlation(const BlockedProblem& p, const float* in, const float* packed, const float* init, float* out) {
   const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
   const int64_t strip_width = (p.out_w - 1) * p.stride_w + (p.taps_w - 1) * p.dil_w + 1;
@@ -115,36 +131,36 @@ void blocked_correlation(const BlockedProblem& p, const float* in, const float* 
                 init_padded.begin() + g * blocks * kBlockedChannels);
   }
 
-  // A task covers several output rows of one (image, group) and runs every channel block over all
-  // of them, so a block's packed weights are read from memory once per task instead of once per
-  // row: on small maps with many channels (512 -> 512 at 7x7: 9.4 MB of weights, 0.2 MB of input
-  // per image) the weights dominate the traffic. Rows per task: as many as keep their strips
-  // within kStripBytes (cache-resident), but at least four tasks per thread, so that whole tasks
-  // share out evenly (a batch-1 layer in three tasks would leave one of two threads idle a third
-  // of the time).
+  // A task covers a run of output rows of one group, image after image, and runs every channel
+  // block over all of them, so a block's packed weights are read from memory once per task instead
+  // of once per row: on small maps with many channels (512 -> 512 at 7x7: 9.4 MB of weights, 0.2 MB
+  // of input per image) the weights dominate the traffic. Rows per task: as many as keep their
+  // strips within kStripBytes (cache-resident), in a number of tasks that shares out evenly over
+  // the threads (at least two each); on a 7-wide map an even number of rows, so that the task's
+  // pixels fill whole 14-pixel tiles.
   const int64_t strip_floats = p.in_per_group * p.taps_h * strip_width;
-  const int64_t threads = at::get_num_threads();
-  const int64_t rows_by_cache = std::max<int64_t>(1, kStripBytes / (strip_floats * int64_t(sizeof(float))));
-  const int64_t min_tasks = 4 * threads;
-  const int64_t rows_by_threads = std::max<int64_t>(1, (p.batch * p.groups * p.out_h + min_tasks - 1) / min_tasks);
-  const int64_t task_rows = std::min({p.out_h, rows_by_cache, rows_by_threads});
-  const int64_t chunks = (p.out_h + task_rows - 1) / task_rows;
+  const int64_t rows_per_group = p.batch * p.out_h;
+  const int64_t task_rows = blocked_task_rows(p, strip_floats, at::get_num_threads());
+  const int64_t group_tasks = (rows_per_group + task_rows - 1) / task_rows;
 
   // Strip columns [x_begin, x_end) hold input columns; the rest is padding.
   const int64_t x_begin = std::max<int64_t>(0, -p.offset_w);
   const int64_t x_end = std::min(strip_width, p.in_w - p.offset_w);
 
-  at::parallel_for(0, p.batch * p.groups * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.groups * group_tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> strips(task_rows * strip_floats);
-    std::vector<int64_t> r_begin(task_rows), r_end(task_rows);
+    std::vector<int64_t> r_begin(task_rows), r_end(task_rows), row_out(task_rows);
     std::vector<float> tile_acc(kMaxPixels * kBlockedChannels);
     std::vector<int64_t> pixel_at(kMaxPixels), out_at(kMaxPixels);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t chunk = task % chunks, g = (task / chunks) % p.groups, n = task / (chunks * p.groups);
-      const int64_t oh0 = chunk * task_rows, rows = std::min(task_rows, p.out_h - oh0);
-      const float* in_group = in + (n * p.groups + g) * p.in_per_group * in_area;
+      const int64_t g = task / group_tasks, row0 = (task % group_tasks) * task_rows;
+      const int64_t rows = std::min(task_rows, rows_per_group - row0);
       for (int64_t j = 0; j < rows; ++j) {
-        const int64_t oh = oh0 + j;
+        const int64_t n = (row0 + j) / p.out_h, oh = (row0 + j) % p.out_h;
+        const float* in_group = in + (n * p.groups + g) * p.in_per_group * in_area;
+        // Where the row's first pixel goes, from its group's first output channel in image 0.
+        row_out[j] = n * p.groups * p.out_per_group * out_area + (p.out_origin_h + oh * p.out_step_h) * p.plane_w() +
+                     p.out_origin_w;
         // Kernel rows r whose input row ih = oh*stride + r*dil + offset lies in [0, in_h).
         r_begin[j] = p.taps_h;
         r_end[j] = 0;
@@ -173,7 +189,7 @@ void blocked_correlation(const BlockedProblem& p, const float* in, const float* 
       const int64_t task_pixels = rows * p.out_w;
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t channels = std::min(kBlockedChannels, p.out_per_group - b * kBlockedChannels);
-        float* out_block = out + ((n * p.groups + g) * p.out_per_group + b * kBlockedChannels) * out_area;
+        float* out_block = out + (g * p.out_per_group + b * kBlockedChannels) * out_area;
         for (int64_t q = 0; q < task_pixels; q += kMaxPixels) {
           const int64_t pixels = std::min<int64_t>(kMaxPixels, task_pixels - q);
           const int64_t j_first = q / p.out_w, j_last = (q + pixels - 1) / p.out_w;
@@ -187,7 +203,7 @@ void blocked_correlation(const BlockedProblem& p, const float* in, const float* 
           for (int64_t i = 0; i < pixels; ++i) {
             const int64_t j = (q + i) / p.out_w, ow = (q + i) % p.out_w;
             pixel_at[i] = j * strip_floats + ow * p.stride_w;
-            out_at[i] = (p.out_origin_h + (oh0 + j) * p.out_step_h) * p.plane_w() + p.out_origin_w + ow * p.out_step_w;
+            out_at[i] = row_out[j] + ow * p.out_step_w;
           }
           tile_table[pixels - 1](t);
           // Transpose the tile [pixel][32] into the NCHW output of this block's channels.
@@ -222,6 +238,10 @@ constexpr int64_t kGradChunkBytes = int64_t(1) << 20;
 // registers (masked at the edges): the packing of x and dy for the weight gradient. A plain double
 // loop cost more than the multiply-adds on 1x1 layers, and writing with a stride of 1 KiB (256
 // channels) evicted each line before its next write.
+// (GCC 12 takes the "undefined" pass-through operand of the unpack intrinsics for an uninitialised
+// variable: a false -Wmaybe-uninitialized, silenced for this function only.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 __attribute__((target("avx512f"))) void transpose(const float* src, int64_t src_stride, int64_t rows, int64_t cols,
                                                   float* dst, int64_t dst_stride) {
   for (int64_t i0 = 0; i0 < rows; i0 += 16) {
@@ -257,6 +277,7 @@ __attribute__((target("avx512f"))) void transpose(const float* src, int64_t src_
     }
   }
 }
+#pragma GCC diagnostic pop
 
 struct GradTile {
   const float* dy;     // [image][pixel][32]: the chunk's output pixels, row after row
