@@ -279,7 +279,8 @@ void backward_input_phases(const scalar_t* dy, const scalar_t* w, scalar_t* dx, 
           if (a.out == 0 || b.out == 0 || a.taps == 0 || b.taps == 0) continue;
           // The phase as a forward problem: grad_output (out_per_group channels) in, the phase's
           // compact plane out; tap t reads grad_output at o + offset + t * dilation.
-          const Geo g{{s.out_h, a.out, a.taps, 1, -a.offset, a.dilation}, {s.out_w, b.out, b.taps, 1, -b.offset, b.dilation}};
+          const Geo g{{s.out_h, a.out, a.taps, 1, -a.offset, a.dilation},
+                      {s.out_w, b.out, b.taps, 1, -b.offset, b.dilation}};
           sub_kernel.resize(out_per_group * a.taps * b.taps);
           for (int64_t k = 0; k < out_per_group; ++k)
             for (int64_t t = 0; t < a.taps; ++t)

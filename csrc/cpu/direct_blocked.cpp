@@ -221,14 +221,15 @@ namespace {
 
 // Weight gradient, blocked like a GEMM whose reduction runs over output pixels:
 //   dW[k, c, r, s] = sum over (n, oh, ow) of dy[n, k, oh, ow] * x[n, c, ih(oh, r), iw(ow, s)].
-// The pixels go by in chunks (a band of output rows of one image). Per chunk, the input rows the
-// band reads are copied channel-last and zero-padded ([tile's channels][row][column][c]), and each 32-channel block of
-// dy is transposed to [pixel][32]. A tile holds 32 output channels x G input channels x S taps of
-// one kernel row in 2*G*S registers; per pixel it loads two dy vectors and broadcasts G*S input
-// values, contiguous in the channel-last rows: 2 + G*S loads feed 2*G*S FMAs (G*S up to 12, so at
-// most 14 loads per 24 FMAs: bound by the FMA ports). The tile adds into a [c][r][s][32] copy of
-// dW, so each weight element is summed over the chunks in order, the pixels within a chunk in
-// order, whatever the tiling or the thread count: the result is deterministic.
+// The pixels go by in chunks (a band of output rows of one image, or several whole images). Per
+// chunk, the input rows the chunk reads are copied channel-last and zero-padded (each tile's G
+// channels in one stream: [row][column][G]), and each 32-channel block of dy is transposed to
+// [pixel][32]. A tile holds 32 output channels x G input channels x S taps of one kernel row in
+// 2*G*S registers; per pixel it loads two dy vectors and broadcasts G*S input values: 2 + G*S
+// loads feed 2*G*S FMAs (G*S up to 12, so at most 14 loads per 24 FMAs: bound by the FMA ports).
+// The tile adds into a [c][r][s][32] copy of dW, so each weight element is summed over the chunks
+// in order, the pixels within a chunk in order, whatever the tiling or the thread count: the
+// result is deterministic.
 constexpr int kMaxGradTaps = 7;
 constexpr int kGradTileValues = 12;  // G * S: 24 accumulators of the 32 registers
 // Bytes of channel-last input rows per chunk: with the chunk's dy, resident in a core's L2.
@@ -423,9 +424,9 @@ void blocked_weight_grad(const BlockedProblem& p, const float* dy, const float* 
                 for (int64_t i = 0; i < in_rows; ++i) {
                   const int64_t ih = ih0 + i;
                   if (ih < 0 || ih >= p.in_h) continue;
+                  float* dst = rows_t.data() + c * images * in_rows * cols;
                   transpose(x_tile + ih * p.in_w + p.offset_w + col_begin, in_area, tile_g, col_end - col_begin,
-                            rows_t.data() + c * images * in_rows * cols + ((m * in_rows + i) * cols + col_begin) * tile_g,
-                            tile_g);
+                            dst + ((m * in_rows + i) * cols + col_begin) * tile_g, tile_g);
                 }
               }
             }
