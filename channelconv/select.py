@@ -135,7 +135,10 @@ def _direct_op(c: Cost, out_pg, in_pg, h_o, w_o, outputs, task_rows, vector_byte
         tasks = c.groups * math.ceil(n * h_o / task_rows)
         tiles = tasks * blocks * math.ceil(task_rows * w_o / BLOCK_PIXELS)
         weights = blocks * BLOCK_CHANNELS * in_pg * kh * kw
-        return {"mac": c.macs * blocks * BLOCK_CHANNELS / out_pg, "mac_plain": 0.0, "inner_loop": float(tiles),
+        # Inner loops: each tile runs one loop over a kernel row's k_w taps per (input channel,
+        # kernel row); a 1x1 kernel pays that loop's setup once per multiply-add step.
+        return {"mac": c.macs * blocks * BLOCK_CHANNELS / out_pg, "mac_plain": 0.0,
+                "inner_loop": float(tiles * in_pg * kh),
                 "weight_read": float(tasks * weights), "output": float(outputs), "call": 1.0}
     lanes = max(1, vector_bytes // c.element_size)
     waste = math.ceil(w_o / lanes) * lanes / w_o if w_o else 1.0
