@@ -38,8 +38,11 @@ import torch
 from ._shapes import pair
 from .workspace import get_workspace_limit
 
-# im2col prefers bands whose column buffer stays cache-sized (csrc/conv_params.cpp, kPreferredColumnBytes).
-PREFERRED_COLUMN_BYTES = 8 << 20
+# The column buffer im2col prefers (csrc/conv_params.cpp, plan_bands): within a core's L2 for GEMMs
+# with fewer than WIDE_GEMM_CHANNELS output channels per group, larger for wider ones.
+NARROW_COLUMN_BYTES = 2 << 20
+WIDE_COLUMN_BYTES = 8 << 20
+WIDE_GEMM_CHANNELS = 128
 
 
 @dataclass(frozen=True)
@@ -171,9 +174,10 @@ def _lowered_plan(algorithm, n, c_in, c_out, h_o, w_o, kh, kw, groups, elem, lim
         return AlgorithmPlan(algorithm, False, why_not=(
             f"one output row's columns ({bytes_per_row} bytes) exceed the workspace limit ({limit} bytes)"))
     # The band plan of csrc/conv_params.cpp (plan_bands): rows of one image, or whole images.
-    budget = min(limit, PREFERRED_COLUMN_BYTES)
+    budget = min(limit, NARROW_COLUMN_BYTES if m < WIDE_GEMM_CHANNELS else WIDE_COLUMN_BYTES)
     rows = max(1, min(h_o, budget // bytes_per_row)) if bytes_per_row else max(h_o, 1)
-    images = max(1, min(n, budget // (bytes_per_row * h_o))) if rows == h_o and groups == 1 and bytes_per_row else 1
+    whole_images = rows == h_o and groups == 1 and bytes_per_row
+    images = max(1, min(n, budget // (bytes_per_row * h_o))) if whole_images else 1
     bands = math.ceil(h_o / rows)
     workspace = images * c_in * kh * kw * rows * w_o * elem if n > 0 else 0
     columns = n * c_in * kh * kw * h_o * w_o

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import channelconv
 from channelconv._ops import OPS, TAKES_WORKSPACE
-from channelconv.cost import PREFERRED_COLUMN_BYTES
+from channelconv.cost import NARROW_COLUMN_BYTES, WIDE_COLUMN_BYTES
 
 
 def counted_flops(fn) -> int:
@@ -157,7 +157,19 @@ def test_workspace_matches_what_the_ops_allocate(shape, dtype):
             torch.ops.channelconv.reset_workspace_peak()
             run()
             assert torch.ops.channelconv.workspace_peak() == c.workspace(algorithm), (algorithm, pass_)
-    assert c.im2col_workspace_bytes == c.workspace("im2col") <= PREFERRED_COLUMN_BYTES
+    assert c.im2col_workspace_bytes == c.workspace("im2col") <= WIDE_COLUMN_BYTES
+
+
+def test_bands_stay_cache_sized_for_narrow_gemms():
+    # 64 -> 64 3x3 at 56x56 (7.2 MB of columns per image, 64 output channels: a narrow GEMM) is cut
+    # into bands of rows within 2 MiB; 128 -> 128 at 28x28 (3.6 MB per image) puts two whole images
+    # in one band, and at 7x7 eight 512-channel images share one band, and so one GEMM.
+    narrow = channelconv.cost((8, 64, 56, 56), (64, 64, 3, 3), padding=1).plans["im2col"]
+    assert (narrow.band_images, narrow.band_rows) == (1, NARROW_COLUMN_BYTES // (64 * 9 * 56 * 4))
+    wide = channelconv.cost((8, 128, 28, 28), (128, 128, 3, 3), padding=1).plans["im2col"]
+    assert (wide.band_images, wide.band_rows, wide.gemm_calls) == (2, 28, 4)
+    small = channelconv.cost((8, 512, 7, 7), (512, 512, 3, 3), padding=1).plans["im2col"]
+    assert (small.band_images, small.band_rows, small.gemm_calls) == (8, 7, 1)
 
 
 def test_workspace_follows_the_limit():
