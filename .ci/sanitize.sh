@@ -51,7 +51,9 @@ echo "   built in $((SECONDS - start)) s"
 # Reports make the process fail (ASan aborts; halt_on_error makes UBSan exit). ASan writes them to
 # files under $work (log_path), one per process, subprocesses included; UBSan (which ignores
 # log_path in gcc's combined runtime) writes to stderr, which pytest leaves alone with
-# --capture=sys (its default fd capture would swallow a report when the process dies).
+# --capture=sys (its default fd capture would swallow a report when the process dies). The whole
+# subset takes about two minutes: a test still running after 10 minutes gets every thread's stack
+# printed into the log, and after 20 the run stops (status 124) rather than hang CI.
 reports="$work/sanitizer-report"
 rm -f "$reports".*
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:print_summary=1:allocator_may_return_null=1:log_path=$reports
@@ -68,7 +70,7 @@ present=()
 for t in "${tests[@]}"; do [[ -e $work/${t%%::*} ]] && present+=("$t"); done
 echo "== sanitize: pytest ${present[*]}"
 status=0
-(cd "$work" && LD_PRELOAD="$asan $cxx" "$PY" -m pytest -q -p no:cacheprovider --capture=sys -m "not large" "${present[@]}" "$@") \
+(cd "$work" && timeout 1200 env LD_PRELOAD="$asan $cxx" "$PY" -m pytest -q -p no:cacheprovider --capture=sys -o faulthandler_timeout=600 -m "not large" "${present[@]}" "$@") \
   >"$log" 2>&1 || status=$?
 tail -n 25 "$log"
 # (Report files may also hold warnings, e.g. "failed to allocate" for the impossible allocation
