@@ -2,12 +2,14 @@
 //
 // The tile: 32 output channels (two AVX-512 registers) x up to 14 consecutive output pixels
 // (of one row, or running on into the next), 28 accumulators held in registers. Each step loads
-// two weight vectors and, per pixel, broadcasts one input value into two FMAs: 16 loads feed 28 FMAs, so the loop is bound by the
-// FMA ports rather than by loads (PERFORMANCE.md, "a register tile of outputs"). Vectorising over
-// output channels, not width, makes stride and width-7 layers cost nothing extra.
+// two weight vectors and, per pixel, broadcasts one input value into two FMAs: 16 loads feed 28
+// FMAs, so the loop is bound by the FMA ports rather than by loads (PERFORMANCE.md, "a register
+// tile of outputs"). Vectorising over output channels, not width, makes stride and width-7 layers
+// cost nothing extra.
 //
-// Per task (image, group, a few output rows), the input rows the tiles read are first copied into
-// zero-padded strips, so the inner loop needs no bounds tests and padding costs nothing.
+// Per task (a group's run of output rows, which may cross from one image into the next), the input
+// rows the tiles read are first copied into zero-padded strips, so the inner loop needs no bounds
+// tests and padding costs nothing. The weight gradient (further down) has its own tile.
 // The code is compiled for AVX-512 through a target attribute and used only when the CPU has it
 // (blocked_kernel_available); no -march flag is involved.
 #include "direct_blocked.h"
