@@ -163,8 +163,11 @@ def _direct_weight_grad_op(c: Cost, out_pg, in_pg, threads: int | None) -> dict:
     blocks = math.ceil(out_pg / BLOCK_CHANNELS)
     cols = (w_o - 1) * c.stride[1] + (kw - 1) * c.dilation[1] + 1
 
-    def chunk_bytes(rows):
-        return ((rows - 1) * c.stride[0] + (kh - 1) * c.dilation[0] + 1) * cols * in_pg * 4
+    def input_rows(out_rows):  # input rows a band of output rows reads
+        return (out_rows - 1) * c.stride[0] + (kh - 1) * c.dilation[0] + 1
+
+    def chunk_bytes(out_rows):
+        return input_rows(out_rows) * cols * in_pg * 4
 
     rows = h_o
     while rows > 1 and chunk_bytes(rows) > GRAD_CHUNK_BYTES:
@@ -178,7 +181,7 @@ def _direct_weight_grad_op(c: Cost, out_pg, in_pg, threads: int | None) -> dict:
     split_inputs = in_pg > out_pg and c.groups < threads
     x_copies = 1 if split_inputs or c.groups >= threads else min(threads, blocks)
     dy_copies = min(threads, in_pg // tile_channels or 1) if split_inputs else 1
-    x_packed = c.groups * in_pg * n * bands * ((rows - 1) * c.stride[0] + (kh - 1) * c.dilation[0] + 1) * cols
+    x_packed = c.groups * in_pg * n * bands * input_rows(rows) * cols
     dy_packed = n * c.groups * blocks * BLOCK_CHANNELS * h_o * w_o
     return {"mac": c.macs * blocks * BLOCK_CHANNELS / out_pg, "mac_plain": 0.0,
             "inner_loop": float(chunks * c.groups * blocks * kh * math.ceil(in_pg / tile_channels)),

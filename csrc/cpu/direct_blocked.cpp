@@ -421,14 +421,14 @@ void blocked_weight_grad(const BlockedProblem& p, const float* dy, const float* 
             const int64_t col_end = std::min(cols, p.in_w - p.offset_w);
             for (int64_t c = 0; c < channels; c += tile_channels) {
               const int64_t tile_g = std::min<int64_t>(tile_channels, channels - c);
+              float* tile_rows = rows_t.data() + c * images * in_rows * cols;
               for (int64_t m = 0; m < images; ++m) {
                 const float* x_tile = x + ((n0 + m) * in_channels + g * C + c0 + c) * in_area;
                 for (int64_t i = 0; i < in_rows; ++i) {
                   const int64_t ih = ih0 + i;
                   if (ih < 0 || ih >= p.in_h) continue;
-                  float* dst = rows_t.data() + c * images * in_rows * cols;
                   transpose(x_tile + ih * p.in_w + p.offset_w + col_begin, in_area, tile_g, col_end - col_begin,
-                            dst + ((m * in_rows + i) * cols + col_begin) * tile_g, tile_g);
+                            tile_rows + ((m * in_rows + i) * cols + col_begin) * tile_g, tile_g);
                 }
               }
             }
