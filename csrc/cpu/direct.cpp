@@ -197,8 +197,9 @@ void forward_blocked(const float* x, const float* w, const float* bias, float* y
 // With stride > 1, the input gradient splits into stride_h x stride_w phases (hi % stride_h,
 // wi % stride_w). Within a phase, only the taps r with (hi + pad - r*dil) % stride == 0 reach it,
 // and they form a dense stride-1 correlation of grad_output with that sub-kernel, flipped.
-// (With dilation > 1 those taps are not unit-spaced in grad_output; the plain loops serve it.)
-bool backward_input_blocked_applies(const ConvShape& s) {
+// (With dilation > 1 those taps are not unit-spaced in grad_output; the scatter loop serves it.)
+// Both the blocked kernel and the plain loops run the input gradient phase by phase where this holds.
+bool input_grad_phases_apply(const ConvShape& s) {
   return (s.stride[0] == 1 || s.dilation[0] == 1) && (s.stride[1] == 1 || s.dilation[1] == 1);
 }
 
@@ -211,6 +212,10 @@ struct PhaseAxis {
   int64_t dilation = 1;    // spacing of those taps' reads in grad_output
   int64_t offset = 0;      // grad_output position read by the first tap at the phase's position 0
 };
+
+// Phases that hold input positions: hi % stride for hi in [0, in), so at most `in` of them (a
+// stride of 2^31 - 1 on a small image must not mean 2^31 empty phases to walk through).
+int64_t phase_count(int64_t stride, int64_t in) { return std::min(stride, in); }
 
 PhaseAxis phase_axis(int64_t phase, int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dil) {
   PhaseAxis a;
@@ -236,8 +241,8 @@ PhaseAxis phase_axis(int64_t phase, int64_t in, int64_t kernel, int64_t stride, 
 }
 
 void backward_input_blocked(const float* dy, const float* w, float* dx, const ConvShape& s) {
-  for (int64_t phase_h = 0; phase_h < s.stride[0]; ++phase_h) {
-    for (int64_t phase_w = 0; phase_w < s.stride[1]; ++phase_w) {
+  for (int64_t phase_h = 0; phase_h < phase_count(s.stride[0], s.in_h); ++phase_h) {
+    for (int64_t phase_w = 0; phase_w < phase_count(s.stride[1], s.in_w); ++phase_w) {
       const PhaseAxis a = phase_axis(phase_h, s.in_h, s.kernel_h, s.stride[0], s.padding[0], s.dilation[0]);
       const PhaseAxis b = phase_axis(phase_w, s.in_w, s.kernel_w, s.stride[1], s.padding[1], s.dilation[1]);
       if (a.out == 0 || b.out == 0 || a.taps == 0 || b.taps == 0) continue;  // dx was zero-filled
@@ -272,8 +277,8 @@ void backward_input_phases(const scalar_t* dy, const scalar_t* w, scalar_t* dx, 
       const int64_t n = nc / s.in_channels, c = nc % s.in_channels, group = c / in_per_group;
       scalar_t* dx_plane = dx + nc * in_area;
       std::fill(dx_plane, dx_plane + in_area, scalar_t(0));  // phases no tap reaches stay zero
-      for (int64_t phase_h = 0; phase_h < s.stride[0]; ++phase_h) {
-        for (int64_t phase_w = 0; phase_w < s.stride[1]; ++phase_w) {
+      for (int64_t phase_h = 0; phase_h < phase_count(s.stride[0], s.in_h); ++phase_h) {
+        for (int64_t phase_w = 0; phase_w < phase_count(s.stride[1], s.in_w); ++phase_w) {
           const PhaseAxis a = phase_axis(phase_h, s.in_h, s.kernel_h, s.stride[0], s.padding[0], s.dilation[0]);
           const PhaseAxis b = phase_axis(phase_w, s.in_w, s.kernel_w, s.stride[1], s.padding[1], s.dilation[1]);
           if (a.out == 0 || b.out == 0 || a.taps == 0 || b.taps == 0) continue;
@@ -329,12 +334,12 @@ at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor
   const ConvShape s = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
   const at::Tensor dy = as_nchw(grad_output), w = weight.contiguous();
   at::Tensor dx = at::empty(s.input_sizes(), grad_output.options());
-  if (use_blocked(grad_output, s.in_per_group()) && backward_input_blocked_applies(s)) {
+  if (use_blocked(grad_output, s.in_per_group()) && input_grad_phases_apply(s)) {
     if (s.stride[0] > 1 || s.stride[1] > 1) dx.zero_();  // phases no tap reaches stay zero
     backward_input_blocked(dy.const_data_ptr<float>(), w.const_data_ptr<float>(), dx.mutable_data_ptr<float>(), s);
     return dx.contiguous(result_format(grad_output, weight));
   }
-  const bool phases = (s.stride[0] > 1 || s.stride[1] > 1) && backward_input_blocked_applies(s);
+  const bool phases = (s.stride[0] > 1 || s.stride[1] > 1) && input_grad_phases_apply(s);
   CHANNELCONV_DISPATCH(grad_output.scalar_type(), "channelconv::direct_backward_input", [&] {
     if (phases) {
       backward_input_phases<scalar_t>(dy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
