@@ -35,212 +35,11 @@ constexpr int kMaxPixels = 14;
 constexpr int64_t kStripBytes = int64_t(1) << 20;
 typedef float v16 __attribute__((vector_size(64), aligned(4)));  // unaligned loads allowed
 
-struct Tile {
-  const float* rows;      // the task's strips: [output row j][c][r][width]
-  const int64_t* pixels;  // where each of the tile's pixels reads tap (c, r, s) = (0, 0, 0) in `rows`
-  int64_t strip_width;
-  int64_t r_begin, r_end;  // kernel rows that read inside the plane for some pixel of the tile
-  int64_t taps_h, taps_w, in_per_group;
-  int64_t dil_w;
-  const float* weights;  // [c][r][s][32] of this channel block
-  const float* init;     // 32 initial values
-  float* acc;            // [pixels][32] result
-};
-
-template <int P>
-__attribute__((target("avx512f,fma"))) void tile_kernel(const Tile& t) {
-  v16 acc0[P], acc1[P];
-  int64_t at[P];  // held in registers: the tile's pixels may lie on different output rows
-#pragma GCC unroll 16
-  for (int p = 0; p < P; ++p) at[p] = t.pixels[p];
-  const v16 init0 = *reinterpret_cast<const v16*>(t.init);
-  const v16 init1 = *reinterpret_cast<const v16*>(t.init + 16);
-#pragma GCC unroll 16
-  for (int p = 0; p < P; ++p) {
-    acc0[p] = init0;
-    acc1[p] = init1;
-  }
-  for (int64_t c = 0; c < t.in_per_group; ++c) {
-    for (int64_t r = t.r_begin; r < t.r_end; ++r) {
-      const float* row = t.rows + (c * t.taps_h + r) * t.strip_width;
-      const float* w = t.weights + (c * t.taps_h + r) * t.taps_w * kBlockedChannels;
-      for (int64_t s = 0; s < t.taps_w; ++s, w += kBlockedChannels) {
-        const v16 w0 = *reinterpret_cast<const v16*>(w);
-        const v16 w1 = *reinterpret_cast<const v16*>(w + 16);
-        const float* x = row + s * t.dil_w;
-#pragma GCC unroll 16
-        for (int p = 0; p < P; ++p) {
-          const float xv = x[at[p]];
-          acc0[p] += w0 * xv;
-          acc1[p] += w1 * xv;
-        }
-      }
-    }
-  }
-#pragma GCC unroll 16
-  for (int p = 0; p < P; ++p) {
-    *reinterpret_cast<v16*>(t.acc + p * kBlockedChannels) = acc0[p];
-    *reinterpret_cast<v16*>(t.acc + p * kBlockedChannels + 16) = acc1[p];
-  }
-}
-
-using TileFn = void (*)(const Tile&);
-
-template <int... P>
-constexpr std::array<TileFn, sizeof...(P)> make_tile_table(std::integer_sequence<int, P...>) {
-  return {&tile_kernel<P + 1>...};
-}
-// tile_table[P - 1] handles P pixels.
-constexpr auto tile_table = make_tile_table(std::make_integer_sequence<int, kMaxPixels>{});
-
-}  // namespace
-
-bool blocked_kernel_available() {
-  // CHANNELCONV_DISABLE_AVX512=1 forces the portable loops (what a CPU without AVX-512 runs);
-  // the tests use it to cover that path on this machine.
-  static const bool available = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") &&
-                                std::getenv("CHANNELCONV_DISABLE_AVX512") == nullptr;
-  return available;
-}
-
-namespace {
-
-// Output rows per task of blocked_correlation (see there; rows run on from one image into the next).
-int64_t blocked_task_rows(const BlockedProblem& p, int64_t strip_floats, int64_t threads) {
-  const int64_t rows_per_group = p.batch * p.out_h;
-  const int64_t rows_by_cache = std::max<int64_t>(1, kStripBytes / (strip_floats * int64_t(sizeof(float))));
-  int64_t tasks = std::max(2 * threads, (p.groups * rows_per_group + rows_by_cache - 1) / rows_by_cache);
-  tasks = (tasks + threads - 1) / threads * threads;
-  const int64_t group_tasks = std::max<int64_t>(1, tasks / p.groups);
-  int64_t rows = std::max<int64_t>(1, (rows_per_group + group_tasks - 1) / group_tasks);
-  if (p.out_w * 2 == kMaxPixels && rows % 2 == 1 && rows < rows_per_group) ++rows;
-  return rows;
-}
-
-}  // namespace
-
-void blocked_correlation(const BlockedProblem& p, const float* in, const float* packed, const float* init, float* out) {
-  const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
-  const int64_t strip_width = (p.out_w - 1) * p.stride_w + (p.taps_w - 1) * p.dil_w + 1;
-  const int64_t in_area = p.in_h * p.in_w, out_area = p.plane_h() * p.plane_w();
-  const int64_t weights_per_block = p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
-
-  // Initial values per (group, padded channel): the bias, zero past the group's channels.
-  std::vector<float> init_padded(p.groups * blocks * kBlockedChannels, 0.0f);
-  if (init != nullptr) {
-    for (int64_t g = 0; g < p.groups; ++g)
-      std::copy(init + g * p.out_per_group, init + (g + 1) * p.out_per_group,
-                init_padded.begin() + g * blocks * kBlockedChannels);
-  }
-
-  // A task covers a run of output rows of one group, image after image, and runs every channel
-  // block over all of them, so a block's packed weights are read from memory once per task instead
-  // of once per row: on small maps with many channels (512 -> 512 at 7x7: 9.4 MB of weights, 0.2 MB
-  // of input per image) the weights dominate the traffic. Rows per task: as many as keep their
-  // strips within kStripBytes (cache-resident), in a number of tasks that shares out evenly over
-  // the threads (at least two each); on a 7-wide map an even number of rows, so that the task's
-  // pixels fill whole 14-pixel tiles.
-  const int64_t strip_floats = p.in_per_group * p.taps_h * strip_width;
-  const int64_t rows_per_group = p.batch * p.out_h;
-  const int64_t task_rows = blocked_task_rows(p, strip_floats, at::get_num_threads());
-  const int64_t group_tasks = (rows_per_group + task_rows - 1) / task_rows;
-
-  // Strip columns [x_begin, x_end) hold input columns; the rest is padding.
-  const int64_t x_begin = std::max<int64_t>(0, -p.offset_w);
-  const int64_t x_end = std::min(strip_width, p.in_w - p.offset_w);
-
-  at::parallel_for(0, p.groups * group_tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> strips(task_rows * strip_floats);
-    std::vector<int64_t> r_begin(task_rows), r_end(task_rows), row_out(task_rows);
-    std::vector<float> tile_acc(kMaxPixels * kBlockedChannels);
-    std::vector<int64_t> pixel_at(kMaxPixels), out_at(kMaxPixels);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t g = task / group_tasks, row0 = (task % group_tasks) * task_rows;
-      const int64_t rows = std::min(task_rows, rows_per_group - row0);
-      for (int64_t j = 0; j < rows; ++j) {
-        const int64_t n = (row0 + j) / p.out_h, oh = (row0 + j) % p.out_h;
-        const float* in_group = in + (n * p.groups + g) * p.in_per_group * in_area;
-        // Where the row's first pixel goes, from its group's first output channel in image 0.
-        row_out[j] = n * p.groups * p.out_per_group * out_area + (p.out_origin_h + oh * p.out_step_h) * p.plane_w() +
-                     p.out_origin_w;
-        // Kernel rows r whose input row ih = oh*stride + r*dil + offset lies in [0, in_h).
-        r_begin[j] = p.taps_h;
-        r_end[j] = 0;
-        for (int64_t r = 0; r < p.taps_h; ++r) {
-          const int64_t ih = oh * p.stride_h + r * p.dil_h + p.offset_h;
-          if (ih >= 0 && ih < p.in_h) {
-            r_begin[j] = std::min(r_begin[j], r);
-            r_end[j] = r + 1;
-          }
-        }
-        // Row j's zero-padded strip: strip[c][r][x] = in[ih(r), offset_w + x] (0 outside the plane).
-        // Kernel rows outside the plane read zeros: a tile spanning two output rows runs the
-        // kernel rows either of them needs.
-        for (int64_t c = 0; c < p.in_per_group; ++c) {
-          for (int64_t r = 0; r < p.taps_h; ++r) {
-            float* dst = strips.data() + j * strip_floats + (c * p.taps_h + r) * strip_width;
-            std::fill(dst, dst + strip_width, 0.0f);
-            if (r < r_begin[j] || r >= r_end[j] || x_end <= x_begin) continue;
-            const int64_t src = c * in_area + (oh * p.stride_h + r * p.dil_h + p.offset_h) * p.in_w + p.offset_w;
-            std::memcpy(dst + x_begin, in_group + src + x_begin, (x_end - x_begin) * sizeof(float));
-          }
-        }
-      }
-      // Tiles of up to kMaxPixels consecutive pixels of the task's rows, row after row: a 7-wide
-      // map still fills a whole tile (two rows), so each weight load feeds the full 28 FMAs.
-      const int64_t task_pixels = rows * p.out_w;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t channels = std::min(kBlockedChannels, p.out_per_group - b * kBlockedChannels);
-        float* out_block = out + (g * p.out_per_group + b * kBlockedChannels) * out_area;
-        for (int64_t q = 0; q < task_pixels; q += kMaxPixels) {
-          const int64_t pixels = std::min<int64_t>(kMaxPixels, task_pixels - q);
-          const int64_t j_first = q / p.out_w, j_last = (q + pixels - 1) / p.out_w;
-          Tile t{strips.data(), pixel_at.data(), strip_width, p.taps_h, 0, p.taps_h, p.taps_w, p.in_per_group, p.dil_w,
-                 packed + (g * blocks + b) * weights_per_block,
-                 init_padded.data() + (g * blocks + b) * kBlockedChannels, tile_acc.data()};
-          for (int64_t j = j_first; j <= j_last; ++j) {
-            t.r_begin = std::min(t.r_begin, r_begin[j]);
-            t.r_end = std::max(t.r_end, r_end[j]);
-          }
-          for (int64_t i = 0; i < pixels; ++i) {
-            const int64_t j = (q + i) / p.out_w, ow = (q + i) % p.out_w;
-            pixel_at[i] = j * strip_floats + ow * p.stride_w;
-            out_at[i] = row_out[j] + ow * p.out_step_w;
-          }
-          tile_table[pixels - 1](t);
-          // Transpose the tile [pixel][32] into the NCHW output of this block's channels.
-          for (int64_t k = 0; k < channels; ++k) {
-            float* out_channel = out_block + k * out_area;
-            for (int64_t i = 0; i < pixels; ++i) out_channel[out_at[i]] = tile_acc[i * kBlockedChannels + k];
-          }
-        }
-      }
-    }
-  });
-}
-
-namespace {
-
-// Weight gradient, blocked like a GEMM whose reduction runs over output pixels:
-//   dW[k, c, r, s] = sum over (n, oh, ow) of dy[n, k, oh, ow] * x[n, c, ih(oh, r), iw(ow, s)].
-// The pixels go by in chunks (a band of output rows of one image, or several whole images). Per
-// chunk, the input rows the chunk reads are copied channel-last and zero-padded (each tile's G
-// channels in one stream: [row][column][G]), and each 32-channel block of dy is transposed to
-// [pixel][32]. A tile holds 32 output channels x G input channels x S taps of one kernel row in
-// 2*G*S registers; per pixel it loads two dy vectors and broadcasts G*S input values: 2 + G*S
-// loads feed 2*G*S FMAs (G*S up to 12, so at most 14 loads per 24 FMAs: bound by the FMA ports).
-// The tile adds into a [c][r][s][32] copy of dW, so each weight element is summed over the chunks
-// in order, the pixels within a chunk in order, whatever the tiling or the thread count: the
-// result is deterministic.
-constexpr int kMaxGradTaps = 7;
-constexpr int kGradTileValues = 12;  // G * S: 24 accumulators of the 32 registers
-// Bytes of channel-last input rows per chunk: with the chunk's dy, resident in a core's L2.
-constexpr int64_t kGradChunkBytes = int64_t(1) << 20;
-
 // dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols, 16 x 16 at a time in
-// registers (masked at the edges): the packing of x and dy for the weight gradient. A plain double
-// loop cost more than the multiply-adds on 1x1 layers, and writing with a stride of 1 KiB (256
-// channels) evicted each line before its next write.
+// registers (masked at the edges): the forward tile's [pixel][32] result into NCHW planes, and the
+// packing of x and dy for the weight gradient. A plain double loop cost more than the multiply-adds
+// on 1x1 layers, and writing with a stride of 1 KiB (256 channels) evicted each line before its
+// next write.
 // (GCC 12 takes the "undefined" pass-through operand of the unpack intrinsics for an uninitialised
 // variable: a false -Wmaybe-uninitialized, silenced for this function only.)
 #pragma GCC diagnostic push
@@ -281,6 +80,264 @@ __attribute__((target("avx512f"))) void transpose(const float* src, int64_t src_
   }
 }
 #pragma GCC diagnostic pop
+
+// A tile: Rows (1 or 2) output rows of A consecutive pixels each, the same columns on each row.
+// Both rows read the same kernel rows [r_begin, r_end), so no multiply-add reads a zero row.
+struct Tile {
+  const float* x[2];      // each row's strip at (input channel 0, kernel row r_begin, the tile's first pixel)
+  int64_t channel_step;   // floats from one input channel's strip rows to the next
+  int64_t strip_width;    // floats from one kernel row to the next
+  int64_t kernel_rows;    // r_end - r_begin
+  int64_t taps_w, dil_w, stride_w, in_per_group;
+  const float* weights;   // this channel block's [c][r][s][32] at (0, r_begin, 0)
+  int64_t weight_channel_step;
+  const float* init;      // 32 initial values
+  float* acc;             // [pixel][32] result, row after row
+};
+
+// SW: the stride along the row as a constant (0: t.stride_w). With the stride known, every pixel's
+// input is a fixed displacement from one pointer per row, so the loop needs two address registers
+// instead of one per pixel (a pointer per pixel spilled to the stack: three reloads per tap).
+template <int A, int Rows, int SW>
+__attribute__((target("avx512f,fma"))) void tile_kernel(const Tile& t) {
+  constexpr int P = A * Rows;
+  const int64_t sw = SW > 0 ? SW : t.stride_w;
+  v16 acc0[P], acc1[P];
+  const v16 init0 = *reinterpret_cast<const v16*>(t.init);
+  const v16 init1 = *reinterpret_cast<const v16*>(t.init + 16);
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) {
+    acc0[p] = init0;
+    acc1[p] = init1;
+  }
+  for (int64_t c = 0; c < t.in_per_group; ++c) {
+    const float* x0 = t.x[0] + c * t.channel_step;
+    const float* x1 = t.x[Rows - 1] + c * t.channel_step;
+    const float* w = t.weights + c * t.weight_channel_step;
+    for (int64_t r = 0; r < t.kernel_rows; ++r, x0 += t.strip_width, x1 += t.strip_width) {
+      for (int64_t s = 0; s < t.taps_w; ++s, w += kBlockedChannels) {
+        const v16 w0 = *reinterpret_cast<const v16*>(w);
+        const v16 w1 = *reinterpret_cast<const v16*>(w + 16);
+#pragma GCC unroll 16
+        for (int p = 0; p < P; ++p) {
+          const float xv = (p < A ? x0 : x1)[s * t.dil_w + (p % A) * sw];
+          acc0[p] += w0 * xv;
+          acc1[p] += w1 * xv;
+        }
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) {
+    *reinterpret_cast<v16*>(t.acc + p * kBlockedChannels) = acc0[p];
+    *reinterpret_cast<v16*>(t.acc + p * kBlockedChannels + 16) = acc1[p];
+  }
+}
+
+using TileFn = void (*)(const Tile&);
+
+template <int Rows, int SW, int... A>
+constexpr std::array<TileFn, sizeof...(A)> make_tile_row(std::integer_sequence<int, A...>) {
+  return {&tile_kernel<A + 1, Rows, SW>...};
+}
+// one_row_tiles[SW][A - 1]: A pixels of one row at stride SW (0: any other stride);
+// two_row_tiles[SW][A - 1]: A pixels on each of two rows (2A <= kMaxPixels).
+constexpr std::array<std::array<TileFn, kMaxPixels>, 3> one_row_tiles = {
+    make_tile_row<1, 0>(std::make_integer_sequence<int, kMaxPixels>{}),
+    make_tile_row<1, 1>(std::make_integer_sequence<int, kMaxPixels>{}),
+    make_tile_row<1, 2>(std::make_integer_sequence<int, kMaxPixels>{})};
+constexpr std::array<std::array<TileFn, kMaxPixels / 2>, 3> two_row_tiles = {
+    make_tile_row<2, 0>(std::make_integer_sequence<int, kMaxPixels / 2>{}),
+    make_tile_row<2, 1>(std::make_integer_sequence<int, kMaxPixels / 2>{}),
+    make_tile_row<2, 2>(std::make_integer_sequence<int, kMaxPixels / 2>{})};
+
+}  // namespace
+
+bool blocked_kernel_available() {
+  // CHANNELCONV_DISABLE_AVX512=1 forces the portable loops (what a CPU without AVX-512 runs);
+  // the tests use it to cover that path on this machine.
+  static const bool available = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") &&
+                                std::getenv("CHANNELCONV_DISABLE_AVX512") == nullptr;
+  return available;
+}
+
+namespace {
+
+// Output rows per task of blocked_correlation (see there; rows run on from one image into the next).
+int64_t blocked_task_rows(const BlockedProblem& p, int64_t strip_floats, int64_t threads) {
+  const int64_t rows_per_group = p.batch * p.out_h;
+  const int64_t rows_by_cache = std::max<int64_t>(1, kStripBytes / (strip_floats * int64_t(sizeof(float))));
+  int64_t tasks = std::max(2 * threads, (p.groups * rows_per_group + rows_by_cache - 1) / rows_by_cache);
+  tasks = (tasks + threads - 1) / threads * threads;
+  const int64_t group_tasks = std::max<int64_t>(1, tasks / p.groups);
+  int64_t rows = std::max<int64_t>(1, (rows_per_group + group_tasks - 1) / group_tasks);
+  if (2 * p.out_w <= kMaxPixels && rows % 2 == 1 && rows < rows_per_group) ++rows;
+  return rows;
+}
+
+// A tile of a task: `width` pixels from column `col` of the task's row `row[0]` (and of row[1]
+// when two rows share the tile).
+struct TilePlace {
+  int64_t row[2];
+  int rows;
+  int64_t col, width;
+};
+
+// The task's tiles. A row wider than a tile is cut into equal pieces (56 -> 4 x 14, 20 -> 2 x 10).
+// Rows of at most half a tile go two to a tile, paired among rows that read the same kernel rows
+// (sorted by [r_begin, r_end): on 7x7 maps the top rows of two images pair, and so do their bottom
+// rows), so that no tile runs a kernel row that one of its rows does not need; a row left without
+// a partner of its range pairs with the next row anyway (its tile runs the union of the ranges).
+void plan_tiles(int64_t rows, int64_t out_w, const int64_t* r_begin, const int64_t* r_end,
+                std::vector<TilePlace>& tiles) {
+  tiles.clear();
+  if (2 * out_w <= kMaxPixels) {
+    std::vector<int64_t> order(rows);
+    for (int64_t j = 0; j < rows; ++j) order[j] = j;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return std::make_pair(r_begin[a], r_end[a]) < std::make_pair(r_begin[b], r_end[b]);
+    });
+    for (int64_t i = 0; i < rows; i += 2)
+      tiles.push_back(i + 1 < rows ? TilePlace{{order[i], order[i + 1]}, 2, 0, out_w}
+                                   : TilePlace{{order[i], order[i]}, 1, 0, out_w});
+    return;
+  }
+  const int64_t pieces = (out_w + kMaxPixels - 1) / kMaxPixels;
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t i = 0, col = 0; i < pieces; ++i) {
+      const int64_t width = out_w / pieces + (i < out_w % pieces ? 1 : 0);
+      tiles.push_back(TilePlace{{j, j}, 1, col, width});
+      col += width;
+    }
+}
+
+}  // namespace
+
+void blocked_correlation(const BlockedProblem& p, const float* in, const float* packed, const float* init, float* out) {
+  const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
+  const int64_t strip_width = (p.out_w - 1) * p.stride_w + (p.taps_w - 1) * p.dil_w + 1;
+  const int64_t in_area = p.in_h * p.in_w, out_area = p.plane_h() * p.plane_w();
+  const int64_t weights_per_block = p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
+  const int stride_index = p.stride_w == 1 || p.stride_w == 2 ? static_cast<int>(p.stride_w) : 0;
+
+  // Initial values per (group, padded channel): the bias, zero past the group's channels.
+  std::vector<float> init_padded(p.groups * blocks * kBlockedChannels, 0.0f);
+  if (init != nullptr) {
+    for (int64_t g = 0; g < p.groups; ++g)
+      std::copy(init + g * p.out_per_group, init + (g + 1) * p.out_per_group,
+                init_padded.begin() + g * blocks * kBlockedChannels);
+  }
+
+  // A task covers a run of output rows of one group, image after image, and runs every channel
+  // block over all of them, so a block's packed weights are read from memory once per task instead
+  // of once per row: on small maps with many channels (512 -> 512 at 7x7: 9.4 MB of weights, 0.2 MB
+  // of input per image) the weights dominate the traffic. Rows per task: as many as keep their
+  // strips within kStripBytes (cache-resident), in a number of tasks that shares out evenly over
+  // the threads (at least two each); on maps of at most 7 columns an even number of rows, so that
+  // the task's rows pair into whole tiles.
+  const int64_t strip_floats = p.in_per_group * p.taps_h * strip_width;
+  const int64_t rows_per_group = p.batch * p.out_h;
+  const int64_t task_rows = blocked_task_rows(p, strip_floats, at::get_num_threads());
+  const int64_t group_tasks = (rows_per_group + task_rows - 1) / task_rows;
+
+  // Strip columns [x_begin, x_end) hold input columns; the rest is padding.
+  const int64_t x_begin = std::max<int64_t>(0, -p.offset_w);
+  const int64_t x_end = std::min(strip_width, p.in_w - p.offset_w);
+
+  at::parallel_for(0, p.groups * group_tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> strips(task_rows * strip_floats);
+    std::vector<int64_t> r_begin(task_rows), r_end(task_rows), row_out(task_rows);
+    std::vector<float> tile_acc(kMaxPixels * kBlockedChannels);
+    std::vector<TilePlace> tiles;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task / group_tasks, row0 = (task % group_tasks) * task_rows;
+      const int64_t rows = std::min(task_rows, rows_per_group - row0);
+      for (int64_t j = 0; j < rows; ++j) {
+        const int64_t n = (row0 + j) / p.out_h, oh = (row0 + j) % p.out_h;
+        const float* in_group = in + (n * p.groups + g) * p.in_per_group * in_area;
+        // Where the row's first pixel goes, from its group's first output channel in image 0.
+        row_out[j] = n * p.groups * p.out_per_group * out_area + (p.out_origin_h + oh * p.out_step_h) * p.plane_w() +
+                     p.out_origin_w;
+        // Kernel rows r whose input row ih = oh*stride + r*dil + offset lies in [0, in_h).
+        r_begin[j] = p.taps_h;
+        r_end[j] = 0;
+        for (int64_t r = 0; r < p.taps_h; ++r) {
+          const int64_t ih = oh * p.stride_h + r * p.dil_h + p.offset_h;
+          if (ih >= 0 && ih < p.in_h) {
+            r_begin[j] = std::min(r_begin[j], r);
+            r_end[j] = r + 1;
+          }
+        }
+        // Row j's zero-padded strip: strip[c][r][x] = in[ih(r), offset_w + x] (0 outside the plane),
+        // for the kernel rows inside the plane; a tile whose rows need different ranges runs the
+        // union, so the rows outside read zeros too.
+        for (int64_t c = 0; c < p.in_per_group; ++c) {
+          for (int64_t r = 0; r < p.taps_h; ++r) {
+            float* dst = strips.data() + j * strip_floats + (c * p.taps_h + r) * strip_width;
+            if (r < r_begin[j] || r >= r_end[j] || x_end <= x_begin) {
+              std::fill(dst, dst + strip_width, 0.0f);
+              continue;
+            }
+            std::fill(dst, dst + x_begin, 0.0f);
+            const int64_t src = c * in_area + (oh * p.stride_h + r * p.dil_h + p.offset_h) * p.in_w + p.offset_w;
+            std::memcpy(dst + x_begin, in_group + src + x_begin, (x_end - x_begin) * sizeof(float));
+            std::fill(dst + x_end, dst + strip_width, 0.0f);
+          }
+        }
+      }
+      plan_tiles(rows, p.out_w, r_begin.data(), r_end.data(), tiles);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t channels = std::min(kBlockedChannels, p.out_per_group - b * kBlockedChannels);
+        float* out_block = out + (g * p.out_per_group + b * kBlockedChannels) * out_area;
+        const float* block_weights = packed + (g * blocks + b) * weights_per_block;
+        for (const TilePlace& place : tiles) {
+          const int64_t j0 = place.row[0], j1 = place.row[1];
+          const int64_t rb = std::min(r_begin[j0], r_begin[j1]), re = std::max(r_end[j0], r_end[j1]);
+          const int64_t first = rb * strip_width + place.col * p.stride_w;
+          Tile t{{strips.data() + j0 * strip_floats + first, strips.data() + j1 * strip_floats + first},
+                 p.taps_h * strip_width, strip_width, std::max<int64_t>(0, re - rb), p.taps_w, p.dil_w, p.stride_w,
+                 p.in_per_group, block_weights + rb * p.taps_w * kBlockedChannels,
+                 p.taps_h * p.taps_w * kBlockedChannels, init_padded.data() + (g * blocks + b) * kBlockedChannels,
+                 tile_acc.data()};
+          if (place.rows == 2)
+            two_row_tiles[stride_index][place.width - 1](t);
+          else
+            one_row_tiles[stride_index][place.width - 1](t);
+          // The tile's [pixel][32] result into the NCHW output of this block's channels, row by row.
+          for (int i = 0; i < place.rows; ++i) {
+            const float* acc = tile_acc.data() + i * place.width * kBlockedChannels;
+            float* dst = out_block + row_out[place.row[i]] + place.col * p.out_step_w;
+            if (p.out_step_w == 1) {
+              transpose(acc, kBlockedChannels, place.width, channels, dst, out_area);
+            } else {
+              for (int64_t k = 0; k < channels; ++k)
+                for (int64_t q = 0; q < place.width; ++q)
+                  dst[k * out_area + q * p.out_step_w] = acc[q * kBlockedChannels + k];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+namespace {
+
+// Weight gradient, blocked like a GEMM whose reduction runs over output pixels:
+//   dW[k, c, r, s] = sum over (n, oh, ow) of dy[n, k, oh, ow] * x[n, c, ih(oh, r), iw(ow, s)].
+// The pixels go by in chunks (a band of output rows of one image, or several whole images). Per
+// chunk, the input rows the chunk reads are copied channel-last and zero-padded (each tile's G
+// channels in one stream: [row][column][G]), and each 32-channel block of dy is transposed to
+// [pixel][32]. A tile holds 32 output channels x G input channels x S taps of one kernel row in
+// 2*G*S registers; per pixel it loads two dy vectors and broadcasts G*S input values: 2 + G*S
+// loads feed 2*G*S FMAs (G*S up to 12, so at most 14 loads per 24 FMAs: bound by the FMA ports).
+// The tile adds into a [c][r][s][32] copy of dW, so each weight element is summed over the chunks
+// in order, the pixels within a chunk in order, whatever the tiling or the thread count: the
+// result is deterministic.
+constexpr int kMaxGradTaps = 7;
+constexpr int kGradTileValues = 12;  // G * S: 24 accumulators of the 32 registers
+// Bytes of channel-last input rows per chunk: with the chunk's dy, resident in a core's L2.
+constexpr int64_t kGradChunkBytes = int64_t(1) << 20;
 
 struct GradTile {
   const float* dy;     // [image][pixel][32]: the chunk's output pixels, row after row
