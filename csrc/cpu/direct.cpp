@@ -188,9 +188,7 @@ float* packing_buffer(int64_t numel) {
 void forward_blocked(const float* x, const float* w, const float* bias, float* y, const ConvShape& s) {
   const BlockedProblem p = forward_problem(s);
   float* packed = packing_buffer(blocked_weight_numel(p));
-  pack_blocked_weight(p, packed, [&](int64_t g, int64_t k, int64_t c, int64_t r, int64_t t) {
-    return w[(((g * s.out_per_group() + k) * s.in_per_group() + c) * s.kernel_h + r) * s.kernel_w + t];
-  });
+  pack_blocked_weight_dense(p, w, packed);
   blocked_correlation(p, x, packed, bias, y);
 }
 

@@ -161,6 +161,20 @@ bool blocked_kernel_available() {
   return available;
 }
 
+void pack_blocked_weight_dense(const BlockedProblem& p, const float* w, float* packed) {
+  const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
+  const int64_t taps = p.in_per_group * p.taps_h * p.taps_w;
+  at::parallel_for(0, p.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t gb = begin; gb < end; ++gb) {
+      const int64_t g = gb / blocks, b = gb % blocks;
+      const int64_t channels = std::min(kBlockedChannels, p.out_per_group - b * kBlockedChannels);
+      float* dst = packed + gb * taps * kBlockedChannels;
+      if (channels < kBlockedChannels) std::fill(dst, dst + taps * kBlockedChannels, 0.0f);
+      transpose(w + (g * p.out_per_group + b * kBlockedChannels) * taps, taps, channels, taps, dst, kBlockedChannels);
+    }
+  });
+}
+
 namespace {
 
 // Output rows per task of blocked_correlation (see there; rows run on from one image into the next).
@@ -531,6 +545,7 @@ void blocked_weight_grad(const BlockedProblem& p, const float* dy, const float* 
 
 bool blocked_kernel_available() { return false; }
 void blocked_correlation(const BlockedProblem&, const float*, const float*, const float*, float*) {}
+void pack_blocked_weight_dense(const BlockedProblem&, const float*, float*) {}
 bool blocked_weight_grad_applies(const BlockedProblem&) { return false; }
 void blocked_weight_grad(const BlockedProblem&, const float*, const float*, float*) {}
 

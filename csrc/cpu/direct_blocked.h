@@ -61,6 +61,11 @@ void pack_blocked_weight(const BlockedProblem& p, float* packed, WeightAt weight
   });
 }
 
+// The same packing of a weight stored as the problem's (groups * out_per_group, in_per_group,
+// taps_h, taps_w), contiguous (the forward pass's weight as it is): per block a transpose of the
+// block's 32 rows, 16 x 16 at a time in registers (AVX-512; call only when blocked_kernel_available()).
+void pack_blocked_weight_dense(const BlockedProblem& p, const float* w, float* packed);
+
 inline int64_t blocked_weight_numel(const BlockedProblem& p) {
   const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
   return p.groups * blocks * p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
