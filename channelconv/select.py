@@ -126,19 +126,24 @@ STRIP_BYTES = 1 << 20
 def _direct_op(c: Cost, out_pg, in_pg, h_o, w_o, outputs, task_rows, vector_bytes, blocked, stride_w) -> dict:
     """Features of one direct op computing out_pg channels per group over an h_o x w_o plane from
     in_pg channels: register-blocked (csrc/cpu/direct_blocked.cpp: tiles of 32 channels, padded,
-    x 14 consecutive pixels of a task's rows; each task streams the group's packed weights once)
+    x up to 14 pixels of a task's rows; each task streams the group's packed weights once)
     or the plain loops (vectorised along the row: a short row wastes lanes; strided rows gather)."""
     n = c.output_shape[0]
     kh, kw = c.weight_shape[2:]
     if blocked:
         blocks = math.ceil(out_pg / BLOCK_CHANNELS)
         tasks = c.groups * math.ceil(n * h_o / task_rows)
-        tiles = tasks * blocks * math.ceil(task_rows * w_o / BLOCK_PIXELS)
+        # Tiles (plan_tiles): rows of at most 7 pixels two to a tile, wider rows cut into pieces.
+        if 2 * w_o <= BLOCK_PIXELS:
+            tiles_per_task = math.ceil(task_rows / 2)
+        else:
+            tiles_per_task = task_rows * math.ceil(w_o / BLOCK_PIXELS)
+        tiles = tasks * blocks * tiles_per_task
         weights = blocks * BLOCK_CHANNELS * in_pg * kh * kw
         # Inner loops: each tile runs one loop over a kernel row's k_w taps per (input channel,
-        # kernel row); a 1x1 kernel pays that loop's setup once per multiply-add step.
+        # kernel row), or a single loop over the input channels for a 1x1 kernel.
         return {"mac": c.macs * blocks * BLOCK_CHANNELS / out_pg, "mac_plain": 0.0,
-                "inner_loop": float(tiles * in_pg * kh),
+                "inner_loop": float(tiles * (1 if kh * kw == 1 else in_pg * kh)),
                 "weight_read": float(tasks * weights), "output": float(outputs), "call": 1.0}
     lanes = max(1, vector_bytes // c.element_size)
     waste = math.ceil(w_o / lanes) * lanes / w_o if w_o else 1.0
@@ -193,7 +198,7 @@ def _direct_task_rows(c: Cost, threads: int | None) -> int:
     """Output rows per task of the blocked direct kernel (csrc/cpu/direct_blocked.cpp,
     blocked_task_rows): as many as keep the task's float32 input strips within STRIP_BYTES, in a
     number of tasks (rows run on from one image into the next) that is a multiple of the thread
-    count, at least two per thread; even on a 7-wide map (whole 14-pixel tiles)."""
+    count, at least two per thread; even on maps of at most 7 columns (rows pair into tiles)."""
     n, _, h_o, w_o = c.output_shape
     kh, kw = c.weight_shape[2:]
     strip_width = (w_o - 1) * c.stride[1] + (kw - 1) * c.dilation[1] + 1
@@ -204,7 +209,7 @@ def _direct_task_rows(c: Cost, threads: int | None) -> int:
     tasks = max(2 * threads, math.ceil(c.groups * rows_per_group / rows_by_cache))
     tasks = math.ceil(tasks / threads) * threads
     rows = max(1, math.ceil(rows_per_group / max(1, tasks // c.groups)))
-    if 2 * w_o == BLOCK_PIXELS and rows % 2 == 1 and rows < rows_per_group:
+    if 2 * w_o <= BLOCK_PIXELS and rows % 2 == 1 and rows < rows_per_group:
         rows += 1
     return rows
 

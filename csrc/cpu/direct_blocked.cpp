@@ -1,11 +1,11 @@
 // Register-blocked float32 direct correlation (see direct_blocked.h).
 //
-// The tile: 32 output channels (two AVX-512 registers) x up to 14 consecutive output pixels
-// (of one row, or running on into the next), 28 accumulators held in registers. Each step loads
-// two weight vectors and, per pixel, broadcasts one input value into two FMAs: 16 loads feed 28
-// FMAs, so the loop is bound by the FMA ports rather than by loads (PERFORMANCE.md, "a register
-// tile of outputs"). Vectorising over output channels, not width, makes stride and width-7 layers
-// cost nothing extra.
+// The tile: 32 output channels (two AVX-512 registers) x up to 14 output pixels (a piece of one
+// row, or the same columns of two rows of at most 7), 28 accumulators held in registers. Each
+// step loads two weight vectors and, per pixel, broadcasts one input value into two FMAs: 16
+// loads feed 28 FMAs, so the loop is bound by the FMA ports rather than by loads (PERFORMANCE.md,
+// "a register tile of outputs"). Vectorising over output channels, not width, makes stride and
+// width-7 layers cost nothing extra.
 //
 // Per task (a group's run of output rows, which may cross from one image into the next), the input
 // rows the tiles read are first copied into zero-padded strips, so the inner loop needs no bounds
