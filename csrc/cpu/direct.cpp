@@ -188,7 +188,7 @@ float* packing_buffer(int64_t numel) {
 void forward_blocked(const float* x, const float* w, const float* bias, float* y, const ConvShape& s) {
   const BlockedProblem p = forward_problem(s);
   float* packed = packing_buffer(blocked_weight_numel(p));
-  pack_blocked_weight_dense(p, w, packed);
+  pack_blocked_weight(p, w, WeightTaps{s.kernel_h, s.kernel_w}, packed);
   blocked_correlation(p, x, packed, bias, y);
 }
 
@@ -249,10 +249,8 @@ void backward_input_blocked(const float* dy, const float* w, float* dx, const Co
       p.out_origin_h = phase_h, p.out_origin_w = phase_w, p.out_step_h = s.stride[0], p.out_step_w = s.stride[1];
       p.out_plane_h = s.in_h, p.out_plane_w = s.in_w;
       float* packed = packing_buffer(blocked_weight_numel(p));
-      pack_blocked_weight(p, packed, [&](int64_t g, int64_t c, int64_t k, int64_t t, int64_t u) {
-        const int64_t r = a.first_tap - t * a.tap_step, q = b.first_tap - u * b.tap_step;
-        return w[(((g * s.out_per_group() + k) * s.in_per_group() + c) * s.kernel_h + r) * s.kernel_w + q];
-      });
+      pack_blocked_weight(p, w, WeightTaps{s.kernel_h, s.kernel_w, true, a.first_tap, -a.tap_step, b.first_tap, -b.tap_step},
+                          packed);
       blocked_correlation(p, dy, packed, nullptr, dx);
     }
   }

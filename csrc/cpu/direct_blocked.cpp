@@ -174,16 +174,39 @@ bool blocked_kernel_available() {
   return available;
 }
 
-void pack_blocked_weight_dense(const BlockedProblem& p, const float* w, float* packed) {
+void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTaps& taps, float* packed) {
   const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
-  const int64_t taps = p.in_per_group * p.taps_h * p.taps_w;
+  const int64_t block_floats = p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
+  const int64_t kernel_taps = taps.kernel_h * taps.kernel_w;
+  const bool every_tap = !taps.transposed && p.taps_h == taps.kernel_h && p.taps_w == taps.kernel_w;
   at::parallel_for(0, p.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tap_major(kernel_taps * kBlockedChannels, 0.0f);  // [kernel tap][32]
     for (int64_t gb = begin; gb < end; ++gb) {
       const int64_t g = gb / blocks, b = gb % blocks;
       const int64_t channels = std::min(kBlockedChannels, p.out_per_group - b * kBlockedChannels);
-      float* dst = packed + gb * taps * kBlockedChannels;
-      if (channels < kBlockedChannels) std::fill(dst, dst + taps * kBlockedChannels, 0.0f);
-      transpose(w + (g * p.out_per_group + b * kBlockedChannels) * taps, taps, channels, taps, dst, kBlockedChannels);
+      const int64_t k0 = g * p.out_per_group + b * kBlockedChannels;  // the block's first channel
+      float* dst = packed + gb * block_floats;
+      if (channels < kBlockedChannels) std::fill(dst, dst + block_floats, 0.0f);
+      if (every_tap) {  // the block's rows of w, transposed whole: [c][r][s] x 32
+        transpose(w + k0 * p.in_per_group * kernel_taps, p.in_per_group * kernel_taps, channels,
+                  p.in_per_group * kernel_taps, dst, kBlockedChannels);
+        continue;
+      }
+      for (int64_t c = 0; c < p.in_per_group; ++c) {
+        // The block's 32 channels of input channel c, [kernel tap][32], then its taps in the problem's order.
+        if (taps.transposed)
+          transpose(w + ((g * p.in_per_group + c) * p.out_per_group + b * kBlockedChannels) * kernel_taps,
+                    kernel_taps, channels, kernel_taps, tap_major.data(), kBlockedChannels);
+        else
+          transpose(w + (k0 * p.in_per_group + c) * kernel_taps, p.in_per_group * kernel_taps, channels, kernel_taps,
+                    tap_major.data(), kBlockedChannels);
+        for (int64_t t = 0; t < p.taps_h; ++t)
+          for (int64_t u = 0; u < p.taps_w; ++u, dst += kBlockedChannels)
+            std::copy_n(tap_major.data() +
+                            ((taps.first_h + t * taps.step_h) * taps.kernel_w + taps.first_w + u * taps.step_w) *
+                                kBlockedChannels,
+                        kBlockedChannels, dst);
+      }
     }
   });
 }
@@ -545,11 +568,10 @@ void blocked_weight_grad(const BlockedProblem& p, const float* dy, const float* 
       const int64_t b = unit % blocks, part = (unit / blocks) % parts, g = unit / (blocks * parts);
       const int64_t c0 = part * part_channels, c1 = std::min(C, c0 + part_channels);
       const int64_t channels = std::min(kBlockedChannels, p.out_per_group - b * kBlockedChannels);
-      const float* src = dw_t.data() + (g * blocks + b) * dw_block;
-      for (int64_t j = 0; j < channels; ++j) {
-        float* dst = dw + (g * p.out_per_group + b * kBlockedChannels + j) * C * R * S;
-        for (int64_t i = c0 * R * S; i < c1 * R * S; ++i) dst[i] = src[i * kBlockedChannels + j];
-      }
+      if (c1 > c0)
+        transpose(dw_t.data() + (g * blocks + b) * dw_block + c0 * R * S * kBlockedChannels, kBlockedChannels,
+                  (c1 - c0) * R * S, channels, dw + (g * p.out_per_group + b * kBlockedChannels) * C * R * S + c0 * R * S,
+                  C * R * S);
     }
   });
 }
@@ -558,7 +580,7 @@ void blocked_weight_grad(const BlockedProblem& p, const float* dy, const float* 
 
 bool blocked_kernel_available() { return false; }
 void blocked_correlation(const BlockedProblem&, const float*, const float*, const float*, float*) {}
-void pack_blocked_weight_dense(const BlockedProblem&, const float*, float*) {}
+void pack_blocked_weight(const BlockedProblem&, const float*, const WeightTaps&, float*) {}
 bool blocked_weight_grad_applies(const BlockedProblem&) { return false; }
 void blocked_weight_grad(const BlockedProblem&, const float*, const float*, float*) {}
 

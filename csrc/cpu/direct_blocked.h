@@ -36,35 +36,24 @@ constexpr int64_t kBlockedChannels = 32;
 // Whether this CPU runs the blocked kernel (AVX-512F); otherwise callers use the plain loops.
 bool blocked_kernel_available();
 
-// Weights in the kernel's order, [group][channel block][c][r][s][32], zero-filled past out_per_group.
-// `weight_at(g, k, c, r, s)` gives each element (so one packer serves forward and input gradient).
-// One task per (group, block); within it, the packed weights are written in order, 32 channels
-// of one tap at a time: the 32 rows they read stay in L1 from one tap to the next. (Writing one
-// channel's taps at a time, 128 bytes apart, missed the cache on every write once a block's
-// weights outgrew L2, and cost a third of a 512 -> 512 3x3 forward pass at 7x7.)
-template <typename WeightAt>
-void pack_blocked_weight(const BlockedProblem& p, float* packed, WeightAt weight_at) {
-  const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
-  const int64_t taps = p.in_per_group * p.taps_h * p.taps_w;
-  at::parallel_for(0, p.groups * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t gb = begin; gb < end; ++gb) {
-      const int64_t g = gb / blocks, b = gb % blocks;
-      const int64_t channels = std::min(kBlockedChannels, p.out_per_group - b * kBlockedChannels);
-      float* dst = packed + gb * taps * kBlockedChannels;
-      for (int64_t c = 0; c < p.in_per_group; ++c)
-        for (int64_t r = 0; r < p.taps_h; ++r)
-          for (int64_t s = 0; s < p.taps_w; ++s, dst += kBlockedChannels) {
-            for (int64_t j = 0; j < channels; ++j) dst[j] = weight_at(g, b * kBlockedChannels + j, c, r, s);
-            std::fill(dst + channels, dst + kBlockedChannels, 0.0f);
-          }
-    }
-  });
-}
+// Which weight element each of the problem's taps multiplies. The weight is a conv weight
+// (K, C/groups, kernel_h, kernel_w), contiguous. Forward (transposed = false): the problem's
+// output channels are the weight's K, its input channels the weight's C. Input gradient
+// (transposed = true): the other way round, and tap (t, u) reads kernel row first_h + t*step_h,
+// column first_w + u*step_w (flipped: step -1; one stride phase's taps: step -stride).
+struct WeightTaps {
+  int64_t kernel_h, kernel_w;
+  bool transposed = false;
+  int64_t first_h = 0, step_h = 1, first_w = 0, step_w = 1;
+};
 
-// The same packing of a weight stored as the problem's (groups * out_per_group, in_per_group,
-// taps_h, taps_w), contiguous (the forward pass's weight as it is): per block a transpose of the
-// block's 32 rows, 16 x 16 at a time in registers (AVX-512; call only when blocked_kernel_available()).
-void pack_blocked_weight_dense(const BlockedProblem& p, const float* w, float* packed);
+// Weights in the kernel's order, [group][channel block][c][r][s][32], zero-filled past
+// out_per_group, by 16 x 16 transposes in AVX-512 registers (call only when
+// blocked_kernel_available()). One task per (group, block). (A scalar packer writing one channel's
+// taps at a time, 128 bytes apart, missed the cache on every write once a block's weights outgrew
+// L2, and cost a third of a 512 -> 512 3x3 forward pass at 7x7; writing tap by tap, 8 %; the
+// transposes, 6 %.)
+void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTaps& taps, float* packed);
 
 inline int64_t blocked_weight_numel(const BlockedProblem& p) {
   const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
