@@ -52,10 +52,10 @@ PRUNE_FACTOR = 10.0
 
 # Features of each algorithm's time model (see features()).
 LOWERED_FEATURES = ("gemm", "column", "column_strided", "gemm_call", "call")
-DIRECT_FEATURES = ("mac", "mac_plain", "inner_loop", "weight_read", "output", "call")
+DIRECT_FEATURES = ("mac", "mac_plain", "inner_loop", "weight_read", "strip", "output", "call")
 # Work that the kernels spread over threads; the rest (dispatch, per-GEMM setup) is serial.
 PARALLEL_FEATURES = frozenset({"gemm", "column", "column_strided", "mac", "mac_plain", "inner_loop", "weight_read",
-                               "output"})
+                               "strip", "output"})
 FEATURE_NAMES = {
     "gemm": "GEMM FLOPs (inflated for small M, N, K)",
     "column": "column elements unrolled",
@@ -66,6 +66,7 @@ FEATURE_NAMES = {
     "mac_plain": "multiply-adds in the plain loops (lanes wasted on short rows)",
     "inner_loop": "inner loops started",
     "weight_read": "packed weights streamed (once per task of output rows)",
+    "strip": "input elements copied into the blocked kernel's zero-padded strips",
     "output": "output elements (accumulator fill and copy)",
 }
 
@@ -140,15 +141,19 @@ def _direct_op(c: Cost, out_pg, in_pg, h_o, w_o, outputs, task_rows, vector_byte
             tiles_per_task = task_rows * math.ceil(w_o / BLOCK_PIXELS)
         tiles = tasks * blocks * tiles_per_task
         weights = blocks * BLOCK_CHANNELS * in_pg * kh * kw
+        # Each output row copies k_h input rows per input channel into its strips (a 1x1 layer with
+        # few output channels per input channel spends a fifth of its time there).
+        strip_width = (w_o - 1) * stride_w + (kw - 1) * c.dilation[1] + 1
         # Inner loops: each tile runs one loop over a kernel row's k_w taps per (input channel,
         # kernel row), or a single loop over the input channels for a 1x1 kernel.
         return {"mac": c.macs * blocks * BLOCK_CHANNELS / out_pg, "mac_plain": 0.0,
                 "inner_loop": float(tiles * (1 if kh * kw == 1 else in_pg * kh)),
-                "weight_read": float(tasks * weights), "output": float(outputs), "call": 1.0}
+                "weight_read": float(tasks * weights), "strip": float(c.groups * n * h_o * in_pg * kh * strip_width),
+                "output": float(outputs), "call": 1.0}
     lanes = max(1, vector_bytes // c.element_size)
     waste = math.ceil(w_o / lanes) * lanes / w_o if w_o else 1.0
     return {"mac": 0.0, "mac_plain": c.macs * waste * (1 if stride_w == 1 else 2),
-            "inner_loop": float(n * c.groups * out_pg * in_pg * kh * kw * h_o), "weight_read": 0.0,
+            "inner_loop": float(n * c.groups * out_pg * in_pg * kh * kw * h_o), "weight_read": 0.0, "strip": 0.0,
             "output": float(outputs), "call": 1.0}
 
 
@@ -190,7 +195,7 @@ def _direct_weight_grad_op(c: Cost, out_pg, in_pg, threads: int | None) -> dict:
     dy_packed = n * c.groups * blocks * BLOCK_CHANNELS * h_o * w_o
     return {"mac": c.macs * blocks * BLOCK_CHANNELS / out_pg, "mac_plain": 0.0,
             "inner_loop": float(chunks * c.groups * blocks * kh * math.ceil(in_pg / tile_channels)),
-            "weight_read": float(chunks * c.groups * blocks * BLOCK_CHANNELS * in_pg * kh * kw),
+            "weight_read": float(chunks * c.groups * blocks * BLOCK_CHANNELS * in_pg * kh * kw), "strip": 0.0,
             "output": float(x_packed * x_copies + dy_packed * dy_copies), "call": 1.0}
 
 
