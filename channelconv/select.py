@@ -52,10 +52,10 @@ PRUNE_FACTOR = 10.0
 
 # Features of each algorithm's time model (see features()).
 LOWERED_FEATURES = ("gemm", "column", "column_strided", "gemm_call", "call")
-DIRECT_FEATURES = ("mac", "mac_plain", "inner_loop", "weight_read", "strip", "output", "call")
+DIRECT_FEATURES = ("mac", "mac_1x1", "mac_plain", "inner_loop", "weight_read", "strip", "output", "call")
 # Work that the kernels spread over threads; the rest (dispatch, per-GEMM setup) is serial.
-PARALLEL_FEATURES = frozenset({"gemm", "column", "column_strided", "mac", "mac_plain", "inner_loop", "weight_read",
-                               "strip", "output"})
+PARALLEL_FEATURES = frozenset({"gemm", "column", "column_strided", "mac", "mac_1x1", "mac_plain", "inner_loop",
+                               "weight_read", "strip", "output"})
 FEATURE_NAMES = {
     "gemm": "GEMM FLOPs (inflated for small M, N, K)",
     "column": "column elements unrolled",
@@ -63,6 +63,7 @@ FEATURE_NAMES = {
     "gemm_call": "small GEMMs (images x bands x groups)",
     "call": "per-call overhead",
     "mac": "multiply-adds in register-blocked tiles (channels padded to 32)",
+    "mac_1x1": "of those, the ones of 1x1 kernels (no input reuse across taps: the tile streams its input from L2)",
     "mac_plain": "multiply-adds in the plain loops (lanes wasted on short rows)",
     "inner_loop": "inner loops started",
     "weight_read": "packed weights streamed (once per task of output rows)",
@@ -146,13 +147,14 @@ def _direct_op(c: Cost, out_pg, in_pg, h_o, w_o, outputs, task_rows, vector_byte
         strip_width = (w_o - 1) * stride_w + (kw - 1) * c.dilation[1] + 1
         # Inner loops: each tile runs one loop over a kernel row's k_w taps per (input channel,
         # kernel row), or a single loop over the input channels for a 1x1 kernel.
-        return {"mac": c.macs * blocks * BLOCK_CHANNELS / out_pg, "mac_plain": 0.0,
+        macs = c.macs * blocks * BLOCK_CHANNELS / out_pg
+        return {"mac": macs, "mac_1x1": macs if kh * kw == 1 else 0.0, "mac_plain": 0.0,
                 "inner_loop": float(tiles * (1 if kh * kw == 1 else in_pg * kh)),
                 "weight_read": float(tasks * weights), "strip": float(c.groups * n * h_o * in_pg * kh * strip_width),
                 "output": float(outputs), "call": 1.0}
     lanes = max(1, vector_bytes // c.element_size)
     waste = math.ceil(w_o / lanes) * lanes / w_o if w_o else 1.0
-    return {"mac": 0.0, "mac_plain": c.macs * waste * (1 if stride_w == 1 else 2),
+    return {"mac": 0.0, "mac_1x1": 0.0, "mac_plain": c.macs * waste * (1 if stride_w == 1 else 2),
             "inner_loop": float(n * c.groups * out_pg * in_pg * kh * kw * h_o), "weight_read": 0.0, "strip": 0.0,
             "output": float(outputs), "call": 1.0}
 
@@ -193,7 +195,7 @@ def _direct_weight_grad_op(c: Cost, out_pg, in_pg, threads: int | None) -> dict:
     dy_copies = min(threads, in_pg // tile_channels or 1) if split_inputs else 1
     x_packed = c.groups * in_pg * n * bands * input_rows(rows) * cols
     dy_packed = n * c.groups * blocks * BLOCK_CHANNELS * h_o * w_o
-    return {"mac": c.macs * blocks * BLOCK_CHANNELS / out_pg, "mac_plain": 0.0,
+    return {"mac": c.macs * blocks * BLOCK_CHANNELS / out_pg, "mac_1x1": 0.0, "mac_plain": 0.0,
             "inner_loop": float(chunks * c.groups * blocks * kh * math.ceil(in_pg / tile_channels)),
             "weight_read": float(chunks * c.groups * blocks * BLOCK_CHANNELS * in_pg * kh * kw), "strip": 0.0,
             "output": float(x_packed * x_copies + dy_packed * dy_copies), "call": 1.0}
