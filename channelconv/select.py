@@ -100,13 +100,13 @@ def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16, thread
         c_in, h, w = c.input_shape[1:]
         kh, kw = c.weight_shape[2:]
         out_pg, in_pg = max(1, k // c.groups), max(1, c_in // c.groups)
-        ops = [_direct_op(c, out_pg, in_pg, h_o, w_o, n * k * h_o * w_o, _direct_task_rows(c, threads), vector_bytes,
+        ops = [_direct_op(c, out_pg, in_pg, h_o, w_o, n * k * h_o * w_o, _direct_tasks(c, threads), vector_bytes,
                           _blocked_direct(c.element_size, out_pg), c.stride[1])]
         if training:
             # Input gradient: dy correlated with the flipped, transposed weight (C_in/g "output"
             # channels over the input plane); blocked at stride 1, or strided without dilation.
             in_blocked = _blocked_direct(c.element_size, in_pg) and (c.stride == (1, 1) or c.dilation == (1, 1))
-            ops.append(_direct_op(c, in_pg, out_pg, h, w, n * c_in * h * w, h, vector_bytes, in_blocked, 1))
+            ops.append(_direct_op(c, in_pg, out_pg, h, w, n * c_in * h * w, n, vector_bytes, in_blocked, 1))
             # Weight gradient: blocked for k_w <= 7 and at least 16 output channels per group.
             if _blocked_direct(c.element_size, out_pg) and kw <= 7 and out_pg >= BLOCK_CHANNELS // 2:
                 ops.append(_direct_weight_grad_op(c, out_pg, in_pg, threads))
@@ -125,7 +125,7 @@ BLOCK_CHANNELS, BLOCK_PIXELS = 32, 14
 STRIP_BYTES = 1 << 20
 
 
-def _direct_op(c: Cost, out_pg, in_pg, h_o, w_o, outputs, task_rows, vector_bytes, blocked, stride_w) -> dict:
+def _direct_op(c: Cost, out_pg, in_pg, h_o, w_o, outputs, group_tasks, vector_bytes, blocked, stride_w) -> dict:
     """Features of one direct op computing out_pg channels per group over an h_o x w_o plane from
     in_pg channels: register-blocked (csrc/cpu/direct_blocked.cpp: tiles of 32 channels, padded,
     x up to 14 pixels of a task's rows; each task streams the group's packed weights once)
@@ -134,13 +134,14 @@ def _direct_op(c: Cost, out_pg, in_pg, h_o, w_o, outputs, task_rows, vector_byte
     kh, kw = c.weight_shape[2:]
     if blocked:
         blocks = math.ceil(out_pg / BLOCK_CHANNELS)
-        tasks = c.groups * math.ceil(n * h_o / task_rows)
-        # Tiles (plan_tiles): rows of at most 7 pixels two to a tile, wider rows cut into pieces.
+        tasks = c.groups * group_tasks
+        # Tiles (plan_tiles): rows of at most 7 pixels two to a tile (tasks hold whole pairs), wider
+        # rows cut into pieces.
         if 2 * w_o <= BLOCK_PIXELS:
-            tiles_per_task = math.ceil(task_rows / 2)
+            group_tiles = math.ceil(n * h_o / 2)
         else:
-            tiles_per_task = task_rows * math.ceil(w_o / BLOCK_PIXELS)
-        tiles = tasks * blocks * tiles_per_task
+            group_tiles = n * h_o * math.ceil(w_o / BLOCK_PIXELS)
+        tiles = c.groups * blocks * group_tiles
         weights = blocks * BLOCK_CHANNELS * in_pg * kh * kw
         # Each output row copies k_h input rows per input channel into its strips (a 1x1 layer with
         # few output channels per input channel spends a fifth of its time there).
@@ -201,24 +202,23 @@ def _direct_weight_grad_op(c: Cost, out_pg, in_pg, threads: int | None) -> dict:
             "output": float(x_packed * x_copies + dy_packed * dy_copies), "call": 1.0}
 
 
-def _direct_task_rows(c: Cost, threads: int | None) -> int:
-    """Output rows per task of the blocked direct kernel (csrc/cpu/direct_blocked.cpp,
-    blocked_task_rows): as many as keep the task's float32 input strips within STRIP_BYTES, in a
-    number of tasks (rows run on from one image into the next) that is a multiple of the thread
-    count, at least two per thread; even on maps of at most 7 columns (rows pair into tiles)."""
+def _direct_tasks(c: Cost, threads: int | None) -> int:
+    """Tasks per group of the blocked direct kernel (csrc/cpu/direct_blocked.cpp, blocked_task_rows):
+    as many as keep each task's float32 input strips within STRIP_BYTES, a multiple of the thread
+    count and at least two per thread, at most one per unit of rows (the group's rows, which run on
+    from one image into the next, are shared evenly in units of two rows on maps of at most 7
+    columns)."""
     n, _, h_o, w_o = c.output_shape
     kh, kw = c.weight_shape[2:]
     strip_width = (w_o - 1) * c.stride[1] + (kw - 1) * c.dilation[1] + 1
     strip_bytes = 4 * (c.input_shape[1] // c.groups) * kh * strip_width
     threads = threads or torch.get_num_threads()
     rows_per_group = n * h_o
+    units = math.ceil(rows_per_group / (2 if 2 * w_o <= BLOCK_PIXELS else 1))
     rows_by_cache = max(1, STRIP_BYTES // max(1, strip_bytes))
     tasks = max(2 * threads, math.ceil(c.groups * rows_per_group / rows_by_cache))
     tasks = math.ceil(tasks / threads) * threads
-    rows = max(1, math.ceil(rows_per_group / max(1, tasks // c.groups)))
-    if 2 * w_o <= BLOCK_PIXELS and rows % 2 == 1 and rows < rows_per_group:
-        rows += 1
-    return rows
+    return min(max(1, tasks // c.groups), max(1, units))
 
 
 def _blocked_direct(element_size: int, out_per_group: int) -> bool:

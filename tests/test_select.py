@@ -190,7 +190,9 @@ def test_direct_training_features_follow_each_ops_kernel():
     # A task of output rows streams the group's packed weights once: more rows per task, fewer reads.
     # At 7x7 with two threads: four tasks of two whole images (14 rows, 98 pixels: 7 full tiles).
     small = channelconv.cost((8, 512, 7, 7), (512, 512, 3, 3), 1, 1)
-    assert select._direct_task_rows(small, 2) == 14
+    assert select._direct_tasks(small, 2) == 4
+    # At most one task per unit of rows: a batch-1 7x7 map has 4 pairs of rows (the last one short).
+    assert select._direct_tasks(channelconv.cost((1, 512, 7, 7), (512, 512, 3, 3), 1, 1), 64) == 4
     assert select.features("direct", small, gemm, threads=2)["weight_read"] == 4 * 512 * 512 * 9
     assert select.features("direct", small, gemm, threads=64)["weight_read"] > 8 * 512 * 512 * 9
     # The weight gradient loads and stores its dW tiles once per chunk: a 56x56 image's rows fill a
