@@ -224,13 +224,14 @@ def cost(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, d
     forward_memory = (x_el + w_el + b_el + y_el) * elem
     backward_memory = (2 * x_el + 2 * w_el + y_el + 2 * b_el) * elem  # x, w, dy, dx, dw (+ b, db)
 
+    reads_input = (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0)
     plans = {
         "direct": AlgorithmPlan("direct", True, inner_loops=n * c_out * c_per_group * kh * kw * h_o,
                                 planes=n * c_out),
-        "im2col": _lowered_plan("im2col", n, c_in, c_out, h_o, w_o, kh, kw, groups, elem, limit, False),
+        # A 1x1, stride-1, unpadded kernel's unrolling is the identity: both lowerings read the input as it is.
+        "im2col": _lowered_plan("im2col", n, c_in, c_out, h_o, w_o, kh, kw, groups, elem, limit, reads_input),
     }
     if (kh, kw) == (1, 1):
-        reads_input = stride == (1, 1) and padding == (0, 0)
         plans["1x1"] = _lowered_plan("1x1", n, c_in, c_out, h_o, w_o, 1, 1, groups, elem, limit, reads_input)
     else:
         plans["1x1"] = AlgorithmPlan("1x1", False, why_not=f"'1x1' accepts only 1x1 kernels, not {kh}x{kw}")

@@ -22,7 +22,7 @@ struct BandKernels {
 };
 
 enum class Lowering {
-  Im2col,    // always unroll patches into a column buffer
+  Im2col,    // unroll patches into a column buffer (except where that is the identity: see input_is_columns)
   OneByOne,  // 1x1 kernels only; the input itself is the column matrix when stride 1 and no padding
 };
 
