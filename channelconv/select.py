@@ -418,7 +418,7 @@ def _measured_choice(input, weight, bias, stride, padding, dilation, groups, tra
     return hit["choice"]
 
 
-def _time_candidates(input, weight, bias, stride, padding, dilation, groups, training, rounds: int = 3) -> dict:
+def _time_candidates(input, weight, bias, stride, padding, dilation, groups, training, rounds: int = 5) -> dict:
     from torch.utils.benchmark.utils.timer import timer as clock  # synchronises an accelerator
 
     from ._ops import OPS, TAKES_WORKSPACE
