@@ -15,21 +15,19 @@ void check_lowering(Lowering lowering, const ConvShape& s, at::IntArrayRef weigh
                     "workspace_limit=", workspace_limit);
 }
 
-// With a 1x1 kernel, stride 1 and no padding, each image (C, H*W) already is its column
-// matrix: the GEMM reads the input where it lies. (Dilation does not move a 1x1 tap.)
-// The unrolling of a 1x1, stride-1, unpadded kernel is the identity: the column matrix of an image
-// is the image itself, (C, H*W). Both lowerings then read the input as it is (as Caffe's and
-// PyTorch's own im2col paths do): copying it would be pure overhead (a third of im2col's time on
-// ResNet-50's 1x1 layers at batch 1).
-bool input_is_columns(Lowering, const ConvShape& s) {
+// With a 1x1 kernel, stride 1 and no padding, the unrolling is the identity: each image (C, H*W)
+// already is its column matrix, and both lowerings read the input where it lies (as Caffe's and
+// PyTorch's own im2col paths do; copying it cost im2col a third of its time on ResNet-50's 1x1
+// layers at batch 1). (Dilation does not move a 1x1 tap.)
+bool input_is_columns(const ConvShape& s) {
   return s.kernel_h == 1 && s.kernel_w == 1 && s.stride[0] == 1 && s.stride[1] == 1 && s.padding[0] == 0 &&
          s.padding[1] == 0;
 }
 
 // channels_last data of a 1x1, stride-1, unpadded, single-group convolution is already a row-major
 // (N*H*W, C) matrix: one GEMM over the whole batch, no copy in or out, the output channels_last.
-bool nhwc_gemm(Lowering lowering, const ConvShape& s, std::initializer_list<at::Tensor> operands) {
-  if (!input_is_columns(lowering, s) || s.groups != 1) return false;
+bool nhwc_gemm(const ConvShape& s, std::initializer_list<at::Tensor> operands) {
+  if (!input_is_columns(s) || s.groups != 1) return false;
   for (const at::Tensor& t : operands) {
     if (!t.is_contiguous(at::MemoryFormat::ChannelsLast) || t.is_contiguous()) return false;
   }
@@ -115,7 +113,7 @@ at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const 
   const ConvShape s = check_forward(input, weight, bias, stride, padding, dilation, groups);
   check_lowering(lowering, s, weight.sizes(), workspace_limit);
   const bool has_bias = bias.has_value() && bias->defined();
-  if (nhwc_gemm(lowering, s, {input})) {
+  if (nhwc_gemm(s, {input})) {
     at::Tensor y = at::empty(s.output_sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
     at::Tensor y_rows = nhwc_rows(y);
     const at::Tensor w_t = weight.reshape({s.out_channels, s.in_channels}).t();
@@ -141,7 +139,7 @@ at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const 
       at::bmm_out(y_slice, per_image(w, images), columns);
     }
   };
-  if (input_is_columns(lowering, s)) {
+  if (input_is_columns(s)) {
     for_each_image_run(s, [&](int64_t n0, int64_t images) {
       gemm_into(images_view(y, s, n0, images), images_view(x, s, n0, images), images);
     });
@@ -166,13 +164,13 @@ at::Tensor lowered_backward_input(const BandKernels& kernels, Lowering lowering,
   // (G, C/G*k_h*k_w, K/G): the transposed weight, a view (the GEMM reads it transposed).
   const at::Tensor w_t = weight.contiguous().view({s.groups, s.out_per_group(), s.column_rows()}).transpose(1, 2);
   at::Tensor dx;
-  if (nhwc_gemm(lowering, s, {grad_output})) {
+  if (nhwc_gemm(s, {grad_output})) {
     dx = at::empty(s.input_sizes(), grad_output.options().memory_format(at::MemoryFormat::ChannelsLast));
     at::Tensor dx_rows = nhwc_rows(dx);
     at::mm_out(dx_rows, nhwc_rows(grad_output), weight.reshape({s.out_channels, s.in_channels}));
     return dx;
   }
-  if (input_is_columns(lowering, s)) {
+  if (input_is_columns(s)) {
     dx = at::empty(s.input_sizes(), grad_output.options());
     for_each_image_run(s, [&](int64_t n0, int64_t images) {
       at::Tensor dx_images = images_view(dx, s, n0, images);
@@ -200,7 +198,7 @@ at::Tensor lowered_backward_weight(const BandKernels& kernels, Lowering lowering
                                    int64_t workspace_limit) {
   const ConvShape s = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
   check_lowering(lowering, s, weight_size, workspace_limit);
-  if (nhwc_gemm(lowering, s, {input, grad_output})) {  // dW (K, C) = dy_rows^T . x_rows over the whole batch
+  if (nhwc_gemm(s, {input, grad_output})) {  // dW (K, C) = dy_rows^T . x_rows over the whole batch
     return at::mm(nhwc_rows(grad_output).t(), nhwc_rows(input)).view(s.weight_sizes());
   }
   const at::Tensor x = as_nchw(input), dy = as_nchw(grad_output);
@@ -213,7 +211,7 @@ at::Tensor lowered_backward_weight(const BandKernels& kernels, Lowering lowering
     dw.baddbmm_(dy_slice.to(acc_type), columns.transpose(1, 2).to(acc_type));
   };
   // A sum over images: one GEMM per image (an image's pixels are the GEMM's inner dimension).
-  if (input_is_columns(lowering, s)) {
+  if (input_is_columns(s)) {
     for (int64_t n = 0; n < s.batch; ++n) accumulate(images_view(dy, s, n, 1), images_view(x, s, n, 1));
   } else if (s.batch > 0) {
     const ColumnBands bands(s, input.options(), workspace_limit);

@@ -249,8 +249,8 @@ void backward_input_blocked(const float* dy, const float* w, float* dx, const Co
       p.out_origin_h = phase_h, p.out_origin_w = phase_w, p.out_step_h = s.stride[0], p.out_step_w = s.stride[1];
       p.out_plane_h = s.in_h, p.out_plane_w = s.in_w;
       float* packed = packing_buffer(blocked_weight_numel(p));
-      pack_blocked_weight(p, w, WeightTaps{s.kernel_h, s.kernel_w, true, a.first_tap, -a.tap_step, b.first_tap, -b.tap_step},
-                          packed);
+      const WeightTaps flipped{s.kernel_h, s.kernel_w, true, a.first_tap, -a.tap_step, b.first_tap, -b.tap_step};
+      pack_blocked_weight(p, w, flipped, packed);
       blocked_correlation(p, dy, packed, nullptr, dx);
     }
   }

@@ -121,10 +121,18 @@ __attribute__((target("avx512f,fma"))) void tile_kernel(const Tile& t) {
     __builtin_prefetch(w + kWeightPrefetch, 0, 3);
     __builtin_prefetch(w + kWeightPrefetch + 16, 0, 3);
 #pragma GCC unroll 16
-    for (int p = 0; p < P; ++p) {
-      const float xv = (p < A ? x0 : x1)[(p % A) * sw];
+    for (int p = 0; p < A; ++p) {
+      const float xv = x0[p * sw];
       acc0[p] += w0 * xv;
       acc1[p] += w1 * xv;
+    }
+    if constexpr (Rows == 2) {
+#pragma GCC unroll 16
+      for (int p = 0; p < A; ++p) {
+        const float xv = x1[p * sw];
+        acc0[A + p] += w0 * xv;
+        acc1[A + p] += w1 * xv;
+      }
     }
   };
   if (t.kernel_rows == 1 && t.taps_w == 1) {  // one tap per input channel (1x1): one loop
@@ -579,10 +587,10 @@ void blocked_weight_grad(const BlockedProblem& p, const float* dy, const float* 
       const int64_t b = unit % blocks, part = (unit / blocks) % parts, g = unit / (blocks * parts);
       const int64_t c0 = part * part_channels, c1 = std::min(C, c0 + part_channels);
       const int64_t channels = std::min(kBlockedChannels, p.out_per_group - b * kBlockedChannels);
-      if (c1 > c0)
-        transpose(dw_t.data() + (g * blocks + b) * dw_block + c0 * R * S * kBlockedChannels, kBlockedChannels,
-                  (c1 - c0) * R * S, channels, dw + (g * p.out_per_group + b * kBlockedChannels) * C * R * S + c0 * R * S,
-                  C * R * S);
+      const int64_t taps = (c1 - c0) * R * S;  // this unit's (c, r, s) taps, from input channel c0 on
+      if (taps > 0)
+        transpose(dw_t.data() + (g * blocks + b) * dw_block + c0 * R * S * kBlockedChannels, kBlockedChannels, taps,
+                  channels, dw + (g * p.out_per_group + b * kBlockedChannels) * C * R * S + c0 * R * S, C * R * S);
     }
   });
 }
