@@ -125,6 +125,13 @@ BLOCK_CHANNELS, BLOCK_PIXELS = 32, 14
 STRIP_BYTES = 1 << 20
 
 
+def _input_span(outputs, taps, stride, dilation) -> int:
+    """Input positions a run of ``outputs`` consecutive outputs reads through ``taps`` taps (the
+    direct kernel's strip width, a weight-gradient chunk's input rows: input_span in
+    csrc/cpu/direct_blocked.cpp)."""
+    return (outputs - 1) * stride + (taps - 1) * dilation + 1
+
+
 def _direct_op(c: Cost, out_pg, in_pg, h_o, w_o, outputs, group_tasks, vector_bytes, blocked, stride_w) -> dict:
     """Features of one direct op computing out_pg channels per group over an h_o x w_o plane from
     in_pg channels: register-blocked (csrc/cpu/direct_blocked.cpp: tiles of 32 channels, padded,
@@ -145,7 +152,7 @@ def _direct_op(c: Cost, out_pg, in_pg, h_o, w_o, outputs, group_tasks, vector_by
         weights = blocks * BLOCK_CHANNELS * in_pg * kh * kw
         # Each output row copies k_h input rows per input channel into its strips (a 1x1 layer with
         # few output channels per input channel spends a fifth of its time there).
-        strip_width = (w_o - 1) * stride_w + (kw - 1) * c.dilation[1] + 1
+        strip_width = _input_span(w_o, kw, stride_w, c.dilation[1])
         # Inner loops: each tile runs one loop over a kernel row's k_w taps per (input channel,
         # kernel row), or a single loop over the input channels for a 1x1 kernel.
         macs = c.macs * blocks * BLOCK_CHANNELS / out_pg
@@ -174,10 +181,10 @@ def _direct_weight_grad_op(c: Cost, out_pg, in_pg, threads: int | None) -> dict:
     kh, kw = c.weight_shape[2:]
     threads = threads or torch.get_num_threads()
     blocks = math.ceil(out_pg / BLOCK_CHANNELS)
-    cols = (w_o - 1) * c.stride[1] + (kw - 1) * c.dilation[1] + 1
+    cols = _input_span(w_o, kw, c.stride[1], c.dilation[1])
 
     def input_rows(out_rows):  # input rows a band of output rows reads
-        return (out_rows - 1) * c.stride[0] + (kh - 1) * c.dilation[0] + 1
+        return _input_span(out_rows, kh, c.stride[0], c.dilation[0])
 
     def chunk_bytes(out_rows):
         return input_rows(out_rows) * cols * in_pg * 4
@@ -210,7 +217,7 @@ def _direct_tasks(c: Cost, threads: int | None) -> int:
     columns)."""
     n, _, h_o, w_o = c.output_shape
     kh, kw = c.weight_shape[2:]
-    strip_width = (w_o - 1) * c.stride[1] + (kw - 1) * c.dilation[1] + 1
+    strip_width = _input_span(w_o, kw, c.stride[1], c.dilation[1])
     strip_bytes = 4 * (c.input_shape[1] // c.groups) * kh * strip_width
     threads = threads or torch.get_num_threads()
     rows_per_group = n * h_o

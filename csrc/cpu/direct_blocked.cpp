@@ -39,6 +39,12 @@ constexpr int64_t kWeightPrefetch = 512;
 constexpr int64_t kStripBytes = int64_t(1) << 20;
 typedef float v16 __attribute__((vector_size(64), aligned(4)));  // unaligned loads allowed
 
+// Input positions that a run of `outputs` consecutive outputs reads through `taps` taps, from the
+// first output's first tap to the last output's last: a strip's width, a chunk's input rows.
+int64_t input_span(int64_t outputs, int64_t taps, int64_t stride, int64_t dilation) {
+  return (outputs - 1) * stride + (taps - 1) * dilation + 1;
+}
+
 // dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols, 16 x 16 at a time in
 // registers (masked at the edges): the forward tile's [pixel][32] result into NCHW planes, and the
 // packing of x and dy for the weight gradient. A plain double loop cost more than the multiply-adds
@@ -186,28 +192,25 @@ void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTa
   const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
   const int64_t block_floats = p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
   const int64_t kernel_taps = taps.kernel_h * taps.kernel_w;
-  const bool every_tap = !taps.transposed && p.taps_h == taps.kernel_h && p.taps_w == taps.kernel_w;
   at::parallel_for(0, p.groups * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tap_major(kernel_taps * kBlockedChannels, 0.0f);  // [kernel tap][32]
+    std::vector<float> tap_major(kernel_taps * kBlockedChannels);  // [kernel tap][32]
     for (int64_t gb = begin; gb < end; ++gb) {
       const int64_t g = gb / blocks, b = gb % blocks;
       const int64_t channels = std::min(kBlockedChannels, p.out_per_group - b * kBlockedChannels);
-      const int64_t k0 = g * p.out_per_group + b * kBlockedChannels;  // the block's first channel
       float* dst = packed + gb * block_floats;
-      if (channels < kBlockedChannels) std::fill(dst, dst + block_floats, 0.0f);
-      if (every_tap) {  // the block's rows of w, transposed whole: [c][r][s] x 32
-        transpose(w + k0 * p.in_per_group * kernel_taps, p.in_per_group * kernel_taps, channels,
-                  p.in_per_group * kernel_taps, dst, kBlockedChannels);
+      if (!taps.transposed) {  // forward: every tap in order, so the block's rows of w transposed whole
+        if (channels < kBlockedChannels) std::fill(dst, dst + block_floats, 0.0f);
+        const int64_t row = p.in_per_group * kernel_taps;  // [c][r][s] of one output channel
+        transpose(w + (g * p.out_per_group + b * kBlockedChannels) * row, row, channels, row, dst, kBlockedChannels);
         continue;
       }
+      // Input gradient: per weight output channel c (the problem's input channel), the block's 32
+      // weight input channels as [kernel tap][32] (lanes past the group's channels zero), then the
+      // phase's taps in the problem's order.
+      if (channels < kBlockedChannels) std::fill(tap_major.begin(), tap_major.end(), 0.0f);
       for (int64_t c = 0; c < p.in_per_group; ++c) {
-        // The block's 32 channels of input channel c, [kernel tap][32], then its taps in the problem's order.
-        if (taps.transposed)
-          transpose(w + ((g * p.in_per_group + c) * p.out_per_group + b * kBlockedChannels) * kernel_taps,
-                    kernel_taps, channels, kernel_taps, tap_major.data(), kBlockedChannels);
-        else
-          transpose(w + (k0 * p.in_per_group + c) * kernel_taps, p.in_per_group * kernel_taps, channels, kernel_taps,
-                    tap_major.data(), kBlockedChannels);
+        transpose(w + ((g * p.in_per_group + c) * p.out_per_group + b * kBlockedChannels) * kernel_taps, kernel_taps,
+                  channels, kernel_taps, tap_major.data(), kBlockedChannels);
         for (int64_t t = 0; t < p.taps_h; ++t)
           for (int64_t u = 0; u < p.taps_w; ++u, dst += kBlockedChannels)
             std::copy_n(tap_major.data() +
@@ -286,7 +289,7 @@ void plan_tiles(int64_t rows, int64_t out_w, const int64_t* r_begin, const int64
 
 void blocked_correlation(const BlockedProblem& p, const float* in, const float* packed, const float* init, float* out) {
   const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
-  const int64_t strip_width = (p.out_w - 1) * p.stride_w + (p.taps_w - 1) * p.dil_w + 1;
+  const int64_t strip_width = input_span(p.out_w, p.taps_w, p.stride_w, p.dil_w);
   const int64_t in_area = p.in_h * p.in_w, out_area = p.plane_h() * p.plane_w();
   const int64_t weights_per_block = p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
   const int stride_index = p.stride_w == 1 || p.stride_w == 2 ? static_cast<int>(p.stride_w) : 0;
@@ -489,8 +492,8 @@ void blocked_weight_grad(const BlockedProblem& p, const float* dy, const float* 
   const int64_t C = p.in_per_group, R = p.taps_h, S = p.taps_w;
   const int tile_channels = std::max(1, kGradTileValues / static_cast<int>(S));
   // Channel-last input rows of a chunk: wide enough for every tap of the band's output columns.
-  const int64_t cols = (p.out_w - 1) * p.stride_w + (S - 1) * p.dil_w + 1;
-  const auto input_rows = [&](int64_t out_rows) { return (out_rows - 1) * p.stride_h + (R - 1) * p.dil_h + 1; };
+  const int64_t cols = input_span(p.out_w, S, p.stride_w, p.dil_w);
+  const auto input_rows = [&](int64_t out_rows) { return input_span(out_rows, R, p.stride_h, p.dil_h); };
   // A chunk: a band of output rows of one image, as many rows as keep the band's input rows within
   // kGradChunkBytes; or, when a whole image fits, several whole images (7x7 maps: the dW tiles are
   // loaded and stored once per chunk, so fewer, larger chunks save that traffic). The chunking

@@ -38,9 +38,10 @@ bool blocked_kernel_available();
 
 // Which weight element each of the problem's taps multiplies. The weight is a conv weight
 // (K, C/groups, kernel_h, kernel_w), contiguous. Forward (transposed = false): the problem's
-// output channels are the weight's K, its input channels the weight's C. Input gradient
-// (transposed = true): the other way round, and tap (t, u) reads kernel row first_h + t*step_h,
-// column first_w + u*step_w (flipped: step -1; one stride phase's taps: step -stride).
+// output channels are the weight's K, its input channels the weight's C, and it reads every tap
+// in order. Input gradient (transposed = true): the other way round, and tap (t, u) reads kernel
+// row first_h + t*step_h, column first_w + u*step_w (flipped: step -1; one stride phase's taps:
+// step -stride).
 struct WeightTaps {
   int64_t kernel_h, kernel_w;
   bool transposed = false;
