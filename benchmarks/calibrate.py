@@ -256,7 +256,9 @@ def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool
     settings.block_s, settings.slow_s = (0.005, 0.05) if quick else (0.01, 0.2)
     settings.batch = 2
     clock_name = "thread CPU time" if settings.cpu_clock else "wall time"
-    log(f"calibrating 'auto' on {cpu_name()}, {settings.threads} threads, {settings.device} "
+    where = (f"{cpu_name()}, {settings.threads} thread(s)" if settings.device == "cpu"
+             else torch.cuda.get_device_name())
+    log(f"calibrating 'auto' on {where}, {settings.device} "
         f"{str(settings.dtype).replace('torch.', '')}, {clock_name}")
     gemm = fit_gemm(settings, quick, log)
     layers = probe_layers(quick)
@@ -282,7 +284,7 @@ def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool
             f"{rank['within_10pct']}/{rank['probes']} probes")
     if bar is not None:
         bar.close()
-    entry["source"] = (f"calibrated {time.strftime('%Y-%m-%d')} on {cpu_name()}, {settings.threads} thread(s), "
+    entry["source"] = (f"calibrated {time.strftime('%Y-%m-%d')} on {where}, "
                        f"{clock_name}, torch {torch.__version__}{' (quick)' if quick else ''}")
     try:
         data = json.loads(path.read_text())

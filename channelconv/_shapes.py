@@ -46,7 +46,10 @@ def output_shape(input_shape, weight_shape, stride, padding, dilation) -> tuple:
 
 
 def result_format(a: torch.Tensor, b: torch.Tensor) -> torch.memory_format:
-    """channels_last when either operand is, as F.conv2d does (C++: result_format)."""
+    """channels_last when either operand is, as F.conv2d does (C++: result_format); on CUDA
+    float64 is always NCHW, as cuDNN's channels_last path takes no doubles."""
+    if a.device.type == "cuda" and torch.float64 in (a.dtype, b.dtype):
+        return torch.contiguous_format
     if torch.channels_last in (suggest_memory_format(a), suggest_memory_format(b)):
         return torch.channels_last
     return torch.contiguous_format

@@ -156,6 +156,11 @@ ConvShape check_backward_weight(const at::Tensor& grad_output, const at::Tensor&
 }
 
 at::MemoryFormat result_format(const at::Tensor& a, const at::Tensor& b) {
+  // On CUDA, F.conv2d computes float64 in NCHW whatever its operands' formats (cuDNN's
+  // channels_last path takes no doubles).
+  if (a.is_cuda() && (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble)) {
+    return at::MemoryFormat::Contiguous;
+  }
   const bool channels_last = a.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
                              b.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;

@@ -61,7 +61,8 @@ ConvShape check_backward_weight(const at::Tensor& grad_output, const at::Tensor&
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 int64_t groups);
 
-// A result is channels_last when either operand it is computed from is (as F.conv2d does);
+// A result is channels_last when either operand it is computed from is (as F.conv2d does; on
+// CUDA not for float64, again as F.conv2d);
 // kernels compute in NCHW and hand back `result.contiguous(format)`.
 at::MemoryFormat result_format(const at::Tensor& a, const at::Tensor& b);
 

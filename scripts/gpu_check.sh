@@ -10,8 +10,11 @@
 #      e.g. PYTEST_ADDOPTS='-m "not slow"' for a shorter run)
 #   3. compute-sanitizer --tool memcheck, then --tool racecheck, over scripts/sanitize_kernels.py
 #      (every op, several shapes, dtypes, several workspace bands, 32- and 64-bit indexing)
-#   4. the benchmark suite on CUDA, `python -m benchmarks --device cuda --json ...`, when the
-#      benchmarks package supports those options
+#   4. the benchmark suite on CUDA, `python -m benchmarks --device cuda --json ...` (more options
+#      in $BENCH_ARGS, e.g. BENCH_ARGS='--pass both')
+#
+# Each step has a time limit, so one that hangs still leaves the others their turn (seconds:
+# TEST_TIMEOUT, default 3600; SANITIZE_TIMEOUT per tool, default 1800; BENCH_TIMEOUT, default 300).
 #
 # Logs and results go to OUTDIR (build.log, pytest.log, memcheck.log, racecheck.log,
 # bench-cuda.json, summary.txt). Every step runs even when an earlier one fails; the exit
@@ -72,8 +75,32 @@ export TORCH_CUDA_ARCH_LIST
   | tee -a "$SUMMARY"
 
 # 1. Build in place (replaces a CPU-only channelconv/_C*.so in this tree).
+#
+# One GPU image's default compiler (/opt/gcc/bin/g++ on the lent H100, 2026-11-26) links libstdc++
+# statically into shared objects: the extension then carries a second, uninitialised copy of the
+# C++ streams beside the one torch uses, and its first error message (every TORCH_CHECK formats one)
+# segfaults. So the build checks that an error raises, and if it does not, rebuilds with the
+# system compiler.
+raises_cleanly() {
+  "$PY" - <<'EOF'
+import torch, channelconv
+try:
+    channelconv.conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 1, 1), stride=0, algorithm="direct")
+except ValueError:
+    print("an error from the extension raises cleanly")
+else:
+    raise SystemExit("stride=0 raised no error")
+EOF
+}
 build() {
   FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" setup.py build_ext --inplace || return 1
+  if ! raises_cleanly; then
+    [ -x /usr/bin/g++ ] && [ "${CXX:-}" != /usr/bin/g++ ] || return 1
+    echo "an error from the extension crashed the process (compiler: ${CXX:-c++}): rebuilding with /usr/bin/g++"
+    CC=/usr/bin/gcc CXX=/usr/bin/g++ FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" setup.py build_ext --inplace \
+      || return 1
+    raises_cleanly || return 1
+  fi
   "$PY" - <<'EOF'
 import torch, channelconv
 missing = [f"channelconv::{a}_{k}" for a in ("direct", "im2col", "conv1x1")
@@ -91,7 +118,7 @@ fi
 
 # 2. The whole test-suite.
 if [ -d tests ]; then
-  step tests "$OUT/pytest.log" "$PY" -m pytest -q -ra
+  step tests "$OUT/pytest.log" timeout "${TEST_TIMEOUT:-3600}" "$PY" -m pytest -q -ra
 else
   echo "tests      skip  (no tests/ directory)" | tee -a "$SUMMARY"
 fi
@@ -108,9 +135,9 @@ if [ -n "$SANITIZER" ]; then
   FILTER=()
   if "$SANITIZER" --help 2>&1 | grep -q -- '--kernel-name'; then FILTER=(--kernel-name kns=channelconv); fi
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-  step memcheck "$OUT/memcheck.log" "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 ${FILTER[@]+"${FILTER[@]}"} \
+  step memcheck "$OUT/memcheck.log" timeout "${SANITIZE_TIMEOUT:-1800}" "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 ${FILTER[@]+"${FILTER[@]}"} \
     "$PY" scripts/sanitize_kernels.py
-  step racecheck "$OUT/racecheck.log" "$SANITIZER" --tool racecheck --error-exitcode 1 --print-limit 20 \
+  step racecheck "$OUT/racecheck.log" timeout "${SANITIZE_TIMEOUT:-1800}" "$SANITIZER" --tool racecheck --error-exitcode 1 --print-limit 20 \
     ${FILTER[@]+"${FILTER[@]}"} "$PY" scripts/sanitize_kernels.py --quick
   unset PYTORCH_NO_CUDA_MEMORY_CACHING
 else
@@ -118,14 +145,10 @@ else
   failed=1
 fi
 
-# 4. Benchmarks, when the suite takes --device and --json.
-bench_help=$("$PY" -m benchmarks --help 2>&1 || true)
-if grep -q -- '--device' <<<"$bench_help" && grep -q -- '--json' <<<"$bench_help"; then
-  step bench "$OUT/bench.log" timeout "${BENCH_TIMEOUT:-300}" "$PY" -m benchmarks --device cuda \
-    --json "$OUT/bench-cuda.json"
-else
-  echo "bench      skip  (python -m benchmarks has no --device/--json yet)" | tee -a "$SUMMARY"
-fi
+# 4. The benchmark suite on CUDA.
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+step bench "$OUT/bench.log" timeout "${BENCH_TIMEOUT:-300}" "$PY" -m benchmarks --device cuda \
+  --json "$OUT/bench-cuda.json" ${BENCH_ARGS:-}
 
 echo "== summary ($OUT/summary.txt)"
 cat "$SUMMARY"

@@ -17,6 +17,10 @@ from conftest import assert_close, oracle
 import channelconv
 
 CL = torch.channels_last
+# float64 where it can be: on CUDA F.conv2d computes float64 in NCHW whatever the operands' formats
+# (cuDNN's channels_last path takes no doubles; tests/test_correctness.py checks that channelconv
+# follows), so the channels_last tests run in float32 there.
+DTYPE = {"cpu": torch.float64, "cuda": torch.float32}
 
 # (weight shape, stride, padding, dilation, groups) per algorithm; 1x1 for '1x1'.
 LAYERS = {
@@ -33,13 +37,14 @@ def formats(t):
 @pytest.mark.parametrize("where", ["both", "input", "weight"])
 @pytest.mark.parametrize("algorithm", channelconv.ALGORITHMS)
 def test_channels_last_operands(device, algorithm, where):
-    """Output and gradients: F.conv2d's values (float64) and memory formats, with the input, the
+    """Output and gradients: F.conv2d's values (in DTYPE) and memory formats, with the input, the
     weight or both in channels_last; the incoming gradient in the output's format."""
     weight_shape, stride, padding, dilation, groups = LAYERS[algorithm]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 7, 9, generator=g, dtype=torch.float64).to(device)
-    w = torch.randn(weight_shape, generator=g, dtype=torch.float64).to(device)
-    b = torch.randn(weight_shape[0], generator=g, dtype=torch.float64).to(device)
+    dtype = DTYPE[device]
+    x = torch.randn(2, 4, 7, 9, generator=g, dtype=dtype).to(device)
+    w = torch.randn(weight_shape, generator=g, dtype=dtype).to(device)
+    b = torch.randn(weight_shape[0], generator=g, dtype=dtype).to(device)
     if where in ("both", "input"):
         x = x.contiguous(memory_format=CL)
     if where in ("both", "weight"):
@@ -55,7 +60,7 @@ def test_channels_last_operands(device, algorithm, where):
         grads = torch.autograd.grad(out, leaves[:2], grad_out)
         results.append((out, *grads))
     for name, got, want in zip(("output", "grad input", "grad weight"), *results):
-        assert_close(got, want, torch.float64, name)
+        assert_close(got, want, dtype, name)
         assert formats(got) == formats(want), (name, got.stride(), want.stride())
     if where != "weight" or algorithm != "1x1":  # (a 1x1 weight alone is both formats at once)
         assert results[0][0].is_contiguous(memory_format=CL)  # channels_last in, channels_last out
@@ -83,10 +88,11 @@ def test_channels_last_model(device):
     """convert() then .to(memory_format=channels_last): every convolution computes in channels_last,
     outputs and parameter gradients equal the plain channels_last model's."""
     torch.manual_seed(0)
-    plain = Net().double().to(device).to(memory_format=CL)
+    dtype = DTYPE[device]
+    plain = Net().to(dtype).to(device).to(memory_format=CL)
     ours = channelconv.convert(copy.deepcopy(plain).to(memory_format=torch.contiguous_format))
     ours = ours.to(memory_format=CL)
-    x = torch.randn(4, 3, 16, 16, dtype=torch.float64, device=device).contiguous(memory_format=CL)
+    x = torch.randn(4, 3, 16, 16, dtype=dtype, device=device).contiguous(memory_format=CL)
 
     seen = []
     for m in ours.modules():
@@ -96,11 +102,11 @@ def test_channels_last_model(device):
 
     outs = [model(x) for model in (plain, ours)]
     assert len(seen) == 6 and all(seen), seen
-    assert_close(outs[1], outs[0], torch.float64)
+    assert_close(outs[1], outs[0], dtype)
     for model, out in zip((plain, ours), outs):
         out.pow(2).sum().backward()
     for (name, p), q in zip(ours.named_parameters(), plain.parameters()):
-        assert_close(p.grad, q.grad, torch.float64, name)
+        assert_close(p.grad, q.grad, dtype, name)
         assert formats(p.grad) == formats(q.grad), name
 
 
