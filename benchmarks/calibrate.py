@@ -227,7 +227,7 @@ def ranking_quality(measured, model_pass: dict, gemm: dict, vector_bytes: int) -
                             for f, v in select.features(a, probe["cost"], gemm, vector_bytes,
                                                         training=probe["training"]).items())
                      for a in seconds}
-        pick = min(predicted, key=predicted.get)
+        pick = select.order(predicted, {a: probe["cost"].plans[a].workspace_bytes for a in seconds})[0][1]
         good += seconds[pick] <= 1.10 * min(seconds.values())
         total += 1
     return {"within_10pct": good, "probes": total}

@@ -49,6 +49,12 @@ from .workspace import get_workspace_limit
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 _CALIBRATION_ENV = "CHANNELCONV_CALIBRATION"
 PRUNE_FACTOR = 10.0
+# Predictions closer than this are a tie to the model: its median error on the probes is 4-6 %
+# (calibration.json, "fit"). In a tie the candidate that allocates no workspace goes first:
+# memory is a cost the user pays too, and where the two really differ it is the one that moves
+# fewer bytes (measured: VGG-16's 3-channel first layer, ResNet-50's 256-channel 3x3 layers at
+# batch 1; benchmarks/NOTES.md).
+NEAR_TIE = 0.06
 
 # Features of each algorithm's time model (see features()).
 LOWERED_FEATURES = ("gemm", "column", "column_strided", "gemm_call", "call")
@@ -315,13 +321,28 @@ def _structural(weight_shape) -> str:
     return "1x1" if tuple(weight_shape[2:]) == (1, 1) else "im2col"
 
 
-def _ranked(c: Cost, device_type: str, training: bool) -> list[tuple[float, str]]:
-    """(predicted seconds, algorithm) of the applicable candidates, fastest first; ties keep
-    the order '1x1', 'im2col', 'direct' (no copy before copy before loops)."""
+def order(predicted: dict[str, float], workspace: dict[str, int]) -> list[tuple[float, str]]:
+    """(predicted seconds, algorithm), best first: fastest first, except that a candidate needing
+    no workspace moves ahead of the fastest when that needs one and the two predictions are within
+    NEAR_TIE. Otherwise equal predictions keep the order '1x1', 'im2col', 'direct' (no copy before
+    copy before loops). Also the calibration's ranking check (benchmarks/calibrate.py)."""
     preference = ("1x1", "im2col", "direct")
-    ranked = [(predict(a, c, device_type, training)[0], preference.index(a), a)
-              for a in preference if c.plans[a].applicable]
-    return [(t, a) for t, _, a in sorted(ranked)]
+    ranked = [(predicted[a], a) for a in sorted(predicted, key=lambda a: (predicted[a], preference.index(a)))]
+    if ranked and workspace[ranked[0][1]] > 0:
+        for i, (t, a) in enumerate(ranked[1:], 1):
+            if t > (1 + NEAR_TIE) * ranked[0][0]:
+                break
+            if workspace[a] == 0:
+                ranked.insert(0, ranked.pop(i))
+                break
+    return ranked
+
+
+def _ranked(c: Cost, device_type: str, training: bool) -> list[tuple[float, str]]:
+    """The applicable candidates for the layer ``c``, best first (order())."""
+    applicable = [a for a in ALGORITHMS if c.plans[a].applicable]
+    return order({a: predict(a, c, device_type, training)[0] for a in applicable},
+                 {a: c.plans[a].workspace_bytes for a in applicable})
 
 
 def _signature(input, weight, bias, stride, padding, dilation, groups, training):
@@ -434,7 +455,7 @@ def _time_candidates(input, weight, bias, stride, padding, dilation, groups, tra
     ranked = _ranked(c, input.device.type, training)
     if len(ranked) == 1:
         return {"choice": ranked[0][1], "seconds": {}}
-    best_predicted = ranked[0][0]
+    best_predicted = min(t for t, _ in ranked)
     candidates = [a for t, a in ranked if t <= PRUNE_FACTOR * best_predicted]
     args = (tuple(stride), tuple(padding), tuple(dilation), groups)
 
@@ -585,11 +606,17 @@ def _reason(ranked, candidates) -> str:
     if not ranked:
         return "no lowered algorithm applies; 'direct' always does"
     best_t, best = ranked[0]
-    parts = [f"'{best}' is predicted fastest ({_fmt_s(best_t)})"]
-    if len(ranked) > 1:
-        second_t, second = ranked[1]
-        parts.append(f"{second_t / best_t:.2f}x ahead of '{second}' ({_fmt_s(second_t)})")
-    text = ", ".join(parts) + "."
+    second_t, second = ranked[1] if len(ranked) > 1 else (None, None)
+    if second and second_t <= best_t and candidates[best].workspace_bytes == 0 < candidates[second].workspace_bytes:
+        # a near tie, settled by the workspace (_ranked)
+        text = (f"'{best}' ({_fmt_s(best_t)}) is predicted within {100 * NEAR_TIE:.0f}% of '{second}' "
+                f"({_fmt_s(second_t)}), a tie to the model, and needs no workspace ('{second}' needs "
+                f"{candidates[second].workspace_bytes} bytes).")
+    else:
+        parts = [f"'{best}' is predicted fastest ({_fmt_s(best_t)})"]
+        if second:
+            parts.append(f"{second_t / best_t:.2f}x ahead of '{second}' ({_fmt_s(second_t)})")
+        text = ", ".join(parts) + "."
     for t, algorithm in ranked:
         terms = candidates[algorithm].terms
         top = max(terms, key=terms.get)

@@ -102,6 +102,33 @@ def test_infeasible_im2col_is_never_chosen():
     torch.testing.assert_close(channelconv.conv2d(x, w, None, 1, 1), F.conv2d(x, w, None, 1, 1), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("direct_over_im2col, first", [(1.0, "direct"), (1.05, "direct"), (1.07, "im2col"),
+                                                        (0.97, "direct")])
+def test_a_near_tie_goes_to_the_candidate_without_workspace(monkeypatch, direct_over_im2col, first):
+    """Within NEAR_TIE the candidate that allocates nothing goes first, in choose() and explain()
+    alike, and the reason says so; outside it the faster one."""
+    x, w = (8, 3, 64, 64), (16, 3, 3, 3)  # a 3x3 layer: im2col needs a workspace, direct does not
+    times = {"im2col": 1e-3, "direct": direct_over_im2col * 1e-3}
+    monkeypatch.setattr(select, "predict", lambda a, c, *args, **kw: (times[a], {"call": times[a]}))
+    c = channelconv.cost(x, w, 1, 1)
+    assert c.plans["im2col"].workspace_bytes > 0 and c.plans["direct"].workspace_bytes == 0
+    assert select.NEAR_TIE == pytest.approx(0.06)
+    assert select.choose(x, w, (1, 1), (1, 1), (1, 1), 1) == first
+    e = channelconv.explain(x, w, padding=1)
+    assert e.choice == first
+    assert ("a tie to the model" in e.reason) == (first == "direct" and direct_over_im2col >= 1)
+
+
+def test_a_near_tie_between_candidates_without_workspace_keeps_the_faster(monkeypatch):
+    """1x1, stride 1, unpadded: 1x1 and im2col read the input as it is (no workspace), so a
+    slightly slower direct does not move ahead of them."""
+    x, w = (8, 64, 14, 14), (64, 64, 1, 1)
+    times = {"1x1": 1.00e-3, "im2col": 1.01e-3, "direct": 1.03e-3}
+    monkeypatch.setattr(select, "predict", lambda a, c, *args, **kw: (times[a], {"call": times[a]}))
+    assert channelconv.cost(x, w).plans["1x1"].workspace_bytes == 0
+    assert select.choose(x, w, (1, 1), (0, 0), (1, 1), 1) == "1x1"
+
+
 def write_calibration(path, fast: str):
     """A calibration whose model makes ``fast`` 1000x cheaper per unit of work than the others."""
     forward = {}
