@@ -155,8 +155,13 @@ def _register_forward_ad(op, tangent):
     for key in _AUTOGRAD_KEYS:
         reverse = torch.library.get_kernel(op, key)
 
-        def kernel(keyset, *args, reverse=reverse):
+        def kernel(keyset, *args, reverse=reverse, op=op):
             if forward_ad._current_level < 0:  # outside every dual level no tensor has a tangent
+                if not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+                    # Nothing to record: straight to the backend's kernel, as register_autograd's
+                    # kernel would go, without its Python layers (benchmarks/NOTES.md, v6).
+                    with torch._C._AutoDispatchBelowAutograd():
+                        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
                 return reverse.call_boxed(keyset, *args)
             duals = [forward_ad.unpack_dual(a) if isinstance(a, torch.Tensor) else None for a in args]
             if all(d is None or d.tangent is None for d in duals):
