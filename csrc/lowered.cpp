@@ -203,12 +203,21 @@ at::Tensor lowered_backward_weight(const BandKernels& kernels, Lowering lowering
   }
   const at::Tensor x = as_nchw(input), dy = as_nchw(grad_output);
   const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
-  // dW (G, K/G, C/G*k_h*k_w) = sum over images and bands of dy_band . columns_band^T.
-  at::Tensor dw = at::zeros({s.groups, s.out_per_group(), s.column_rows()}, input.options().dtype(acc_type));
+  // dW (G, K/G, C/G*k_h*k_w) = sum over images and bands of dy_band . columns_band^T. The first
+  // product is written, the later ones added: zeroing dW first would be one more pass over it, a
+  // large one for wide layers (9.4 MB at 512x512x3x3, often in fresh pages that fault when touched).
+  at::Tensor dw = at::empty({s.groups, s.out_per_group(), s.column_rows()}, input.options().dtype(acc_type));
+  bool written = false;
   // Half-precision operands are widened first: a per-image product rounded to bfloat16 before the
   // sum over images loses the sum's low bits when images cancel (a hypothesis draw: 9 % error).
   auto accumulate = [&](const at::Tensor& dy_slice, const at::Tensor& columns) {
-    dw.baddbmm_(dy_slice.to(acc_type), columns.transpose(1, 2).to(acc_type));
+    const at::Tensor a = dy_slice.to(acc_type), b = columns.transpose(1, 2).to(acc_type);
+    if (written) {
+      dw.baddbmm_(a, b);
+    } else {
+      at::bmm_out(dw, a, b);
+      written = true;
+    }
   };
   // A sum over images: one GEMM per image (an image's pixels are the GEMM's inner dimension).
   if (input_is_columns(s)) {
@@ -223,6 +232,7 @@ at::Tensor lowered_backward_weight(const BandKernels& kernels, Lowering lowering
       }
     });
   }
+  if (!written) dw.zero_();  // no images, or no output pixels: nothing was summed
   return dw.to(input.scalar_type()).view(s.weight_sizes()).contiguous(result_format(input, grad_output));
 }
 

@@ -55,21 +55,27 @@ def test_thousand_calls_leave_rss_flat(algorithm, x_shape, w_shape, stride, padd
     b = torch.randn(w_shape[0], requires_grad=True)
     for _ in range(100):  # warm-up: allocator pools, OpenMP threads, MKL buffers
         fwd_bwd(algorithm, x, w, b, stride, padding)
-    gc.collect()
-    before = rss()
-    for _ in range(1000):
-        grads = fwd_bwd(algorithm, x, w, b, stride, padding)
-    del grads
-    gc.collect()
-    growth = rss() - before
+    # Three windows of 500 calls. A leak grows RSS in every window; the C allocator's own noise (a
+    # heap top trimmed or not, seen up to +6.6 MiB once in 1000 calls) in some, so the least growth
+    # is the measure.
+    growths = []
+    for _ in range(3):
+        gc.collect()
+        before = rss()
+        for _ in range(500):
+            grads = fwd_bwd(algorithm, x, w, b, stride, padding)
+        del grads
+        gc.collect()
+        growths.append(rss() - before)
+    growth = min(growths)
     # Each call allocates its output and three gradients (plus any column buffer): leaking a tenth
-    # of that per call would add ~1000/10 calls' worth; allow 4 MiB of allocator noise, far less.
+    # of that per call would add ~500/10 calls' worth per window; allow 4 MiB of noise, far less.
     per_call = 4 * x.numel() * 2 + 4 * w.numel() + 4 * x_shape[0] * w_shape[0] * (x_shape[2] // stride) ** 2
-    assert 1000 * per_call / 10 > 8 * MiB  # the test could see such a leak
+    assert 500 * per_call / 10 > 8 * MiB  # the test could see such a leak
     with capsys.disabled():
-        print(f"\n[memory] {algorithm} stride {stride}: RSS {before / MiB:.1f} MiB after 100 warm-up calls, "
-              f"{growth / MiB:+.2f} MiB after 1000 more forward/backward calls ({per_call / 1024:.0f} KiB allocated per call)")
-    assert growth < 4 * MiB, f"{algorithm}: RSS grew by {growth / MiB:.1f} MiB over 1000 forward/backward calls"
+        print(f"\n[memory] {algorithm} stride {stride}: RSS {before / MiB:.1f} MiB, growth per 500 forward/backward "
+              f"calls {', '.join(f'{g / MiB:+.2f}' for g in growths)} MiB ({per_call / 1024:.0f} KiB allocated per call)")
+    assert growth < 4 * MiB, f"{algorithm}: RSS grew by {growth / MiB:.1f} MiB or more in each of 3 x 500 calls"
 
 
 def allocation_peak(fn) -> tuple[int, int]:
