@@ -36,6 +36,23 @@ class AlgorithmOps:
 
 OPS = {algorithm: AlgorithmOps(prefix) for algorithm, prefix in OP_PREFIX.items()}
 
+
+def records_autograd(*args) -> bool:
+    """Whether an op call on ``args`` has anything for autograd to record: a forward-AD dual level
+    is open (a tensor may carry a tangent), or grad mode is on and a tensor requires grad."""
+    return forward_ad._current_level >= 0 or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args))
+
+
+def call_op(op, *args):
+    """``op(*args)``; when there is nothing to record, below the autograd key. That skips the
+    Python autograd kernels registered below (7 us a call, benchmarks/NOTES.md v7) and runs just
+    what they would run. A trace (torch.compile) sees the plain call."""
+    if torch.compiler.is_compiling() or records_autograd(*args):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 # The kernels registered here from Python besides register_fake / register_autograd.
 _LIB = torch.library.Library("channelconv", "FRAGMENT")
 
@@ -75,9 +92,9 @@ def _register(ops: AlgorithmOps) -> None:
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_input = None
         if need_input:  # laid out like the input, as F.conv2d's (the op itself never sees the input)
-            grad_input = ops.backward_input(grad, weight, input.shape, *ctx.rest)
+            grad_input = call_op(ops.backward_input, grad, weight, input.shape, *ctx.rest)
             grad_input = grad_input.contiguous(memory_format=result_format(input, weight))
-        grad_weight = ops.backward_weight(grad, input, weight.shape, *ctx.rest) if need_weight else None
+        grad_weight = call_op(ops.backward_weight, grad, input, weight.shape, *ctx.rest) if need_weight else None
         grad_bias = bias_grad(grad) if ctx.has_bias and need_bias else None
         return (grad_input, grad_weight, grad_bias, *[None] * len(ctx.rest))
 
@@ -89,15 +106,15 @@ def _register(ops: AlgorithmOps) -> None:
     def backward_backward_input(ctx, grad):  # grad has the input's shape
         grad_output, weight = ctx.saved_tensors
         need_grad_output, need_weight = ctx.needs_input_grad[:2]
-        gg = ops.forward(grad, weight, None, *ctx.rest) if need_grad_output else None
-        gw = ops.backward_weight(grad_output, grad, weight.shape, *ctx.rest) if need_weight else None
+        gg = call_op(ops.forward, grad, weight, None, *ctx.rest) if need_grad_output else None
+        gw = call_op(ops.backward_weight, grad_output, grad, weight.shape, *ctx.rest) if need_weight else None
         return (gg, gw, None, *[None] * len(ctx.rest))
 
     def backward_backward_weight(ctx, grad):  # grad has the weight's shape
         grad_output, input = ctx.saved_tensors
         need_grad_output, need_input = ctx.needs_input_grad[:2]
-        gg = ops.forward(input, grad, None, *ctx.rest) if need_grad_output else None
-        gi = ops.backward_input(grad_output, grad, input.shape, *ctx.rest) if need_input else None
+        gg = call_op(ops.forward, input, grad, None, *ctx.rest) if need_grad_output else None
+        gi = call_op(ops.backward_input, grad_output, grad, input.shape, *ctx.rest) if need_input else None
         return (gg, gi, None, *[None] * len(ctx.rest))
 
     torch.library.register_autograd(ops.forward, backward_forward, setup_context=setup_forward)
@@ -156,12 +173,12 @@ def _register_forward_ad(op, tangent):
         reverse = torch.library.get_kernel(op, key)
 
         def kernel(keyset, *args, reverse=reverse, op=op):
+            if not records_autograd(*args):
+                # Straight to the backend's kernel, as register_autograd's kernel would go, without
+                # its Python layers (benchmarks/NOTES.md, v6). (call_op skips this kernel too.)
+                with torch._C._AutoDispatchBelowAutograd():
+                    return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
             if forward_ad._current_level < 0:  # outside every dual level no tensor has a tangent
-                if not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
-                    # Nothing to record: straight to the backend's kernel, as register_autograd's
-                    # kernel would go, without its Python layers (benchmarks/NOTES.md, v6).
-                    with torch._C._AutoDispatchBelowAutograd():
-                        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
                 return reverse.call_boxed(keyset, *args)
             duals = [forward_ad.unpack_dual(a) if isinstance(a, torch.Tensor) else None for a in args]
             if all(d is None or d.tangent is None for d in duals):

@@ -22,6 +22,11 @@ def check_algorithm(algorithm: str, allow_auto: bool = True) -> str:
 
 def pair(value, name: str) -> tuple[int, int]:
     """An int or a sequence of one or two ints, as F.conv2d accepts, as a (height, width) pair."""
+    # The common cases first (nn.Conv2d holds int pairs), without the slower generic checks below.
+    if type(value) is int:
+        return (value, value)
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return value
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return (int(value), int(value))
     if isinstance(value, Sequence) and not isinstance(value, str) and len(value) in (1, 2):

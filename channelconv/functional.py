@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._ops import OPS, TAKES_WORKSPACE
+from ._ops import OPS, TAKES_WORKSPACE, call_op
 from ._shapes import check_algorithm, pair
 from .select import choose
 from .workspace import get_workspace_limit
@@ -60,5 +60,5 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     if algorithm == "auto":
         algorithm = choose(input.shape, weight.shape, stride, padding, dilation, groups, tensors=(input, weight, bias))
     extra = (get_workspace_limit(),) if TAKES_WORKSPACE[algorithm] else ()
-    output = OPS[algorithm].forward(input, weight, bias, stride, padding, dilation, groups, *extra)
+    output = call_op(OPS[algorithm].forward, input, weight, bias, stride, padding, dilation, groups, *extra)
     return output.squeeze(0) if unbatched else output

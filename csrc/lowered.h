@@ -41,23 +41,29 @@ at::Tensor lowered_backward_weight(const BandKernels& kernels, Lowering lowering
                                    int64_t workspace_limit);
 
 // The six op kernels of one device, given its band kernels: each backend registers these.
+// The drivers make many views of their operands and outputs (bands, images, groups); none of
+// them is seen by autograd, so they are made below ADInplaceOrView, without the view tracking
+// that would otherwise cost a third of a small call (benchmarks/NOTES.md v7).
 template <const BandKernels& kernels, Lowering lowering>
 struct LoweredOps {
   static at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                             int64_t workspace_limit) {
+    const at::AutoDispatchBelowADInplaceOrView untracked_views;
     return lowered_forward(kernels, lowering, input, weight, bias, stride, padding, dilation, groups,
                            workspace_limit);
   }
   static at::Tensor backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
                                    at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                    at::IntArrayRef dilation, int64_t groups, int64_t workspace_limit) {
+    const at::AutoDispatchBelowADInplaceOrView untracked_views;
     return lowered_backward_input(kernels, lowering, grad_output, weight, input_size, stride, padding, dilation,
                                   groups, workspace_limit);
   }
   static at::Tensor backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
                                     at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                     at::IntArrayRef dilation, int64_t groups, int64_t workspace_limit) {
+    const at::AutoDispatchBelowADInplaceOrView untracked_views;
     return lowered_backward_weight(kernels, lowering, grad_output, input, weight_size, stride, padding, dilation,
                                    groups, workspace_limit);
   }

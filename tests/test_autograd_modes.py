@@ -189,3 +189,48 @@ def test_gradient_penalty_training_matches_nn_conv2d(device):
     for (name, p), q in zip(critic.named_parameters(), plain.parameters()):
         assert_close(p, q, torch.float64, name)
     assert not torch.equal(critic.body[2].weight, initial.body[2].weight)  # it trained
+
+
+# Calls with nothing for autograd to record run below the autograd key (channelconv._ops.call_op),
+# skipping the Python autograd kernels; the modes that reach that path must still get F.conv2d's answer.
+
+
+@pytest.mark.parametrize("algorithm", channelconv.ALGORITHMS)
+def test_no_grad_and_inference_mode_match_f_conv2d(device, algorithm):
+    shape = shape_for(algorithm)
+    x, w, b = (t.requires_grad_() for t in tensors(shape, device))
+    with torch.no_grad():
+        out = ours(algorithm, shape)(x, w, b)
+    assert not out.requires_grad and out.grad_fn is None
+    assert_close(out, reference(shape)(x, w, b).detach(), torch.float64, "no_grad")
+    with torch.inference_mode():
+        out = ours(algorithm, shape)(x, w, b)
+        assert out.is_inference()
+        assert_close(out, reference(shape)(x, w, b), torch.float64, "inference_mode")
+
+
+@pytest.mark.parametrize("algorithm", channelconv.ALGORITHMS)
+def test_vmap_matches_f_conv2d(device, algorithm):
+    """torch.vmap over a leading dimension of both input and weight (functorch's per-sample loop
+    for ops without a batching rule, reached below the autograd key)."""
+    shape = shape_for(algorithm)
+    xs, ws, bs = (torch.stack([t, 2 * t + 1]) for t in tensors(shape, device))
+    got = torch.vmap(ours(algorithm, shape))(xs, ws, bs)
+    assert_close(got, torch.vmap(reference(shape))(xs, ws, bs), torch.float64, "vmap")
+
+
+def test_only_calls_with_something_to_record_enter_the_autograd_kernel(monkeypatch):
+    """The autograd-key kernel asks records_autograd; a conv2d call asks it once itself. So a call
+    with nothing to record asks once (the kernel was skipped) and one that records asks twice."""
+    import channelconv._ops as ops_module
+
+    asked = []
+    real = ops_module.records_autograd
+    monkeypatch.setattr(ops_module, "records_autograd", lambda *args: asked.append(1) or real(*args))
+    x, w, b = tensors(GENERAL, "cpu")
+    conv = ours("direct", GENERAL)
+    conv(x, w, b)
+    assert len(asked) == 1
+    asked.clear()
+    conv(x, w.requires_grad_(), b)
+    assert len(asked) == 2
