@@ -353,20 +353,29 @@ def _signature(input, weight, bias, stride, padding, dilation, groups, training)
 
 
 def _needs_grad(input, weight, bias) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+    return torch.is_grad_enabled() and torch._C._any_requires_grad(input, weight, bias)
+
+
+def _concrete(input_shape, weight_shape, tensors) -> bool:
+    """Whether the sizes are plain ints: always those of plain tensors (checked first: this runs
+    on every call); a trace's (fake tensors) may be symbolic."""
+    if tensors is not None and type(tensors[0]) is torch.Tensor and type(tensors[1]) is torch.Tensor:
+        return True
+    return all(type(d) is int for d in (*input_shape, *weight_shape))
 
 
 def choose(input_shape, weight_shape, stride, padding, dilation, groups, *, tensors=None) -> str:
     """The algorithm 'auto' runs for these explicit arguments (padding a pair of ints).
     ``tensors=(input, weight, bias)``, when given, supplies the dtype and device, whether the
     call needs gradients, and in benchmark mode the tensors to time the candidates on."""
-    if torch.compiler.is_compiling() or not all(type(d) is int for d in (*input_shape, *weight_shape)):
+    if torch.compiler.is_compiling() or not _concrete(input_shape, weight_shape, tensors):
         # Traced sizes may be symbolic (and a trace must not time anything): decide on the kernel alone.
         return _structural(weight_shape)
     device_type, dtype, training = "cpu", torch.float32, False
     if tensors is not None:
         input, weight, bias = tensors
-        device_type, dtype, training = input.device.type, input.dtype, _needs_grad(input, weight, bias)
+        device_type = "cpu" if input.is_cpu else input.device.type  # (is_cpu: the cheaper attribute)
+        dtype, training = input.dtype, _needs_grad(input, weight, bias)
         if _benchmark_mode:
             measured = _measured_choice(input, weight, bias, stride, padding, dilation, groups, training)
             if measured is not None:
