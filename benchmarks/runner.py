@@ -200,7 +200,7 @@ class LayerCase:
         self.args = layer.conv_args()
         out_shape = (n, layer.out_channels, *layer.output_size())
         self.gy = torch.randn(out_shape, generator=g).to(dev, dt)
-        self.cost = cost(self.x.shape, self.w.shape, *self.args, dtype=dt, bias=layer.bias)
+        self.cost = cost(self.x.shape, self.w.shape, *self.args, dtype=dt, bias=layer.bias, device=dev)
         # Leaves that record autograd, for training steps.
         self.leaves = [t.detach().requires_grad_() for t in (self.x, self.w, self.b) if t is not None]
 
@@ -326,7 +326,8 @@ def run_layer(layer: Layer, algorithms, pass_: str, settings: Settings, gemm_gfl
             "gflop": flops / 1e9, "gflops": flops / median / 1e9, "ratio": ref_median / median,
             "gemm_fraction": flops / median / 1e9 / gemm_gflops if gemm_gflops else None,
             "workspace_bytes": workspace,
-            "predicted_workspace_bytes": None if side in TORCH_SIDES else case.cost.workspace(algorithm),
+            "predicted_workspace_bytes": None if side in TORCH_SIDES else case.cost.workspace(
+                algorithm, gradient=pass_ in ("input_grad", "weight_grad")),
             "rel_error": error,
         })
     return results

@@ -43,6 +43,16 @@ from .workspace import get_workspace_limit
 NARROW_COLUMN_BYTES = 2 << 20
 WIDE_COLUMN_BYTES = 8 << 20
 WIDE_GEMM_CHANNELS = 128
+# Side-by-side bands (CPU; csrc/conv_params.h, BandPlan): a small map's whole images in one column
+# matrix and one forward GEMM, when over 10 % of PIXEL_VECTOR-wide rows would idle per image and at
+# least SIDE_BY_SIDE_IMAGES images fit with the GEMM's output scratch.
+PIXEL_VECTOR = 16
+SIDE_BY_SIDE_IMAGES = 4
+
+
+def side_by_side_pays(pixels: int) -> bool:
+    lanes = -(-pixels // PIXEL_VECTOR) * PIXEL_VECTOR
+    return pixels > 0 and (lanes - pixels) * 10 > pixels
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,9 @@ class AlgorithmPlan:
     algorithm: str
     applicable: bool
     why_not: str = ""  # when not applicable
-    workspace_bytes: int = 0
+    workspace_bytes: int = 0  # the most a pass holds: the forward pass's
+    gradient_workspace_bytes: int = 0  # what each gradient holds (less when the forward adds an output scratch)
+    side_by_side: bool = False  # forward: the band's images side by side, one GEMM (see above)
     # Lowered algorithms: one batched GEMM (over the groups) per image and band of output rows,
     # each (gemm_m x gemm_k) . (gemm_k x gemm_n) per group; the last band may be shorter.
     gemm_m: int = 0
@@ -130,9 +142,12 @@ class Cost:
         """Forward FLOPs per compulsory byte moved."""
         return self.forward_flops / self.forward_bytes_moved if self.forward_bytes_moved else 0.0
 
-    def workspace(self, algorithm: str) -> int | None:
+    def workspace(self, algorithm: str, gradient: bool = False) -> int | None:
+        """Bytes of workspace ``algorithm`` holds in the forward pass (the most), or in each gradient."""
         plan = self.plans[algorithm]
-        return plan.workspace_bytes if plan.applicable else None
+        if not plan.applicable:
+            return None
+        return plan.gradient_workspace_bytes if gradient else plan.workspace_bytes
 
     def as_dict(self) -> dict:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("plans", "dtype")}
@@ -164,7 +179,8 @@ def _out(in_size, kernel, stride, padding, dilation) -> int:
     return (in_size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _lowered_plan(algorithm, n, c_in, c_out, h_o, w_o, kh, kw, groups, elem, limit, reads_input) -> AlgorithmPlan:
+def _lowered_plan(algorithm, n, c_in, c_out, h_o, w_o, kh, kw, groups, elem, limit, reads_input,
+                  device) -> AlgorithmPlan:
     m, k = c_out // groups, (c_in // groups) * kh * kw
     if reads_input:  # 1x1, stride 1, no padding: the image is the column matrix; one group: one GEMM call
         return AlgorithmPlan(algorithm, True, gemm_m=m, gemm_n=h_o * w_o, gemm_k=k, gemm_calls=1 if groups == 1 else n,
@@ -178,20 +194,29 @@ def _lowered_plan(algorithm, n, c_in, c_out, h_o, w_o, kh, kw, groups, elem, lim
     rows = max(1, min(h_o, budget // bytes_per_row)) if bytes_per_row else max(h_o, 1)
     whole_images = rows == h_o and groups == 1 and bytes_per_row
     images = max(1, min(n, budget // (bytes_per_row * h_o))) if whole_images else 1
+    scratch_per_image = c_out * h_o * w_o * elem
+    side_by_side = False
+    if whole_images and device == "cpu" and side_by_side_pays(h_o * w_o):
+        wide_images = min(n, budget // (bytes_per_row * h_o + scratch_per_image))
+        if wide_images >= SIDE_BY_SIDE_IMAGES:
+            images, side_by_side = wide_images, True
     bands = math.ceil(h_o / rows)
-    workspace = images * c_in * kh * kw * rows * w_o * elem if n > 0 else 0
+    gradient_workspace = images * c_in * kh * kw * rows * w_o * elem if n > 0 else 0
+    workspace = gradient_workspace + (images * scratch_per_image if side_by_side else 0)
     columns = n * c_in * kh * kw * h_o * w_o
-    return AlgorithmPlan(algorithm, True, workspace_bytes=workspace, gemm_m=m, gemm_n=rows * w_o, gemm_k=k,
-                         gemm_calls=math.ceil(n / images) * bands, band_rows=rows, band_images=images,
+    return AlgorithmPlan(algorithm, True, workspace_bytes=workspace, gradient_workspace_bytes=gradient_workspace,
+                         side_by_side=side_by_side, gemm_m=m, gemm_n=rows * w_o * (images if side_by_side else 1),
+                         gemm_k=k, gemm_calls=math.ceil(n / images) * bands, band_rows=rows, band_images=images,
                          column_elements=columns, column_bytes=columns * elem)
 
 
 def cost(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, dtype=torch.float32, *,
-         bias: bool = False, workspace_limit: int | None = None) -> Cost:
+         bias: bool = False, workspace_limit: int | None = None, device: str = "cpu") -> Cost:
     """The textbook's cost quantities of ``F.conv2d(input, weight, bias, stride, padding, dilation,
     groups)`` for an input of ``input_shape`` (N, C_i, H, W) or (C_i, H, W) and a weight of
     ``weight_shape`` (C_o, C_i / groups, k_h, k_w); see the module docstring for the conventions.
-    ``workspace_limit`` defaults to ``channelconv.get_workspace_limit()``."""
+    ``workspace_limit`` defaults to ``channelconv.get_workspace_limit()``; ``device`` ('cpu' or
+    'cuda') is where the algorithms would run: their plans differ there (side-by-side bands)."""
     input_shape, weight_shape = tuple(int(v) for v in input_shape), tuple(int(v) for v in weight_shape)
     if len(input_shape) == 3:
         input_shape = (1, *input_shape)
@@ -229,10 +254,11 @@ def cost(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, d
         "direct": AlgorithmPlan("direct", True, inner_loops=n * c_out * c_per_group * kh * kw * h_o,
                                 planes=n * c_out),
         # A 1x1, stride-1, unpadded kernel's unrolling is the identity: both lowerings read the input as it is.
-        "im2col": _lowered_plan("im2col", n, c_in, c_out, h_o, w_o, kh, kw, groups, elem, limit, reads_input),
+        "im2col": _lowered_plan("im2col", n, c_in, c_out, h_o, w_o, kh, kw, groups, elem, limit, reads_input,
+                                device),
     }
     if (kh, kw) == (1, 1):
-        plans["1x1"] = _lowered_plan("1x1", n, c_in, c_out, h_o, w_o, 1, 1, groups, elem, limit, reads_input)
+        plans["1x1"] = _lowered_plan("1x1", n, c_in, c_out, h_o, w_o, 1, 1, groups, elem, limit, reads_input, device)
     else:
         plans["1x1"] = AlgorithmPlan("1x1", False, why_not=f"'1x1' accepts only 1x1 kernels, not {kh}x{kw}")
     im2col = plans["im2col"]

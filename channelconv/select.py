@@ -397,7 +397,7 @@ _choice_cache: dict = {}  # the heuristic's answers (a pure function of the key 
 
 
 def _heuristic_choice(input_shape, weight_shape, stride, padding, dilation, groups, device_type, dtype, training):
-    c = cost(input_shape, weight_shape, stride, padding, dilation, groups, dtype)
+    c = cost(input_shape, weight_shape, stride, padding, dilation, groups, dtype, device=device_type)
     ranked = _ranked(c, device_type, training)
     return ranked[0][1] if ranked else "direct"
 
@@ -460,7 +460,7 @@ def _time_candidates(input, weight, bias, stride, padding, dilation, groups, tra
 
     from ._ops import OPS, TAKES_WORKSPACE
 
-    c = cost(input.shape, weight.shape, stride, padding, dilation, groups, input.dtype)
+    c = cost(input.shape, weight.shape, stride, padding, dilation, groups, input.dtype, device=input.device.type)
     ranked = _ranked(c, input.device.type, training)
     if len(ranked) == 1:
         return {"choice": ranked[0][1], "seconds": {}}
@@ -573,7 +573,8 @@ def explain(input, weight, stride=1, padding=0, dilation=1, groups=1, *, bias=No
     if training is None:
         training = tensors and _needs_grad(input, weight, bias if isinstance(bias, torch.Tensor) else None)
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
-    c = cost(in_shape, w_shape, stride, padding, dilation, groups, dtype, bias=bias is not None and bias is not False)
+    c = cost(in_shape, w_shape, stride, padding, dilation, groups, dtype, bias=bias is not None and bias is not False,
+             device=device_type)
     ranked = _ranked(c, device_type, training)
 
     measured = None

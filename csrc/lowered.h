@@ -12,7 +12,9 @@
 namespace channelconv {
 
 struct BandKernels {
-  // columns (C*k_h*k_w, rows*W_o), contiguous  <-  one image (C, H, W), output rows [row0, row0+rows).
+  // columns (C*k_h*k_w, rows*W_o), unit-stride rows  <-  one image (C, H, W), output rows
+  // [row0, row0+rows). Contiguous, except on the CPU, whose side-by-side bands space the rows
+  // further apart (conv_params.h, BandPlan).
   void (*im2col)(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows);
   // grad_image (C, H, W) += what each element of `columns` contributed to, for the same band.
   // A gather: every input element sums the column entries that read it (no atomics).

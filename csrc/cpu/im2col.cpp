@@ -15,17 +15,19 @@ namespace {
 // Column row (c, r, t) holds, for each output pixel of the band, the input element that tap (r, t)
 // of channel c reads, or 0 in the padding. Filled one output row at a time: the valid stretch
 // [first_valid, last_valid) is a strided (contiguous for stride 1) run of one input row.
+// `pitch`: elements from one column row to the next (the band's pixels, or more when images sit
+// side by side in one column matrix).
 template <typename scalar_t>
-void im2col_band(const scalar_t* image, scalar_t* columns, const ConvShape& s, int64_t row0, int64_t rows) {
+void im2col_band(const scalar_t* image, scalar_t* columns, const ConvShape& s, int64_t row0, int64_t rows,
+                 int64_t pitch) {
   const Geometry<int64_t> g = s.geometry<int64_t>();
-  const int64_t band_pixels = rows * g.w.out;
   at::parallel_for(0, s.in_channels * g.kernel_area(), 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t t = row % g.w.taps, r = (row / g.w.taps) % g.h.taps, c = row / g.kernel_area();
       const scalar_t* x_c = image + c * g.in_area();
       const int64_t wo_begin = g.w.first_valid(t), wo_end = g.w.last_valid(t);
       const int64_t wi_offset = g.w.input_at(0, t);
-      scalar_t* dst = columns + row * band_pixels;
+      scalar_t* dst = columns + row * pitch;
       for (int64_t ho = row0; ho < row0 + rows; ++ho, dst += g.w.out) {
         const int64_t hi = g.h.input_at(ho, r);
         if (hi < 0 || hi >= g.h.in) {
@@ -81,8 +83,10 @@ void col2im_band(const scalar_t* columns, acc_t* grad_image, const ConvShape& s,
 }
 
 void im2col_cpu(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows) {
+  TORCH_INTERNAL_ASSERT(columns.dim() == 2 && columns.size(1) == rows * s.out_w && columns.stride(1) == 1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, image.scalar_type(), "channelconv::im2col", [&] {
-    im2col_band<scalar_t>(image.const_data_ptr<scalar_t>(), columns.mutable_data_ptr<scalar_t>(), s, row0, rows);
+    im2col_band<scalar_t>(image.const_data_ptr<scalar_t>(), columns.mutable_data_ptr<scalar_t>(), s, row0, rows,
+                          columns.stride(0));
   });
 }
 
