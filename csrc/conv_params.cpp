@@ -169,12 +169,14 @@ at::MemoryFormat result_format(const at::Tensor& a, const at::Tensor& b) {
 // Side by side pays (benchmarks/NOTES.md v7: one GEMM + the copy out against the per-image GEMMs,
 // 2 threads): 49 pixels 1.16x at 4 images, 1.26-1.29x at 8; 81 pixels 1.10x; 100 1.06x; 196 1.03x;
 // but 64 and 144 pixels (whole vector rows) 0.94x and 0.85x, and 2 images 0.99x.
+namespace {
 constexpr int64_t kPixelVector = 16;
 constexpr int64_t kSideBySideImages = 4;
 bool side_by_side_pays(int64_t pixels) {
   const int64_t lanes = (pixels + kPixelVector - 1) / kPixelVector * kPixelVector;
   return pixels > 0 && (lanes - pixels) * 10 > pixels;  // over 10 % of the lanes idle
 }
+}  // namespace
 
 BandPlan plan_bands(const ConvShape& shape, int64_t element_size, int64_t limit_bytes, bool side_by_side_allowed) {
   // A band spans every group's rows: (C * k_h * k_w) x (rows * W_o) elements.
