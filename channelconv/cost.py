@@ -30,7 +30,6 @@ Conventions
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -184,16 +183,8 @@ def _lowered_plan(algorithm, n, c_in, c_out, h_o, w_o, kh, kw, groups, elem, lim
                   device) -> AlgorithmPlan:
     m, k = c_out // groups, (c_in // groups) * kh * kw
     if reads_input:  # 1x1, stride 1, no padding: the image is the column matrix; one group: one GEMM call
-        as_is = AlgorithmPlan(algorithm, True, gemm_m=m, gemm_n=h_o * w_o, gemm_k=k,
-                              gemm_calls=1 if groups == 1 else n, band_rows=h_o,
-                              band_images=max(n, 1) if groups == 1 else 1)
-        if algorithm != "im2col":  # '1x1' never takes a workspace there
-            return as_is
-        # im2col's forward gathers the images side by side where that pays; its gradients read the input as is.
-        gathered = _lowered_plan(algorithm, n, c_in, c_out, h_o, w_o, kh, kw, groups, elem, limit, False, device)
-        if not (gathered.applicable and gathered.side_by_side):
-            return as_is
-        return dataclasses.replace(gathered, gradient_workspace_bytes=0)
+        return AlgorithmPlan(algorithm, True, gemm_m=m, gemm_n=h_o * w_o, gemm_k=k, gemm_calls=1 if groups == 1 else n,
+                             band_rows=h_o, band_images=max(n, 1) if groups == 1 else 1)
     bytes_per_row = c_in * kh * kw * w_o * elem
     if bytes_per_row > limit:
         return AlgorithmPlan(algorithm, False, why_not=(

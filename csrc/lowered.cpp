@@ -24,15 +24,6 @@ bool input_is_columns(const ConvShape& s) {
          s.padding[1] == 0;
 }
 
-// Except in im2col's forward pass on the CPU, where a small map's images are gathered side by
-// side when that pays (plan_bands: one GEMM for several images instead of one each; the '1x1'
-// algorithm takes no workspace). Mirrored in channelconv/cost.py.
-bool gathers_side_by_side(Lowering lowering, const ConvShape& s, const at::Tensor& input, int64_t workspace_limit) {
-  if (lowering != Lowering::Im2col || !input.is_cpu()) return false;
-  const int64_t row_bytes = s.in_channels * s.out_w * input.element_size();
-  return row_bytes <= workspace_limit && plan_bands(s, input.element_size(), workspace_limit, true).side_by_side;
-}
-
 // channels_last data of a 1x1, stride-1, unpadded, single-group convolution is already a row-major
 // (N*H*W, C) matrix: one GEMM over the whole batch, no copy in or out, the output channels_last.
 bool nhwc_gemm(const ConvShape& s, std::initializer_list<at::Tensor> operands) {
@@ -166,7 +157,7 @@ at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const 
       at::bmm_out(y_slice, per_image(w, images), columns);
     }
   };
-  if (input_is_columns(s) && !gathers_side_by_side(lowering, s, input, workspace_limit)) {
+  if (input_is_columns(s)) {
     for_each_image_run(s, [&](int64_t n0, int64_t images) {
       gemm_into(images_view(y, s, n0, images), images_view(x, s, n0, images), images);
     });
