@@ -326,8 +326,7 @@ def run_layer(layer: Layer, algorithms, pass_: str, settings: Settings, gemm_gfl
             "gflop": flops / 1e9, "gflops": flops / median / 1e9, "ratio": ref_median / median,
             "gemm_fraction": flops / median / 1e9 / gemm_gflops if gemm_gflops else None,
             "workspace_bytes": workspace,
-            "predicted_workspace_bytes": None if side in TORCH_SIDES else case.cost.workspace(
-                algorithm, gradient=pass_ in ("input_grad", "weight_grad")),
+            "predicted_workspace_bytes": None if side in TORCH_SIDES else case.cost.workspace(algorithm),
             "rel_error": error,
         })
     return results

@@ -44,8 +44,8 @@ NARROW_COLUMN_BYTES = 2 << 20
 WIDE_COLUMN_BYTES = 8 << 20
 WIDE_GEMM_CHANNELS = 128
 # Side-by-side bands (CPU; csrc/conv_params.h, BandPlan): a small map's whole images in one column
-# matrix and one forward GEMM, when over 10 % of PIXEL_VECTOR-wide rows would idle per image and at
-# least SIDE_BY_SIDE_IMAGES images fit with the GEMM's output scratch.
+# matrix and one GEMM per band, when over 10 % of PIXEL_VECTOR-wide rows would idle per image and at
+# least SIDE_BY_SIDE_IMAGES images fit with their scratch of outputs (or output gradients).
 PIXEL_VECTOR = 16
 SIDE_BY_SIDE_IMAGES = 4
 
@@ -62,9 +62,8 @@ class AlgorithmPlan:
     algorithm: str
     applicable: bool
     why_not: str = ""  # when not applicable
-    workspace_bytes: int = 0  # the most a pass holds: the forward pass's
-    gradient_workspace_bytes: int = 0  # what each gradient holds (less when the forward adds an output scratch)
-    side_by_side: bool = False  # forward: the band's images side by side, one GEMM (see above)
+    workspace_bytes: int = 0
+    side_by_side: bool = False  # the band's images side by side, one GEMM per band (see above)
     # Lowered algorithms: one batched GEMM (over the groups) per image and band of output rows,
     # each (gemm_m x gemm_k) . (gemm_k x gemm_n) per group; the last band may be shorter.
     gemm_m: int = 0
@@ -142,12 +141,9 @@ class Cost:
         """Forward FLOPs per compulsory byte moved."""
         return self.forward_flops / self.forward_bytes_moved if self.forward_bytes_moved else 0.0
 
-    def workspace(self, algorithm: str, gradient: bool = False) -> int | None:
-        """Bytes of workspace ``algorithm`` holds in the forward pass (the most), or in each gradient."""
+    def workspace(self, algorithm: str) -> int | None:
         plan = self.plans[algorithm]
-        if not plan.applicable:
-            return None
-        return plan.gradient_workspace_bytes if gradient else plan.workspace_bytes
+        return plan.workspace_bytes if plan.applicable else None
 
     def as_dict(self) -> dict:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("plans", "dtype")}
@@ -201,11 +197,10 @@ def _lowered_plan(algorithm, n, c_in, c_out, h_o, w_o, kh, kw, groups, elem, lim
         if wide_images >= SIDE_BY_SIDE_IMAGES:
             images, side_by_side = wide_images, True
     bands = math.ceil(h_o / rows)
-    gradient_workspace = images * c_in * kh * kw * rows * w_o * elem if n > 0 else 0
-    workspace = gradient_workspace + (images * scratch_per_image if side_by_side else 0)
+    columns_bytes = images * c_in * kh * kw * rows * w_o * elem
+    workspace = columns_bytes + (images * scratch_per_image if side_by_side else 0) if n > 0 else 0
     columns = n * c_in * kh * kw * h_o * w_o
-    return AlgorithmPlan(algorithm, True, workspace_bytes=workspace, gradient_workspace_bytes=gradient_workspace,
-                         side_by_side=side_by_side, gemm_m=m, gemm_n=rows * w_o * (images if side_by_side else 1),
+    return AlgorithmPlan(algorithm, True, workspace_bytes=workspace, side_by_side=side_by_side, gemm_m=m, gemm_n=rows * w_o * (images if side_by_side else 1),
                          gemm_k=k, gemm_calls=math.ceil(n / images) * bands, band_rows=rows, band_images=images,
                          column_elements=columns, column_bytes=columns * elem)
 

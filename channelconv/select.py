@@ -99,8 +99,7 @@ def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16, thread
     ``vector_bytes``: the direct kernel's vector width (a short output row wastes lanes);
     ``threads`` (default torch's): the CPU threads, which set the direct kernel's task size;
     ``training``: direct sums its three ops, each by the kernel it runs (the GEMM algorithms run
-    the same GEMMs in each op, so their forward features describe a training step too, but for a
-    side-by-side band, whose gradients multiply image by image)."""
+    the same GEMMs in each op, so their forward features describe a training step too)."""
     plan = c.plans[algorithm]
     if algorithm == "direct":
         n, k, h_o, w_o = c.output_shape
@@ -123,9 +122,6 @@ def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16, thread
         return {f: sum(op[f] for op in ops) for f in ops[0]}
     m, n_, k_ = max(plan.gemm_m, 1), max(plan.gemm_n, 1), max(plan.gemm_k, 1)
     inflation = 1.0 + gemm["m0"] / m + gemm["n0"] / n_ + gemm["k0"] / k_
-    if training and plan.side_by_side:  # only the forward GEMM spans the band's images; each gradient's runs per image
-        per_image = 1.0 + gemm["m0"] / m + gemm["n0"] * plan.band_images / n_ + gemm["k0"] / k_
-        inflation = (inflation + 2 * per_image) / 3
     return {"gemm": 2.0 * c.macs * inflation, "column": float(plan.column_elements),
             "column_strided": float(plan.column_elements) if c.stride[1] > 1 else 0.0,
             "gemm_call": float(plan.gemm_calls * c.groups), "call": 1.0}

@@ -78,10 +78,11 @@ inline bool fits_in_int32(int64_t n) { return n <= std::numeric_limits<int32_t>:
 // not fit, naming the bytes it needs. (Mirrored in channelconv/cost.py.)
 //
 // Side by side (CPU only, `side_by_side_allowed`): a small map's images sit side by side in one
-// (C*k_h*k_w, images*H_o*W_o) column matrix, and the forward pass runs one GEMM over all of them
-// into an output scratch of (C_o, images*H_o*W_o) that the workspace then also holds, copying
-// each image's block out. Chosen where the per-image GEMM wastes MKL's 16-pixel vector rows (a
-// 7x7 map: 49 pixels in 64 lanes) and at least kSideBySideImages images fit.
+// (C*k_h*k_w, images*H_o*W_o) column matrix, and each pass runs one GEMM over all of them, with a
+// scratch of (C_o, images*H_o*W_o) that the workspace then also holds: the forward pass's output,
+// copied out to each image, or the gradients' output gradient, copied in. Chosen where the
+// per-image GEMM wastes MKL's 16-pixel vector rows (a 7x7 map: 49 pixels in 64 lanes) and at
+// least kSideBySideImages images fit.
 struct BandPlan {
   int64_t images = 1;         // images per band (> 1 only with whole images: rows == out_h)
   int64_t rows = 1;           // output rows per band

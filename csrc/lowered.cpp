@@ -37,16 +37,14 @@ bool nhwc_gemm(const ConvShape& s, std::initializer_list<at::Tensor> operands) {
 // (N, C, H, W) channels_last as its (N*H*W, C) matrix (a view).
 at::Tensor nhwc_rows(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
 
-// One column buffer, reused for every band (plan_bands: rows of one image, or whole images, on
-// the CPU possibly side by side; a forward pass then also holds the GEMM's output scratch).
+// One column buffer, reused for every band (plan_bands: rows of one image, or whole images; on
+// the CPU possibly side by side, with a scratch for the band's output or output gradient).
 class ColumnBands {
  public:
-  ColumnBands(const ConvShape& s, const at::TensorOptions& options, int64_t workspace_limit, bool forward)
-      : shape_(s),
-        plan_(plan_bands(s, options.dtype().itemsize(), workspace_limit, options.device().is_cpu())),
-        side_by_side_(forward && plan_.side_by_side) {  // the gradients keep each image's columns apart
+  ColumnBands(const ConvShape& s, const at::TensorOptions& options, int64_t workspace_limit)
+      : shape_(s), plan_(plan_bands(s, options.dtype().itemsize(), workspace_limit, options.device().is_cpu())) {
     column_numel_ = plan_.images * s.column_rows() * s.groups * plan_.rows * s.out_w;
-    const int64_t scratch_numel = side_by_side_ ? plan_.images * s.out_channels * s.out_h * s.out_w : 0;
+    const int64_t scratch_numel = plan_.side_by_side ? plan_.images * s.out_channels * s.out_h * s.out_w : 0;
     const int64_t bytes = (column_numel_ + scratch_numel) * static_cast<int64_t>(options.dtype().itemsize());
     try {
       buffer_ = at::empty({column_numel_ + scratch_numel}, options);
@@ -59,7 +57,7 @@ class ColumnBands {
     note_workspace(bytes);
   }
 
-  bool side_by_side() const { return side_by_side_; }
+  bool side_by_side() const { return plan_.side_by_side; }
 
   // Calls fn(n0, images, row0, rows, columns) for each band: output rows [row0, row0+rows) of
   // images [n0, n0+images); columns is (images, C*k_h*k_w, rows*W_o), each image's matrix with
@@ -74,26 +72,34 @@ class ColumnBands {
         const int64_t pixels = rows * shape_.out_w;
         const at::Tensor columns = buffer_.narrow(0, 0, images * column_rows * pixels);
         fn(n0, images, row0, rows,
-           side_by_side_ ? columns.view({column_rows, images, pixels}).transpose(0, 1)
+           plan_.side_by_side ? columns.view({column_rows, images, pixels}).transpose(0, 1)
                               : columns.view({images, column_rows, pixels}));
       }
     }
   }
 
-  // A side-by-side forward band's GEMM output, (C_o, images*H_o*W_o).
-  at::Tensor output_scratch(int64_t images) const {
+  // A side-by-side band's output (forward) or output gradient, (C_o, images*H_o*W_o), and the
+  // same memory as (images, C_o, H_o*W_o): what is copied from or to the images' own tensors.
+  at::Tensor scratch(int64_t images) const {
     const int64_t pixels = shape_.out_h * shape_.out_w;
     return buffer_.narrow(0, column_numel_, shape_.out_channels * images * pixels)
         .view({shape_.out_channels, images * pixels});
+  }
+  at::Tensor scratch_by_image(int64_t images) const {
+    return scratch(images).view({shape_.out_channels, images, shape_.out_h * shape_.out_w}).transpose(0, 1);
   }
 
  private:
   const ConvShape& shape_;
   BandPlan plan_;
-  bool side_by_side_;
   int64_t column_numel_ = 0;
   at::Tensor buffer_;
 };
+
+// A side-by-side band's columns (images, C*k_h*k_w, P) as the one (C*k_h*k_w, images*P) matrix they form (a view).
+at::Tensor side_by_side_matrix(const at::Tensor& columns) {
+  return columns.transpose(0, 1).reshape({columns.size(1), columns.size(0) * columns.size(2)});
+}
 
 // Output pixels [row0, row0+rows) of images [n0, n0+images) of an (N, channels, H_o, W_o)
 // tensor, as (images*groups, channels/groups, pixels): the batch of one batched GEMM.
@@ -162,7 +168,7 @@ at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const 
       gemm_into(images_view(y, s, n0, images), images_view(x, s, n0, images), images);
     });
   } else if (s.batch > 0) {
-    const ColumnBands bands(s, input.options(), workspace_limit, /*forward=*/true);
+    const ColumnBands bands(s, input.options(), workspace_limit);
     bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
       for (int64_t i = 0; i < images; ++i) kernels.im2col(x[n0 + i], columns[i], s, row0, rows);
       if (!bands.side_by_side()) {
@@ -171,16 +177,13 @@ at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const 
         return;
       }
       // One group, whole images side by side: one GEMM for the band, then each image's block out.
-      const int64_t pixels = s.out_h * s.out_w;
-      at::Tensor scratch = bands.output_scratch(images);
-      const at::Tensor all_columns = columns.transpose(0, 1).reshape({s.column_rows(), images * pixels});  // a view
+      at::Tensor out = bands.scratch(images);
       if (has_bias) {
-        at::addmm_out(scratch, b[0], w[0], all_columns);
+        at::addmm_out(out, b[0], w[0], side_by_side_matrix(columns));
       } else {
-        at::mm_out(scratch, w[0], all_columns);
+        at::mm_out(out, w[0], side_by_side_matrix(columns));
       }
-      y.narrow(0, n0, images).view({images, s.out_channels, pixels})
-          .copy_(scratch.view({s.out_channels, images, pixels}).transpose(0, 1));
+      images_view(y, s, n0, images).copy_(bands.scratch_by_image(images));
     });
   }
   return y.contiguous(result_format(input, weight));
@@ -212,10 +215,16 @@ at::Tensor lowered_backward_input(const BandKernels& kernels, Lowering lowering,
     // col2im adds band after band into dx: accumulate in the op-math type (float for halves).
     dx = at::zeros(s.input_sizes(), grad_output.options().dtype(at::toOpMathType(grad_output.scalar_type())));
     if (s.batch > 0) {
-      const ColumnBands bands(s, grad_output.options(), workspace_limit, /*forward=*/false);
+      const ColumnBands bands(s, grad_output.options(), workspace_limit);
       bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
-        at::Tensor grouped_columns = columns.view({images * s.groups, s.column_rows(), rows * s.out_w});
-        at::bmm_out(grouped_columns, per_image(w_t, images), band_view(dy, s, n0, images, row0, rows));
+        if (bands.side_by_side()) {  // the band's output gradients side by side, one GEMM
+          bands.scratch_by_image(images).copy_(images_view(dy, s, n0, images));
+          at::Tensor column_matrix = side_by_side_matrix(columns);
+          at::mm_out(column_matrix, w_t[0], bands.scratch(images));
+        } else {
+          at::Tensor grouped_columns = columns.view({images * s.groups, s.column_rows(), rows * s.out_w});
+          at::bmm_out(grouped_columns, per_image(w_t, images), band_view(dy, s, n0, images, row0, rows));
+        }
         for (int64_t i = 0; i < images; ++i) kernels.col2im(columns[i], dx[n0 + i], s, row0, rows);
       });
     }
@@ -255,8 +264,14 @@ at::Tensor lowered_backward_weight(const BandKernels& kernels, Lowering lowering
   if (input_is_columns(s)) {
     for (int64_t n = 0; n < s.batch; ++n) accumulate(images_view(dy, s, n, 1), images_view(x, s, n, 1));
   } else if (s.batch > 0) {
-    const ColumnBands bands(s, input.options(), workspace_limit, /*forward=*/false);
+    const ColumnBands bands(s, input.options(), workspace_limit);
     bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
+      if (bands.side_by_side()) {  // one GEMM whose inner dimension runs over all the band's pixels
+        for (int64_t i = 0; i < images; ++i) kernels.im2col(x[n0 + i], columns[i], s, row0, rows);
+        bands.scratch_by_image(images).copy_(images_view(dy, s, n0, images));
+        accumulate(bands.scratch(images).unsqueeze(0), side_by_side_matrix(columns).unsqueeze(0));
+        return;
+      }
       for (int64_t i = 0; i < images; ++i) {
         kernels.im2col(x[n0 + i], columns[i], s, row0, rows);
         accumulate(band_view(dy, s, n0 + i, 1, row0, rows),

@@ -16,7 +16,7 @@ struct BandKernels {
   // [row0, row0+rows). Contiguous, except on the CPU, whose side-by-side bands space the rows
   // further apart (conv_params.h, BandPlan).
   void (*im2col)(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows);
-  // grad_image (C, H, W) += what each element of `columns` contributed to, for the same band.
+  // grad_image (C, H, W) += what each element of `columns` (laid out as above) contributed to, for the same band.
   // A gather: every input element sums the column entries that read it (no atomics).
   // grad_image may have a wider (accumulation) dtype than columns.
   void (*col2im)(const at::Tensor& columns, const at::Tensor& grad_image, const ConvShape& s, int64_t row0,

@@ -198,14 +198,14 @@ def test_half_precision_weight_grad_sums_images_in_float(device, algorithm):
 @pytest.mark.parametrize("algorithm, size, kernel, stride, padding", [
     ("im2col", 7, 3, 1, 1), ("im2col", 14, 1, 2, 0), ("1x1", 14, 1, 2, 0), ("1x1", 5, 1, 1, 1)])
 def test_side_by_side_bands(algorithm, size, kernel, stride, padding, dtype, layout, limit):
-    """Small maps on the CPU: whole images side by side in one column matrix, one forward GEMM into
-    an output scratch (csrc/conv_params.h, BandPlan). Nine images of 7x7 outputs with a limit that
-    holds four: bands of 4, 4 and a ragged 1; with a bias; the gradients keep their own plan."""
+    """Small maps on the CPU: whole images side by side in one column matrix, one GEMM per band and
+    pass with a scratch of outputs or output gradients (csrc/conv_params.h, BandPlan). Nine images
+    of 7x7 outputs with a limit that holds four: bands of 4, 4 and a ragged 1; with a bias."""
     case = Case(batch=9, in_channels=12, out_channels=20, size=(size, size), kernel=(kernel, kernel),
                 stride=(stride, stride), padding=padding, dilation=(1, 1), groups=1, bias=True, unbatched=False,
                 layout=layout)
     shapes = ((9, 12, size, size), (20, 12, kernel, kernel), stride, padding)
-    image_bytes = (12 * kernel * kernel + 20) * 49 * dtype.itemsize  # columns and output scratch, 7x7 pixels
+    image_bytes = (12 * kernel * kernel + 20) * 49 * dtype.itemsize  # columns and scratch, 7x7 pixels
     limit(4 * image_bytes + 1)
     plan = channelconv.cost(*shapes, dtype=dtype).plans[algorithm]
     assert plan.side_by_side and plan.band_images == 4 and plan.workspace_bytes == 4 * image_bytes

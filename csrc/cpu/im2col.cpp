@@ -49,10 +49,11 @@ void im2col_band(const scalar_t* image, scalar_t* columns, const ConvShape& s, i
 
 // grad_image[c, hi, wi] += sum over taps (r, t) whose output pixel lies in the band of
 // columns[(c, r, t), pixel]. Each task owns whole input rows: no atomics, fixed order.
+// `pitch` as for im2col_band.
 template <typename scalar_t, typename acc_t>
-void col2im_band(const scalar_t* columns, acc_t* grad_image, const ConvShape& s, int64_t row0, int64_t rows) {
+void col2im_band(const scalar_t* columns, acc_t* grad_image, const ConvShape& s, int64_t row0, int64_t rows,
+                 int64_t pitch) {
   const Geometry<int64_t> g = s.geometry<int64_t>();
-  const int64_t band_pixels = rows * g.w.out;
   at::parallel_for(0, s.in_channels * g.h.in, 16, [&](int64_t begin, int64_t end) {
     for (int64_t c_hi = begin; c_hi < end; ++c_hi) {
       const int64_t c = c_hi / g.h.in, hi = c_hi % g.h.in;
@@ -60,12 +61,12 @@ void col2im_band(const scalar_t* columns, acc_t* grad_image, const ConvShape& s,
       for (int64_t r = 0; r < g.h.taps; ++r) {
         const int64_t ho = g.h.output_reading(hi, r);
         if (ho < row0 || ho >= row0 + rows) continue;  // also rejects -1
-        const scalar_t* column_base = columns + (c * g.h.taps + r) * g.w.taps * band_pixels + (ho - row0) * g.w.out;
+        const scalar_t* column_base = columns + (c * g.h.taps + r) * g.w.taps * pitch + (ho - row0) * g.w.out;
         for (int64_t t = 0; t < g.w.taps; ++t) {
           // Tap t sends output wo to input wi = wi0 + wo*stride: one input per output, so walking
           // the valid outputs adds each input's term once, in the same (r, t) order as a gather
           // over wi would; at stride 1 it is a contiguous, vectorised add.
-          const scalar_t* column_row = column_base + t * band_pixels;
+          const scalar_t* column_row = column_base + t * pitch;
           const int64_t wi0 = g.w.input_at(0, t), wo_end = g.w.last_valid(t);
           if (g.w.stride == 1) {
             for (int64_t wo = g.w.first_valid(t); wo < wo_end; ++wo) {
@@ -82,20 +83,27 @@ void col2im_band(const scalar_t* columns, acc_t* grad_image, const ConvShape& s,
   });
 }
 
-void im2col_cpu(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows) {
+// The band's columns: (C*k_h*k_w, rows*W_o) with unit-stride rows, `pitch` elements apart.
+int64_t band_pitch(const at::Tensor& columns, const ConvShape& s, int64_t rows) {
   TORCH_INTERNAL_ASSERT(columns.dim() == 2 && columns.size(1) == rows * s.out_w && columns.stride(1) == 1);
+  return columns.stride(0);
+}
+
+void im2col_cpu(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows) {
+  const int64_t pitch = band_pitch(columns, s, rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, image.scalar_type(), "channelconv::im2col", [&] {
     im2col_band<scalar_t>(image.const_data_ptr<scalar_t>(), columns.mutable_data_ptr<scalar_t>(), s, row0, rows,
-                          columns.stride(0));
+                          pitch);
   });
 }
 
 void col2im_cpu(const at::Tensor& columns, const at::Tensor& grad_image, const ConvShape& s, int64_t row0,
                 int64_t rows) {
+  const int64_t pitch = band_pitch(columns, s, rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, columns.scalar_type(), "channelconv::col2im", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     col2im_band<scalar_t, acc_t>(columns.const_data_ptr<scalar_t>(), grad_image.mutable_data_ptr<acc_t>(), s, row0,
-                                 rows);
+                                 rows, pitch);
   });
 }
 
