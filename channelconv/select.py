@@ -356,10 +356,13 @@ def _needs_grad(input, weight, bias) -> bool:
     return torch.is_grad_enabled() and torch._C._any_requires_grad(input, weight, bias)
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _concrete(input_shape, weight_shape, tensors) -> bool:
-    """Whether the sizes are plain ints: always those of plain tensors (checked first: this runs
-    on every call); a trace's (fake tensors) may be symbolic."""
-    if tensors is not None and type(tensors[0]) is torch.Tensor and type(tensors[1]) is torch.Tensor:
+    """Whether the sizes are plain ints: always those of plain tensors and parameters (checked
+    first: this runs on every call); a trace's (fake tensors) may be symbolic."""
+    if tensors is not None and type(tensors[0]) in _PLAIN_TENSOR_TYPES and type(tensors[1]) in _PLAIN_TENSOR_TYPES:
         return True
     return all(type(d) is int for d in (*input_shape, *weight_shape))
 
