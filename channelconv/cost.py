@@ -197,11 +197,12 @@ def _lowered_plan(algorithm, n, c_in, c_out, h_o, w_o, kh, kw, groups, elem, lim
         if wide_images >= SIDE_BY_SIDE_IMAGES:
             images, side_by_side = wide_images, True
     bands = math.ceil(h_o / rows)
-    columns_bytes = images * c_in * kh * kw * rows * w_o * elem
-    workspace = columns_bytes + (images * scratch_per_image if side_by_side else 0) if n > 0 else 0
+    band_bytes = images * (c_in * kh * kw * rows * w_o * elem + (scratch_per_image if side_by_side else 0))
+    workspace = band_bytes if n > 0 else 0
     columns = n * c_in * kh * kw * h_o * w_o
-    return AlgorithmPlan(algorithm, True, workspace_bytes=workspace, side_by_side=side_by_side, gemm_m=m, gemm_n=rows * w_o * (images if side_by_side else 1),
-                         gemm_k=k, gemm_calls=math.ceil(n / images) * bands, band_rows=rows, band_images=images,
+    return AlgorithmPlan(algorithm, True, workspace_bytes=workspace, side_by_side=side_by_side, gemm_m=m,
+                         gemm_n=rows * w_o * (images if side_by_side else 1), gemm_k=k,
+                         gemm_calls=math.ceil(n / images) * bands, band_rows=rows, band_images=images,
                          column_elements=columns, column_bytes=columns * elem)
 
 

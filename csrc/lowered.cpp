@@ -42,8 +42,10 @@ at::Tensor nhwc_rows(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).resha
 class ColumnBands {
  public:
   ColumnBands(const ConvShape& s, const at::TensorOptions& options, int64_t workspace_limit)
-      : shape_(s), plan_(plan_bands(s, options.dtype().itemsize(), workspace_limit, options.device().is_cpu())) {
-    column_numel_ = plan_.images * s.column_rows() * s.groups * plan_.rows * s.out_w;
+      : shape_(s),
+        plan_(plan_bands(s, options.dtype().itemsize(), workspace_limit, options.device().is_cpu())),
+        column_rows_(s.in_channels * s.kernel_h * s.kernel_w),  // every group's
+        column_numel_(plan_.images * column_rows_ * plan_.rows * s.out_w) {
     const int64_t scratch_numel = plan_.side_by_side ? plan_.images * s.out_channels * s.out_h * s.out_w : 0;
     const int64_t bytes = (column_numel_ + scratch_numel) * static_cast<int64_t>(options.dtype().itemsize());
     try {
@@ -64,16 +66,15 @@ class ColumnBands {
   // unit-stride rows: contiguous, or side by side (then columns.transpose(0, 1) is contiguous).
   template <typename Fn>
   void for_each(Fn fn) const {
-    const int64_t column_rows = shape_.in_channels * shape_.kernel_h * shape_.kernel_w;
     for (int64_t n0 = 0; n0 < shape_.batch; n0 += plan_.images) {
       const int64_t images = std::min(plan_.images, shape_.batch - n0);
       for (int64_t row0 = 0; row0 < shape_.out_h; row0 += plan_.rows) {
         const int64_t rows = std::min(plan_.rows, shape_.out_h - row0);
         const int64_t pixels = rows * shape_.out_w;
-        const at::Tensor columns = buffer_.narrow(0, 0, images * column_rows * pixels);
+        const at::Tensor columns = buffer_.narrow(0, 0, images * column_rows_ * pixels);
         fn(n0, images, row0, rows,
-           plan_.side_by_side ? columns.view({column_rows, images, pixels}).transpose(0, 1)
-                              : columns.view({images, column_rows, pixels}));
+           plan_.side_by_side ? columns.view({column_rows_, images, pixels}).transpose(0, 1)
+                              : columns.view({images, column_rows_, pixels}));
       }
     }
   }
@@ -92,7 +93,8 @@ class ColumnBands {
  private:
   const ConvShape& shape_;
   BandPlan plan_;
-  int64_t column_numel_ = 0;
+  int64_t column_rows_;
+  int64_t column_numel_;
   at::Tensor buffer_;
 };
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, f_conv2d, oracle
+from conftest import TOLERANCE, assert_close, f_conv2d, oracle, rel_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -115,12 +115,16 @@ def check_case(case: Case, algorithm: str, dtype, device="cpu"):
     leaves = [t.detach().double().requires_grad_() for t in inputs]
     ref_out = oracle(leaves[0], leaves[1], leaves[2] if b is not None else None, *args)
     ref_grads = torch.autograd.grad(ref_out, leaves, grad_out.double())
-    magnitudes = [t.detach().abs().requires_grad_() for t in leaves]  # the scale of rounding (conftest)
-    mag_out = oracle(magnitudes[0], magnitudes[1], magnitudes[2] if b is not None else None, *args)
-    mag_grads = torch.autograd.grad(mag_out, magnitudes, grad_out.double().abs())
-    for name, got, want, magnitude in zip(("input", "weight", "bias"), grads, ref_grads, mag_grads):
+    # The oracle on the terms' magnitudes, the scale of their rounding (conftest, CANCELLATION): needed
+    # only once a gradient misses the tolerance relative to itself.
+    mag_grads = None
+    for i, (name, got, want) in enumerate(zip(("input", "weight", "bias"), grads, ref_grads)):
         assert got.shape == want.shape
-        assert_close(got, want, dtype, f"grad {name}", magnitude)
+        if mag_grads is None and rel_error(got, want) > TOLERANCE[dtype]:
+            magnitudes = [t.detach().abs().requires_grad_() for t in leaves]
+            mag_out = oracle(magnitudes[0], magnitudes[1], magnitudes[2] if b is not None else None, *args)
+            mag_grads = torch.autograd.grad(mag_out, magnitudes, grad_out.double().abs())
+        assert_close(got, want, dtype, f"grad {name}", None if mag_grads is None else mag_grads[i])
 
 
 SWEEP = settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.too_slow])

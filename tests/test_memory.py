@@ -74,7 +74,8 @@ def test_thousand_calls_leave_rss_flat(algorithm, x_shape, w_shape, stride, padd
     assert 500 * per_call / 10 > 8 * MiB  # the test could see such a leak
     with capsys.disabled():
         print(f"\n[memory] {algorithm} stride {stride}: RSS {before / MiB:.1f} MiB, growth per 500 forward/backward "
-              f"calls {', '.join(f'{g / MiB:+.2f}' for g in growths)} MiB ({per_call / 1024:.0f} KiB allocated per call)")
+              f"calls {', '.join(f'{g / MiB:+.2f}' for g in growths)} MiB "
+              f"({per_call / 1024:.0f} KiB allocated per call)")
     assert growth < 4 * MiB, f"{algorithm}: RSS grew by {growth / MiB:.1f} MiB or more in each of 3 x 500 calls"
 
 
