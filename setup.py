@@ -34,8 +34,7 @@ def extension():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     return CUDAExtension("channelconv._C", sources,
-                         extra_compile_args={"cxx": cxx + ["-DCHANNELCONV_CUDA"],
-                                             "nvcc": ["-O3", "-DCHANNELCONV_CUDA", "--expt-relaxed-constexpr"]},
+                         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
                          extra_link_args=["-fopenmp"] + extra.get("extra_link_args", []))
 
 

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     meta.update({"command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
                  "suites": args.suites, "batch": settings.batch, "passes": args.passes,
                  "algorithms": args.algorithms, "rounds": settings.rounds, "block_s": settings.block_s,
-                 "gemm_gflops": gemm, "calibration": channelconv.select.model_for(settings.device,
+                 "gemm_gflops": gemm, "calibration": channelconv.timemodel.model_for(settings.device,
                                                                                    settings.dtype)["source"]})
     where = meta.get("gpu") or meta["cpu"]
     print(f"channelconv {meta['channelconv']} | torch {meta['torch']} | {settings.device} ({where}) | "

@@ -1,12 +1,12 @@
 """``python -m benchmarks --calibrate``: measure the constants of 'auto''s time model on this
-machine and save them (channelconv/calibration.json, which channelconv/select.py loads).
+machine and save them (channelconv/calibration.json, which channelconv/timemodel.py loads).
 
 1. GEMM efficiency. Batched products (G x M x K) . (G x K x N) over a grid of small and large
    M, N, K are timed and fitted to  t = (2GMNK / rate) * (1 + m0/M + n0/N + k0/K) + per-GEMM +
    per-call; m0, n0, k0 say how small a dimension must get before the GEMM leaves its peak.
 2. Each algorithm, forward and a training step, on ~30 probe layers that are *not* the suite's
    layers (other channel counts, sizes, kernels, strides, groups, batch 1-4). Its coefficients
-   (select.features: seconds per GEMM FLOP, per column element, per small GEMM, per call; for
+   (timemodel.features: seconds per GEMM FLOP, per column element, per small GEMM, per call; for
    direct per multiply-add, per strided multiply-add, per inner loop, per plane) are a
    non-negative least-squares fit of the measured times, weighted so that relative errors count.
 
@@ -27,7 +27,7 @@ import torch
 from torch.utils.benchmark import Timer
 
 import channelconv
-from channelconv import select
+from channelconv import select, timemodel
 
 from .runner import LayerCase, Settings, cpu_name, interleaved
 from .shapes import Layer
@@ -168,11 +168,11 @@ LOWERED = ("im2col", "1x1")  # one GEMM driver (csrc/lowered.cpp): fitted togeth
 
 
 def _rows(measured, algorithm, gemm, vector_bytes):
-    names = select.DIRECT_FEATURES if algorithm == "direct" else select.LOWERED_FEATURES
+    names = timemodel.DIRECT_FEATURES if algorithm == "direct" else timemodel.LOWERED_FEATURES
     rows, times = [], []
     for probe in measured:
         if algorithm in probe["seconds"]:
-            f = select.features(algorithm, probe["cost"], gemm, vector_bytes, training=probe["training"])
+            f = timemodel.features(algorithm, probe["cost"], gemm, vector_bytes, training=probe["training"])
             rows.append([f[name] for name in names])
             times.append(probe["seconds"][algorithm])
     return names, np.array(rows).reshape(len(rows), len(names)), np.array(times)
@@ -224,7 +224,7 @@ def ranking_quality(measured, model_pass: dict, gemm: dict, vector_bytes: int) -
         if len(seconds) < 2:
             continue
         predicted = {a: sum(model_pass[a].get(f, 0) * v
-                            for f, v in select.features(a, probe["cost"], gemm, vector_bytes,
+                            for f, v in timemodel.features(a, probe["cost"], gemm, vector_bytes,
                                                         training=probe["training"]).items())
                      for a in seconds}
         pick = select.order(predicted, {a: probe["cost"].plans[a].workspace_bytes for a in seconds})[0][1]
@@ -239,7 +239,7 @@ def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool
     (``time.thread_time``) instead of the wall clock: on a shared, busy machine the CPU time of
     a single-threaded op is what it would take alone, while wall time includes whoever else ran.
     The model then scales its parallel terms from 1 thread to the thread count in use."""
-    path = Path(path or select.CALIBRATION_FILE)
+    path = Path(path or timemodel.CALIBRATION_FILE)
     start = time.perf_counter()
 
     def log(text):

@@ -7,10 +7,8 @@ from ._shapes import ALGORITHMS
 from .functional import conv2d
 from .modules import Conv2d, convert
 from .cost import cost
-from .select import choose
-from .select import explain
-from .select import get_benchmark_mode
-from .select import set_benchmark_mode
+from .measured import get_benchmark_mode, set_benchmark_mode
+from .select import choose, explain
 from .workspace import get_workspace_limit, set_workspace_limit
 
 __all__ = [

@@ -17,7 +17,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import _C  # noqa: F401  (loads the schemas and the kernels)
-from ._shapes import output_shape, result_format
+from ._shapes import check_grad_output, check_shapes, output_shape, result_format
 
 # Op-name prefix of each algorithm, and whether its ops take the workspace limit.
 OP_PREFIX = {"direct": "direct", "im2col": "im2col", "1x1": "conv1x1"}
@@ -37,16 +37,30 @@ class AlgorithmOps:
 OPS = {algorithm: AlgorithmOps(prefix) for algorithm, prefix in OP_PREFIX.items()}
 
 
+def needs_grad(*args) -> bool:
+    """Whether a backward pass can follow a call on ``args``: grad mode is on and a tensor requires grad."""
+    return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+
+
 def records_autograd(*args) -> bool:
     """Whether an op call on ``args`` has anything for autograd to record: a forward-AD dual level
-    is open (a tensor may carry a tangent), or grad mode is on and a tensor requires grad."""
-    return forward_ad._current_level >= 0 or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args))
+    is open (a tensor may carry a tangent), or a backward pass can follow."""
+    return forward_ad._current_level >= 0 or needs_grad(*args)
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def is_plain(t) -> bool:
+    """A tensor with data of its own and concrete sizes: not a subclass (the fake tensors of a
+    torch.compile or export trace, ...) and not on the meta device. Checked by type first: cheap."""
+    return type(t) in _PLAIN_TENSOR_TYPES and not t.is_meta
 
 
 def call_op(op, *args):
     """``op(*args)``; when there is nothing to record, below the autograd key. That skips the
-    Python autograd kernels registered below (7 us a call, benchmarks/NOTES.md v7) and runs just
-    what they would run. A trace (torch.compile) sees the plain call."""
+    Python autograd kernels registered below (microseconds a call, benchmarks/NOTES.md v7) and runs
+    just what they would run. A trace (torch.compile) sees the plain call."""
     if torch.compiler.is_compiling() or records_autograd(*args):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
@@ -70,16 +84,21 @@ def bias_grad(grad: torch.Tensor) -> torch.Tensor:
 def _register(ops: AlgorithmOps) -> None:
     # `rest` is (stride, padding, dilation, groups[, workspace_limit]); it is passed through unchanged.
     @torch.library.register_fake(ops.forward)
-    def _(input, weight, bias, stride, padding, dilation, *rest):
+    def _(input, weight, bias, stride, padding, dilation, groups, *rest):
+        check_shapes(input.shape, weight.shape, padding, dilation, groups, bias)
         return _empty(output_shape(input.shape, weight.shape, stride, padding, dilation), input,
                       result_format(input, weight))
 
     @torch.library.register_fake(ops.backward_input)
-    def _(grad_output, weight, input_size, *rest):
+    def _(grad_output, weight, input_size, stride, padding, dilation, groups, *rest):
+        check_shapes(input_size, weight.shape, padding, dilation, groups)
+        check_grad_output(grad_output, output_shape(input_size, weight.shape, stride, padding, dilation))
         return _empty(input_size, grad_output, result_format(grad_output, weight))
 
     @torch.library.register_fake(ops.backward_weight)
-    def _(grad_output, input, weight_size, *rest):
+    def _(grad_output, input, weight_size, stride, padding, dilation, groups, *rest):
+        check_shapes(input.shape, weight_size, padding, dilation, groups)
+        check_grad_output(grad_output, output_shape(input.shape, weight_size, stride, padding, dilation))
         return _empty(weight_size, input, result_format(input, grad_output))
 
     def setup_forward(ctx, inputs, output):

@@ -1,6 +1,7 @@
-"""Argument forms and shape rules on the Python side: turning user arguments into the explicit
-pairs the ops take, and the output size the fake kernels report (the C++ twin of
-``output_size`` is ``output_extent`` in csrc/conv_params.h; tests check they agree)."""
+"""Argument forms and shape rules on the Python side, each in one place: turning user arguments
+into the explicit pairs the ops take (pair, resolve_padding), the algorithm names and the 1x1 rule,
+the output size the fake kernels report and the shape checks they make under a trace (the C++
+twins are in csrc/conv_params.cpp: output_extent and make_shape; tests check they agree)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,20 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 ALGORITHMS = ("direct", "im2col", "1x1")
+PADDING_STRINGS = ("valid", "same")
 
 
-def check_algorithm(algorithm: str, allow_auto: bool = True) -> str:
-    valid = (*ALGORITHMS, "auto") if allow_auto else ALGORITHMS
+def is_1x1(kernel_size) -> bool:
+    return tuple(kernel_size) == (1, 1)
+
+
+def check_algorithm(algorithm: str, kernel_size=None) -> str:
+    """``algorithm`` if it names one of ours or 'auto' (and, given the kernel size, accepts it)."""
+    valid = (*ALGORITHMS, "auto")
     if algorithm not in valid:
         raise ValueError(f"unknown algorithm={algorithm!r}; expected one of {valid}")
+    if algorithm == "1x1" and kernel_size is not None and not is_1x1(kernel_size):
+        raise ValueError(f"algorithm '1x1' accepts only 1x1 kernels, but got kernel_size={tuple(kernel_size)}")
     return algorithm
 
 
@@ -36,6 +45,25 @@ def pair(value, name: str) -> tuple[int, int]:
     raise ValueError(f"expected {name} to be an int or a pair of ints, but got {name}={value!r}")
 
 
+def resolve_padding(padding, kernel_size, stride, dilation) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(explicit symmetric padding, extra (bottom, right) rows and columns) for conv2d's ``padding``:
+    'same' with an even (dilated) kernel puts its extra row/column at the bottom/right, as PyTorch
+    does. ``kernel_size`` may be None (a weight that is not 4-D: the op names that error)."""
+    if not isinstance(padding, str):
+        return pair(padding, "padding"), (0, 0)
+    if padding == "valid":
+        return (0, 0), (0, 0)
+    if padding != "same":
+        raise ValueError(f"invalid padding string {padding!r}; expected one of {PADDING_STRINGS}")
+    if stride != (1, 1):
+        raise ValueError(f"padding='same' is not supported for strided convolutions, but got stride={stride}")
+    if kernel_size is None:
+        return (0, 0), (0, 0)
+    totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+    before = tuple(total // 2 for total in totals)
+    return before, tuple(total - 2 * b for total, b in zip(totals, before))
+
+
 def output_size(in_size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (in_size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -48,6 +76,34 @@ def output_shape(input_shape, weight_shape, stride, padding, dilation) -> tuple:
         output_size(input_shape[2], weight_shape[2], stride[0], padding[0], dilation[0]),
         output_size(input_shape[3], weight_shape[3], stride[1], padding[1], dilation[1]),
     )
+
+
+def check_shapes(input_shape, weight_shape, padding, dilation, groups, bias=None) -> None:
+    """The op's shape checks (csrc/conv_params.cpp, make_shape) for its fake kernel, so that under
+    torch.compile a bad shape fails with the op's message, naming the argument. Sizes may be symbolic."""
+    x, w = list(input_shape), list(weight_shape)
+    torch._check(len(x) == 4, lambda: f"channelconv: expected 4-D input (N, C, H, W), but got input of size: {x}")
+    torch._check(len(w) == 4, lambda: f"channelconv: expected 4-D weight (C_out, C_in / groups, k_h, k_w), but got "
+                 f"weight of size: {w}")
+    torch._check(groups > 0, lambda: f"non-positive groups is not supported: groups={groups}")
+    torch._check(w[0] % groups == 0, lambda: f"Given groups={groups}, expected weight to be divisible by {groups} at "
+                 f"dimension 0, but got weight of size {w} instead")
+    torch._check(x[1] == w[1] * groups, lambda: f"Given groups={groups}, weight of size {w}, expected input{x} to have "
+                 f"{w[1] * groups} channels, but got {x[1]} channels instead")
+    padded = [x[2 + i] + 2 * padding[i] for i in (0, 1)]
+    extent = [dilation[i] * (w[2 + i] - 1) + 1 for i in (0, 1)]
+    for axis in (0, 1):
+        torch._check(padded[axis] >= extent[axis], lambda: f"Calculated padded input size per channel: ({padded[0]} "
+                     f"x {padded[1]}). Kernel size: ({extent[0]} x {extent[1]}). Kernel size can't be greater than "
+                     f"actual input size")
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.shape[0] == w[0], lambda: f"Given weight of size {w}, expected bias to "
+                     f"be 1-dimensional with {w[0]} elements, but got bias of size {list(bias.shape)} instead")
+
+
+def check_grad_output(grad_output, expected) -> None:
+    torch._check(list(grad_output.shape) == list(expected), lambda: f"channelconv: expected grad_output of size "
+                 f"{list(expected)} for this convolution, but got grad_output of size {list(grad_output.shape)}")
 
 
 def result_format(a: torch.Tensor, b: torch.Tensor) -> torch.memory_format:

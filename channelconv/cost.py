@@ -3,9 +3,10 @@
 ``cost(input_shape, weight_shape, stride, padding, dilation, groups, dtype)`` answers the section's
 exercises for a concrete layer: how many multiplications and additions the forward and the
 backward pass take, how much memory each needs, how many bytes must move at least once, and how
-large im2col's column buffer gets. It also describes how each of channelconv's algorithms would
-run the layer (``Cost.plans``: the GEMM shapes, the column elements written, the workspace), which
-is what 'auto' (select.py) feeds its time model.
+large im2col's column buffer gets. It also says how each of channelconv's algorithms runs the
+layer (``Cost.plans``: bands, GEMM shapes, column elements, workspace, the direct kernel's tiles and
+tasks per pass). Those plans are the kernels' own, read from C++ (csrc/plan.h, through the
+channelconv::_plan op); 'auto''s time model (timemodel.py) counts its features from them.
 
 Conventions
 -----------
@@ -30,53 +31,66 @@ Conventions
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from ._shapes import pair
+from ._shapes import ALGORITHMS, output_size, pair, resolve_padding
 from .workspace import get_workspace_limit
 
-# The column buffer im2col prefers (csrc/conv_params.cpp, plan_bands): within a core's L2 for GEMMs
-# with fewer than WIDE_GEMM_CHANNELS output channels per group, larger for wider ones.
-NARROW_COLUMN_BYTES = 2 << 20
-WIDE_COLUMN_BYTES = 8 << 20
-WIDE_GEMM_CHANNELS = 128
-# Side-by-side bands (CPU; csrc/conv_params.h, BandPlan): a small map's whole images in one column
-# matrix and one GEMM per band, when over 10 % of PIXEL_VECTOR-wide rows would idle per image and at
-# least SIDE_BY_SIDE_IMAGES images fit with their scratch of outputs (or output gradients).
-PIXEL_VECTOR = 16
-SIDE_BY_SIDE_IMAGES = 4
-
-
-def side_by_side_pays(pixels: int) -> bool:
-    lanes = -(-pixels // PIXEL_VECTOR) * PIXEL_VECTOR
-    return pixels > 0 and (lanes - pixels) * 10 > pixels
+# The direct algorithm plans each pass apart (the lowered ones run one band plan in all three).
+PASSES = ("forward", "input_grad", "weight_grad")
 
 
 @dataclass(frozen=True)
 class AlgorithmPlan:
-    """How one algorithm runs a layer: what the time model of 'auto' reads."""
+    """How one algorithm runs a layer, as its C++ plan says (csrc/plan.h)."""
 
     algorithm: str
     applicable: bool
-    why_not: str = ""  # when not applicable
+    why_not: str = ""  # when not applicable: the op's own error message
     workspace_bytes: int = 0
-    side_by_side: bool = False  # the band's images side by side, one GEMM per band (see above)
-    # Lowered algorithms: one batched GEMM (over the groups) per image and band of output rows,
-    # each (gemm_m x gemm_k) . (gemm_k x gemm_n) per group; the last band may be shorter.
+    side_by_side: bool = False  # the band's images side by side, one GEMM per band
+    # Lowered algorithms: gemm_calls batched GEMMs in the forward pass, each (gemm_m x gemm_k) .
+    # (gemm_k x gemm_n) per group, over band_images images and band_rows output rows (the last band
+    # may be shorter).
     gemm_m: int = 0
-    gemm_n: int = 0  # pixels of a full band
+    gemm_n: int = 0
     gemm_k: int = 0
-    gemm_calls: int = 0  # batched GEMM calls: (images / band_images) x bands
+    gemm_calls: int = 0
     band_rows: int = 0
-    band_images: int = 1  # images per batched GEMM call (whole images only)
-    column_elements: int = 0  # elements the unrolling writes in one forward pass (0: reads the input as is)
+    band_images: int = 1
+    column_elements: int = 0  # elements the unrolling writes in one pass (0: reads the input as is)
     column_bytes: int = 0
-    # Direct: the innermost loop runs along an output row, once per (image, out channel, in channel, tap, row).
-    inner_loops: int = 0
-    planes: int = 0  # (image, output channel) planes
+    # Direct: the plan's counts per pass (PASSES), keys as documented in csrc/plan_op.cpp.
+    passes: dict = field(default_factory=dict)
+
+
+def _plan_op(algorithm, which, shape_args, dtype, device, limit, threads) -> dict:
+    input_shape, weight_shape, stride, padding, dilation, groups = shape_args
+    return dict(torch.ops.channelconv._plan(algorithm, which, list(input_shape), list(weight_shape), list(stride),
+                                            list(padding), list(dilation), groups, dtype, device, limit, threads))
+
+
+def _plans(shape_args, dtype, device, limit, threads) -> dict:
+    """Every algorithm's plan; the op rejects bad arguments with its own (F.conv2d's) message."""
+    try:
+        direct = {which: _plan_op("direct", which, shape_args, dtype, device, limit, threads) for which in PASSES}
+    except RuntimeError as e:  # a shape the op rejects: cost() reports bad arguments as ValueError
+        raise ValueError(str(e)) from None
+    plans = {"direct": AlgorithmPlan("direct", True, passes=direct)}
+    for algorithm in ALGORITHMS[1:]:
+        try:
+            p = _plan_op(algorithm, "forward", shape_args, dtype, device, limit, threads)
+        except (RuntimeError, ValueError) as e:  # what this algorithm refuses ('1x1' on a 3x3 kernel, a limit)
+            plans[algorithm] = AlgorithmPlan(algorithm, False, why_not=str(e).split("\n")[0])
+            continue
+        plans[algorithm] = AlgorithmPlan(
+            algorithm, True, workspace_bytes=p["workspace_bytes"], side_by_side=bool(p["side_by_side"]),
+            gemm_m=p["gemm_m"], gemm_n=p["gemm_n"], gemm_k=p["gemm_k"], gemm_calls=p["gemm_calls"],
+            band_rows=p["rows"], band_images=p["images"], column_elements=p["column_elements"],
+            column_bytes=p["column_elements"] * dtype.itemsize)
+    return plans
 
 
 @dataclass(frozen=True)
@@ -155,108 +169,37 @@ class Cost:
         return out
 
 
-def explicit_padding(padding, input_hw, weight_hw, stride, dilation) -> tuple[tuple, tuple]:
-    """(padding pair, effective input (H, W)) the way channelconv.conv2d resolves 'same' and
-    'valid': 'same' with an even (dilated) kernel adds the extra row/column at the bottom/right."""
-    if not isinstance(padding, str):
-        return pair(padding, "padding"), tuple(input_hw)
-    if padding == "valid":
-        return (0, 0), tuple(input_hw)
-    if padding != "same":
-        raise ValueError(f"invalid padding string {padding!r}; expected one of ('valid', 'same')")
-    if stride != (1, 1):
-        raise ValueError(f"padding='same' is not supported for strided convolutions, but got stride={stride}")
-    totals = [d * (k - 1) for d, k in zip(dilation, weight_hw)]
-    before = tuple(t // 2 for t in totals)
-    return before, tuple(i + t - 2 * b for i, t, b in zip(input_hw, totals, before))
-
-
-def _out(in_size, kernel, stride, padding, dilation) -> int:
-    return (in_size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def _lowered_plan(algorithm, n, c_in, c_out, h_o, w_o, kh, kw, groups, elem, limit, reads_input,
-                  device) -> AlgorithmPlan:
-    m, k = c_out // groups, (c_in // groups) * kh * kw
-    if reads_input:  # 1x1, stride 1, no padding: the image is the column matrix; one group: one GEMM call
-        return AlgorithmPlan(algorithm, True, gemm_m=m, gemm_n=h_o * w_o, gemm_k=k, gemm_calls=1 if groups == 1 else n,
-                             band_rows=h_o, band_images=max(n, 1) if groups == 1 else 1)
-    bytes_per_row = c_in * kh * kw * w_o * elem
-    if bytes_per_row > limit:
-        return AlgorithmPlan(algorithm, False, why_not=(
-            f"one output row's columns ({bytes_per_row} bytes) exceed the workspace limit ({limit} bytes)"))
-    # The band plan of csrc/conv_params.cpp (plan_bands): rows of one image, or whole images.
-    budget = min(limit, NARROW_COLUMN_BYTES if m < WIDE_GEMM_CHANNELS else WIDE_COLUMN_BYTES)
-    rows = max(1, min(h_o, budget // bytes_per_row)) if bytes_per_row else max(h_o, 1)
-    whole_images = rows == h_o and groups == 1 and bytes_per_row
-    images = max(1, min(n, budget // (bytes_per_row * h_o))) if whole_images else 1
-    scratch_per_image = c_out * h_o * w_o * elem
-    side_by_side = False
-    if whole_images and device == "cpu" and side_by_side_pays(h_o * w_o):
-        wide_images = min(n, budget // (bytes_per_row * h_o + scratch_per_image))
-        if wide_images >= SIDE_BY_SIDE_IMAGES:
-            images, side_by_side = wide_images, True
-    bands = math.ceil(h_o / rows)
-    band_bytes = images * (c_in * kh * kw * rows * w_o * elem + (scratch_per_image if side_by_side else 0))
-    workspace = band_bytes if n > 0 else 0
-    columns = n * c_in * kh * kw * h_o * w_o
-    return AlgorithmPlan(algorithm, True, workspace_bytes=workspace, side_by_side=side_by_side, gemm_m=m,
-                         gemm_n=rows * w_o * (images if side_by_side else 1), gemm_k=k,
-                         gemm_calls=math.ceil(n / images) * bands, band_rows=rows, band_images=images,
-                         column_elements=columns, column_bytes=columns * elem)
-
-
 def cost(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, dtype=torch.float32, *,
-         bias: bool = False, workspace_limit: int | None = None, device: str = "cpu") -> Cost:
+         bias: bool = False, workspace_limit: int | None = None, device: str = "cpu", threads: int | None = None) -> Cost:
     """The textbook's cost quantities of ``F.conv2d(input, weight, bias, stride, padding, dilation,
     groups)`` for an input of ``input_shape`` (N, C_i, H, W) or (C_i, H, W) and a weight of
     ``weight_shape`` (C_o, C_i / groups, k_h, k_w); see the module docstring for the conventions.
     ``workspace_limit`` defaults to ``channelconv.get_workspace_limit()``; ``device`` ('cpu' or
-    'cuda') is where the algorithms would run: their plans differ there (side-by-side bands)."""
+    'cuda') and ``threads`` (default torch's) are where the algorithms would run: their plans
+    depend on both (side-by-side bands on the CPU, tasks per thread)."""
     input_shape, weight_shape = tuple(int(v) for v in input_shape), tuple(int(v) for v in weight_shape)
     if len(input_shape) == 3:
         input_shape = (1, *input_shape)
-    if len(input_shape) != 4 or len(weight_shape) != 4:
-        raise ValueError(f"expected a 4-D (or unbatched 3-D) input shape and a 4-D weight shape, but got "
-                         f"input_shape={input_shape} and weight_shape={weight_shape}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"expected groups to be a positive int, but got groups={groups!r}")
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise ValueError(f"expected groups to be an int, but got groups={groups!r}")
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    padding, extra = resolve_padding(padding, weight_shape[2:] if len(weight_shape) == 4 else None, stride, dilation)
+    if len(input_shape) == 4:  # (the op names a shape of another rank)
+        input_shape = (*input_shape[:2], input_shape[2] + extra[0], input_shape[3] + extra[1])
+    limit = get_workspace_limit() if workspace_limit is None else int(workspace_limit)
+    plans = _plans((input_shape, weight_shape, stride, padding, dilation, groups), dtype, torch.device(device), limit,
+                   threads or torch.get_num_threads())
+
     n, c_in, h, w = input_shape
     c_out, c_per_group, kh, kw = weight_shape
-    if c_in != c_per_group * groups or c_out % groups:
-        raise ValueError(f"Given groups={groups}, weight of size {list(weight_shape)} does not fit an input of "
-                         f"size {list(input_shape)}: expected {c_per_group * groups} input channels and C_out "
-                         f"divisible by {groups}")
-    if min(stride) < 1 or min(dilation) < 1:
-        raise ValueError(f"expected positive stride and dilation, but got stride={stride}, dilation={dilation}")
-    padding, (h, w) = explicit_padding(padding, (h, w), (kh, kw), stride, dilation)
-    if min(padding) < 0:
-        raise ValueError(f"expected non-negative padding, but got padding={padding}")
-    h_o, w_o = (_out(h, kh, stride[0], padding[0], dilation[0]), _out(w, kw, stride[1], padding[1], dilation[1]))
-    if h_o < 1 or w_o < 1:
-        raise ValueError(f"the (dilated) kernel {kh}x{kw} does not fit the padded input {h}x{w}")
+    h_o, w_o = (output_size(h, kh, stride[0], padding[0], dilation[0]),
+                output_size(w, kw, stride[1], padding[1], dilation[1]))
     elem = dtype.itemsize
-    limit = get_workspace_limit() if workspace_limit is None else int(workspace_limit)
-
     macs = n * c_out * h_o * w_o * c_per_group * kh * kw
     outputs = n * c_out * h_o * w_o
-    x_el, w_el, y_el, b_el = n * c_in * h * w, weight_shape[0] * c_per_group * kh * kw, outputs, c_out * bias
+    x_el, w_el, y_el, b_el = n * c_in * h * w, c_out * c_per_group * kh * kw, outputs, c_out * bias
     forward_memory = (x_el + w_el + b_el + y_el) * elem
     backward_memory = (2 * x_el + 2 * w_el + y_el + 2 * b_el) * elem  # x, w, dy, dx, dw (+ b, db)
-
-    reads_input = (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0)
-    plans = {
-        "direct": AlgorithmPlan("direct", True, inner_loops=n * c_out * c_per_group * kh * kw * h_o,
-                                planes=n * c_out),
-        # A 1x1, stride-1, unpadded kernel's unrolling is the identity: both lowerings read the input as it is.
-        "im2col": _lowered_plan("im2col", n, c_in, c_out, h_o, w_o, kh, kw, groups, elem, limit, reads_input,
-                                device),
-    }
-    if (kh, kw) == (1, 1):
-        plans["1x1"] = _lowered_plan("1x1", n, c_in, c_out, h_o, w_o, 1, 1, groups, elem, limit, reads_input, device)
-    else:
-        plans["1x1"] = AlgorithmPlan("1x1", False, why_not=f"'1x1' accepts only 1x1 kernels, not {kh}x{kw}")
     im2col = plans["im2col"]
     return Cost(
         input_shape=input_shape, weight_shape=weight_shape, output_shape=(n, c_out, h_o, w_o), stride=stride,

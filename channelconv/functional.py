@@ -8,32 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from ._ops import OPS, TAKES_WORKSPACE, call_op
-from ._shapes import check_algorithm, pair
+from ._shapes import check_algorithm, pair, resolve_padding
 from .select import choose
 from .workspace import get_workspace_limit
-
-_PADDING_STRINGS = ("valid", "same")
-
-
-def _resolve_padding(input, weight, padding, stride, dilation):
-    """Explicit symmetric (pad_h, pad_w), and the input with any extra bottom/right row or column
-    that 'same' needs for an even (dilated) kernel already added, as PyTorch does."""
-    if not isinstance(padding, str):
-        return input, pair(padding, "padding")
-    if padding == "valid":
-        return input, (0, 0)
-    if padding != "same":
-        raise ValueError(f"invalid padding string {padding!r}; expected one of {_PADDING_STRINGS}")
-    if stride != (1, 1):
-        raise ValueError(f"padding='same' is not supported for strided convolutions, but got stride={stride}")
-    if weight.dim() != 4:  # the op names the shape error; 'same' needs the kernel size first
-        return input, (0, 0)
-    totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
-    before = tuple(total // 2 for total in totals)
-    extra_h, extra_w = (total - 2 * b for total, b in zip(totals, before))
-    if extra_h or extra_w:
-        input = F.pad(input, (0, extra_w, 0, extra_h))
-    return input, before
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
@@ -55,7 +32,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
-    input, padding = _resolve_padding(input, weight, padding, stride, dilation)
+    padding, (extra_h, extra_w) = resolve_padding(padding, weight.shape[2:] if weight.dim() == 4 else None, stride,
+                                                  dilation)
+    if extra_h or extra_w:  # an even kernel's 'same': the extra row/column at the bottom/right
+        input = F.pad(input, (0, extra_w, 0, extra_h))
 
     if algorithm == "auto":
         algorithm = choose(input.shape, weight.shape, stride, padding, dilation, groups, tensors=(input, weight, bias))

@@ -17,7 +17,7 @@ class Conv2d(nn.Conv2d):
                  bias=True, padding_mode="zeros", device=None, dtype=None, *, algorithm="auto"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
-        self.algorithm = _checked_for(algorithm, self.kernel_size)
+        self.algorithm = check_algorithm(algorithm, self.kernel_size)
 
     def _conv_forward(self, input, weight, bias):
         padding = self.padding
@@ -32,19 +32,12 @@ class Conv2d(nn.Conv2d):
         return text if self.algorithm == "auto" else f"{text}, algorithm={self.algorithm!r}"
 
 
-def _checked_for(algorithm, kernel_size):
-    check_algorithm(algorithm)
-    if algorithm == "1x1" and tuple(kernel_size) != (1, 1):
-        raise ValueError(f"algorithm '1x1' accepts only 1x1 kernels, but got kernel_size={tuple(kernel_size)}")
-    return algorithm
-
-
 def _converted(conv: nn.Conv2d, algorithm: str) -> Conv2d:
     """A channelconv.Conv2d with the same state as ``conv``: the same Parameter objects, buffers,
     hooks and training flag (a shallow copy of its attributes, each container copied)."""
     new = Conv2d.__new__(Conv2d)
     new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in conv.__dict__.items()})
-    new.algorithm = _checked_for(algorithm, conv.kernel_size)
+    new.algorithm = check_algorithm(algorithm, conv.kernel_size)
     return new
 
 
@@ -63,7 +56,7 @@ def _convert(module, algorithm, done):
     if id(module) in done:
         return done[id(module)]
     if isinstance(module, Conv2d):
-        module.algorithm = _checked_for(algorithm, module.kernel_size)
+        module.algorithm = check_algorithm(algorithm, module.kernel_size)
         result = module
     elif type(module) is nn.Conv2d:
         result = _converted(module, algorithm)

@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 #include "conv_params.h"
-#include "cpu/direct_blocked.h"
+#include "plan.h"
 
 // `import channelconv._C` loads this shared object, which runs the static registrations below.
 // There is nothing to call from Python directly: everything goes through torch.ops.channelconv.
@@ -36,6 +36,9 @@ TORCH_LIBRARY(channelconv, m) {
   // The largest column buffer allocated since the last reset: the workspace limit's witness.
   m.def("workspace_peak() -> int", [] { return channelconv::workspace_peak(); });
   m.def("reset_workspace_peak() -> ()", [] { channelconv::reset_workspace_peak(); });
-  // Whether the CPU direct kernels run register-blocked (AVX-512) here: 'auto' models their cost.
-  m.def("blocked_kernel_available() -> bool", [] { return channelconv::blocked_kernel_available(); });
+  // The plan a kernel runs for given arguments, counted (plan_op.cpp): what cost() and 'auto' read.
+  m.def("_plan(str algorithm, str which, int[] input_size, int[] weight_size, int[] stride, int[] padding, "
+        "int[] dilation, int groups, ScalarType dtype, Device device, int workspace_limit, int threads) "
+        "-> Dict(str, int)",
+        &channelconv::plan_summary);
 }

@@ -6,16 +6,6 @@ namespace channelconv {
 
 namespace {
 
-// Column buffer sizes im2col prefers below the workspace limit (a band of output rows of one
-// image, or whole images when one fits). A GEMM with few output channels per group (M < 128) reads
-// each column element only M times, so that streaming its columns from L3 shows: its bands stay
-// within kNarrowColumnBytes, about a core's L2 (64 -> 64 3x3 at 56x56: 7 MB bands 0.54x F.conv2d,
-// 2 MiB bands 0.60-0.63x). Wider GEMMs do better with more columns per call (128 -> 128 at 28x28:
-// 1.8 MB bands 0.70x, two whole images in 7 MB 0.76x): up to kWideColumnBytes.
-constexpr int64_t kNarrowColumnBytes = int64_t(2) << 20;
-constexpr int64_t kWideColumnBytes = int64_t(8) << 20;
-constexpr int64_t kWideGemmChannels = 128;
-
 std::string sizes_str(at::IntArrayRef sizes) { return c10::str(sizes); }
 
 void check_pair(at::IntArrayRef values, const char* name) {
@@ -164,40 +154,6 @@ at::MemoryFormat result_format(const at::Tensor& a, const at::Tensor& b) {
   const bool channels_last = a.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
                              b.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
-// Side by side pays (benchmarks/NOTES.md v7: one GEMM + the copy out against the per-image GEMMs,
-// 2 threads): 49 pixels 1.16x at 4 images, 1.26-1.29x at 8; 81 pixels 1.10x; 100 1.06x; 196 1.03x;
-// but 64 and 144 pixels (whole vector rows) 0.94x and 0.85x, and 2 images 0.99x.
-namespace {
-constexpr int64_t kPixelVector = 16;
-constexpr int64_t kSideBySideImages = 4;
-bool side_by_side_pays(int64_t pixels) {
-  const int64_t lanes = (pixels + kPixelVector - 1) / kPixelVector * kPixelVector;
-  return pixels > 0 && (lanes - pixels) * 10 > pixels;  // over 10 % of the lanes idle
-}
-}  // namespace
-
-BandPlan plan_bands(const ConvShape& shape, int64_t element_size, int64_t limit_bytes, bool side_by_side_allowed) {
-  // A band spans every group's rows: (C * k_h * k_w) x (rows * W_o) elements.
-  const int64_t bytes_per_row = shape.in_channels * shape.kernel_h * shape.kernel_w * shape.out_w * element_size;
-  if (bytes_per_row == 0) return {1, std::max<int64_t>(shape.out_h, 1)};
-  TORCH_CHECK(bytes_per_row <= limit_bytes, "channelconv: the im2col workspace limit (", limit_bytes,
-              " bytes) is smaller than one output row's column buffer (", bytes_per_row,
-              " bytes); raise it with channelconv.set_workspace_limit() or use algorithm='direct'");
-  // Below the limit, prefer bands that stay cache-sized: the GEMM then reads the columns it
-  // was just written from cache instead of memory (PERFORMANCE.md, im2col).
-  const int64_t preferred = shape.out_per_group() < kWideGemmChannels ? kNarrowColumnBytes : kWideColumnBytes;
-  const int64_t budget = std::min(limit_bytes, preferred);
-  const int64_t rows = std::max<int64_t>(1, std::min(shape.out_h, budget / bytes_per_row));
-  const int64_t image_bytes = bytes_per_row * shape.out_h;
-  const bool whole_images = rows == shape.out_h && shape.groups == 1;
-  if (whole_images && side_by_side_allowed && side_by_side_pays(shape.out_h * shape.out_w)) {
-    const int64_t scratch_bytes = shape.out_channels * shape.out_h * shape.out_w * element_size;
-    const int64_t images = std::min(shape.batch, budget / (image_bytes + scratch_bytes));
-    if (images >= kSideBySideImages) return {images, rows, true};
-  }
-  return {whole_images ? std::max<int64_t>(1, std::min(shape.batch, budget / image_bytes)) : 1, rows};
 }
 
 namespace {

@@ -71,25 +71,6 @@ inline at::Tensor as_nchw(const at::Tensor& t) { return t.contiguous(); }
 
 inline bool fits_in_int32(int64_t n) { return n <= std::numeric_limits<int32_t>::max(); }
 
-// im2col workspace: the column buffer covers a band of output rows of one image at a time, as
-// many rows as fit in `limit_bytes` (the last band may be shorter); or, when whole images fit and
-// there is one group, several whole images, which then run as one batched GEMM (a small map's
-// per-image GEMM, N = H_o*W_o, is too skinny to run well). Throws when even one output row does
-// not fit, naming the bytes it needs. (Mirrored in channelconv/cost.py.)
-//
-// Side by side (CPU only, `side_by_side_allowed`): a small map's images sit side by side in one
-// (C*k_h*k_w, images*H_o*W_o) column matrix, and each pass runs one GEMM over all of them, with a
-// scratch of (C_o, images*H_o*W_o) that the workspace then also holds: the forward pass's output,
-// copied out to each image, or the gradients' output gradient, copied in. Chosen where the
-// per-image GEMM wastes MKL's 16-pixel vector rows (a 7x7 map: 49 pixels in 64 lanes) and at
-// least kSideBySideImages images fit.
-struct BandPlan {
-  int64_t images = 1;         // images per band (> 1 only with whole images: rows == out_h)
-  int64_t rows = 1;           // output rows per band
-  bool side_by_side = false;  // the band's images side by side in one column matrix (see above)
-};
-BandPlan plan_bands(const ConvShape& shape, int64_t element_size, int64_t limit_bytes, bool side_by_side_allowed);
-
 // Largest column buffer any op has allocated since the last reset (a statistic for tests and
 // cost reports; the workspace limit is a promise about it).
 void note_workspace(int64_t bytes);

@@ -5,25 +5,6 @@
 namespace channelconv {
 namespace {
 
-void check_lowering(Lowering lowering, const ConvShape& s, at::IntArrayRef weight_sizes, int64_t workspace_limit) {
-  if (lowering == Lowering::OneByOne) {
-    TORCH_CHECK_VALUE(s.kernel_h == 1 && s.kernel_w == 1, "channelconv: algorithm '1x1' accepts only 1x1 kernels, ",
-                      "but got weight of size ", weight_sizes, " (a ", s.kernel_h, "x", s.kernel_w,
-                      " kernel); use algorithm='im2col' or 'direct'");
-  }
-  TORCH_CHECK_VALUE(workspace_limit > 0, "channelconv: workspace_limit must be a positive number of bytes, got ",
-                    "workspace_limit=", workspace_limit);
-}
-
-// With a 1x1 kernel, stride 1 and no padding, the unrolling is the identity: each image (C, H*W)
-// already is its column matrix, and both lowerings read the input where it lies (as Caffe's and
-// PyTorch's own im2col paths do; copying it cost im2col a third of its time on ResNet-50's 1x1
-// layers at batch 1). (Dilation does not move a 1x1 tap.)
-bool input_is_columns(const ConvShape& s) {
-  return s.kernel_h == 1 && s.kernel_w == 1 && s.stride[0] == 1 && s.stride[1] == 1 && s.padding[0] == 0 &&
-         s.padding[1] == 0;
-}
-
 // channels_last data of a 1x1, stride-1, unpadded, single-group convolution is already a row-major
 // (N*H*W, C) matrix: one GEMM over the whole batch, no copy in or out, the output channels_last.
 bool nhwc_gemm(const ConvShape& s, std::initializer_list<at::Tensor> operands) {
@@ -37,26 +18,24 @@ bool nhwc_gemm(const ConvShape& s, std::initializer_list<at::Tensor> operands) {
 // (N, C, H, W) channels_last as its (N*H*W, C) matrix (a view).
 at::Tensor nhwc_rows(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
 
-// One column buffer, reused for every band (plan_bands: rows of one image, or whole images; on
-// the CPU possibly side by side, with a scratch for the band's output or output gradient).
+// One column buffer, reused for every band of the plan (plan.h, LoweredPlan: rows of one image,
+// or whole images; on the CPU possibly side by side, with a scratch for the band's output or
+// output gradient).
 class ColumnBands {
  public:
-  ColumnBands(const ConvShape& s, const at::TensorOptions& options, int64_t workspace_limit)
-      : shape_(s),
-        plan_(plan_bands(s, options.dtype().itemsize(), workspace_limit, options.device().is_cpu())),
-        column_rows_(s.in_channels * s.kernel_h * s.kernel_w),  // every group's
-        column_numel_(plan_.images * column_rows_ * plan_.rows * s.out_w) {
-    const int64_t scratch_numel = plan_.side_by_side ? plan_.images * s.out_channels * s.out_h * s.out_w : 0;
-    const int64_t bytes = (column_numel_ + scratch_numel) * static_cast<int64_t>(options.dtype().itemsize());
+  ColumnBands(const ConvShape& s, const LoweredPlan& plan, const at::TensorOptions& options, int64_t workspace_limit)
+      : shape_(s), plan_(plan) {
+    check_workspace_fits(plan, s, workspace_limit);
     try {
-      buffer_ = at::empty({column_numel_ + scratch_numel}, options);
+      buffer_ = at::empty({plan.column_numel + plan.scratch_numel}, options);
     } catch (const c10::Error& e) {  // the allocator's "can't allocate memory" (a c10::Error on the CPU)
       TORCH_CHECK_WITH(OutOfMemoryError, false, "channelconv: cannot allocate the im2col workspace: a column buffer of ",
-                       bytes, " bytes (", plan_.images, " image(s) x ", plan_.rows, " output row(s); workspace limit ",
-                       workspace_limit, " bytes) could not be allocated; use algorithm='direct', which needs no ",
-                       "workspace, or free memory. Allocator: ", e.what_without_backtrace());
+                       plan.workspace_bytes, " bytes (", plan.images, " image(s) x ", plan.rows,
+                       " output row(s); workspace limit ", workspace_limit, " bytes) could not be allocated; use ",
+                       "algorithm='direct', which needs no workspace, or free memory. Allocator: ",
+                       e.what_without_backtrace());
     }
-    note_workspace(bytes);
+    note_workspace(plan.workspace_bytes);
   }
 
   bool side_by_side() const { return plan_.side_by_side; }
@@ -66,15 +45,16 @@ class ColumnBands {
   // unit-stride rows: contiguous, or side by side (then columns.transpose(0, 1) is contiguous).
   template <typename Fn>
   void for_each(Fn fn) const {
+    const int64_t column_rows = plan_.column_rows;
     for (int64_t n0 = 0; n0 < shape_.batch; n0 += plan_.images) {
       const int64_t images = std::min(plan_.images, shape_.batch - n0);
       for (int64_t row0 = 0; row0 < shape_.out_h; row0 += plan_.rows) {
         const int64_t rows = std::min(plan_.rows, shape_.out_h - row0);
         const int64_t pixels = rows * shape_.out_w;
-        const at::Tensor columns = buffer_.narrow(0, 0, images * column_rows_ * pixels);
+        const at::Tensor columns = buffer_.narrow(0, 0, images * column_rows * pixels);
         fn(n0, images, row0, rows,
-           plan_.side_by_side ? columns.view({column_rows_, images, pixels}).transpose(0, 1)
-                              : columns.view({images, column_rows_, pixels}));
+           plan_.side_by_side ? columns.view({column_rows, images, pixels}).transpose(0, 1)
+                              : columns.view({images, column_rows, pixels}));
       }
     }
   }
@@ -83,7 +63,7 @@ class ColumnBands {
   // same memory as (images, C_o, H_o*W_o): what is copied from or to the images' own tensors.
   at::Tensor scratch(int64_t images) const {
     const int64_t pixels = shape_.out_h * shape_.out_w;
-    return buffer_.narrow(0, column_numel_, shape_.out_channels * images * pixels)
+    return buffer_.narrow(0, plan_.column_numel, shape_.out_channels * images * pixels)
         .view({shape_.out_channels, images * pixels});
   }
   at::Tensor scratch_by_image(int64_t images) const {
@@ -92,9 +72,7 @@ class ColumnBands {
 
  private:
   const ConvShape& shape_;
-  BandPlan plan_;
-  int64_t column_rows_;
-  int64_t column_numel_;
+  const LoweredPlan& plan_;
   at::Tensor buffer_;
 };
 
@@ -122,13 +100,15 @@ at::Tensor per_image(const at::Tensor& m, int64_t images) {
   return m.unsqueeze(0).expand({images, m.size(0), m.size(1), m.size(2)}).reshape({-1, m.size(1), m.size(2)});
 }
 
-// When the input itself is the column matrix: calls fn(n0, images) for runs of images that share
-// one batched GEMM, the whole batch with one group (the weight is then shared as a view), else
-// one image at a time.
+// When the input itself is the column matrix: calls fn(n0, images) for the plan's runs of images
+// that share one batched GEMM (the weight is then shared as a view).
 template <typename Fn>
-void for_each_image_run(const ConvShape& s, Fn fn) {
-  const int64_t step = s.groups == 1 ? std::max<int64_t>(s.batch, 1) : 1;
-  for (int64_t n0 = 0; n0 < s.batch; n0 += step) fn(n0, std::min(step, s.batch - n0));
+void for_each_image_run(const ConvShape& s, const LoweredPlan& plan, Fn fn) {
+  for (int64_t n0 = 0; n0 < s.batch; n0 += plan.images) fn(n0, std::min(plan.images, s.batch - n0));
+}
+
+LoweredPlan plan_for(const ConvShape& s, Lowering lowering, const at::Tensor& t, int64_t workspace_limit) {
+  return plan_lowered(s, lowering, t.element_size(), workspace_limit, t.is_cpu());
 }
 
 }  // namespace
@@ -137,7 +117,7 @@ at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const 
                            const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t workspace_limit) {
   const ConvShape s = check_forward(input, weight, bias, stride, padding, dilation, groups);
-  check_lowering(lowering, s, weight.sizes(), workspace_limit);
+  const LoweredPlan plan = plan_for(s, lowering, input, workspace_limit);
   const bool has_bias = bias.has_value() && bias->defined();
   if (nhwc_gemm(s, {input})) {
     at::Tensor y = at::empty(s.output_sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -165,12 +145,12 @@ at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const 
       at::bmm_out(y_slice, per_image(w, images), columns);
     }
   };
-  if (input_is_columns(s)) {
-    for_each_image_run(s, [&](int64_t n0, int64_t images) {
+  if (plan.input_is_columns) {
+    for_each_image_run(s, plan, [&](int64_t n0, int64_t images) {
       gemm_into(images_view(y, s, n0, images), images_view(x, s, n0, images), images);
     });
   } else if (s.batch > 0) {
-    const ColumnBands bands(s, input.options(), workspace_limit);
+    const ColumnBands bands(s, plan, input.options(), workspace_limit);
     bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
       for (int64_t i = 0; i < images; ++i) kernels.im2col(x[n0 + i], columns[i], s, row0, rows);
       if (!bands.side_by_side()) {
@@ -196,7 +176,7 @@ at::Tensor lowered_backward_input(const BandKernels& kernels, Lowering lowering,
                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                   int64_t workspace_limit) {
   const ConvShape s = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
-  check_lowering(lowering, s, weight.sizes(), workspace_limit);
+  const LoweredPlan plan = plan_for(s, lowering, grad_output, workspace_limit);
   const at::Tensor dy = as_nchw(grad_output);
   // (G, C/G*k_h*k_w, K/G): the transposed weight, a view (the GEMM reads it transposed).
   const at::Tensor w_t = weight.contiguous().view({s.groups, s.out_per_group(), s.column_rows()}).transpose(1, 2);
@@ -207,9 +187,9 @@ at::Tensor lowered_backward_input(const BandKernels& kernels, Lowering lowering,
     at::mm_out(dx_rows, nhwc_rows(grad_output), weight.reshape({s.out_channels, s.in_channels}));
     return dx;
   }
-  if (input_is_columns(s)) {
+  if (plan.input_is_columns) {
     dx = at::empty(s.input_sizes(), grad_output.options());
-    for_each_image_run(s, [&](int64_t n0, int64_t images) {
+    for_each_image_run(s, plan, [&](int64_t n0, int64_t images) {
       at::Tensor dx_images = images_view(dx, s, n0, images);
       at::bmm_out(dx_images, per_image(w_t, images), images_view(dy, s, n0, images));
     });
@@ -217,7 +197,7 @@ at::Tensor lowered_backward_input(const BandKernels& kernels, Lowering lowering,
     // col2im adds band after band into dx: accumulate in the op-math type (float for halves).
     dx = at::zeros(s.input_sizes(), grad_output.options().dtype(at::toOpMathType(grad_output.scalar_type())));
     if (s.batch > 0) {
-      const ColumnBands bands(s, grad_output.options(), workspace_limit);
+      const ColumnBands bands(s, plan, grad_output.options(), workspace_limit);
       bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
         if (bands.side_by_side()) {  // the band's output gradients side by side, one GEMM
           bands.scratch_by_image(images).copy_(images_view(dy, s, n0, images));
@@ -240,7 +220,7 @@ at::Tensor lowered_backward_weight(const BandKernels& kernels, Lowering lowering
                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                    int64_t workspace_limit) {
   const ConvShape s = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
-  check_lowering(lowering, s, weight_size, workspace_limit);
+  const LoweredPlan plan = plan_for(s, lowering, input, workspace_limit);
   if (nhwc_gemm(s, {input, grad_output})) {  // dW (K, C) = dy_rows^T . x_rows over the whole batch
     return at::mm(nhwc_rows(grad_output).t(), nhwc_rows(input)).view(s.weight_sizes());
   }
@@ -263,10 +243,10 @@ at::Tensor lowered_backward_weight(const BandKernels& kernels, Lowering lowering
     }
   };
   // A sum over images: one GEMM per image (an image's pixels are the GEMM's inner dimension).
-  if (input_is_columns(s)) {
+  if (plan.input_is_columns) {
     for (int64_t n = 0; n < s.batch; ++n) accumulate(images_view(dy, s, n, 1), images_view(x, s, n, 1));
   } else if (s.batch > 0) {
-    const ColumnBands bands(s, input.options(), workspace_limit);
+    const ColumnBands bands(s, plan, input.options(), workspace_limit);
     bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
       if (bands.side_by_side()) {  // one GEMM whose inner dimension runs over all the band's pixels
         for (int64_t i = 0; i < images; ++i) kernels.im2col(x[n0 + i], columns[i], s, row0, rows);

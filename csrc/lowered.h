@@ -8,24 +8,20 @@
 #include <torch/library.h>
 
 #include "conv_params.h"
+#include "plan.h"
 
 namespace channelconv {
 
 struct BandKernels {
   // columns (C*k_h*k_w, rows*W_o), unit-stride rows  <-  one image (C, H, W), output rows
   // [row0, row0+rows). Contiguous, except on the CPU, whose side-by-side bands space the rows
-  // further apart (conv_params.h, BandPlan).
+  // further apart (plan.h, LoweredPlan).
   void (*im2col)(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows);
   // grad_image (C, H, W) += what each element of `columns` (laid out as above) contributed to, for the same band.
   // A gather: every input element sums the column entries that read it (no atomics).
   // grad_image may have a wider (accumulation) dtype than columns.
   void (*col2im)(const at::Tensor& columns, const at::Tensor& grad_image, const ConvShape& s, int64_t row0,
                  int64_t rows);
-};
-
-enum class Lowering {
-  Im2col,    // unroll patches into a column buffer (except where that is the identity: see input_is_columns)
-  OneByOne,  // 1x1 kernels only; the input itself is the column matrix when stride 1 and no padding
 };
 
 at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const at::Tensor& input,
@@ -45,7 +41,7 @@ at::Tensor lowered_backward_weight(const BandKernels& kernels, Lowering lowering
 // The six op kernels of one device, given its band kernels: each backend registers these.
 // The drivers make many views of their operands and outputs (bands, images, groups); none of
 // them is seen by autograd, so they are made below ADInplaceOrView, without the view tracking
-// that would otherwise cost a third of a small call (benchmarks/NOTES.md v7).
+// that would otherwise cost a good part of a small call (benchmarks/NOTES.md v7).
 template <const BandKernels& kernels, Lowering lowering>
 struct LoweredOps {
   static at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,6 +86,26 @@ def oracle(x, w, b, stride, padding, dilation, groups):
     float64 CPU F.conv2d computes a wrong weight gradient for some strided channels_last slices.)"""
     x, w = x.double().contiguous(), w.double().contiguous()
     return F.conv2d(x, w, None if b is None else b.double(), stride, padding, dilation, groups)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_selftest_ops():
+    """Builds and loads the self-test ops of csrc/testing/ (namespace channelconv_testing), which
+    the product never builds; with CHANNELCONV_SANITIZE set (.ci/sanitize.sh) under the same
+    sanitizers as the extension."""
+    from torch.utils.cpp_extension import load
+
+    sanitize = os.environ.get("CHANNELCONV_SANITIZE")
+    flags = ["-O1", "-g"] + ([f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-wrapv"] if sanitize else [])
+    build = os.path.join(ROOT, "build", "selftest-sanitize" if sanitize else "selftest")
+    os.makedirs(build, exist_ok=True)
+    load(name="channelconv_selftest_sanitize" if sanitize else "channelconv_selftest",
+         sources=[os.path.join(ROOT, "csrc", "testing", "index_selftest.cpp")], extra_cflags=flags,
+         extra_ldflags=[f"-fsanitize={sanitize}"] if sanitize else [], build_directory=build, is_python_module=False,
+         verbose=False)
+    return torch.ops.channelconv_testing
 
 
 def algorithms_for(kernel_size):

@@ -100,7 +100,7 @@ def test_run_layer_measured_auto_and_1x1():
     assert [row["algorithm"] for row in rows] == [REFERENCE, "im2col", "1x1", "auto", "auto:measured"]
     assert rows[-1]["chosen"] in channelconv.ALGORITHMS and rows[1]["gemm_fraction"] is None
     assert not channelconv.get_benchmark_mode()  # restored
-    channelconv.select.clear_benchmark_cache()
+    channelconv.measured.clear_benchmark_cache()
 
 
 @pytest.mark.parametrize("pass_", ["forward", "weight_grad"])

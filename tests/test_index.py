@@ -1,6 +1,7 @@
 """The index helpers of csrc/conv_index.h (Axis::input_at / first_valid / last_valid /
 output_reading, Geometry::im2col_source, floor_div), as the CPU kernels instantiate them
-(int64_t), evaluated through the debug op channelconv::_index_probe (csrc/index_selftest.cpp)
+(int64_t), evaluated through the self-test op channelconv_testing::_index_probe
+(csrc/testing/index_selftest.cpp, built for the tests only)
 and compared with a plain-Python model of the same math, exact in Python integers, at sizes and
 offsets past 2^31 where a 32-bit intermediate would wrap. The model itself is checked against
 brute force on every small axis first."""
@@ -15,7 +16,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import channelconv  # noqa: F401  (loads the ops)
+from conftest import load_selftest_ops
+
+SELFTEST = load_selftest_ops()
 
 INPUT_AT, FIRST_VALID, LAST_VALID, OUTPUT_READING, IM2COL_SOURCE, FLOOR_DIV = range(6)
 INT64_LIMIT = 2**62  # keep every intermediate well inside int64: this tests 32-bit wrap-around, not 64
@@ -25,7 +28,7 @@ def probe(what: int, axes: tuple, queries) -> list[int]:
     args = [what, *axes]
     for a, b in queries:
         args += [a, b]
-    return list(torch.ops.channelconv._index_probe(args))
+    return list(SELFTEST._index_probe(args))
 
 
 @dataclass(frozen=True)
@@ -207,8 +210,8 @@ def test_floor_div_past_2_31():
 
 def test_probe_rejects_malformed_arguments():
     with pytest.raises(ValueError, match="unknown function"):
-        torch.ops.channelconv._index_probe([9])
+        SELFTEST._index_probe([9])
     with pytest.raises(ValueError, match="axis fields"):
-        torch.ops.channelconv._index_probe([INPUT_AT, 1, 2, 3])
+        SELFTEST._index_probe([INPUT_AT, 1, 2, 3])
     with pytest.raises(ValueError, match="stride must be positive"):
         probe(FIRST_VALID, (4, 4, 1, 0, 0, 1), [(0, 0)])

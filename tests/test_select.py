@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import channelconv
-from channelconv import select
+from channelconv import measured, select, timemodel
 
 SHAPES = [  # input, weight, stride, padding, dilation, groups
     ((2, 16, 12, 12), (32, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1),
@@ -28,12 +28,12 @@ SHAPES = [  # input, weight, stride, padding, dilation, groups
 @pytest.fixture(autouse=True)
 def fresh_state():
     """Each test starts with heuristic 'auto', an empty measured cache and the default limit."""
-    select.set_benchmark_mode(False)
-    select.clear_benchmark_cache()
+    measured.set_benchmark_mode(False)
+    measured.clear_benchmark_cache()
     select.reload_calibration()
     yield
-    select.set_benchmark_mode(False)
-    select.clear_benchmark_cache()
+    measured.set_benchmark_mode(False)
+    measured.clear_benchmark_cache()
     channelconv.set_workspace_limit(256 << 20)
     select.reload_calibration()
 
@@ -133,7 +133,7 @@ def write_calibration(path, fast: str):
     """A calibration whose model makes ``fast`` 1000x cheaper per unit of work than the others."""
     forward = {}
     for a in channelconv.ALGORITHMS:
-        names = select.DIRECT_FEATURES if a == "direct" else select.LOWERED_FEATURES
+        names = timemodel.DIRECT_FEATURES if a == "direct" else timemodel.LOWERED_FEATURES
         scale = 1e-3 if a == fast else 1.0
         forward[a] = {n: scale * (1e-9 if n != "call" else 1e-5) for n in names}
     data = {"version": 1, "models": {"cpu/float32": {"source": f"test ({fast})", "gemm": {"m0": 1, "n0": 1, "k0": 1},
@@ -147,12 +147,12 @@ def test_calibration_file_drives_the_choice(tmp_path, monkeypatch, fast):
     write_calibration(path, fast)
     monkeypatch.setenv("CHANNELCONV_CALIBRATION", str(path))
     select.reload_calibration()
-    assert select.model_for("cpu", torch.float32)["source"] == f"test ({fast})"
+    assert timemodel.model_for("cpu", torch.float32)["source"] == f"test ({fast})"
     for x_shape, w_shape, *args in SHAPES:
         if tuple(w_shape[2:]) != (1, 1):
             assert select.choose(x_shape, w_shape, *args) == fast
     # other dtypes fall back to the device's float32 entry; training to 3x the forward model
-    assert select.model_for("cpu", torch.float64)["source"] == f"test ({fast})"
+    assert timemodel.model_for("cpu", torch.float64)["source"] == f"test ({fast})"
     x, w = make(SHAPES[0], requires_grad=True)
     e = channelconv.explain(x, w, padding=1)
     assert e.training and e.choice == fast
@@ -163,21 +163,21 @@ def test_missing_or_broken_calibration_falls_back_to_defaults(tmp_path, monkeypa
     path.write_text("{not json")
     monkeypatch.setenv("CHANNELCONV_CALIBRATION", str(path))
     select.reload_calibration()
-    assert select.model_for()["source"] == "defaults"
+    assert timemodel.model_for()["source"] == "defaults"
     monkeypatch.setenv("CHANNELCONV_CALIBRATION", str(tmp_path / "absent.json"))
     select.reload_calibration()
-    assert select.model_for()["source"] == "defaults"
+    assert timemodel.model_for()["source"] == "defaults"
     assert select.choose(*SHAPES[0]) in channelconv.ALGORITHMS
 
 
 def test_shipped_calibration_is_well_formed():
-    if not select.CALIBRATION_FILE.exists():
+    if not timemodel.CALIBRATION_FILE.exists():
         pytest.skip("no calibration file shipped")
-    data = json.loads(select.CALIBRATION_FILE.read_text())
+    data = json.loads(timemodel.CALIBRATION_FILE.read_text())
     entry = data["models"]["cpu/float32"]
     for pass_ in ("forward", "training"):
         for a in channelconv.ALGORITHMS:
-            names = select.DIRECT_FEATURES if a == "direct" else select.LOWERED_FEATURES
+            names = timemodel.DIRECT_FEATURES if a == "direct" else timemodel.LOWERED_FEATURES
             assert set(entry[pass_][a]) == set(names)
             assert all(v >= 0 for v in entry[pass_][a].values())
     assert all(entry["gemm"][k] >= 0 for k in ("m0", "n0", "k0"))
@@ -188,44 +188,62 @@ def test_shipped_calibration_is_well_formed():
 
 def test_parallel_terms_scale_with_threads():
     c = channelconv.cost((8, 64, 28, 28), (64, 64, 3, 3), padding=1)
-    one, terms_one = select.predict("im2col", c, threads=1)
-    two, terms_two = select.predict("im2col", c, threads=2)
+    one, terms_one = timemodel.predict("im2col", c, threads=1)
+    two, terms_two = timemodel.predict("im2col", c, threads=2)
     assert two < one
     scaled = [name for name in terms_one if terms_one[name]]  # a zero term (e.g. no strided columns) stays zero
     assert {"gemm", "column", "call"} <= set(scaled)
     for name in scaled:
-        assert terms_two[name] / terms_one[name] == pytest.approx(0.5 if name in select.PARALLEL_FEATURES else 1.0)
+        assert terms_two[name] / terms_one[name] == pytest.approx(0.5 if name in timemodel.PARALLEL_FEATURES else 1.0)
 
 
 # ----------------------------------------------------------------------------------------------
 # benchmark mode
 
 
-@pytest.mark.skipif(not select._BLOCKED_KERNEL, reason="the blocked direct kernel needs AVX-512")
-def test_direct_training_features_follow_each_ops_kernel():
-    gemm = select.DEFAULT_MODEL["gemm"]
+def _blocked_engine() -> bool:
+    return bool(channelconv.cost((1, 8, 4, 4), (8, 8, 1, 1)).plans["direct"].passes["forward"]["blocked"])
+
+
+@pytest.mark.skipif(not _blocked_engine(), reason="the blocked direct kernel needs AVX-512")
+def test_direct_training_features_follow_each_passs_plan():
+    gemm = timemodel.DEFAULT_MODEL["gemm"]
     # The stem's input gradient has 3 "output" channels: plain loops; its forward and weight
-    # gradient (64 channels) are blocked. A 64 -> 64 layer runs all three ops blocked.
+    # gradient (64 channels) are blocked. A 64 -> 64 layer runs all three passes blocked.
     stem = channelconv.cost((8, 3, 224, 224), (64, 3, 7, 7), 2, 3)
-    forward = select.features("direct", stem, gemm)
-    training = select.features("direct", stem, gemm, training=True)
+    forward = timemodel.features("direct", stem, gemm)
+    training = timemodel.features("direct", stem, gemm, training=True)
     assert forward["mac_plain"] == 0 and training["mac_plain"] > 0
     assert training["mac"] == pytest.approx(2 * forward["mac"])
     mid = channelconv.cost((8, 64, 56, 56), (64, 64, 3, 3), 1, 1)
-    training = select.features("direct", mid, gemm, training=True)
+    training = timemodel.features("direct", mid, gemm, training=True)
     assert training["mac_plain"] == 0 and training["mac"] == pytest.approx(3 * mid.macs)
-    # A task of output rows streams the group's packed weights once: more rows per task, fewer reads.
-    # At 7x7 with two threads: four tasks of two whole images (14 rows, 98 pixels: 7 full tiles).
-    small = channelconv.cost((8, 512, 7, 7), (512, 512, 3, 3), 1, 1)
-    assert select._direct_tasks(small, 2) == 4
-    # At most one task per unit of rows: a batch-1 7x7 map has 4 pairs of rows (the last one short).
-    assert select._direct_tasks(channelconv.cost((1, 512, 7, 7), (512, 512, 3, 3), 1, 1), 64) == 4
-    assert select.features("direct", small, gemm, threads=2)["weight_read"] == 4 * 512 * 512 * 9
-    assert select.features("direct", small, gemm, threads=64)["weight_read"] > 8 * 512 * 512 * 9
-    # The weight gradient loads and stores its dW tiles once per chunk: a 56x56 image's rows fill a
-    # chunk (8 chunks at batch 8), while 7x7 images share chunks (6 fit in one: 2 chunks).
-    assert select._direct_weight_grad_op(mid, 64, 64, 2)["weight_read"] == 8 * 64 * 64 * 9
-    assert select._direct_weight_grad_op(small, 512, 512, 2)["weight_read"] == 2 * 512 * 512 * 9
+    assert sum(p["output"] for p in mid.plans["direct"].passes.values()) == training["output"]
+
+
+def test_direct_plan_counts_what_its_tasks_and_chunks_do():
+    """The plan's counts follow from its own structure (csrc/plan_op.cpp): each task streams its
+    group's packed weights once, each weight-gradient chunk loads and stores the dW tiles once, and
+    more threads mean at least as many tasks (never fewer than two per thread on a large layer)."""
+    if not _blocked_engine():
+        pytest.skip("the blocked direct kernel needs AVX-512")
+    packed = 512 * 512 * 9  # a 512 -> 512 3x3 layer's packed weights (512 channels: 16 full blocks)
+    for threads in (1, 2, 8, 64):
+        small = channelconv.cost((8, 512, 7, 7), (512, 512, 3, 3), 1, 1, threads=threads).plans["direct"].passes
+        forward = small["forward"]
+        assert forward["blocked"] and forward["weight_read"] == forward["tasks"] * packed
+        assert forward["tasks"] % threads == 0 or forward["tasks"] == 8 * 7 // 2  # at most one per pair of rows
+        grad = small["weight_grad"]
+        assert grad["blocked"] and grad["weight_read"] == grad["chunks"] * packed
+    few = channelconv.cost((8, 512, 7, 7), (512, 512, 3, 3), 1, 1, threads=2).plans["direct"].passes
+    many = channelconv.cost((8, 512, 7, 7), (512, 512, 3, 3), 1, 1, threads=64).plans["direct"].passes
+    assert many["forward"]["tasks"] > few["forward"]["tasks"] >= 4
+    # 7x7 images share weight-gradient chunks; a 56x56 image fills at least one chunk of its own.
+    assert few["weight_grad"]["chunks"] < 8
+    assert channelconv.cost((8, 64, 56, 56), (64, 64, 3, 3), 1, 1).plans["direct"].passes["weight_grad"]["chunks"] >= 8
+    # A strided input gradient runs one correlation per stride phase.
+    strided = channelconv.cost((2, 64, 14, 14), (64, 64, 3, 3), 2, 1).plans["direct"].passes["input_grad"]
+    assert strided["blocked"] and strided["runs"] == 4
 
 
 def test_benchmark_mode_flag():
@@ -238,20 +256,20 @@ def test_benchmark_mode_flag():
 
 def test_benchmark_mode_times_once_per_signature_and_caches(monkeypatch):
     calls = []
-    real = select._time_candidates
+    real = measured._time_candidates
 
     def counting(*args, **kwargs):
         calls.append(tuple(args[0].shape))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(select, "_time_candidates", counting)
+    monkeypatch.setattr(measured, "_time_candidates", counting)
     channelconv.set_benchmark_mode(True)
     x, w = torch.randn(2, 8, 12, 12), torch.randn(8, 8, 3, 3)
     for _ in range(3):
         torch.testing.assert_close(channelconv.conv2d(x, w, None, 1, 1), F.conv2d(x, w, None, 1, 1),
                                    rtol=1e-4, atol=1e-5)
     assert calls == [(2, 8, 12, 12)]
-    cache = select.benchmark_cache()
+    cache = measured.benchmark_cache()
     assert len(cache) == 1
     (entry,) = cache.values()
     assert entry["choice"] in ("direct", "im2col")
@@ -260,7 +278,7 @@ def test_benchmark_mode_times_once_per_signature_and_caches(monkeypatch):
     channelconv.conv2d(torch.randn(3, 8, 12, 12), w, None, 1, 1)
     xg = x.clone().requires_grad_()
     channelconv.conv2d(xg, w, None, 1, 1).sum().backward()
-    assert len(calls) == 3 and len(select.benchmark_cache()) == 3
+    assert len(calls) == 3 and len(measured.benchmark_cache()) == 3
     e = channelconv.explain(x, w, padding=1)
     assert e.source == "measured" and e.choice == entry["choice"]
     assert e.candidates[entry["choice"]].measured_seconds == entry["seconds"][entry["choice"]]
@@ -273,7 +291,7 @@ def test_benchmark_mode_times_once_per_signature_and_caches(monkeypatch):
 
 def test_benchmark_mode_uses_the_cached_winner(monkeypatch):
     """Whatever the timing says wins is what later calls run (here: a fake timing crowning 'direct')."""
-    monkeypatch.setattr(select, "_time_candidates", lambda *a, **k: {"choice": "direct", "seconds": {"direct": 1.0}})
+    monkeypatch.setattr(measured, "_time_candidates", lambda *a, **k: {"choice": "direct", "seconds": {"direct": 1.0}})
     channelconv.set_benchmark_mode(True)
     x, w = torch.randn(2, 8, 12, 12), torch.randn(8, 8, 3, 3)
     assert select.choose(x.shape, w.shape, (1, 1), (1, 1), (1, 1), 1, tensors=(x, w, None)) == "direct"
@@ -303,7 +321,7 @@ def test_benchmark_mode_is_thread_safe(monkeypatch):
         time.sleep(0.2)  # widen the race window
         return {"choice": "im2col", "seconds": {"im2col": 0.1, "direct": 0.2}}
 
-    monkeypatch.setattr(select, "_time_candidates", slow)
+    monkeypatch.setattr(measured, "_time_candidates", slow)
     channelconv.set_benchmark_mode(True)
     x, w = torch.randn(2, 8, 12, 12), torch.randn(8, 8, 3, 3)
     expected = F.conv2d(x, w, None, 1, 1)
@@ -330,7 +348,7 @@ def test_benchmark_mode_real_timing_picks_a_timed_candidate():
     x, w = torch.randn(2, 16, 16, 16), torch.randn(16, 16, 1, 1)
     out = channelconv.conv2d(x, w, None, 2)
     torch.testing.assert_close(out, F.conv2d(x, w, None, 2), rtol=1e-4, atol=1e-5)
-    (entry,) = select.benchmark_cache().values()
+    (entry,) = measured.benchmark_cache().values()
     assert entry["choice"] in entry["seconds"] and all(s > 0 for s in entry["seconds"].values())
     assert entry["choice"] == min(entry["seconds"], key=entry["seconds"].get)
 
@@ -347,4 +365,4 @@ def test_compile_fullgraph_with_auto_and_benchmark_mode(dynamic):
     compiled = torch.compile(f, fullgraph=True, dynamic=dynamic, backend="eager")
     expected = F.conv2d(x, w3, None, 1, 1) + F.conv2d(x, w1)
     torch.testing.assert_close(compiled(x, w3, w1), expected, rtol=1e-4, atol=1e-5)
-    assert select.benchmark_cache() == {}
+    assert measured.benchmark_cache() == {}

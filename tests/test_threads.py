@@ -1,6 +1,6 @@
 """Eight Python threads calling conv2d at once, on different shapes and algorithms, forward and
 backward, get what sequential calls get; 'auto' keeps choosing consistently (and, where the
-measured mode of channelconv.select exists, its cache holds one valid choice per signature).
+measured mode's cache (channelconv/measured.py) holds one valid choice per signature).
 
 The direct kernel is deterministic (each output element is summed by one task in a fixed order),
 so its results must be bitwise equal. im2col and 1x1 go through MKL's GEMM, whose blocking may
@@ -130,18 +130,15 @@ def test_auto_choice_is_stable_under_threads():
     assert [choice(job) for job in shapes] == before
 
 
-@pytest.mark.skipif(not hasattr(channelconv, "set_benchmark_mode"),
-                    reason="no measured 'auto' mode (channelconv.set_benchmark_mode) in this tree")
 def test_benchmark_mode_cache_under_threads():
     """Measured 'auto' filled by 8 threads at once: one cached choice per signature, applicable to
     its shape, used by every later call, and the results are those of the chosen algorithm."""
-    import channelconv.select as select
+    from channelconv import measured
 
     shapes = [(*job[:6], "auto") for job in JOBS if job[0][0] > 0][:6]
     channelconv.set_benchmark_mode(True)
     try:
-        if hasattr(select, "clear_benchmark_cache"):
-            select.clear_benchmark_cache()
+        measured.clear_benchmark_cache()
         outputs = [[] for _ in range(THREADS)]
 
         def work(i):
@@ -150,11 +147,10 @@ def test_benchmark_mode_cache_under_threads():
                     outputs[i].append((k, run(shapes[k], 5)))
 
         hammer(work)
-        cache = select.benchmark_cache() if hasattr(select, "benchmark_cache") else None
-        if cache is not None:
-            assert 0 < len(cache) <= len(shapes), cache.keys()
-            for entry in cache.values():
-                assert entry["choice"] in channelconv.ALGORITHMS
+        cache = measured.benchmark_cache()
+        assert 0 < len(cache) <= len(shapes), cache.keys()
+        for entry in cache.values():
+            assert entry["choice"] in channelconv.ALGORITHMS
         # Every thread's result for a shape equals the sequential result of an algorithm that
         # applies to the shape.
         for k, job in enumerate(shapes):
@@ -165,10 +161,9 @@ def test_benchmark_mode_cache_under_threads():
                     if kk == k:
                         assert any(all(torch.allclose(g, r, rtol=1e-12, atol=1e-12) for g, r in zip(got, ref))
                                    for ref in refs.values()), f"thread {i}, {job}"
-        if cache is not None:  # a second pass, sequential, changes nothing
-            for job in shapes:
-                run(job, 5)
-            assert {k: v["choice"] for k, v in select.benchmark_cache().items()} == {
-                k: v["choice"] for k, v in cache.items()}
+        for job in shapes:  # a second pass, sequential, changes nothing
+            run(job, 5)
+        assert {k: v["choice"] for k, v in measured.benchmark_cache().items()} == {
+            k: v["choice"] for k, v in cache.items()}
     finally:
         channelconv.set_benchmark_mode(False)

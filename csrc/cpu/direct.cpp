@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "../conv_params.h"
-#include "direct_blocked.h"
+#include "blocked.h"
 
 namespace channelconv {
 namespace {
@@ -160,20 +160,7 @@ void backward_weight_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dw,
   });
 }
 
-// float32 on an AVX-512 CPU: the register-blocked kernel (direct_blocked.cpp). The forward pass
-// maps onto it directly; the stride-1 input gradient is the same correlation run on grad_output
-// with the weight transposed (C <-> K) and flipped (r -> k_h-1-r, s -> k_w-1-s).
-// A tile spans 32 output channels: with fewer than 4 per group (depthwise) most lanes would idle,
-// and the plain loops, vectorised along the width, do better.
-bool use_blocked(const at::Tensor& t, int64_t out_per_group) {
-  return t.scalar_type() == at::kFloat && out_per_group >= 4 && blocked_kernel_available();
-}
-
-BlockedProblem forward_problem(const ConvShape& s) {
-  return {s.batch, s.groups, s.in_per_group(), s.in_h, s.in_w, s.out_per_group(), s.out_h, s.out_w,
-          s.kernel_h, s.kernel_w, s.stride[0], s.stride[1], s.dilation[0], s.dilation[1],
-          -s.padding[0], -s.padding[1]};
-}
+// float32 on an AVX-512 CPU: the register-blocked engines (blocked.h), as plan_direct decides.
 
 // The packed weight is rebuilt on every call, into a buffer each calling thread keeps: reusing
 // the allocation spares the page faults of a fresh multi-MB buffer. (A cache keyed on the weight's
@@ -185,84 +172,27 @@ float* packing_buffer(int64_t numel) {
   return buffer.data();
 }
 
-void forward_blocked(const float* x, const float* w, const float* bias, float* y, const ConvShape& s) {
-  const BlockedProblem p = forward_problem(s);
-  float* packed = packing_buffer(blocked_weight_numel(p));
-  pack_blocked_weight(p, w, WeightTaps{s.kernel_h, s.kernel_w}, packed);
-  blocked_correlation(p, x, packed, bias, y);
+// The plan's correlations: the forward pass, or the input gradient one stride phase at a time.
+void run_blocked(const DirectPlan& plan, const float* in, const float* w, const float* init, float* out) {
+  for (const BlockedRun& run : plan.runs) {
+    float* packed = packing_buffer(blocked_weight_numel(run.problem));
+    pack_blocked_weight(run.problem, w, run.taps, packed);
+    blocked_correlation(run, in, packed, init, out);
+  }
 }
 
-// With stride > 1, the input gradient splits into stride_h x stride_w phases (hi % stride_h,
-// wi % stride_w). Within a phase, only the taps r with (hi + pad - r*dil) % stride == 0 reach it,
-// and they form a dense stride-1 correlation of grad_output with that sub-kernel, flipped.
-// (With dilation > 1 those taps are not unit-spaced in grad_output; the scatter loop serves it.)
-// Both the blocked kernel and the plain loops run the input gradient phase by phase where this holds.
-bool input_grad_phases_apply(const ConvShape& s) {
-  return (s.stride[0] == 1 || s.dilation[0] == 1) && (s.stride[1] == 1 || s.dilation[1] == 1);
-}
-
-// One axis of one phase: its taps (largest first: the flipped order) and where they read.
-struct PhaseAxis {
-  int64_t out = 0;         // input positions in the phase: phase, phase + stride, ...
-  int64_t first_tap = -1;  // largest kernel tap reaching the phase (-1: none)
-  int64_t taps = 0;        // how many taps reach it, tap_step apart in the kernel
-  int64_t tap_step = 1;
-  int64_t dilation = 1;    // spacing of those taps' reads in grad_output
-  int64_t offset = 0;      // grad_output position read by the first tap at the phase's position 0
-};
-
-// Phases that hold input positions: hi % stride for hi in [0, in), so at most `in` of them (a
-// stride of 2^31 - 1 on a small image must not mean 2^31 empty phases to walk through).
-int64_t phase_count(int64_t stride, int64_t in) { return std::min(stride, in); }
-
-PhaseAxis phase_axis(int64_t phase, int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dil) {
-  PhaseAxis a;
-  a.out = phase < in ? (in - phase + stride - 1) / stride : 0;
-  if (stride == 1) {  // one phase, every tap, any dilation: the classic flipped correlation
-    a.first_tap = kernel - 1;
-    a.taps = kernel;
-    a.dilation = dil;
-    a.offset = pad - dil * (kernel - 1);
-    return a;
-  }
-  // Dilation is 1 here: tap r reaches hi = phase + i*stride from ho = i + (phase + pad - r) / stride
-  // when the division is exact, so the reaching taps are stride apart and read consecutive ho.
-  for (int64_t r = kernel - 1; r >= 0; --r) {
-    if ((phase + pad - r) % stride == 0) {
-      if (a.first_tap < 0) a.first_tap = r;
-      ++a.taps;
-    }
-  }
-  a.tap_step = stride;
-  a.offset = a.first_tap < 0 ? 0 : (phase + pad - a.first_tap) / stride;
-  return a;
-}
-
-void backward_input_blocked(const float* dy, const float* w, float* dx, const ConvShape& s) {
-  for (int64_t phase_h = 0; phase_h < phase_count(s.stride[0], s.in_h); ++phase_h) {
-    for (int64_t phase_w = 0; phase_w < phase_count(s.stride[1], s.in_w); ++phase_w) {
-      const PhaseAxis a = phase_axis(phase_h, s.in_h, s.kernel_h, s.stride[0], s.padding[0], s.dilation[0]);
-      const PhaseAxis b = phase_axis(phase_w, s.in_w, s.kernel_w, s.stride[1], s.padding[1], s.dilation[1]);
-      if (a.out == 0 || b.out == 0 || a.taps == 0 || b.taps == 0) continue;  // dx was zero-filled
-      BlockedProblem p{s.batch, s.groups, s.out_per_group(), s.out_h, s.out_w, s.in_per_group(), a.out, b.out,
-                       a.taps, b.taps, 1, 1, a.dilation, b.dilation, a.offset, b.offset};
-      p.out_origin_h = phase_h, p.out_origin_w = phase_w, p.out_step_h = s.stride[0], p.out_step_w = s.stride[1];
-      p.out_plane_h = s.in_h, p.out_plane_w = s.in_w;
-      float* packed = packing_buffer(blocked_weight_numel(p));
-      const WeightTaps flipped{s.kernel_h, s.kernel_w, true, a.first_tap, -a.tap_step, b.first_tap, -b.tap_step};
-      pack_blocked_weight(p, w, flipped, packed);
-      blocked_correlation(p, dy, packed, nullptr, dx);
-    }
-  }
+DirectPlan plan_for(const ConvShape& s, DirectPass pass, const at::Tensor& t) {
+  return plan_direct(s, pass, t.scalar_type(), at::get_num_threads());
 }
 
 // The input gradient on the plain loops at stride > 1 (few input channels per group, other dtypes,
-// or no AVX-512): scattering with a stride does not vectorise (the stem's gradient ran at 9
-// GFLOP/s). Split into phases as above, each phase is a stride-1 correlation of grad_output with
-// its flipped sub-kernel: the forward plane loop, vectorised along the row, computes it into a
-// compact plane, which is then placed into dx. One (image, input channel) per task.
+// or no AVX-512): scattering with a stride does not vectorise. Each of the plan's phases is a
+// stride-1 correlation of grad_output with its flipped sub-kernel (plan.h, Phase): the forward
+// plane loop, vectorised along the row, computes it into a compact plane, which is then placed
+// into dx. One (image, input channel) per task.
 template <typename scalar_t>
-void backward_input_phases(const scalar_t* dy, const scalar_t* w, scalar_t* dx, const ConvShape& s) {
+void backward_input_phases(const scalar_t* dy, const scalar_t* w, scalar_t* dx, const ConvShape& s,
+                           const std::vector<Phase>& phases) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t in_per_group = s.in_per_group(), out_per_group = s.out_per_group();
   const int64_t in_area = s.in_h * s.in_w, out_area = s.out_h * s.out_w;
@@ -273,30 +203,26 @@ void backward_input_phases(const scalar_t* dy, const scalar_t* w, scalar_t* dx, 
       const int64_t n = nc / s.in_channels, c = nc % s.in_channels, group = c / in_per_group;
       scalar_t* dx_plane = dx + nc * in_area;
       std::fill(dx_plane, dx_plane + in_area, scalar_t(0));  // phases no tap reaches stay zero
-      for (int64_t phase_h = 0; phase_h < phase_count(s.stride[0], s.in_h); ++phase_h) {
-        for (int64_t phase_w = 0; phase_w < phase_count(s.stride[1], s.in_w); ++phase_w) {
-          const PhaseAxis a = phase_axis(phase_h, s.in_h, s.kernel_h, s.stride[0], s.padding[0], s.dilation[0]);
-          const PhaseAxis b = phase_axis(phase_w, s.in_w, s.kernel_w, s.stride[1], s.padding[1], s.dilation[1]);
-          if (a.out == 0 || b.out == 0 || a.taps == 0 || b.taps == 0) continue;
-          // The phase as a forward problem: grad_output (out_per_group channels) in, the phase's
-          // compact plane out; tap t reads grad_output at o + offset + t * dilation.
-          const Geo g{{s.out_h, a.out, a.taps, 1, -a.offset, a.dilation},
-                      {s.out_w, b.out, b.taps, 1, -b.offset, b.dilation}};
-          sub_kernel.resize(out_per_group * a.taps * b.taps);
-          for (int64_t k = 0; k < out_per_group; ++k)
-            for (int64_t t = 0; t < a.taps; ++t)
-              for (int64_t u = 0; u < b.taps; ++u)
-                sub_kernel[(k * a.taps + t) * b.taps + u] =
-                    w[(((group * out_per_group + k) * in_per_group + c % in_per_group) * s.kernel_h + a.first_tap -
-                       t * a.tap_step) * s.kernel_w + b.first_tap - u * b.tap_step];
-          acc.assign(a.out * b.out, acc_t(0));
-          output_plane<scalar_t, acc_t>(acc.data(), dy + (n * s.out_channels + group * out_per_group) * out_area,
-                                        sub_kernel.data(), out_per_group, g);
-          for (int64_t i = 0; i < a.out; ++i)
-            for (int64_t j = 0; j < b.out; ++j)
-              dx_plane[(phase_h + i * s.stride[0]) * s.in_w + phase_w + j * s.stride[1]] =
-                  static_cast<scalar_t>(acc[i * b.out + j]);
-        }
+      for (const Phase& phase : phases) {
+        const PhaseAxis &a = phase.a, &b = phase.b;
+        // The phase as a forward problem: grad_output (out_per_group channels) in, the phase's
+        // compact plane out; tap t reads grad_output at o + offset + t * dilation.
+        const Geo g{{s.out_h, a.out, a.taps, 1, -a.offset, a.dilation},
+                    {s.out_w, b.out, b.taps, 1, -b.offset, b.dilation}};
+        sub_kernel.resize(out_per_group * a.taps * b.taps);
+        for (int64_t k = 0; k < out_per_group; ++k)
+          for (int64_t t = 0; t < a.taps; ++t)
+            for (int64_t u = 0; u < b.taps; ++u)
+              sub_kernel[(k * a.taps + t) * b.taps + u] =
+                  w[(((group * out_per_group + k) * in_per_group + c % in_per_group) * s.kernel_h + a.first_tap -
+                     t * a.tap_step) * s.kernel_w + b.first_tap - u * b.tap_step];
+        acc.assign(a.out * b.out, acc_t(0));
+        output_plane<scalar_t, acc_t>(acc.data(), dy + (n * s.out_channels + group * out_per_group) * out_area,
+                                      sub_kernel.data(), out_per_group, g);
+        for (int64_t i = 0; i < a.out; ++i)
+          for (int64_t j = 0; j < b.out; ++j)
+            dx_plane[(phase.h + i * s.stride[0]) * s.in_w + phase.w + j * s.stride[1]] =
+                static_cast<scalar_t>(acc[i * b.out + j]);
       }
     }
   });
@@ -308,13 +234,14 @@ void backward_input_phases(const scalar_t* dy, const scalar_t* w, scalar_t* dx, 
 at::Tensor direct_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvShape s = check_forward(input, weight, bias, stride, padding, dilation, groups);
+  const DirectPlan plan = plan_for(s, DirectPass::Forward, input);
   const at::Tensor x = as_nchw(input), w = weight.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty(s.output_sizes(), input.options());
-  if (use_blocked(input, s.out_per_group())) {
-    forward_blocked(x.const_data_ptr<float>(), w.const_data_ptr<float>(), has_bias ? b.const_data_ptr<float>() : nullptr,
-                    y.mutable_data_ptr<float>(), s);
+  if (plan.kernel == DirectKernel::Blocked) {
+    run_blocked(plan, x.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                has_bias ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>());
     return y.contiguous(result_format(input, weight));
   }
   CHANNELCONV_DISPATCH(input.scalar_type(), "channelconv::direct_forward", [&] {
@@ -328,18 +255,18 @@ at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                  int64_t groups) {
   const ConvShape s = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
+  const DirectPlan plan = plan_for(s, DirectPass::InputGrad, grad_output);
   const at::Tensor dy = as_nchw(grad_output), w = weight.contiguous();
   at::Tensor dx = at::empty(s.input_sizes(), grad_output.options());
-  if (use_blocked(grad_output, s.in_per_group()) && input_grad_phases_apply(s)) {
+  if (plan.kernel == DirectKernel::Blocked) {
     if (s.stride[0] > 1 || s.stride[1] > 1) dx.zero_();  // phases no tap reaches stay zero
-    backward_input_blocked(dy.const_data_ptr<float>(), w.const_data_ptr<float>(), dx.mutable_data_ptr<float>(), s);
+    run_blocked(plan, dy.const_data_ptr<float>(), w.const_data_ptr<float>(), nullptr, dx.mutable_data_ptr<float>());
     return dx.contiguous(result_format(grad_output, weight));
   }
-  const bool phases = (s.stride[0] > 1 || s.stride[1] > 1) && input_grad_phases_apply(s);
   CHANNELCONV_DISPATCH(grad_output.scalar_type(), "channelconv::direct_backward_input", [&] {
-    if (phases) {
+    if (plan.kernel == DirectKernel::LoopPhases) {
       backward_input_phases<scalar_t>(dy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                      dx.mutable_data_ptr<scalar_t>(), s);
+                                      dx.mutable_data_ptr<scalar_t>(), s, plan.phases);
     } else {
       backward_input_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                                       dx.mutable_data_ptr<scalar_t>(), s);
@@ -352,10 +279,11 @@ at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tenso
                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                   int64_t groups) {
   const ConvShape s = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
+  const DirectPlan plan = plan_for(s, DirectPass::WeightGrad, input);
   const at::Tensor dy = as_nchw(grad_output), x = as_nchw(input);
   at::Tensor dw = at::empty(s.weight_sizes(), input.options());
-  if (use_blocked(input, s.out_per_group()) && blocked_weight_grad_applies(forward_problem(s))) {
-    blocked_weight_grad(forward_problem(s), dy.const_data_ptr<float>(), x.const_data_ptr<float>(),
+  if (plan.kernel == DirectKernel::BlockedWeightGrad) {
+    blocked_weight_grad(plan.runs.front().problem, plan.chunks, dy.const_data_ptr<float>(), x.const_data_ptr<float>(),
                         dw.mutable_data_ptr<float>());
     return dw.contiguous(result_format(input, grad_output));
   }

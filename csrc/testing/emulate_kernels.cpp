@@ -1,5 +1,5 @@
 // CPU emulation of the CUDA kernels, for machines without a GPU. NOT part of the extension
-// (setup.py compiles csrc/cuda/*.cu only): csrc/cuda/emulate_kernels.py builds it as a separate
+// (setup.py does not build csrc/testing/): csrc/testing/emulate_kernels.py builds it as a separate
 // test module with torch.utils.cpp_extension.load and compares it with F.conv2d.
 //
 // Each emulated launch runs the HOST_DEVICE bodies of kernel_bodies.h exactly as the __global__
@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "../lowered.h"
-#include "kernel_bodies.h"
+#include "../cuda/kernel_bodies.h"
 
 namespace channelconv {
 namespace gpu {

@@ -1,11 +1,11 @@
 """Checks the CUDA kernels' logic on a machine without a GPU.
 
-Builds csrc/cuda/emulate_kernels.cpp (the HOST_DEVICE bodies of kernel_bodies.h run thread by
+Builds csrc/testing/emulate_kernels.cpp (the HOST_DEVICE bodies of kernel_bodies.h run thread by
 thread and stage by stage, see that file) as a throwaway CPU module and compares every emulated
 op with F.conv2d evaluated in float64, over random shapes (stride, padding, dilation, groups,
 ragged tiles, several workspace bands), both tile configurations, both index types and all dtypes.
 
-    python csrc/cuda/emulate_kernels.py [--cases 200] [--seed 0] [--asan]
+    python csrc/testing/emulate_kernels.py [--cases 200] [--seed 0] [--asan]
 
 --asan builds the module with AddressSanitizer (run python with libasan preloaded, e.g.
 LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0), so any out-of-bounds
@@ -38,7 +38,7 @@ def build(asan: bool):
     return load(
         name="channelconv_emulate_asan" if asan else "channelconv_emulate",
         sources=[os.path.join(HERE, "emulate_kernels.cpp"), os.path.join(CSRC, "lowered.cpp"),
-                 os.path.join(CSRC, "conv_params.cpp")],
+                 os.path.join(CSRC, "conv_params.cpp"), os.path.join(CSRC, "plan.cpp")],
         extra_include_paths=[CSRC],
         extra_cflags=flags,
         extra_ldflags=["-fsanitize=address"] if asan else [],

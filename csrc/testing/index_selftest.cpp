@@ -15,7 +15,7 @@
 
 #include <vector>
 
-#include "conv_index.h"
+#include "../conv_index.h"
 
 namespace channelconv {
 namespace {
@@ -58,4 +58,4 @@ std::vector<int64_t> index_probe(c10::IntArrayRef args) {
 }  // namespace
 }  // namespace channelconv
 
-TORCH_LIBRARY_FRAGMENT(channelconv, m) { m.def("_index_probe(int[] args) -> int[]", &channelconv::index_probe); }
+TORCH_LIBRARY(channelconv_testing, m) { m.def("_index_probe(int[] args) -> int[]", &channelconv::index_probe); }

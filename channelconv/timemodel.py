@@ -1,0 +1,160 @@
+"""'auto''s time model: each algorithm's time on a layer, predicted from what its kernels do.
+
+    time ~= sum_f coefficient[f] * feature[f]
+
+The features are counts of the kernels' work and overheads, read from the C++ plans the kernels
+run (Cost.plans, csrc/plan.h): for the GEMM-lowered algorithms (im2col, 1x1) the GEMM FLOPs
+inflated by how far the GEMM's M, N, K fall short of saturating the machine
+(``2*MACs * (1 + m0/M + n0/N + k0/K)``), the column elements the unrolling writes, the number of
+(small) GEMMs, and a per-call constant; for direct, per pass, the multiply-adds of its
+register-blocked tiles (channels padded to the tile) or of its plain loops (lanes wasted on short
+rows), the inner loops, the packed weights streamed, the input copied into strips and the outputs.
+The coefficients are seconds per unit (1/rate, 1/bandwidth, overhead), measured on a machine by
+``python -m benchmarks --calibrate`` and saved in channelconv/calibration.json (or the file named
+by CHANNELCONV_CALIBRATION); built-in defaults apply when it is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from ._shapes import ALGORITHMS
+from .cost import PASSES, Cost
+
+CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
+_CALIBRATION_ENV = "CHANNELCONV_CALIBRATION"
+
+LOWERED_FEATURES = ("gemm", "column", "column_strided", "gemm_call", "call")
+DIRECT_FEATURES = ("mac", "mac_1x1", "mac_plain", "inner_loop", "weight_read", "strip", "output", "call")
+# Work that the kernels spread over threads; the rest (dispatch, per-GEMM setup) is serial.
+PARALLEL_FEATURES = frozenset({"gemm", "column", "column_strided", "mac", "mac_1x1", "mac_plain", "inner_loop",
+                               "weight_read", "strip", "output"})
+FEATURE_NAMES = {
+    "gemm": "GEMM FLOPs (inflated for small M, N, K)",
+    "column": "column elements unrolled",
+    "column_strided": "column elements gathered one by one (stride > 1; stride 1 copies whole runs)",
+    "gemm_call": "small GEMMs (images x bands x groups)",
+    "call": "per-call overhead",
+    "mac": "multiply-adds in register-blocked tiles (channels padded to the tile)",
+    "mac_1x1": "of those, the ones of 1x1 kernels (no input reuse across taps: the tile streams its input)",
+    "mac_plain": "multiply-adds in the plain loops (lanes wasted on short rows)",
+    "inner_loop": "inner loops started",
+    "weight_read": "packed weights streamed (once per task of output rows)",
+    "strip": "input elements copied into the blocked kernel's zero-padded strips",
+    "output": "output elements (accumulator fill and copy)",
+}
+
+# Built-in model, for when no calibration file is found: an earlier calibration's forward
+# coefficients, rounded (CPU float32, one thread by its CPU clock on an AVX-512 machine; features
+# it lacks count zero). The shipped channelconv/calibration.json overrides it.
+_LOWERED_DEFAULT = {"gemm": 6.1e-12, "column": 2.8e-10, "gemm_call": 4.9e-7, "call": 2.7e-5}
+DEFAULT_MODEL = {
+    "gemm": {"m0": 8.1, "n0": 20.1, "k0": 0.7},
+    "direct_vector_bytes": 16,
+    "threads": 1,  # the thread count the coefficients describe
+    "forward": {
+        "direct": {"mac": 1.6e-11, "mac_plain": 1.1e-10, "inner_loop": 2e-8, "output": 3.2e-10, "call": 2.1e-5},
+        "im2col": dict(_LOWERED_DEFAULT),
+        "1x1": dict(_LOWERED_DEFAULT),
+    },
+}
+
+
+def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16, training: bool = False) -> dict:
+    """The quantities the time model multiplies by its coefficients, for one algorithm on the layer
+    ``c``. ``vector_bytes``: the plain loops' vector width (a short row wastes lanes);
+    ``training``: direct sums its three passes, each by the kernel it runs (the GEMM algorithms run
+    the same GEMMs in each pass, so their forward features describe a training step too)."""
+    plan = c.plans[algorithm]
+    if algorithm == "direct":
+        passes = [_direct_pass(plan.passes[which], c.element_size, vector_bytes)
+                  for which in (PASSES if training else PASSES[:1])]
+        return {f: sum(p[f] for p in passes) for f in DIRECT_FEATURES}
+    m, n, k = max(plan.gemm_m, 1), max(plan.gemm_n, 1), max(plan.gemm_k, 1)
+    inflation = 1.0 + gemm["m0"] / m + gemm["n0"] / n + gemm["k0"] / k
+    return {"gemm": 2.0 * c.macs * inflation, "column": float(plan.column_elements),
+            "column_strided": float(plan.column_elements) if c.stride[1] > 1 else 0.0,
+            "gemm_call": float(plan.gemm_calls * c.groups), "call": 1.0}
+
+
+def _direct_pass(counts: dict, element_size: int, vector_bytes: int) -> dict:
+    """One direct pass's features from its plan's counts (csrc/plan_op.cpp). The plain loops run
+    vectorised along a row of counts['row'] elements: a short row wastes lanes, and a strided row
+    gathers (counted twice)."""
+    values = dict.fromkeys(DIRECT_FEATURES, 0.0)
+    values.update(inner_loop=float(counts["inner_loop"]), output=float(counts["output"]), call=1.0)
+    if counts["blocked"]:
+        values.update(mac=float(counts["mac"]), mac_1x1=float(counts["mac_1x1"]),
+                      weight_read=float(counts["weight_read"]), strip=float(counts["strip"]))
+        return values
+    lanes, row = max(1, vector_bytes // element_size), counts["row"]
+    waste = math.ceil(row / lanes) * lanes / row if row else 1.0
+    values["mac_plain"] = counts["mac"] * waste * (2 if counts["strided"] else 1)
+    return values
+
+
+_calibration_cache: dict = {}
+_model_cache: dict = {}
+
+
+def load_calibration(path=None) -> dict:
+    """The calibration file's content ({} when missing or unreadable); cached per path."""
+    path = Path(path or os.environ.get(_CALIBRATION_ENV) or CALIBRATION_FILE)
+    key = str(path)
+    if key not in _calibration_cache:
+        try:
+            _calibration_cache[key] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            _calibration_cache[key] = {}
+    return _calibration_cache[key]
+
+
+def forget_calibration() -> None:
+    _calibration_cache.clear()
+    _model_cache.clear()
+
+
+def model_for(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """The time model for a device type and dtype: the calibration's entry for it, else its
+    device's float32 entry, else the built-in defaults; each missing piece from the defaults."""
+    key = (device_type, dtype)
+    if key not in _model_cache:
+        models = load_calibration().get("models", {})
+        name = str(dtype).replace("torch.", "")
+        found = models.get(f"{device_type}/{name}") or models.get(f"{device_type}/float32") or {}
+        model = {"gemm": {**DEFAULT_MODEL["gemm"], **found.get("gemm", {})}, "source": found.get("source", "defaults"),
+                 "direct_vector_bytes": found.get("direct_vector_bytes", DEFAULT_MODEL["direct_vector_bytes"]),
+                 "threads": found.get("threads", DEFAULT_MODEL["threads"])}
+        for pass_ in ("forward", "training"):
+            fitted = found.get(pass_, {})
+            base = DEFAULT_MODEL["forward"]
+            model[pass_] = {a: {**base[a], **fitted.get(a, {})} if (pass_ == "forward" or a in fitted) else None
+                            for a in ALGORITHMS}
+        _model_cache[key] = model
+    return _model_cache[key]
+
+
+def predict(algorithm: str, c: Cost, device_type: str = "cpu", training: bool = False,
+            threads: int | None = None) -> tuple[float, dict]:
+    """(predicted seconds, seconds per feature) of ``algorithm`` on the layer ``c``; training
+    predicts forward + both gradients (from the training model when calibrated, else three
+    times the forward model). The parallel terms scale from the calibration's thread count to
+    ``threads`` (default: torch's current count; CPU only)."""
+    model = model_for(device_type, c.dtype)
+    coefficients = model["training"][algorithm] if training else model["forward"][algorithm]
+    scale = 1.0
+    if coefficients is None:
+        coefficients, scale = model["forward"][algorithm], 3.0
+    parallel = 1.0
+    if device_type == "cpu":
+        parallel = model["threads"] / max(1, threads or torch.get_num_threads())
+    values = features(algorithm, c, model["gemm"], model["direct_vector_bytes"],
+                      training and model["training"][algorithm] is not None)
+    terms = {f: scale * coefficients.get(f, 0.0) * v * (parallel if f in PARALLEL_FEATURES else 1.0)
+             for f, v in values.items()}
+    return sum(terms.values()), terms

@@ -1,0 +1,42 @@
+// The register-blocked float32 engines of the direct algorithm (AVX-512, chosen at run time), and
+// the vector helpers they share. Each engine runs a plan from plan.h:
+//   blocked_forward.cpp       the correlation tiles (the forward pass, and the input gradient as
+//                             the same correlation on grad_output with the weight flipped and
+//                             transposed, one stride phase at a time)
+//   blocked_weight_grad.cpp   the weight-gradient tiles (a reduction over output pixels)
+// The code is compiled for AVX-512 through target attributes and called only when the CPU has it
+// (blocked_kernel_available); no -march flag is involved.
+#pragma once
+
+#include <cstdint>
+
+#include "../plan.h"
+
+namespace channelconv {
+
+// Weights in the forward engine's order, [group][channel block][c][r][s][32], zero-filled past
+// out_per_group: blocked_weight_numel(p) floats.
+int64_t blocked_weight_numel(const BlockedProblem& p);
+void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTaps& taps, float* packed);
+
+// out (N, groups*out_per_group, plane_h, plane_w), NCHW contiguous; init: per output channel
+// (groups*out_per_group values) or null for zero.
+void blocked_correlation(const BlockedRun& run, const float* in, const float* packed, const float* init, float* out);
+
+// dw (K, C/groups, k_h, k_w) = sum over images and output pixels of dy[n, k, oh, ow] *
+// x[n, c, oh*stride_h + r*dil_h - pad_h, ow*stride_w + s*dil_w - pad_w]; `problem` is the
+// forward problem (input x, output dy).
+void blocked_weight_grad(const BlockedProblem& problem, const GradChunks& chunks, const float* dy, const float* x,
+                         float* dw);
+
+namespace blocked {
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));  // unaligned loads allowed
+
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols, 16 x 16 at a time in
+// AVX-512 registers (masked at the edges): the forward tile's [pixel][32] result into NCHW planes,
+// the weight packing, and the packing of x and dy for the weight gradient.
+void transpose(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst, int64_t dst_stride);
+
+}  // namespace blocked
+}  // namespace channelconv

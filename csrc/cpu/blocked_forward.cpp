@@ -1,0 +1,326 @@
+// The register-blocked forward engine (blocked.h): one correlation problem, run as the plan's
+// tasks of output rows, each task's rows cut into register tiles.
+//
+// The tile: 32 output channels (two AVX-512 registers) x up to 14 output pixels (a piece of one
+// row, or the same columns of two rows of at most 7), 28 accumulators held in registers. Each
+// step loads two weight vectors and, per pixel, broadcasts one input value into two FMAs: 16
+// loads feed 28 FMAs, so the loop is bound by the FMA ports rather than by loads. Vectorising
+// over output channels, not width, makes stride and width-7 layers cost nothing extra.
+//
+// Per task (a group's run of output rows, which may cross from one image into the next), the input
+// rows the tiles read are first copied into zero-padded strips, so the inner loop needs no bounds
+// tests and padding costs nothing.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "blocked.h"
+
+namespace channelconv {
+
+int64_t blocked_weight_numel(const BlockedProblem& p) {
+  return p.groups * p.blocks() * p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+
+namespace {
+
+using blocked::v16;
+
+// How far ahead (floats of packed weights, 16 taps) the tile prefetches its weights: a block's
+// weights outgrow L1 on wide layers and are streamed from L2 on every tile, which the hardware
+// prefetcher alone does not hide (benchmarks/NOTES.md).
+constexpr int64_t kWeightPrefetch = 512;
+
+// A tile: Rows (1 or 2) output rows of A consecutive pixels each, the same columns on each row.
+// Both rows read the same kernel rows [r_begin, r_end), so no multiply-add reads a zero row.
+struct Tile {
+  const float* x[2];      // each row's strip at (input channel 0, kernel row r_begin, the tile's first pixel)
+  int64_t channel_step;   // floats from one input channel's strip rows to the next
+  int64_t strip_width;    // floats from one kernel row to the next
+  int64_t kernel_rows;    // r_end - r_begin
+  int64_t taps_w, dil_w, stride_w, in_per_group;
+  const float* weights;   // this channel block's [c][r][s][32] at (0, r_begin, 0)
+  int64_t weight_channel_step;
+  const float* init;      // 32 initial values
+  float* acc;             // [pixel][32] result, row after row
+};
+
+// SW: the stride along the row as a constant (0: t.stride_w). With the stride known, every pixel's
+// input is a fixed displacement from one pointer per row, so the loop needs two address registers
+// instead of one per pixel (a pointer per pixel spilled to the stack: three reloads per tap).
+template <int A, int Rows, int SW>
+__attribute__((target("avx512f,fma"))) void tile_kernel(const Tile& t) {
+  constexpr int P = A * Rows;
+  const int64_t sw = SW > 0 ? SW : t.stride_w;
+  v16 acc0[P], acc1[P];
+  const v16 init0 = *reinterpret_cast<const v16*>(t.init);
+  const v16 init1 = *reinterpret_cast<const v16*>(t.init + 16);
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) {
+    acc0[p] = init0;
+    acc1[p] = init1;
+  }
+  // One tap: 32 weights times each pixel's input at x0 (first row) or x1 (second row).
+  const auto tap = [&](const float* w, const float* x0, const float* x1) __attribute__((always_inline)) {
+    const v16 w0 = *reinterpret_cast<const v16*>(w);
+    const v16 w1 = *reinterpret_cast<const v16*>(w + 16);
+    __builtin_prefetch(w + kWeightPrefetch, 0, 3);
+    __builtin_prefetch(w + kWeightPrefetch + 16, 0, 3);
+#pragma GCC unroll 16
+    for (int p = 0; p < A; ++p) {
+      const float xv = x0[p * sw];
+      acc0[p] += w0 * xv;
+      acc1[p] += w1 * xv;
+    }
+    if constexpr (Rows == 2) {
+#pragma GCC unroll 16
+      for (int p = 0; p < A; ++p) {
+        const float xv = x1[p * sw];
+        acc0[A + p] += w0 * xv;
+        acc1[A + p] += w1 * xv;
+      }
+    }
+  };
+  if (t.kernel_rows == 1 && t.taps_w == 1) {  // one tap per input channel (1x1): one loop
+    const float *x0 = t.x[0], *x1 = t.x[Rows - 1], *w = t.weights;
+    for (int64_t c = 0; c < t.in_per_group; ++c, x0 += t.channel_step, x1 += t.channel_step, w += t.weight_channel_step)
+      tap(w, x0, x1);
+  } else {
+    for (int64_t c = 0; c < t.in_per_group; ++c) {
+      const float* x0 = t.x[0] + c * t.channel_step;
+      const float* x1 = t.x[Rows - 1] + c * t.channel_step;
+      const float* w = t.weights + c * t.weight_channel_step;
+      for (int64_t r = 0; r < t.kernel_rows; ++r, x0 += t.strip_width, x1 += t.strip_width)
+        for (int64_t s = 0; s < t.taps_w; ++s, w += kBlockedChannels) tap(w, x0 + s * t.dil_w, x1 + s * t.dil_w);
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) {
+    *reinterpret_cast<v16*>(t.acc + p * kBlockedChannels) = acc0[p];
+    *reinterpret_cast<v16*>(t.acc + p * kBlockedChannels + 16) = acc1[p];
+  }
+}
+
+using TileFn = void (*)(const Tile&);
+
+template <int Rows, int SW, int... A>
+constexpr std::array<TileFn, sizeof...(A)> make_tile_row(std::integer_sequence<int, A...>) {
+  return {&tile_kernel<A + 1, Rows, SW>...};
+}
+// one_row_tiles[SW][A - 1]: A pixels of one row at stride SW (0: any other stride);
+// two_row_tiles[SW][A - 1]: A pixels on each of two rows (2A <= kMaxPixels).
+constexpr std::array<std::array<TileFn, kMaxPixels>, 3> one_row_tiles = {
+    make_tile_row<1, 0>(std::make_integer_sequence<int, kMaxPixels>{}),
+    make_tile_row<1, 1>(std::make_integer_sequence<int, kMaxPixels>{}),
+    make_tile_row<1, 2>(std::make_integer_sequence<int, kMaxPixels>{})};
+constexpr std::array<std::array<TileFn, kMaxPixels / 2>, 3> two_row_tiles = {
+    make_tile_row<2, 0>(std::make_integer_sequence<int, kMaxPixels / 2>{}),
+    make_tile_row<2, 1>(std::make_integer_sequence<int, kMaxPixels / 2>{}),
+    make_tile_row<2, 2>(std::make_integer_sequence<int, kMaxPixels / 2>{})};
+
+// A tile of a task: `width` pixels from column `col` of the task's row `row[0]` (and of row[1]
+// when two rows share the tile).
+struct TilePlace {
+  int64_t row[2];
+  int rows;
+  int64_t col, width;
+};
+
+// The task's tiles. A row wider than a tile is cut into equal pieces (56 -> 4 x 14, 20 -> 2 x 10).
+// Rows of at most half a tile go two to a tile, paired among rows that read the same kernel rows
+// (sorted by [r_begin, r_end): on 7x7 maps the top rows of two images pair, and so do their bottom
+// rows), so that no tile runs a kernel row that one of its rows does not need; a row left without
+// a partner of its range pairs with the next row anyway (its tile runs the union of the ranges).
+// (BlockedProblem::tiles counts them.)
+void plan_tiles(const BlockedProblem& p, int64_t rows, const int64_t* r_begin, const int64_t* r_end,
+                std::vector<TilePlace>& tiles) {
+  tiles.clear();
+  const int64_t out_w = p.out_w;
+  if (p.paired_rows()) {
+    std::vector<int64_t> order(rows);
+    for (int64_t j = 0; j < rows; ++j) order[j] = j;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return std::make_pair(r_begin[a], r_end[a]) < std::make_pair(r_begin[b], r_end[b]);
+    });
+    for (int64_t i = 0; i < rows; i += 2)
+      tiles.push_back(i + 1 < rows ? TilePlace{{order[i], order[i + 1]}, 2, 0, out_w}
+                                   : TilePlace{{order[i], order[i]}, 1, 0, out_w});
+    return;
+  }
+  const int64_t pieces = p.row_pieces();
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t i = 0, col = 0; i < pieces; ++i) {
+      const int64_t width = out_w / pieces + (i < out_w % pieces ? 1 : 0);
+      tiles.push_back(TilePlace{{j, j}, 1, col, width});
+      col += width;
+    }
+}
+
+// Where one task's rows are and what they read: for task row j, row_out[j] is where its first
+// pixel goes (from its group's first output channel in image 0), and [r_begin[j], r_end[j]) the
+// kernel rows whose input row lies in the plane.
+struct TaskState {
+  std::vector<float> strips;
+  std::vector<int64_t> r_begin, r_end, row_out;
+  std::vector<TilePlace> tiles;
+  std::vector<float> tile_acc;
+};
+
+// Row j's zero-padded strip: strip[c][r][x] = in[ih(r), offset_w + x] (0 outside the plane), for
+// the kernel rows inside the plane; a tile whose rows need different ranges runs the union, so the
+// rows outside read zeros too.
+void fill_strips(const BlockedProblem& p, const float* in, int64_t g, int64_t row0, int64_t rows, TaskState& st) {
+  const int64_t strip_width = p.strip_width(), strip_floats = p.in_per_group * p.taps_h * strip_width;
+  const int64_t in_area = p.in_h * p.in_w, out_area = p.plane_h() * p.plane_w();
+  // Strip columns [x_begin, x_end) hold input columns; the rest is padding.
+  const int64_t x_begin = std::max<int64_t>(0, -p.offset_w);
+  const int64_t x_end = std::min(strip_width, p.in_w - p.offset_w);
+  for (int64_t j = 0; j < rows; ++j) {
+    const int64_t n = (row0 + j) / p.out_h, oh = (row0 + j) % p.out_h;
+    const float* in_group = in + (n * p.groups + g) * p.in_per_group * in_area;
+    st.row_out[j] = n * p.groups * p.out_per_group * out_area + (p.out_origin_h + oh * p.out_step_h) * p.plane_w() +
+                    p.out_origin_w;
+    st.r_begin[j] = p.taps_h;
+    st.r_end[j] = 0;
+    for (int64_t r = 0; r < p.taps_h; ++r) {
+      const int64_t ih = oh * p.stride_h + r * p.dil_h + p.offset_h;
+      if (ih >= 0 && ih < p.in_h) {
+        st.r_begin[j] = std::min(st.r_begin[j], r);
+        st.r_end[j] = r + 1;
+      }
+    }
+    for (int64_t c = 0; c < p.in_per_group; ++c) {
+      for (int64_t r = 0; r < p.taps_h; ++r) {
+        float* dst = st.strips.data() + j * strip_floats + (c * p.taps_h + r) * strip_width;
+        if (r < st.r_begin[j] || r >= st.r_end[j] || x_end <= x_begin) {
+          std::fill(dst, dst + strip_width, 0.0f);
+          continue;
+        }
+        std::fill(dst, dst + x_begin, 0.0f);
+        const int64_t src = c * in_area + (oh * p.stride_h + r * p.dil_h + p.offset_h) * p.in_w + p.offset_w;
+        std::memcpy(dst + x_begin, in_group + src + x_begin, (x_end - x_begin) * sizeof(float));
+        std::fill(dst + x_end, dst + strip_width, 0.0f);
+      }
+    }
+  }
+}
+
+// One channel block's tiles over the task's strips, each tile's [pixel][32] result written into
+// the NCHW output of the block's channels, row by row.
+void run_block(const BlockedProblem& p, int64_t g, int64_t b, const float* packed, const float* init, float* out,
+               TaskState& st) {
+  const int64_t strip_width = p.strip_width(), strip_floats = p.in_per_group * p.taps_h * strip_width;
+  const int64_t out_area = p.plane_h() * p.plane_w();
+  const int stride_index = p.stride_w == 1 || p.stride_w == 2 ? static_cast<int>(p.stride_w) : 0;
+  const int64_t channels = std::min(kBlockedChannels, p.out_per_group - b * kBlockedChannels);
+  float* out_block = out + (g * p.out_per_group + b * kBlockedChannels) * out_area;
+  const float* block_weights = packed + (g * p.blocks() + b) * p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
+  for (const TilePlace& place : st.tiles) {
+    const int64_t j0 = place.row[0], j1 = place.row[1];
+    const int64_t rb = std::min(st.r_begin[j0], st.r_begin[j1]), re = std::max(st.r_end[j0], st.r_end[j1]);
+    const int64_t first = rb * strip_width + place.col * p.stride_w;
+    Tile t{{st.strips.data() + j0 * strip_floats + first, st.strips.data() + j1 * strip_floats + first},
+           p.taps_h * strip_width, strip_width, std::max<int64_t>(0, re - rb), p.taps_w, p.dil_w, p.stride_w,
+           p.in_per_group, block_weights + rb * p.taps_w * kBlockedChannels,
+           p.taps_h * p.taps_w * kBlockedChannels, init + (g * p.blocks() + b) * kBlockedChannels,
+           st.tile_acc.data()};
+    if (place.rows == 2)
+      two_row_tiles[stride_index][place.width - 1](t);
+    else
+      one_row_tiles[stride_index][place.width - 1](t);
+    for (int i = 0; i < place.rows; ++i) {
+      const float* acc = st.tile_acc.data() + i * place.width * kBlockedChannels;
+      float* dst = out_block + st.row_out[place.row[i]] + place.col * p.out_step_w;
+      if (p.out_step_w == 1) {
+        blocked::transpose(acc, kBlockedChannels, place.width, channels, dst, out_area);
+      } else {
+        for (int64_t k = 0; k < channels; ++k)
+          for (int64_t q = 0; q < place.width; ++q) dst[k * out_area + q * p.out_step_w] = acc[q * kBlockedChannels + k];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// By 16 x 16 transposes in registers, one task per (group, block): a scalar packer writing one
+// channel's taps at a time, 128 bytes apart, missed the cache on every write once a block's
+// weights outgrew L2 (benchmarks/NOTES.md).
+void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTaps& taps, float* packed) {
+  const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
+  const int64_t block_floats = p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
+  const int64_t kernel_taps = taps.kernel_h * taps.kernel_w;
+  at::parallel_for(0, p.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tap_major(kernel_taps * kBlockedChannels);  // [kernel tap][32]
+    for (int64_t gb = begin; gb < end; ++gb) {
+      const int64_t g = gb / blocks, b = gb % blocks;
+      const int64_t channels = std::min(kBlockedChannels, p.out_per_group - b * kBlockedChannels);
+      float* dst = packed + gb * block_floats;
+      if (!taps.transposed) {  // forward: every tap in order, so the block's rows of w transposed whole
+        if (channels < kBlockedChannels) std::fill(dst, dst + block_floats, 0.0f);
+        const int64_t row = p.in_per_group * kernel_taps;  // [c][r][s] of one output channel
+        blocked::transpose(w + (g * p.out_per_group + b * kBlockedChannels) * row, row, channels, row, dst, kBlockedChannels);
+        continue;
+      }
+      // Input gradient: per weight output channel c (the problem's input channel), the block's 32
+      // weight input channels as [kernel tap][32] (lanes past the group's channels zero), then the
+      // phase's taps in the problem's order.
+      if (channels < kBlockedChannels) std::fill(tap_major.begin(), tap_major.end(), 0.0f);
+      for (int64_t c = 0; c < p.in_per_group; ++c) {
+        blocked::transpose(w + ((g * p.in_per_group + c) * p.out_per_group + b * kBlockedChannels) * kernel_taps, kernel_taps,
+                  channels, kernel_taps, tap_major.data(), kBlockedChannels);
+        for (int64_t t = 0; t < p.taps_h; ++t)
+          for (int64_t u = 0; u < p.taps_w; ++u, dst += kBlockedChannels)
+            std::copy_n(tap_major.data() +
+                            ((taps.first_h + t * taps.step_h) * taps.kernel_w + taps.first_w + u * taps.step_w) *
+                                kBlockedChannels,
+                        kBlockedChannels, dst);
+      }
+    }
+  });
+}
+
+// A task runs every channel block over all its rows, so a block's packed weights are read from
+// memory once per task instead of once per row: on small maps with many channels the weights
+// dominate the traffic.
+void blocked_correlation(const BlockedRun& run, const float* in, const float* packed, const float* init, float* out) {
+  const BlockedProblem& p = run.problem;
+  const TaskRows& tasks = run.tasks;
+  // Initial values per (group, padded channel): the bias, zero past the group's channels.
+  std::vector<float> init_padded(p.groups * p.blocks() * kBlockedChannels, 0.0f);
+  if (init != nullptr) {
+    for (int64_t g = 0; g < p.groups; ++g)
+      std::copy(init + g * p.out_per_group, init + (g + 1) * p.out_per_group,
+                init_padded.begin() + g * p.blocks() * kBlockedChannels);
+  }
+  const int64_t task_rows = tasks.max_rows();
+  at::parallel_for(0, p.groups * tasks.group_tasks, 1, [&](int64_t begin, int64_t end) {
+    TaskState st;
+    st.strips.resize(task_rows * p.in_per_group * p.taps_h * p.strip_width());
+    st.r_begin.resize(task_rows), st.r_end.resize(task_rows), st.row_out.resize(task_rows);
+    st.tile_acc.resize(kMaxPixels * kBlockedChannels);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task / tasks.group_tasks, row0 = tasks.begin(task % tasks.group_tasks);
+      const int64_t rows = tasks.end(task % tasks.group_tasks) - row0;
+      fill_strips(p, in, g, row0, rows, st);
+      plan_tiles(p, rows, st.r_begin.data(), st.r_end.data(), st.tiles);
+      for (int64_t b = 0; b < p.blocks(); ++b) run_block(p, g, b, packed, init_padded.data(), out, st);
+    }
+  });
+}
+
+
+#else  // not x86-64 with GCC/Clang: never called (blocked_kernel_available is false)
+
+void pack_blocked_weight(const BlockedProblem&, const float*, const WeightTaps&, float*) {}
+void blocked_correlation(const BlockedRun&, const float*, const float*, const float*, float*) {}
+
+#endif
+
+}  // namespace channelconv

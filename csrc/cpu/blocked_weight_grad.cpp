@@ -1,0 +1,227 @@
+// The register-blocked weight-gradient engine (blocked.h), blocked like a GEMM whose reduction
+// runs over output pixels:
+//   dW[k, c, r, s] = sum over (n, oh, ow) of dy[n, k, oh, ow] * x[n, c, ih(oh, r), iw(ow, s)].
+// The pixels go by in the plan's chunks (a band of output rows of one image, or several whole
+// images). Per chunk, the input rows the chunk reads are copied channel-last and zero-padded (each
+// tile's G channels in one stream: [row][column][G]), and each 32-channel block of dy is
+// transposed to [pixel][32]. A tile holds 32 output channels x G input channels x S taps of one
+// kernel row in 2*G*S registers; per pixel it loads two dy vectors and broadcasts G*S input values:
+// 2 + G*S loads feed 2*G*S FMAs (G*S up to 12, so at most 14 loads per 24 FMAs: bound by the FMA
+// ports). The tile adds into a [c][r][s][32] copy of dW, so each weight element is summed over the
+// chunks in order, the pixels within a chunk in order, whatever the tiling or the thread count:
+// the result is deterministic.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <utility>
+#include <vector>
+
+#include "blocked.h"
+
+namespace channelconv {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+
+namespace {
+
+using blocked::v16;
+
+struct GradTile {
+  const float* dy;     // [image][pixel][32]: the chunk's output pixels, row after row
+  const float* x;      // channel-last rows at (image 0, kernel row r's first input row, column 0, first channel)
+  int64_t images, image_step;  // the chunk's images, image_step floats apart in x
+  int64_t rows, out_w;         // output rows and columns per image
+  int64_t row_step;    // floats from one output row's input row to the next
+  int64_t pixel_step;  // floats from one output pixel's input column to the next
+  int64_t tap_step;    // floats from tap s to tap s + 1
+  float* dw;           // [g][..][s][32] at dw_channel_step per input channel
+  int64_t dw_channel_step;
+};
+
+template <int S, int G>
+__attribute__((target("avx512f,fma"))) void grad_tile_kernel(const GradTile& t) {
+  v16 acc0[G][S], acc1[G][S];
+#pragma GCC unroll 16
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) {
+      acc0[g][s] = *reinterpret_cast<const v16*>(t.dw + g * t.dw_channel_step + s * kBlockedChannels);
+      acc1[g][s] = *reinterpret_cast<const v16*>(t.dw + g * t.dw_channel_step + s * kBlockedChannels + 16);
+    }
+  const float* d = t.dy;
+  for (int64_t m = 0; m < t.images; ++m) {
+    for (int64_t j = 0; j < t.rows; ++j) {
+      const float* x = t.x + m * t.image_step + j * t.row_step;
+      for (int64_t ow = 0; ow < t.out_w; ++ow, x += t.pixel_step, d += kBlockedChannels) {
+        const v16 d0 = *reinterpret_cast<const v16*>(d);
+        const v16 d1 = *reinterpret_cast<const v16*>(d + 16);
+#pragma GCC unroll 16
+        for (int s = 0; s < S; ++s)
+#pragma GCC unroll 16
+          for (int g = 0; g < G; ++g) {
+            const float xv = x[s * t.tap_step + g];
+            acc0[g][s] += d0 * xv;
+            acc1[g][s] += d1 * xv;
+          }
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) {
+      *reinterpret_cast<v16*>(t.dw + g * t.dw_channel_step + s * kBlockedChannels) = acc0[g][s];
+      *reinterpret_cast<v16*>(t.dw + g * t.dw_channel_step + s * kBlockedChannels + 16) = acc1[g][s];
+    }
+}
+
+using GradTileFn = void (*)(const GradTile&);
+
+// grad_tiles[S - 1][G - 1]: S taps, G input channels (G * S <= kGradTileValues; null past that).
+template <int S, int... G>
+constexpr std::array<GradTileFn, kGradTileValues> grad_tile_row(std::integer_sequence<int, G...>) {
+  return {(S * (G + 1) <= kGradTileValues ? &grad_tile_kernel<S, (S * (G + 1) <= kGradTileValues ? G + 1 : 1)>
+                                          : nullptr)...};
+}
+template <int... S>
+constexpr std::array<std::array<GradTileFn, kGradTileValues>, sizeof...(S)> make_grad_tiles(
+    std::integer_sequence<int, S...>) {
+  return {grad_tile_row<S + 1>(std::make_integer_sequence<int, kGradTileValues>{})...};
+}
+constexpr auto grad_tiles = make_grad_tiles(std::make_integer_sequence<int, kMaxGradTaps>{});
+
+
+// The unit's place: group g, input channels [c0, c0 + channels) (its part), channel block b.
+struct Unit {
+  int64_t g, b, c0, channels;
+};
+Unit unit_at(const BlockedProblem& p, const GradChunks& k, int64_t unit) {
+  const int64_t blocks = p.blocks();
+  const int64_t b = unit % blocks, part = (unit / blocks) % k.parts, g = unit / (blocks * k.parts);
+  const int64_t c0 = part * k.part_channels;
+  return {g, b, c0, std::min(k.part_channels, p.in_per_group - c0)};
+}
+
+// One chunk: images [n0, n0 + images), output rows [oh0, oh0 + rows) of each.
+struct Chunk {
+  int64_t n0, images, oh0, rows, in_rows, ih0;
+};
+
+// Per tile's channels [c, c + tile_g), image m:
+//   rows_t[c * images * in_rows * cols + ((m * in_rows + i) * cols + col) * tile_g + c'] =
+//   x[n0 + m, c0 + c + c', ih0 + i, col + offset_w], zero outside the plane,
+// so that a tile reads one contiguous stream.
+void pack_input_rows(const BlockedProblem& p, const GradChunks& k, const Chunk& ch, const Unit& u, const float* x,
+                     float* rows_t) {
+  const int64_t in_area = p.in_h * p.in_w, in_channels = p.groups * p.in_per_group;
+  std::fill(rows_t, rows_t + u.channels * ch.images * ch.in_rows * k.cols, 0.0f);
+  const int64_t col_begin = std::max<int64_t>(0, -p.offset_w);
+  const int64_t col_end = std::min(k.cols, p.in_w - p.offset_w);
+  for (int64_t c = 0; c < u.channels; c += k.tile_channels) {
+    const int64_t tile_g = std::min<int64_t>(k.tile_channels, u.channels - c);
+    float* tile_rows = rows_t + c * ch.images * ch.in_rows * k.cols;
+    for (int64_t m = 0; m < ch.images; ++m) {
+      const float* x_tile = x + ((ch.n0 + m) * in_channels + u.g * p.in_per_group + u.c0 + c) * in_area;
+      for (int64_t i = 0; i < ch.in_rows; ++i) {
+        const int64_t ih = ch.ih0 + i;
+        if (ih < 0 || ih >= p.in_h) continue;
+        blocked::transpose(x_tile + ih * p.in_w + p.offset_w + col_begin, in_area, tile_g, col_end - col_begin,
+                           tile_rows + ((m * ch.in_rows + i) * k.cols + col_begin) * tile_g, tile_g);
+      }
+    }
+  }
+}
+
+// dy_t[m][pixel][j] = dy[n0 + m, block channel j, pixel of the band], zero past the group's channels.
+void pack_output_grad(const BlockedProblem& p, const Chunk& ch, const Unit& u, const float* dy, float* dy_t) {
+  const int64_t out_area = p.out_h * p.out_w, out_channels = p.groups * p.out_per_group;
+  const int64_t band_pixels = ch.rows * p.out_w;
+  const int64_t block_channels = std::min(kBlockedChannels, p.out_per_group - u.b * kBlockedChannels);
+  if (block_channels < kBlockedChannels) std::fill(dy_t, dy_t + ch.images * band_pixels * kBlockedChannels, 0.0f);
+  for (int64_t m = 0; m < ch.images; ++m)
+    blocked::transpose(
+        dy + ((ch.n0 + m) * out_channels + u.g * p.out_per_group + u.b * kBlockedChannels) * out_area + ch.oh0 * p.out_w,
+        out_area, block_channels, band_pixels, dy_t + m * band_pixels * kBlockedChannels, kBlockedChannels);
+}
+
+// The unit's tiles over the chunk, added into its slice of the [c][r][s][32] copy of dW.
+void run_unit_tiles(const BlockedProblem& p, const GradChunks& k, const Chunk& ch, const Unit& u, const float* dy_t,
+                    const float* rows_t, float* dw_unit) {
+  const int64_t R = p.taps_h, S = p.taps_w;
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t c = 0; c < u.channels; c += k.tile_channels) {
+      const int64_t tile_g = std::min<int64_t>(k.tile_channels, u.channels - c);
+      const GradTile t{dy_t, rows_t + c * ch.images * ch.in_rows * k.cols + r * p.dil_h * k.cols * tile_g,
+                       ch.images, ch.in_rows * k.cols * tile_g, ch.rows, p.out_w,
+                       p.stride_h * k.cols * tile_g, p.stride_w * tile_g, p.dil_w * tile_g,
+                       dw_unit + ((u.c0 + c) * R + r) * S * kBlockedChannels, R * S * kBlockedChannels};
+      grad_tiles[S - 1][tile_g - 1](t);
+    }
+  }
+}
+
+// One thread's run of units [begin, end) over every chunk; it packs the input rows of its parts
+// only, once per (group, part) and chunk.
+void run_units(const BlockedProblem& p, const GradChunks& k, int64_t begin, int64_t end, const float* dy,
+               const float* x, float* dw_t) {
+  std::vector<float> rows_t(k.images * p.input_rows(k.rows) * k.cols * k.part_channels);
+  std::vector<float> dy_t(k.images * k.rows * p.out_w * kBlockedChannels);
+  const int64_t dw_block = p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
+  for (int64_t n0 = 0; n0 < p.batch; n0 += k.images) {
+    for (int64_t band = 0; band < k.bands; ++band) {
+      Chunk ch{n0, std::min(k.images, p.batch - n0), band * k.rows, std::min(k.rows, p.out_h - band * k.rows), 0, 0};
+      ch.in_rows = p.input_rows(ch.rows);
+      ch.ih0 = ch.oh0 * p.stride_h + p.offset_h;
+      int64_t packed = -1;  // the (group, part) whose input rows rows_t holds
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const Unit u = unit_at(p, k, unit);
+        if (u.channels <= 0) continue;
+        if (packed != unit / p.blocks()) {
+          pack_input_rows(p, k, ch, u, x, rows_t.data());
+          packed = unit / p.blocks();
+        }
+        pack_output_grad(p, ch, u, dy, dy_t.data());
+        run_unit_tiles(p, k, ch, u, dy_t.data(), rows_t.data(), dw_t + (u.g * p.blocks() + u.b) * dw_block);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void blocked_weight_grad(const BlockedProblem& p, const GradChunks& k, const float* dy, const float* x, float* dw) {
+  const int64_t C = p.in_per_group, R = p.taps_h, S = p.taps_w;
+  if (p.out_h == 0 || p.out_w == 0) {  // no output pixels: a zero gradient
+    std::fill(dw, dw + p.groups * p.out_per_group * C * R * S, 0.0f);
+    return;
+  }
+  // dW in the tiles' order, [group][block][c][r][s][32], summed over all chunks.
+  const int64_t dw_block = C * R * S * kBlockedChannels;
+  std::vector<float> dw_t(p.groups * p.blocks() * dw_block, 0.0f);
+  at::parallel_for(0, k.ranges, 1, [&](int64_t range_begin, int64_t range_end) {
+    for (int64_t range = range_begin; range < range_end; ++range) {
+      const int64_t begin = range * k.units_per_range, end = std::min(k.units, begin + k.units_per_range);
+      run_units(p, k, begin, end, dy, x, dw_t.data());
+      // Each unit's dW slice back to (K, C, k_h, k_w).
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const Unit u = unit_at(p, k, unit);
+        const int64_t channels = std::min(kBlockedChannels, p.out_per_group - u.b * kBlockedChannels);
+        const int64_t taps = std::max<int64_t>(0, u.channels) * R * S;  // the unit's (c, r, s) taps from c0 on
+        if (taps > 0)
+          blocked::transpose(dw_t.data() + (u.g * p.blocks() + u.b) * dw_block + u.c0 * R * S * kBlockedChannels,
+                             kBlockedChannels, taps, channels,
+                             dw + (u.g * p.out_per_group + u.b * kBlockedChannels) * C * R * S + u.c0 * R * S,
+                             C * R * S);
+      }
+    }
+  });
+}
+
+#else  // not x86-64 with GCC/Clang: never called (blocked_kernel_available is false)
+
+void blocked_weight_grad(const BlockedProblem&, const GradChunks&, const float*, const float*, float*) {}
+
+#endif
+
+}  // namespace channelconv

@@ -1,0 +1,289 @@
+#include "plan.h"
+
+#include <algorithm>
+#include <cstdlib>
+
+namespace channelconv {
+
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Input positions that a run of `outputs` consecutive outputs reads through `taps` taps, from the
+// first output's first tap to the last output's last: a strip's width, a chunk's input rows.
+int64_t input_span(int64_t outputs, int64_t taps, int64_t stride, int64_t dilation) {
+  return (outputs - 1) * stride + (taps - 1) * dilation + 1;
+}
+
+// ---- im2col / 1x1 ----------------------------------------------------------------------------
+
+// Column buffer sizes im2col prefers below the workspace limit. A GEMM with few output channels
+// per group reads each column element only M times, so streaming its columns from L3 shows: its
+// bands stay within about a core's L2. Wider GEMMs do better with more columns per call.
+// (benchmarks/NOTES.md has the measurements behind both sizes.)
+constexpr int64_t kNarrowColumnBytes = int64_t(2) << 20;
+constexpr int64_t kWideColumnBytes = int64_t(8) << 20;
+constexpr int64_t kWideGemmChannels = 128;
+// Side by side pays where over 10 % of a map's 16-pixel vector rows would idle in the per-image
+// GEMM, and only with enough images per GEMM (NOTES.md v7: 2 images did not pay).
+constexpr int64_t kPixelVector = 16;
+constexpr int64_t kSideBySideImages = 4;
+
+bool side_by_side_pays(int64_t pixels) {
+  const int64_t lanes = ceil_div(pixels, kPixelVector) * kPixelVector;
+  return pixels > 0 && (lanes - pixels) * 10 > pixels;
+}
+
+void check_lowering(Lowering lowering, const ConvShape& s, int64_t workspace_limit) {
+  if (lowering == Lowering::OneByOne) {
+    TORCH_CHECK_VALUE(s.kernel_h == 1 && s.kernel_w == 1, "channelconv: algorithm '1x1' accepts only 1x1 kernels, ",
+                      "but got weight of size ", at::IntArrayRef(s.weight_sizes()), " (a ", s.kernel_h, "x",
+                      s.kernel_w, " kernel); use algorithm='im2col' or 'direct'");
+  }
+  TORCH_CHECK_VALUE(workspace_limit > 0, "channelconv: workspace_limit must be a positive number of bytes, got ",
+                    "workspace_limit=", workspace_limit);
+}
+
+// Images and rows per band, and whether the band's images sit side by side.
+void plan_bands(const ConvShape& s, int64_t element_size, int64_t limit_bytes, bool cpu, LoweredPlan& plan) {
+  const int64_t bytes_per_row = plan.column_rows * s.out_w * element_size;
+  if (bytes_per_row == 0) {
+    plan.rows = std::max<int64_t>(s.out_h, 1);
+    return;
+  }
+  plan.row_bytes = bytes_per_row;
+  const int64_t preferred = s.out_per_group() < kWideGemmChannels ? kNarrowColumnBytes : kWideColumnBytes;
+  const int64_t budget = std::min(limit_bytes, preferred);
+  plan.rows = std::max<int64_t>(1, std::min(s.out_h, budget / bytes_per_row));
+  const int64_t image_bytes = bytes_per_row * s.out_h;
+  const bool whole_images = plan.rows == s.out_h && s.groups == 1;
+  if (whole_images && cpu && side_by_side_pays(s.out_h * s.out_w)) {
+    const int64_t scratch_bytes = s.out_channels * s.out_h * s.out_w * element_size;
+    const int64_t images = std::min(s.batch, budget / (image_bytes + scratch_bytes));
+    if (images >= kSideBySideImages) {
+      plan.images = images;
+      plan.side_by_side = true;
+      return;
+    }
+  }
+  plan.images = whole_images ? std::max<int64_t>(1, std::min(s.batch, budget / image_bytes)) : 1;
+}
+
+// ---- direct ----------------------------------------------------------------------------------
+
+// Input strips one blocked task holds: about half of a 2 MiB per-core L2.
+constexpr int64_t kStripBytes = int64_t(1) << 20;
+// Channel-last input rows per weight-gradient chunk: with the chunk's dy, resident in a core's L2.
+constexpr int64_t kGradChunkBytes = int64_t(1) << 20;
+
+// A tile spans 32 output channels: with fewer than 4 per group (depthwise) most lanes would idle,
+// and the plain loops, vectorised along the width, do better.
+bool runs_blocked(at::ScalarType dtype, int64_t out_per_group) {
+  return dtype == at::kFloat && out_per_group >= 4 && blocked_kernel_available();
+}
+
+// As many tasks as keep each task's strips within kStripBytes (cache-resident), at least two per
+// thread, and a multiple of the thread count; in even shares of the rows (a fixed row count per
+// task left 14 rows as 4 + 4 + 4 + 2, one thread idle an eighth of the time).
+TaskRows task_rows(const BlockedProblem& p, int64_t threads) {
+  TaskRows plan;
+  plan.rows_per_group = p.batch * p.out_h;
+  plan.unit = p.paired_rows() ? 2 : 1;
+  plan.units = ceil_div(plan.rows_per_group, plan.unit);
+  const int64_t strip_bytes = p.in_per_group * p.taps_h * p.strip_width() * int64_t(sizeof(float));
+  const int64_t rows_by_cache = std::max<int64_t>(1, kStripBytes / strip_bytes);
+  int64_t tasks = std::max(2 * threads, ceil_div(p.groups * plan.rows_per_group, rows_by_cache));
+  tasks = ceil_div(tasks, threads) * threads;
+  plan.group_tasks = std::clamp<int64_t>(tasks / p.groups, 1, std::max<int64_t>(1, plan.units));
+  return plan;
+}
+
+BlockedProblem forward_problem(const ConvShape& s) {
+  return {s.batch, s.groups, s.in_per_group(), s.in_h, s.in_w, s.out_per_group(), s.out_h, s.out_w,
+          s.kernel_h, s.kernel_w, s.stride[0], s.stride[1], s.dilation[0], s.dilation[1],
+          -s.padding[0], -s.padding[1]};
+}
+
+// With stride > 1 the input gradient splits into stride_h x stride_w phases (hi % stride_h,
+// wi % stride_w). Within a phase only the taps r with (hi + pad - r*dil) % stride == 0 reach it,
+// and they form a dense stride-1 correlation of grad_output with that sub-kernel, flipped. With
+// dilation > 1 as well those taps are not unit-spaced in grad_output, and the scatter loop serves.
+bool input_grad_phases_apply(const ConvShape& s) {
+  return (s.stride[0] == 1 || s.dilation[0] == 1) && (s.stride[1] == 1 || s.dilation[1] == 1);
+}
+
+PhaseAxis phase_axis(int64_t phase, int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dil) {
+  PhaseAxis a;
+  a.out = phase < in ? ceil_div(in - phase, stride) : 0;
+  if (stride == 1) {  // one phase, every tap, any dilation: the classic flipped correlation
+    a.first_tap = kernel - 1;
+    a.taps = kernel;
+    a.dilation = dil;
+    a.offset = pad - dil * (kernel - 1);
+    return a;
+  }
+  // Dilation is 1 here: tap r reaches hi = phase + i*stride from ho = i + (phase + pad - r) / stride
+  // when the division is exact, so the reaching taps are stride apart and read consecutive ho.
+  for (int64_t r = kernel - 1; r >= 0; --r) {
+    if ((phase + pad - r) % stride == 0) {
+      if (a.first_tap < 0) a.first_tap = r;
+      ++a.taps;
+    }
+  }
+  a.tap_step = stride;
+  a.offset = a.first_tap < 0 ? 0 : (phase + pad - a.first_tap) / stride;
+  return a;
+}
+
+// The phases that hold input positions and taps. Phases exist only for positions that do, so at
+// most `in` per axis (a stride of 2^31 - 1 on a small image must not mean 2^31 phases to walk).
+std::vector<Phase> input_grad_phases(const ConvShape& s) {
+  std::vector<Phase> phases;
+  for (int64_t h = 0; h < std::min(s.stride[0], s.in_h); ++h) {
+    for (int64_t w = 0; w < std::min(s.stride[1], s.in_w); ++w) {
+      const PhaseAxis a = phase_axis(h, s.in_h, s.kernel_h, s.stride[0], s.padding[0], s.dilation[0]);
+      const PhaseAxis b = phase_axis(w, s.in_w, s.kernel_w, s.stride[1], s.padding[1], s.dilation[1]);
+      if (a.out > 0 && b.out > 0 && a.taps > 0 && b.taps > 0) phases.push_back({h, w, a, b});
+    }
+  }
+  return phases;
+}
+
+// Each phase of the input gradient as a blocked correlation of grad_output (the problem's input,
+// K/G channels) with the flipped, transposed sub-kernel, into that phase's positions of dx.
+BlockedRun input_grad_run(const ConvShape& s, const Phase& ph, int64_t threads) {
+  const PhaseAxis &a = ph.a, &b = ph.b;
+  BlockedProblem p{s.batch, s.groups, s.out_per_group(), s.out_h, s.out_w, s.in_per_group(), a.out, b.out,
+                   a.taps, b.taps, 1, 1, a.dilation, b.dilation, a.offset, b.offset};
+  p.out_origin_h = ph.h, p.out_origin_w = ph.w, p.out_step_h = s.stride[0], p.out_step_w = s.stride[1];
+  p.out_plane_h = s.in_h, p.out_plane_w = s.in_w;
+  const WeightTaps flipped{s.kernel_h, s.kernel_w, true, a.first_tap, -a.tap_step, b.first_tap, -b.tap_step};
+  return {p, flipped, task_rows(p, threads)};
+}
+
+// The weight gradient's chunks and work units. The chunking depends on the shape only, not on the
+// thread count, so neither does the summation order (the result is deterministic).
+GradChunks grad_chunks(const BlockedProblem& p, int64_t threads) {
+  GradChunks g{};
+  const int64_t C = p.in_per_group, S = p.taps_w;
+  g.tile_channels = std::max<int64_t>(1, kGradTileValues / S);
+  g.cols = input_span(p.out_w, S, p.stride_w, p.dil_w);
+  const auto chunk_bytes = [&](int64_t out_rows) { return p.input_rows(out_rows) * g.cols * C * int64_t(sizeof(float)); };
+  // A band of output rows of one image, as many rows as keep the band's input rows within
+  // kGradChunkBytes; or, when a whole image fits, several whole images (the dW tiles are loaded and
+  // stored once per chunk, so fewer, larger chunks save that traffic), evened out over the chunks.
+  g.rows = std::max<int64_t>(1, p.out_h);
+  while (g.rows > 1 && chunk_bytes(g.rows) > kGradChunkBytes) --g.rows;
+  g.bands = ceil_div(p.out_h, g.rows);
+  g.images = 1;
+  if (g.bands == 1 && p.batch > 1) {
+    const int64_t fit = std::clamp<int64_t>(kGradChunkBytes / chunk_bytes(p.out_h), 1, p.batch);
+    g.images = ceil_div(p.batch, ceil_div(p.batch, fit));
+  }
+  // With more input than output channels the input channels are split among the threads, so that
+  // each packs its share of x (the larger operand) and all of dy rather than all of x and its share
+  // of dy. They are also split when there are fewer (group, block) pairs than threads.
+  const int64_t blocks = p.blocks();
+  int64_t parts = C > p.out_per_group && p.groups < threads ? ceil_div(threads, p.groups) : 1;
+  while ((p.groups * blocks * parts) % threads != 0 && p.groups * blocks * parts < 4 * threads &&
+         C / (parts + 1) >= g.tile_channels)
+    ++parts;
+  g.parts = std::min(parts, std::max<int64_t>(1, C / g.tile_channels));
+  g.part_channels = ceil_div(C, g.parts);
+  // Runs of consecutive units, one per thread, as at::parallel_for would share them out.
+  g.units = p.groups * g.parts * blocks;
+  g.units_per_range = ceil_div(std::max<int64_t>(g.units, 1), std::min(threads, std::max<int64_t>(g.units, 1)));
+  g.ranges = ceil_div(g.units, g.units_per_range);
+  return g;
+}
+
+}  // namespace
+
+int64_t BlockedProblem::strip_width() const { return input_span(out_w, taps_w, stride_w, dil_w); }
+int64_t BlockedProblem::input_rows(int64_t out_rows) const { return input_span(out_rows, taps_h, stride_h, dil_h); }
+
+bool input_is_columns(const ConvShape& s) {
+  return s.kernel_h == 1 && s.kernel_w == 1 && s.stride[0] == 1 && s.stride[1] == 1 && s.padding[0] == 0 &&
+         s.padding[1] == 0;
+}
+
+void check_workspace_fits(const LoweredPlan& plan, const ConvShape& s, int64_t workspace_limit) {
+  // A call without images allocates nothing, so no limit binds it.
+  TORCH_CHECK(s.batch == 0 || plan.row_bytes <= workspace_limit, "channelconv: the im2col workspace limit (",
+              workspace_limit, " bytes) is smaller than one output row's column buffer (", plan.row_bytes,
+              " bytes); raise it with channelconv.set_workspace_limit() or use algorithm='direct'");
+}
+
+LoweredPlan plan_lowered(const ConvShape& s, Lowering lowering, int64_t element_size, int64_t workspace_limit,
+                         bool cpu) {
+  check_lowering(lowering, s, workspace_limit);
+  LoweredPlan plan;
+  plan.column_rows = s.in_channels * s.kernel_h * s.kernel_w;
+  plan.gemm_m = s.out_per_group();
+  plan.gemm_k = s.column_rows();
+  if (input_is_columns(s)) {  // runs of images share one batched GEMM: the whole batch with one group
+    plan.input_is_columns = true;
+    plan.images = s.groups == 1 ? std::max<int64_t>(s.batch, 1) : 1;
+    plan.rows = s.out_h;
+    plan.gemm_n = s.out_h * s.out_w;
+    plan.gemm_calls = ceil_div(s.batch, plan.images);
+    return plan;
+  }
+  plan_bands(s, element_size, workspace_limit, cpu, plan);
+  plan.column_numel = plan.images * plan.column_rows * plan.rows * s.out_w;
+  plan.scratch_numel = plan.side_by_side ? plan.images * s.out_channels * s.out_h * s.out_w : 0;
+  plan.workspace_bytes = s.batch > 0 ? (plan.column_numel + plan.scratch_numel) * element_size : 0;
+  plan.gemm_n = plan.rows * s.out_w * (plan.side_by_side ? plan.images : 1);
+  plan.gemm_calls = ceil_div(s.batch, plan.images) * ceil_div(s.out_h, plan.rows);
+  plan.column_elements = s.batch * plan.column_rows * s.out_h * s.out_w;
+  return plan;
+}
+
+bool blocked_kernel_available() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  // CHANNELCONV_DISABLE_AVX512=1 forces the portable loops (what a CPU without AVX-512 runs);
+  // the tests use it to cover that path on this machine.
+  static const bool available = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") &&
+                                std::getenv("CHANNELCONV_DISABLE_AVX512") == nullptr;
+  return available;
+#else
+  return false;
+#endif
+}
+
+DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype, int64_t threads) {
+  threads = std::max<int64_t>(1, threads);
+  DirectPlan plan;
+  switch (pass) {
+    case DirectPass::Forward:
+      if (runs_blocked(dtype, s.out_per_group())) {
+        plan.kernel = DirectKernel::Blocked;
+        const BlockedProblem p = forward_problem(s);
+        plan.runs.push_back({p, WeightTaps{s.kernel_h, s.kernel_w}, task_rows(p, threads)});
+      }
+      return plan;
+    case DirectPass::InputGrad:
+      if (!input_grad_phases_apply(s)) return plan;  // the scatter loop
+      plan.phases = input_grad_phases(s);
+      if (runs_blocked(dtype, s.in_per_group())) {
+        plan.kernel = DirectKernel::Blocked;
+        for (const Phase& ph : plan.phases) plan.runs.push_back(input_grad_run(s, ph, threads));
+      } else if (s.stride[0] > 1 || s.stride[1] > 1) {
+        plan.kernel = DirectKernel::LoopPhases;
+      }
+      return plan;
+    case DirectPass::WeightGrad: {
+      const BlockedProblem p = forward_problem(s);
+      if (runs_blocked(dtype, s.out_per_group()) && p.taps_w <= kMaxGradTaps &&
+          p.out_per_group >= kBlockedChannels / 2) {
+        plan.kernel = DirectKernel::BlockedWeightGrad;
+        plan.runs.push_back({p, WeightTaps{s.kernel_h, s.kernel_w}, TaskRows{}});
+        plan.chunks = grad_chunks(p, threads);
+      }
+      return plan;
+    }
+  }
+  return plan;
+}
+
+}  // namespace channelconv

@@ -1,0 +1,188 @@
+// The plans of channelconv's kernels: the one place where each algorithm decides how it runs a
+// convolution (bands of columns, side-by-side images, register tiles, tasks, stride phases,
+// weight-gradient chunks, workspace bytes). The kernels run exactly the plan these functions
+// return; Python reads the same plans through the channelconv::_plan op (plan_op.cpp), so 'auto'
+// and cost() never restate a rule or a constant of the kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "conv_params.h"
+
+namespace channelconv {
+
+// ---------------------------------------------------------------------------------------------
+// im2col and 1x1: the GEMM driver (lowered.cpp)
+// ---------------------------------------------------------------------------------------------
+
+enum class Lowering {
+  Im2col,    // unroll patches into a column buffer (except where that is the identity)
+  OneByOne,  // 1x1 kernels only; the input itself is the column matrix at stride 1, no padding
+};
+
+// With a 1x1 kernel, stride 1 and no padding the unrolling is the identity: each image (C, H*W)
+// already is its column matrix, and both lowerings read the input where it lies (as Caffe's and
+// PyTorch's own im2col paths do). Dilation does not move a 1x1 tap.
+bool input_is_columns(const ConvShape& s);
+
+// How the driver runs a layer. Unless the input is its own column matrix, one column buffer is
+// reused for every band: a band of output rows of one image, as many rows as fit the buffer size
+// it prefers below the workspace limit; or, when whole images fit and there is one group, several
+// whole images, which then run as one batched GEMM.
+//
+// Side by side (CPU only): a small map's images sit side by side in one (C*k_h*k_w,
+// images*H_o*W_o) column matrix, and each pass runs one GEMM over all of them, with a scratch of
+// (C_o, images*H_o*W_o) in the same workspace: the forward pass's output, copied out to each
+// image, or the gradients' output gradient, copied in. Chosen where the per-image GEMM wastes
+// MKL's 16-pixel vector rows (a 7x7 map: 49 pixels in 64 lanes) and enough images fit.
+struct LoweredPlan {
+  bool input_is_columns = false;
+  int64_t images = 1;  // images per batched GEMM: per band, or per run when the input is the columns
+  int64_t rows = 1;    // output rows per band (the last band may be shorter)
+  bool side_by_side = false;
+  int64_t column_rows = 0;    // C * k_h * k_w: every group's column rows
+  int64_t row_bytes = 0;      // one output row's columns: the least workspace a band needs
+  int64_t column_numel = 0;   // elements of one band's columns
+  int64_t scratch_numel = 0;  // side by side: a band's outputs (or output gradients)
+  int64_t workspace_bytes = 0;
+  // The forward pass's GEMMs: gemm_calls batched calls, each (M x K) . (K x N) per group.
+  int64_t gemm_m = 0, gemm_k = 0, gemm_n = 0, gemm_calls = 0;
+  int64_t column_elements = 0;  // elements the unrolling writes in one pass (0: the input is read as is)
+};
+
+// Throws, with the op's own message, what the lowering refuses: '1x1' on another kernel, a
+// non-positive workspace limit.
+LoweredPlan plan_lowered(const ConvShape& s, Lowering lowering, int64_t element_size, int64_t workspace_limit,
+                         bool cpu);
+// Throws when the plan's column buffer needs more than the limit (one output row's columns do not
+// fit): checked where the buffer is made, after the op's result is allocated.
+void check_workspace_fits(const LoweredPlan& plan, const ConvShape& s, int64_t workspace_limit);
+
+// ---------------------------------------------------------------------------------------------
+// direct on the CPU (cpu/direct.cpp, cpu/blocked_*.cpp)
+// ---------------------------------------------------------------------------------------------
+
+// The register-blocked engine's tile: 32 output channels (two AVX-512 registers) x up to 14
+// output pixels, a piece of one row or the same columns of two rows of at most 7.
+constexpr int64_t kBlockedChannels = 32;
+constexpr int kMaxPixels = 14;
+// The weight-gradient tile: 32 output channels x G input channels x S taps of one kernel row,
+// G * S <= kGradTileValues (24 accumulators of the 32 registers), S <= kMaxGradTaps.
+constexpr int kMaxGradTaps = 7;
+constexpr int kGradTileValues = 12;
+
+// One blocked correlation, the forward pass and each stride phase of the input gradient alike:
+//   out[n, g*out_pg + k, oh, ow] = init[k] + sum_{c, r, s} packed(g, k, c, r, s)
+//       * in[n, g*in_pg + c, oh*stride_h + r*dil_h + offset_h, ow*stride_w + s*dil_w + offset_w]
+// with input taps outside the plane reading zero.
+struct BlockedProblem {
+  int64_t batch, groups;
+  int64_t in_per_group, in_h, in_w;     // input planes
+  int64_t out_per_group, out_h, out_w;  // output planes
+  int64_t taps_h, taps_w;
+  int64_t stride_h, stride_w, dil_h, dil_w;
+  int64_t offset_h, offset_w;  // input coordinate of tap 0 at output 0 (minus the padding)
+  // Where output pixel (oh, ow) is stored: (origin + o*step) in planes of plane_h x plane_w.
+  // The defaults store densely; the strided input gradient writes one stride phase at a time.
+  int64_t out_origin_h = 0, out_origin_w = 0, out_step_h = 1, out_step_w = 1;
+  int64_t out_plane_h = -1, out_plane_w = -1;  // -1: out_h, out_w
+
+  int64_t plane_h() const { return out_plane_h < 0 ? out_h : out_plane_h; }
+  int64_t plane_w() const { return out_plane_w < 0 ? out_w : out_plane_w; }
+  int64_t blocks() const { return (out_per_group + kBlockedChannels - 1) / kBlockedChannels; }
+  // Rows of at most half a tile go two to a tile; wider rows are cut into row_pieces() tiles.
+  bool paired_rows() const { return 2 * out_w <= kMaxPixels; }
+  int64_t row_pieces() const { return paired_rows() ? 1 : (out_w + kMaxPixels - 1) / kMaxPixels; }
+  int64_t tiles(int64_t rows) const { return paired_rows() ? (rows + 1) / 2 : rows * row_pieces(); }
+  int64_t strip_width() const;                  // input columns one output row's strip holds
+  int64_t input_rows(int64_t out_rows) const;  // input rows a band of out_rows output rows reads
+};
+
+// Which weight element each of the problem's taps multiplies. The weight is a conv weight
+// (K, C/groups, kernel_h, kernel_w), contiguous. Forward (transposed = false): the problem's
+// output channels are the weight's K, its input channels the weight's C, and it reads every tap
+// in order. Input gradient (transposed = true): the other way round, and tap (t, u) reads kernel
+// row first_h + t*step_h, column first_w + u*step_w (flipped: step -1; one stride phase's taps:
+// step -stride).
+struct WeightTaps {
+  int64_t kernel_h, kernel_w;
+  bool transposed = false;
+  int64_t first_h = 0, step_h = 1, first_w = 0, step_w = 1;
+};
+
+// How a group's output rows (which run on from one image into the next) are shared among its
+// tasks: task t takes units [t * units / tasks, (t + 1) * units / tasks), a unit being one row,
+// or two when rows pair into tiles. Each task runs every channel block over its rows, so a block's
+// packed weights are read once per task.
+struct TaskRows {
+  int64_t rows_per_group, unit, units, group_tasks;
+  int64_t begin(int64_t t) const { return std::min(rows_per_group, t * units / group_tasks * unit); }
+  int64_t end(int64_t t) const { return begin(t + 1); }
+  int64_t max_rows() const { return (units + group_tasks - 1) / group_tasks * unit; }
+};
+
+struct BlockedRun {
+  BlockedProblem problem;
+  WeightTaps taps;
+  TaskRows tasks;
+};
+
+// The blocked weight gradient's reduction over output pixels, in chunks: a band of output rows of
+// one image, or several whole images. Work units (group, input-channel part, channel block) each
+// own their slice of dW; `ranges` threads take runs of units_per_range consecutive units.
+struct GradChunks {
+  int64_t rows, bands, images;            // output rows per band, bands per image, images per chunk
+  int64_t cols;                           // input columns of a chunk's channel-last rows
+  int64_t parts, part_channels;           // input channels split into parts of part_channels
+  int64_t tile_channels;                  // G: input channels per tile
+  int64_t units, ranges, units_per_range;
+};
+
+// One stride phase of the input gradient along one axis: the input positions phase, phase +
+// stride, ... and the kernel taps that reach them (largest first: the flipped order).
+struct PhaseAxis {
+  int64_t out = 0;         // input positions in the phase
+  int64_t first_tap = -1;  // largest kernel tap reaching the phase (-1: none)
+  int64_t taps = 0;        // how many taps reach it, tap_step apart in the kernel
+  int64_t tap_step = 1;
+  int64_t dilation = 1;    // spacing of those taps' reads in grad_output
+  int64_t offset = 0;      // grad_output position read by the first tap at the phase's position 0
+};
+struct Phase {
+  int64_t h, w;  // the phase: input positions (h + i*stride_h, w + j*stride_w)
+  PhaseAxis a, b;
+};
+
+enum class DirectPass { Forward, InputGrad, WeightGrad };
+
+enum class DirectKernel {
+  Blocked,            // register-blocked correlations: `runs` (the forward pass, or one per phase)
+  BlockedWeightGrad,  // the blocked weight-gradient reduction: `chunks`
+  Loops,              // the plain loops, vectorised along the row
+  LoopPhases,         // the plain loops, input gradient phase by phase: `phases`
+};
+
+struct DirectPlan {
+  DirectKernel kernel = DirectKernel::Loops;
+  std::vector<BlockedRun> runs;
+  GradChunks chunks{};
+  std::vector<Phase> phases;  // the input gradient's phases that hold positions and taps
+};
+
+// Whether this CPU runs the blocked engine (AVX-512F with FMA, and not disabled by
+// CHANNELCONV_DISABLE_AVX512); otherwise every pass runs the plain loops.
+bool blocked_kernel_available();
+
+DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype, int64_t threads);
+
+// The channelconv::_plan op (plan_op.cpp): what these plans do, counted, for Python.
+c10::Dict<std::string, int64_t> plan_summary(const std::string& algorithm, const std::string& which,
+                                             at::IntArrayRef input_size, at::IntArrayRef weight_size,
+                                             at::IntArrayRef stride, at::IntArrayRef padding,
+                                             at::IntArrayRef dilation, int64_t groups, at::ScalarType dtype,
+                                             c10::Device device, int64_t workspace_limit, int64_t threads);
+
+}  // namespace channelconv

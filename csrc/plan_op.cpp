@@ -1,0 +1,236 @@
+// channelconv::_plan (schema in channelconv.cpp): the plan a kernel would run, for Python (cost(), 'auto''s time model,
+// explain()). It computes nothing itself: it calls the plan functions the kernels call and
+// counts what that plan does, so Python never restates a kernel's rule or constant.
+//
+//   _plan(algorithm, which, input_size, weight_size, stride, padding, dilation, groups, dtype,
+//         device, workspace_limit, threads) -> Dict(str, int)
+//
+// algorithm: 'direct', 'im2col' or '1x1'; which: 'forward', 'input_grad' or 'weight_grad'
+// (direct plans each pass apart; im2col and 1x1 run one band plan in all three). It throws what
+// the op would throw for these arguments: F.conv2d's shape errors, '1x1' on another kernel, a
+// workspace limit below one output row of columns.
+//
+// Keys, im2col and 1x1 (the forward pass's GEMMs, per group):
+//   input_is_columns, images, rows, side_by_side, workspace_bytes, gemm_m, gemm_k, gemm_n,
+//   gemm_calls, column_elements
+// Keys, direct (what one pass does):
+//   blocked      1: register-blocked tiles (CPU) or the tiled CUDA kernel; 0: the plain loops
+//   mac          multiply-adds the kernel performs (blocked: output channels padded to its tile)
+//   mac_1x1      of those, a 1x1 kernel's (its tile streams the input, with no reuse across taps)
+//   inner_loop   innermost loops started (blocked: one per tile and kernel row or input channel)
+//   weight_read  packed weights streamed (once per task of output rows; the dW tiles per chunk)
+//   strip        input elements copied into zero-padded strips (weight gradient: x and dy packed)
+//   output       elements written
+//   row          the plain loops' inner length (a short row wastes vector lanes)
+//   strided      1: the plain loops step through memory with a stride along the row
+//   runs, tasks, tiles, chunks, parts: the plan's structure (correlations, tasks, tiles, weight-
+//   gradient chunks and input-channel parts)
+#include <c10/core/ScalarType.h>
+
+#include <string>
+
+#include "cuda/kernel_bodies.h"
+#include "plan.h"
+
+namespace channelconv {
+namespace {
+
+using Summary = c10::Dict<std::string, int64_t>;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+Summary describe(const LoweredPlan& p) {
+  Summary d;
+  d.insert("input_is_columns", p.input_is_columns);
+  d.insert("images", p.images);
+  d.insert("rows", p.rows);
+  d.insert("side_by_side", p.side_by_side);
+  d.insert("workspace_bytes", p.workspace_bytes);
+  d.insert("gemm_m", p.gemm_m);
+  d.insert("gemm_k", p.gemm_k);
+  d.insert("gemm_n", p.gemm_n);
+  d.insert("gemm_calls", p.gemm_calls);
+  d.insert("column_elements", p.column_elements);
+  return d;
+}
+
+struct Counts {
+  int64_t blocked = 0, mac = 0, mac_1x1 = 0, inner_loop = 0, weight_read = 0, strip = 0, output = 0;
+  int64_t row = 0, strided = 0, runs = 0, tasks = 0, tiles = 0, chunks = 0, parts = 0;
+
+  Summary summary() const {
+    Summary d;
+    for (const auto& [key, value] : {std::pair<const char*, int64_t>{"blocked", blocked}, {"mac", mac},
+                                     {"mac_1x1", mac_1x1}, {"inner_loop", inner_loop}, {"weight_read", weight_read},
+                                     {"strip", strip}, {"output", output}, {"row", row}, {"strided", strided},
+                                     {"runs", runs}, {"tasks", tasks}, {"tiles", tiles}, {"chunks", chunks},
+                                     {"parts", parts}})
+      d.insert(key, value);
+    return d;
+  }
+};
+
+// One blocked correlation: every task's tiles (rows paired on narrow maps, else cut into pieces).
+void count_run(const BlockedRun& run, Counts& c) {
+  const BlockedProblem& p = run.problem;
+  const int64_t blocks = p.blocks(), taps = p.taps_h * p.taps_w;
+  int64_t group_tiles = 0;
+  for (int64_t t = 0; t < run.tasks.group_tasks; ++t) {
+    const int64_t rows = run.tasks.end(t) - run.tasks.begin(t);
+    group_tiles += p.tiles(rows);
+  }
+  const int64_t tiles = p.groups * blocks * group_tiles, tasks = p.groups * run.tasks.group_tasks;
+  const int64_t mac = p.batch * p.groups * blocks * kBlockedChannels * p.out_h * p.out_w * p.in_per_group * taps;
+  c.runs += 1;
+  c.tasks += tasks;
+  c.tiles += tiles;
+  c.mac += mac;
+  c.mac_1x1 += taps == 1 ? mac : 0;
+  c.inner_loop += tiles * (taps == 1 ? 1 : p.in_per_group * p.taps_h);
+  c.weight_read += tasks * blocks * kBlockedChannels * p.in_per_group * taps;
+  c.strip += p.groups * p.batch * p.out_h * p.in_per_group * p.taps_h * p.strip_width();
+  c.output += p.batch * p.groups * p.out_per_group * p.out_h * p.out_w;
+}
+
+// The blocked weight gradient, chunk by chunk and unit by unit, as blocked_weight_grad runs it.
+void count_weight_grad(const BlockedProblem& p, const GradChunks& g, Counts& c) {
+  const int64_t blocks = p.blocks(), C = p.in_per_group;
+  c.runs = 1;
+  c.parts = g.parts;
+  c.mac = p.batch * p.groups * blocks * kBlockedChannels * p.out_h * p.out_w * C * p.taps_h * p.taps_w;
+  c.output = p.groups * p.out_per_group * C * p.taps_h * p.taps_w;
+  for (int64_t n0 = 0; n0 < p.batch; n0 += g.images) {
+    const int64_t images = std::min(g.images, p.batch - n0);
+    for (int64_t band = 0; band < g.bands; ++band) {
+      const int64_t rows = std::min(g.rows, p.out_h - band * g.rows);
+      c.chunks += 1;
+      for (int64_t range = 0; range < g.ranges; ++range) {
+        int64_t packed_part = -1;
+        for (int64_t unit = range * g.units_per_range; unit < std::min(g.units, (range + 1) * g.units_per_range);
+             ++unit) {
+          const int64_t part = (unit / blocks) % g.parts;
+          const int64_t channels = std::min(g.part_channels, C - part * g.part_channels);
+          if (channels <= 0) continue;
+          if (packed_part != unit / blocks) {  // the unit's (group, part) input rows, channel-last
+            c.strip += channels * images * p.input_rows(rows) * g.cols;
+            packed_part = unit / blocks;
+          }
+          c.strip += images * rows * p.out_w * kBlockedChannels;  // the block's dy, pixel-major
+          c.inner_loop += p.taps_h * ceil_div(channels, g.tile_channels);
+          c.weight_read += channels * p.taps_h * p.taps_w * kBlockedChannels;
+        }
+      }
+    }
+  }
+}
+
+// The plain loops of one pass: each innermost loop runs along a row of `row` elements.
+void count_loops(const ConvShape& s, DirectPass pass, const DirectPlan& plan, Counts& c) {
+  const int64_t macs = s.batch * s.out_channels * s.out_h * s.out_w * s.column_rows();
+  c.mac = macs;
+  c.row = s.out_w;
+  c.strided = s.stride[1] > 1;
+  switch (pass) {
+    case DirectPass::Forward:
+      c.inner_loop = s.batch * s.out_channels * s.column_rows() * s.out_h;
+      c.output = s.batch * s.out_channels * s.out_h * s.out_w;
+      return;
+    case DirectPass::WeightGrad:
+      c.inner_loop = s.batch * s.out_channels * s.column_rows() * s.out_h;
+      c.output = s.out_channels * s.column_rows();
+      return;
+    case DirectPass::InputGrad:
+      c.output = s.batch * s.in_channels * s.in_h * s.in_w;
+      if (plan.kernel == DirectKernel::Loops) {  // the scatter: along output rows, per output channel
+        c.inner_loop = s.batch * s.in_channels * s.out_per_group() * s.kernel_h * s.kernel_w * s.out_h;
+        return;
+      }
+      // Phase by phase, each a stride-1 correlation into a compact plane of the phase's positions.
+      c.mac = c.inner_loop = c.strided = 0;
+      c.row = plan.phases.empty() ? 0 : plan.phases.front().b.out;
+      for (const Phase& ph : plan.phases) {
+        const int64_t loops = s.batch * s.in_channels * s.out_per_group() * ph.a.taps * ph.b.taps * ph.a.out;
+        c.inner_loop += loops;
+        c.mac += loops * ph.b.out;
+        c.runs += 1;
+      }
+      return;
+  }
+}
+
+Summary describe_direct_cpu(const ConvShape& s, DirectPass pass, at::ScalarType dtype, int64_t threads) {
+  const DirectPlan plan = plan_direct(s, pass, dtype, threads);
+  Counts c;
+  c.blocked = plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::BlockedWeightGrad;
+  if (plan.kernel == DirectKernel::Blocked) {
+    for (const BlockedRun& run : plan.runs) count_run(run, c);
+  } else if (plan.kernel == DirectKernel::BlockedWeightGrad) {
+    count_weight_grad(plan.runs.front().problem, plan.chunks, c);
+  } else {
+    count_loops(s, pass, plan, c);
+  }
+  return c.summary();
+}
+
+// The CUDA kernels (cuda/direct.cu): forward tiles of BK channels x BP pixels staging BR reduction
+// steps at a time; the input gradient a gather per dx element, the weight gradient a reduction
+// per dW element.
+template <typename Cfg>
+Counts cuda_forward_tiles(const ConvShape& s) {
+  Counts c;
+  const int64_t tiles = s.batch * s.groups * ceil_div(s.out_per_group(), Cfg::BK) *
+                        ceil_div(s.out_h * s.out_w, Cfg::BP);
+  const int64_t R = s.column_rows();  // one output channel's reduction
+  c.blocked = 1;
+  c.runs = 1;
+  c.tiles = tiles;
+  c.mac = tiles * Cfg::BK * Cfg::BP * R;
+  c.inner_loop = tiles * ceil_div(R, Cfg::BR);
+  c.weight_read = tiles * Cfg::BK * R;
+  c.strip = tiles * Cfg::BP * R;
+  c.output = s.batch * s.out_channels * s.out_h * s.out_w;
+  return c;
+}
+
+Summary describe_direct_cuda(const ConvShape& s, DirectPass pass) {
+  if (pass == DirectPass::Forward) {
+    return (gpu::use_wide_tile(s) ? cuda_forward_tiles<gpu::WideTile>(s) : cuda_forward_tiles<gpu::NarrowTile>(s))
+        .summary();
+  }
+  Counts c;
+  c.blocked = 1;
+  c.runs = 1;
+  c.mac = s.batch * s.out_channels * s.out_h * s.out_w * s.column_rows();
+  c.output = pass == DirectPass::InputGrad ? s.batch * s.in_channels * s.in_h * s.in_w
+                                           : s.out_channels * s.column_rows();
+  return c.summary();
+}
+
+DirectPass pass_named(const std::string& which) {
+  if (which == "forward") return DirectPass::Forward;
+  if (which == "input_grad") return DirectPass::InputGrad;
+  TORCH_CHECK_VALUE(which == "weight_grad", "channelconv::_plan: expected which to be 'forward', 'input_grad' or ",
+                    "'weight_grad', but got which='", which, "'");
+  return DirectPass::WeightGrad;
+}
+
+}  // namespace
+
+c10::Dict<std::string, int64_t> plan_summary(const std::string& algorithm, const std::string& which, at::IntArrayRef input_size,
+                     at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                     at::IntArrayRef dilation, int64_t groups, at::ScalarType dtype, c10::Device device,
+                     int64_t workspace_limit, int64_t threads) {
+  const ConvShape s = make_shape(input_size, weight_size, stride, padding, dilation, groups);
+  const DirectPass pass = pass_named(which);
+  if (algorithm == "direct") {
+    return device.is_cpu() ? describe_direct_cpu(s, pass, dtype, threads) : describe_direct_cuda(s, pass);
+  }
+  TORCH_CHECK_VALUE(algorithm == "im2col" || algorithm == "1x1", "channelconv::_plan: expected algorithm to be ",
+                    "'direct', 'im2col' or '1x1', but got algorithm='", algorithm, "'");
+  const Lowering lowering = algorithm == "im2col" ? Lowering::Im2col : Lowering::OneByOne;
+  const LoweredPlan plan = plan_lowered(s, lowering, c10::elementSize(dtype), workspace_limit, device.is_cpu());
+  if (!plan.input_is_columns) check_workspace_fits(plan, s, workspace_limit);
+  return describe(plan);
+}
+
+}  // namespace channelconv
