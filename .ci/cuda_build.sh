@@ -8,7 +8,7 @@
 #      from our sources
 #   4. imports channelconv from that build and checks every op has a CUDA kernel registered
 #   5. the CPU test-suite (-m "not slow") against that build
-#   6. csrc/cuda/emulate_kernels.py: the CUDA kernels' per-thread code run on the CPU, vs F.conv2d
+#   6. csrc/testing/emulate_kernels.py: the CUDA kernels' per-thread code run on the CPU, vs F.conv2d
 #
 # Later runs rebuild only what changed (the copy keeps file times and its own build/ directory).
 set -euo pipefail
@@ -89,7 +89,7 @@ else
   echo "no tests/ directory yet: skipped"
 fi
 
-echo "== CUDA kernels' per-thread code on the CPU (csrc/cuda/emulate_kernels.py)"
-(cd "$TREE" && MAX_JOBS=${MAX_JOBS:-2} "$PY" csrc/cuda/emulate_kernels.py --cases "${EMULATE_CASES:-100}")
+echo "== CUDA kernels' per-thread code on the CPU (csrc/testing/emulate_kernels.py)"
+(cd "$TREE" && MAX_JOBS=${MAX_JOBS:-2} "$PY" csrc/testing/emulate_kernels.py --cases "${EMULATE_CASES:-100}")
 
 echo "== done in $((SECONDS - start)) s"

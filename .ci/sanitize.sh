@@ -71,7 +71,8 @@ present=()
 for t in "${tests[@]}"; do [[ -e $work/${t%%::*} ]] && present+=("$t"); done
 echo "== sanitize: pytest ${present[*]}"
 status=0
-(cd "$work" && timeout 1200 env LD_PRELOAD="$asan $cxx" "$PY" -m pytest -q -p no:cacheprovider --capture=sys -o faulthandler_timeout=600 -m "not large" "${present[@]}" "$@") \
+# CHANNELCONV_SANITIZE: the tests' self-test ops (csrc/testing/) are built with the same sanitizers.
+(cd "$work" && timeout 1200 env LD_PRELOAD="$asan $cxx" CHANNELCONV_SANITIZE=address,undefined "$PY" -m pytest -q -p no:cacheprovider --capture=sys -o faulthandler_timeout=600 -m "not large" "${present[@]}" "$@") \
   >"$log" 2>&1 || status=$?
 tail -n 25 "$log"
 # (Report files may also hold warnings, e.g. "failed to allocate" for the impossible allocation

@@ -33,9 +33,10 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="images per layer (default 8; 2 with --quick)")
     p.add_argument("--algorithms", default=",".join(channelconv.ALGORITHMS),
                    help="comma-separated subset of channelconv.ALGORITHMS ('1x1' runs on 1x1 kernels only)")
-    p.add_argument("--pass", dest="passes", default="forward",
+    p.add_argument("--pass", dest="passes", default=None,
                    help="forward | training | both (forward, training) | all (also input_grad, weight_grad) | "
-                        "a comma-separated list of forward, input_grad, weight_grad, training")
+                        "a comma-separated list of forward, input_grad, weight_grad, training (default forward; "
+                        "with --calibrate: both, or the one given, refitted with the saved GEMM constants)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per layer (default 5; 3 quick)")
     p.add_argument("--block", type=float, default=None, help="seconds per timed block (default 0.05)")
@@ -59,7 +60,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     passes = []
-    for item in args.passes.split(","):
+    for item in (args.passes or ("both" if args.calibrate else "forward")).split(","):
         item = item.strip()
         group = PASS_GROUPS.get(item, (item,))
         for name in group:
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     if args.calibrate:
         from .calibrate import calibrate
         calibrate(settings, path=args.calibration_file, quick=args.quick, progress=not args.no_progress,
-                  cpu_clock=args.cpu_clock)
+                  passes=tuple(p for p in args.passes if p in ("forward", "training")), cpu_clock=args.cpu_clock)
         return 0
 
     start = time.perf_counter()

@@ -260,7 +260,21 @@ def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool
              else torch.cuda.get_device_name())
     log(f"calibrating 'auto' on {where}, {settings.device} "
         f"{str(settings.dtype).replace('torch.', '')}, {clock_name}")
-    gemm = fit_gemm(settings, quick, log)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    key = f"{settings.device}/{str(settings.dtype).replace('torch.', '')}"
+    saved = data.get("models", {}).get(key)
+    partial = saved is not None and set(passes) != {"forward", "training"}
+    if partial and (saved.get("threads"), saved.get("clock")) != (settings.threads, clock_name):
+        raise ValueError(f"refitting {', '.join(passes)} alone needs the saved entry's setting ({saved.get('threads')} "
+                         f"thread(s), {saved.get('clock')}); got {settings.threads} thread(s), {clock_name}")
+    if partial:  # refit some passes on the saved basis: GEMM constants and vector width stay
+        gemm = {**saved["gemm"], "rate_gflops": saved.get("gemm_rate_gflops")}
+        log(f"refitting {', '.join(passes)} with the saved GEMM constants and vector width")
+    else:
+        gemm = fit_gemm(settings, quick, log)
     layers = probe_layers(quick)
     bar = None
     if progress:
@@ -272,6 +286,9 @@ def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool
     entry = {"gemm": {k: gemm[k] for k in ("m0", "n0", "k0")}, "gemm_rate_gflops": gemm["rate_gflops"], "fit": {},
              "threads": settings.threads, "clock": clock_name}
     vector_bytes = None
+    if partial:
+        entry = {**saved, "fit": dict(saved.get("fit", {})), "threads": settings.threads, "clock": clock_name}
+        vector_bytes = saved.get("direct_vector_bytes")
     for pass_ in passes:
         measured = measure_probes(layers, pass_, settings, bar)
         coefficients, quality, vector_bytes = fit_algorithms(measured, entry["gemm"], log, pass_, vector_bytes)
@@ -284,15 +301,12 @@ def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool
             f"{rank['within_10pct']}/{rank['probes']} probes")
     if bar is not None:
         bar.close()
-    entry["source"] = (f"calibrated {time.strftime('%Y-%m-%d')} on {where}, "
-                       f"{clock_name}, torch {torch.__version__}{' (quick)' if quick else ''}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        data = {}
+    source = (f"calibrated {time.strftime('%Y-%m-%d')} on {where}, "
+              f"{clock_name}, torch {torch.__version__}{' (quick)' if quick else ''}")
+    entry["source"] = f"{saved['source']}; {', '.join(passes)} refitted {source[len('calibrated '):]}" if partial \
+        else source
     data.setdefault("version", 1)
     data.setdefault("models", {})
-    key = f"{settings.device}/{str(settings.dtype).replace('torch.', '')}"
     data["models"][key] = entry
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     select.reload_calibration()

@@ -28,6 +28,7 @@ from torch.utils.benchmark.utils import common as benchmark_common
 
 import channelconv
 from channelconv._ops import OPS, TAKES_WORKSPACE
+from channelconv._shapes import is_1x1
 from channelconv.cost import cost
 
 from .shapes import Layer
@@ -57,7 +58,7 @@ class Settings:
 
 
 def algorithms_for(layer: Layer, wanted) -> list[str]:
-    return [a for a in wanted if a != "1x1" or tuple(layer.kernel) == (1, 1)]
+    return [a for a in wanted if a != "1x1" or is_1x1(layer.kernel)]
 
 
 def pass_flops(c, pass_: str) -> int:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from channelconv._shapes import output_size
+
 
 @dataclass(frozen=True)
 class Layer:
@@ -44,7 +46,7 @@ class Layer:
         return (self.stride, self.padding, self.dilation, self.groups)
 
     def output_size(self) -> tuple:
-        return tuple((i + 2 * p - d * (k - 1) - 1) // s + 1
+        return tuple(output_size(i, k, s, p, d)
                      for i, k, s, p, d in zip(self.size, self.kernel, self.stride, self.padding, self.dilation))
 
     def describe(self) -> str:

@@ -52,9 +52,9 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def is_plain(t) -> bool:
-    """A tensor with data of its own and concrete sizes: not a subclass (the fake tensors of a
-    torch.compile or export trace, ...) and not on the meta device. Checked by type first: cheap."""
-    return type(t) in _PLAIN_TENSOR_TYPES and not t.is_meta
+    """A plain Tensor or Parameter, whose sizes are ints: not a subclass (such as the fake tensors
+    of a torch.compile or export trace, whose sizes may be symbolic). By type alone: cheap."""
+    return type(t) in _PLAIN_TENSOR_TYPES
 
 
 def call_op(op, *args):

@@ -45,10 +45,10 @@ def pair(value, name: str) -> tuple[int, int]:
     raise ValueError(f"expected {name} to be an int or a pair of ints, but got {name}={value!r}")
 
 
-def resolve_padding(padding, kernel_size, stride, dilation) -> tuple[tuple[int, int], tuple[int, int]]:
+def resolve_padding(padding, weight_shape, stride, dilation) -> tuple[tuple[int, int], tuple[int, int]]:
     """(explicit symmetric padding, extra (bottom, right) rows and columns) for conv2d's ``padding``:
     'same' with an even (dilated) kernel puts its extra row/column at the bottom/right, as PyTorch
-    does. ``kernel_size`` may be None (a weight that is not 4-D: the op names that error)."""
+    does. (A weight shape that is not 4-D is the op's error to name.)"""
     if not isinstance(padding, str):
         return pair(padding, "padding"), (0, 0)
     if padding == "valid":
@@ -57,9 +57,9 @@ def resolve_padding(padding, kernel_size, stride, dilation) -> tuple[tuple[int, 
         raise ValueError(f"invalid padding string {padding!r}; expected one of {PADDING_STRINGS}")
     if stride != (1, 1):
         raise ValueError(f"padding='same' is not supported for strided convolutions, but got stride={stride}")
-    if kernel_size is None:
+    if len(weight_shape) != 4:
         return (0, 0), (0, 0)
-    totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+    totals = [d * (k - 1) for d, k in zip(dilation, weight_shape[2:])]
     before = tuple(total // 2 for total in totals)
     return before, tuple(total - 2 * b for total, b in zip(totals, before))
 

@@ -170,7 +170,8 @@ class Cost:
 
 
 def cost(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, dtype=torch.float32, *,
-         bias: bool = False, workspace_limit: int | None = None, device: str = "cpu", threads: int | None = None) -> Cost:
+         bias: bool = False, workspace_limit: int | None = None, device: str = "cpu",
+         threads: int | None = None) -> Cost:
     """The textbook's cost quantities of ``F.conv2d(input, weight, bias, stride, padding, dilation,
     groups)`` for an input of ``input_shape`` (N, C_i, H, W) or (C_i, H, W) and a weight of
     ``weight_shape`` (C_o, C_i / groups, k_h, k_w); see the module docstring for the conventions.
@@ -183,7 +184,7 @@ def cost(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, d
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise ValueError(f"expected groups to be an int, but got groups={groups!r}")
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
-    padding, extra = resolve_padding(padding, weight_shape[2:] if len(weight_shape) == 4 else None, stride, dilation)
+    padding, extra = resolve_padding(padding, weight_shape, stride, dilation)
     if len(input_shape) == 4:  # (the op names a shape of another rank)
         input_shape = (*input_shape[:2], input_shape[2] + extra[0], input_shape[3] + extra[1])
     limit = get_workspace_limit() if workspace_limit is None else int(workspace_limit)

@@ -32,10 +32,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
-    padding, (extra_h, extra_w) = resolve_padding(padding, weight.shape[2:] if weight.dim() == 4 else None, stride,
-                                                  dilation)
-    if extra_h or extra_w:  # an even kernel's 'same': the extra row/column at the bottom/right
-        input = F.pad(input, (0, extra_w, 0, extra_h))
+    padding, extra = resolve_padding(padding, weight.shape, stride, dilation)
+    if extra != (0, 0):  # an even kernel's 'same': the extra row/column at the bottom/right
+        input = F.pad(input, (0, extra[1], 0, extra[0]))
 
     if algorithm == "auto":
         algorithm = choose(input.shape, weight.shape, stride, padding, dilation, groups, tensors=(input, weight, bias))

@@ -12,7 +12,7 @@ import threading
 
 import torch
 
-from ._ops import OPS, TAKES_WORKSPACE
+from ._ops import OPS, TAKES_WORKSPACE, is_plain
 from .workspace import get_workspace_limit
 
 PRUNE_FACTOR = 10.0
@@ -31,6 +31,12 @@ def set_benchmark_mode(enabled: bool = True) -> None:
 
 def get_benchmark_mode() -> bool:
     return _enabled
+
+
+
+def can_time(t) -> bool:
+    """A plain tensor with data: not a subclass (the fake tensors of a trace) nor on the meta device."""
+    return is_plain(t) and not t.is_meta
 
 
 def clear_benchmark_cache() -> None:

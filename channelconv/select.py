@@ -85,7 +85,13 @@ def decide(input_shape, weight_shape, stride, padding, dilation, groups, device_
     look the signature up)."""
     if torch.compiler.is_compiling() or not _concrete(input_shape, weight_shape, tensors):
         return _rule(weight_shape)  # traced sizes may be symbolic, and a trace must not time anything
-    if tensors is not None and measured.get_benchmark_mode() and all(t is None or is_plain(t) for t in tensors):
+    return _decide(input_shape, weight_shape, stride, padding, dilation, groups, device_type, dtype, training, tensors,
+                   measure)
+
+
+def _decide(input_shape, weight_shape, stride, padding, dilation, groups, device_type, dtype, training, tensors,
+            measure) -> Decision:
+    if tensors is not None and measured.get_benchmark_mode() and all(t is None or measured.can_time(t) for t in tensors):
         key = measured.signature(*tensors, stride, padding, dilation, groups, training)
         entry = measured.lookup(key)
         if entry is None and measure:
@@ -110,15 +116,18 @@ def decide(input_shape, weight_shape, stride, padding, dilation, groups, device_
 
 
 def choose(input_shape, weight_shape, stride, padding, dilation, groups, *, tensors=None) -> str:
-    """The algorithm 'auto' runs for these explicit arguments (padding a pair of ints).
-    ``tensors=(input, weight, bias)``, when given, supplies the dtype and device, whether the
-    call needs gradients, and in benchmark mode the tensors to time the candidates on."""
-    if tensors is None or torch.compiler.is_compiling():  # (a trace decides by the rule, and traces no grad test)
-        return decide(input_shape, weight_shape, stride, padding, dilation, groups).choice
+    """The algorithm 'auto' runs for these explicit arguments (padding a pair of ints): decide()'s
+    choice. ``tensors=(input, weight, bias)``, when given, supplies the dtype and device, whether
+    the call needs gradients, and in benchmark mode the tensors to time the candidates on."""
+    if torch.compiler.is_compiling() or not _concrete(input_shape, weight_shape, tensors):
+        return _rule(weight_shape).choice
+    if tensors is None:
+        return _decide(input_shape, weight_shape, stride, padding, dilation, groups, "cpu", torch.float32, False, None,
+                       True).choice
     input = tensors[0]
-    return decide(input_shape, weight_shape, stride, padding, dilation, groups,
-                  "cpu" if input.is_cpu else input.device.type,  # (is_cpu: the cheaper attribute)
-                  input.dtype, needs_grad(*tensors), tensors).choice
+    return _decide(input_shape, weight_shape, stride, padding, dilation, groups,
+                   "cpu" if input.is_cpu else input.device.type,  # (is_cpu: the cheaper attribute)
+                   input.dtype, needs_grad(*tensors), tensors, True).choice
 
 
 def reload_calibration() -> None:

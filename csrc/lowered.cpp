@@ -29,8 +29,8 @@ class ColumnBands {
     try {
       buffer_ = at::empty({plan.column_numel + plan.scratch_numel}, options);
     } catch (const c10::Error& e) {  // the allocator's "can't allocate memory" (a c10::Error on the CPU)
-      TORCH_CHECK_WITH(OutOfMemoryError, false, "channelconv: cannot allocate the im2col workspace: a column buffer of ",
-                       plan.workspace_bytes, " bytes (", plan.images, " image(s) x ", plan.rows,
+      TORCH_CHECK_WITH(OutOfMemoryError, false, "channelconv: cannot allocate the im2col workspace: a column ",
+                       "buffer of ", plan.workspace_bytes, " bytes (", plan.images, " image(s) x ", plan.rows,
                        " output row(s); workspace limit ", workspace_limit, " bytes) could not be allocated; use ",
                        "algorithm='direct', which needs no workspace, or free memory. Allocator: ",
                        e.what_without_backtrace());

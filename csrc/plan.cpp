@@ -168,7 +168,9 @@ GradChunks grad_chunks(const BlockedProblem& p, int64_t threads) {
   const int64_t C = p.in_per_group, S = p.taps_w;
   g.tile_channels = std::max<int64_t>(1, kGradTileValues / S);
   g.cols = input_span(p.out_w, S, p.stride_w, p.dil_w);
-  const auto chunk_bytes = [&](int64_t out_rows) { return p.input_rows(out_rows) * g.cols * C * int64_t(sizeof(float)); };
+  const auto chunk_bytes = [&](int64_t out_rows) {
+    return p.input_rows(out_rows) * g.cols * C * int64_t(sizeof(float));
+  };
   // A band of output rows of one image, as many rows as keep the band's input rows within
   // kGradChunkBytes; or, when a whole image fits, several whole images (the dW tiles are loaded and
   // stored once per chunk, so fewer, larger chunks save that traffic), evened out over the chunks.
@@ -277,7 +279,7 @@ DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype
       if (runs_blocked(dtype, s.out_per_group()) && p.taps_w <= kMaxGradTaps &&
           p.out_per_group >= kBlockedChannels / 2) {
         plan.kernel = DirectKernel::BlockedWeightGrad;
-        plan.runs.push_back({p, WeightTaps{s.kernel_h, s.kernel_w}, TaskRows{}});
+        plan.grad_problem = p;
         plan.chunks = grad_chunks(p, threads);
       }
       return plan;

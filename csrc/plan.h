@@ -168,8 +168,9 @@ enum class DirectKernel {
 struct DirectPlan {
   DirectKernel kernel = DirectKernel::Loops;
   std::vector<BlockedRun> runs;
-  GradChunks chunks{};
-  std::vector<Phase> phases;  // the input gradient's phases that hold positions and taps
+  BlockedProblem grad_problem{};  // BlockedWeightGrad: the forward problem (input x, output dy)
+  GradChunks chunks{};            // and how its reduction runs
+  std::vector<Phase> phases;      // the input gradient's phases that hold positions and taps
 };
 
 // Whether this CPU runs the blocked engine (AVX-512F with FMA, and not disabled by

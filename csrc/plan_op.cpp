@@ -165,7 +165,7 @@ Summary describe_direct_cpu(const ConvShape& s, DirectPass pass, at::ScalarType 
   if (plan.kernel == DirectKernel::Blocked) {
     for (const BlockedRun& run : plan.runs) count_run(run, c);
   } else if (plan.kernel == DirectKernel::BlockedWeightGrad) {
-    count_weight_grad(plan.runs.front().problem, plan.chunks, c);
+    count_weight_grad(plan.grad_problem, plan.chunks, c);
   } else {
     count_loops(s, pass, plan, c);
   }
@@ -216,10 +216,11 @@ DirectPass pass_named(const std::string& which) {
 
 }  // namespace
 
-c10::Dict<std::string, int64_t> plan_summary(const std::string& algorithm, const std::string& which, at::IntArrayRef input_size,
-                     at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                     at::IntArrayRef dilation, int64_t groups, at::ScalarType dtype, c10::Device device,
-                     int64_t workspace_limit, int64_t threads) {
+c10::Dict<std::string, int64_t> plan_summary(const std::string& algorithm, const std::string& which,
+                                             at::IntArrayRef input_size, at::IntArrayRef weight_size,
+                                             at::IntArrayRef stride, at::IntArrayRef padding,
+                                             at::IntArrayRef dilation, int64_t groups, at::ScalarType dtype,
+                                             c10::Device device, int64_t workspace_limit, int64_t threads) {
   const ConvShape s = make_shape(input_size, weight_size, stride, padding, dilation, groups);
   const DirectPass pass = pass_named(which);
   if (algorithm == "direct") {

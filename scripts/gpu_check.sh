@@ -10,11 +10,15 @@
 #      e.g. PYTEST_ADDOPTS='-m "not slow"' for a shorter run)
 #   3. compute-sanitizer --tool memcheck, then --tool racecheck, over scripts/sanitize_kernels.py
 #      (every op, several shapes, dtypes, several workspace bands, 32- and 64-bit indexing)
-#   4. the benchmark suite on CUDA, `python -m benchmarks --device cuda --json ...` (more options
+#   4. refits 'auto''s CUDA time model on this GPU (`python -m benchmarks --calibrate --device cuda`)
+#      into OUTDIR/calibration.json, which the suite then uses (copy it over
+#      channelconv/calibration.json to ship it); CALIBRATE=0 skips it
+#   5. the benchmark suite on CUDA, `python -m benchmarks --device cuda --json ...` (more options
 #      in $BENCH_ARGS, e.g. BENCH_ARGS='--pass both')
 #
 # Each step has a time limit, so one that hangs still leaves the others their turn (seconds:
-# TEST_TIMEOUT, default 3600; SANITIZE_TIMEOUT per tool, default 1800; BENCH_TIMEOUT, default 300).
+# TEST_TIMEOUT, default 3600; SANITIZE_TIMEOUT per tool, default 1800; CALIBRATE_TIMEOUT, default 300;
+# BENCH_TIMEOUT, default 300).
 #
 # Logs and results go to OUTDIR (build.log, pytest.log, memcheck.log, racecheck.log,
 # bench-cuda.json, summary.txt). Every step runs even when an earlier one fails; the exit
@@ -145,7 +149,16 @@ else
   failed=1
 fi
 
-# 4. The benchmark suite on CUDA.
+# 4. The CUDA time model, refitted here: its features are counted from the CUDA kernels' own plans
+# (csrc/plan_op.cpp), so a kernel change or another GPU needs new coefficients.
+if [ "${CALIBRATE:-1}" != 0 ]; then
+  cp channelconv/calibration.json "$OUT/calibration.json"
+  step calibrate "$OUT/calibrate.log" timeout "${CALIBRATE_TIMEOUT:-300}" "$PY" -m benchmarks --calibrate --device cuda \
+    --no-progress --calibration-file "$OUT/calibration.json"
+  export CHANNELCONV_CALIBRATION="$OUT/calibration.json"
+fi
+
+# 5. The benchmark suite on CUDA.
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
 step bench "$OUT/bench.log" timeout "${BENCH_TIMEOUT:-300}" "$PY" -m benchmarks --device cuda \
   --json "$OUT/bench-cuda.json" ${BENCH_ARGS:-}

@@ -155,3 +155,30 @@ def test_export_converted_model(device):
         for n in (2, 5):
             xn = torch.randn(n, 3, 12, 12, dtype=DTYPE, device=device)
             assert_close(ep.module()(xn), ours(xn), DTYPE, "exported vs eager")
+
+
+@pytest.mark.parametrize("algorithm", ["direct", "im2col"])
+def test_compiled_shape_error_names_the_argument(algorithm):
+    """Under torch.compile the fake kernel checks shapes as the C++ op does: the error names the
+    argument and its size, as in eager."""
+    x, w = torch.randn(2, 5, 8, 8), torch.randn(4, 6, 3, 3)
+
+    def f(x, w):
+        return channelconv.conv2d(x, w, algorithm=algorithm)
+
+    with pytest.raises(Exception, match=r"expected input\[2, 5, 8, 8\] to have 6 channels"):
+        f(x, w)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from channelconv._ops import OPS, TAKES_WORKSPACE
+    extra = (1 << 20,) if TAKES_WORKSPACE[algorithm] else ()
+    with FakeTensorMode() as mode:  # the fake kernel alone, as a trace runs it
+        fx, fw = mode.from_tensor(x), mode.from_tensor(w)
+        with pytest.raises(Exception, match=r"expected input\[2, 5, 8, 8\] to have 6 channels"):
+            OPS[algorithm].forward(fx, fw, None, (1, 1), (0, 0), (1, 1), 1, *extra)
+        with pytest.raises(Exception, match=r"expected grad_output of size \[2, 4, 6, 6\]"):
+            OPS[algorithm].backward_input(mode.from_tensor(torch.randn(2, 4, 5, 5)), fw, (2, 6, 8, 8), (1, 1), (0, 0),
+                                          (1, 1), 1, *extra)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"expected input\[2, 5, 8, 8\] to have 6 channels"):
+        torch.compile(f, fullgraph=True, backend="eager")(x, w)

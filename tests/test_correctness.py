@@ -177,7 +177,7 @@ def test_realistic_layer(device, algorithm):
     ((3, 3), (1, 1), 1, (1, 1)), ((2, 1), (1, 1), 0, (1, 1)), ((1, 1), (1, 1), 0, (1, 1)),
     ((3, 3), (2, 2), 1, (1, 1)), ((3, 3), (3, 3), 1, (1, 1)), ((3, 3), (1, 1), 2, (2, 2))])
 def test_direct_tile_plans(device, out_w, kernel, stride, padding, dilation):
-    """Every way the blocked direct kernel tiles a task (csrc/cpu/direct_blocked.cpp, plan_tiles):
+    """Every way the blocked direct kernel tiles a task (csrc/cpu/blocked_forward.cpp, plan_tiles):
     rows cut into equal pieces of up to 14 pixels, or rows of at most 7 pixels paired (same
     kernel-row range, or the union when one is left over), at stride 1, 2 (constant-stride tiles)
     and 3 (any stride), with border rows that read different kernel rows; 33 output channels (a

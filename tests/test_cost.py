@@ -166,6 +166,57 @@ def test_workspace_matches_what_the_ops_allocate(shape, dtype):
     assert c.im2col_workspace_bytes == c.workspace("im2col") <= WIDE_COLUMN_BYTES
 
 
+@st.composite
+def planned_layers(draw):
+    """Layers across the band plans: row bands, whole images, side by side (small maps, several
+    images), the identity unrolling, groups, and limits that cut bands to a few rows."""
+    groups = draw(st.sampled_from([1, 1, 1, 2]))
+    c_in, c_out = groups * draw(st.integers(1, 24)), groups * draw(st.integers(1, 24))
+    k = draw(st.sampled_from([1, 1, 3, 5]))
+    stride, padding = draw(st.integers(1, 2)), draw(st.integers(0, k // 2))
+    size = draw(st.integers(k, 20))
+    batch = draw(st.integers(0, 9))
+    row_bytes = c_in * k * k * ((size + 2 * padding - k) // stride + 1) * 4
+    limit = draw(st.sampled_from([256 << 20, 3 * row_bytes + 1, 12 * row_bytes]))
+    return (batch, c_in, size, size), (c_out, c_in // groups, k, k), stride, padding, groups, limit
+
+
+@settings(max_examples=40, deadline=None)
+@given(layer=planned_layers())
+def test_workspace_of_a_sweep_is_the_plans(layer):
+    """For each pass, the workspace the op allocates is the one its C++ plan states (cost())."""
+    x_shape, w_shape, stride, padding, groups, workspace = layer
+    x, w = torch.randn(x_shape), torch.randn(w_shape)
+    args = ((stride, stride), (padding, padding), (1, 1), groups)
+    c = channelconv.cost(x_shape, w_shape, stride, padding, 1, groups, workspace_limit=workspace)
+    for algorithm in ("im2col", "1x1"):
+        if not c.plans[algorithm].applicable:
+            continue
+        ops = OPS[algorithm]
+        y = ops.forward(x, w, None, *args, workspace)
+        for run in (lambda: ops.forward(x, w, None, *args, workspace),
+                    lambda: ops.backward_input(y, w, x.shape, *args, workspace),
+                    lambda: ops.backward_weight(y, x, w.shape, *args, workspace)):
+            torch.ops.channelconv.reset_workspace_peak()
+            run()
+            assert torch.ops.channelconv.workspace_peak() == c.workspace(algorithm), (algorithm, c.plans[algorithm])
+
+
+def test_plan_rejects_what_the_op_rejects():
+    """The plan op runs the op's own checks: the same error, word for word."""
+    bad = [((1, 6, 8, 8), (4, 4, 3, 3), 1), ((1, 6, 2, 2), (4, 6, 3, 3), 1), ((1, 6, 8, 8), (4, 3, 3, 3), 4)]
+    for x_shape, w_shape, groups in bad:
+        with pytest.raises((RuntimeError, ValueError)) as op_error:
+            OPS["direct"].forward(torch.randn(x_shape), torch.randn(w_shape), None, (1, 1), (0, 0), (1, 1), groups)
+        with pytest.raises(ValueError) as cost_error:
+            channelconv.cost(x_shape, w_shape, groups=groups)
+        assert str(cost_error.value) == str(op_error.value)
+    x, w = torch.randn(1, 6, 8, 8), torch.randn(4, 6, 3, 3)
+    with pytest.raises(ValueError) as op_error:
+        OPS["1x1"].forward(x, w, None, (1, 1), (0, 0), (1, 1), 1, 1 << 20)
+    assert channelconv.cost(x.shape, w.shape).plans["1x1"].why_not == str(op_error.value)
+
+
 def test_bands_stay_cache_sized_for_narrow_gemms():
     # 64 -> 64 3x3 at 56x56 (7.2 MB of columns per image, 64 output channels: a narrow GEMM) is cut
     # into bands of rows within 2 MiB; 128 -> 128 at 28x28 (3.6 MB per image) puts two whole images

@@ -241,7 +241,8 @@ void run_block(const BlockedProblem& p, int64_t g, int64_t b, const float* packe
         blocked::transpose(acc, kBlockedChannels, place.width, channels, dst, out_area);
       } else {
         for (int64_t k = 0; k < channels; ++k)
-          for (int64_t q = 0; q < place.width; ++q) dst[k * out_area + q * p.out_step_w] = acc[q * kBlockedChannels + k];
+          for (int64_t q = 0; q < place.width; ++q)
+            dst[k * out_area + q * p.out_step_w] = acc[q * kBlockedChannels + k];
       }
     }
   }
@@ -253,7 +254,7 @@ void run_block(const BlockedProblem& p, int64_t g, int64_t b, const float* packe
 // channel's taps at a time, 128 bytes apart, missed the cache on every write once a block's
 // weights outgrew L2 (benchmarks/NOTES.md).
 void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTaps& taps, float* packed) {
-  const int64_t blocks = (p.out_per_group + kBlockedChannels - 1) / kBlockedChannels;
+  const int64_t blocks = p.blocks();
   const int64_t block_floats = p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
   const int64_t kernel_taps = taps.kernel_h * taps.kernel_w;
   at::parallel_for(0, p.groups * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -265,7 +266,8 @@ void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTa
       if (!taps.transposed) {  // forward: every tap in order, so the block's rows of w transposed whole
         if (channels < kBlockedChannels) std::fill(dst, dst + block_floats, 0.0f);
         const int64_t row = p.in_per_group * kernel_taps;  // [c][r][s] of one output channel
-        blocked::transpose(w + (g * p.out_per_group + b * kBlockedChannels) * row, row, channels, row, dst, kBlockedChannels);
+        blocked::transpose(w + (g * p.out_per_group + b * kBlockedChannels) * row, row, channels, row, dst,
+                           kBlockedChannels);
         continue;
       }
       // Input gradient: per weight output channel c (the problem's input channel), the block's 32
@@ -273,8 +275,8 @@ void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTa
       // phase's taps in the problem's order.
       if (channels < kBlockedChannels) std::fill(tap_major.begin(), tap_major.end(), 0.0f);
       for (int64_t c = 0; c < p.in_per_group; ++c) {
-        blocked::transpose(w + ((g * p.in_per_group + c) * p.out_per_group + b * kBlockedChannels) * kernel_taps, kernel_taps,
-                  channels, kernel_taps, tap_major.data(), kBlockedChannels);
+        blocked::transpose(w + ((g * p.in_per_group + c) * p.out_per_group + b * kBlockedChannels) * kernel_taps,
+                           kernel_taps, channels, kernel_taps, tap_major.data(), kBlockedChannels);
         for (int64_t t = 0; t < p.taps_h; ++t)
           for (int64_t u = 0; u < p.taps_w; ++u, dst += kBlockedChannels)
             std::copy_n(tap_major.data() +

@@ -139,10 +139,10 @@ void pack_output_grad(const BlockedProblem& p, const Chunk& ch, const Unit& u, c
   const int64_t band_pixels = ch.rows * p.out_w;
   const int64_t block_channels = std::min(kBlockedChannels, p.out_per_group - u.b * kBlockedChannels);
   if (block_channels < kBlockedChannels) std::fill(dy_t, dy_t + ch.images * band_pixels * kBlockedChannels, 0.0f);
+  const float* dy_block = dy + (u.g * p.out_per_group + u.b * kBlockedChannels) * out_area + ch.oh0 * p.out_w;
   for (int64_t m = 0; m < ch.images; ++m)
-    blocked::transpose(
-        dy + ((ch.n0 + m) * out_channels + u.g * p.out_per_group + u.b * kBlockedChannels) * out_area + ch.oh0 * p.out_w,
-        out_area, block_channels, band_pixels, dy_t + m * band_pixels * kBlockedChannels, kBlockedChannels);
+    blocked::transpose(dy_block + (ch.n0 + m) * out_channels * out_area, out_area, block_channels, band_pixels,
+                       dy_t + m * band_pixels * kBlockedChannels, kBlockedChannels);
 }
 
 // The unit's tiles over the chunk, added into its slice of the [c][r][s][32] copy of dW.

@@ -283,7 +283,7 @@ at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tenso
   const at::Tensor dy = as_nchw(grad_output), x = as_nchw(input);
   at::Tensor dw = at::empty(s.weight_sizes(), input.options());
   if (plan.kernel == DirectKernel::BlockedWeightGrad) {
-    blocked_weight_grad(plan.runs.front().problem, plan.chunks, dy.const_data_ptr<float>(), x.const_data_ptr<float>(),
+    blocked_weight_grad(plan.grad_problem, plan.chunks, dy.const_data_ptr<float>(), x.const_data_ptr<float>(),
                         dw.mutable_data_ptr<float>());
     return dw.contiguous(result_format(input, grad_output));
   }

@@ -8,7 +8,7 @@
 //   backward_weight  one block per weight element reduces over N x H_o x W_o: each thread a
 //                    strided partial sum, then a fixed-order tree in shared memory (deterministic).
 //
-// The per-thread work is in kernel_bodies.h (shared with the CPU emulation in emulate_kernels.cpp).
+// The per-thread work is in kernel_bodies.h (shared with the CPU emulation in csrc/testing/emulate_kernels.cpp).
 // Same op signatures, checks and result layout as csrc/cpu/direct.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -5,7 +5,7 @@
 //   col2im: one thread per input element (c, hi, wi), gathering what the band's columns hold
 //           for it (no atomics, a fixed summation order, so the result is deterministic).
 //
-// The per-thread work is in kernel_bodies.h (shared with the CPU emulation in emulate_kernels.cpp).
+// The per-thread work is in kernel_bodies.h (shared with the CPU emulation in csrc/testing/emulate_kernels.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>

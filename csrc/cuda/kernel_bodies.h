@@ -1,6 +1,6 @@
 // What one CUDA thread (or one block stage) of each channelconv kernel does, written as
 // HOST_DEVICE functions. The __global__ kernels in direct.cu / im2col.cu are thin loops around
-// these; csrc/cuda/emulate_kernels.cpp runs the very same functions on the CPU, thread by
+// these; csrc/testing/emulate_kernels.cpp runs the very same functions on the CPU, thread by
 // thread and stage by stage, so the kernels' index math is tested on machines without a GPU.
 //
 // Nothing here may use CUDA-only constructs (__shared__, threadIdx, __syncthreads): shared
