@@ -1,7 +1,8 @@
 """'auto': which of channelconv's own algorithms runs a given shape (never F.conv2d).
 
-One decision function, ``decide()``, serves both ``choose()`` (on every 'auto' call) and
-``explain()`` (why), so they cannot disagree. It decides, like cuDNN, in one of two ways:
+One decision function, ``decide()``, serves both ``explain()`` (why) and ``choose()`` (on every
+'auto' call; it makes decide()'s checks itself, once, and calls the same ``_decide``), so they
+cannot disagree. It decides, like cuDNN, in one of two ways:
 
 * The heuristic (default): the time model (timemodel.py) predicts each applicable algorithm's
   time from its C++ plan; the fastest wins, except that in a near tie the candidate that needs no
@@ -91,7 +92,8 @@ def decide(input_shape, weight_shape, stride, padding, dilation, groups, device_
 
 def _decide(input_shape, weight_shape, stride, padding, dilation, groups, device_type, dtype, training, tensors,
             measure) -> Decision:
-    if tensors is not None and measured.get_benchmark_mode() and all(t is None or measured.can_time(t) for t in tensors):
+    timed = tensors is not None and measured.get_benchmark_mode()
+    if timed and all(t is None or measured.can_time(t) for t in tensors):
         key = measured.signature(*tensors, stride, padding, dilation, groups, training)
         entry = measured.lookup(key)
         if entry is None and measure:

@@ -153,8 +153,8 @@ fi
 # (csrc/plan_op.cpp), so a kernel change or another GPU needs new coefficients.
 if [ "${CALIBRATE:-1}" != 0 ]; then
   cp channelconv/calibration.json "$OUT/calibration.json"
-  step calibrate "$OUT/calibrate.log" timeout "${CALIBRATE_TIMEOUT:-300}" "$PY" -m benchmarks --calibrate --device cuda \
-    --no-progress --calibration-file "$OUT/calibration.json"
+  step calibrate "$OUT/calibrate.log" timeout "${CALIBRATE_TIMEOUT:-300}" "$PY" -m benchmarks --calibrate \
+    --device cuda --no-progress --calibration-file "$OUT/calibration.json"
   export CHANNELCONV_CALIBRATION="$OUT/calibration.json"
 fi
 
