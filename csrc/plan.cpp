@@ -46,7 +46,7 @@ void check_lowering(Lowering lowering, const ConvShape& s, int64_t workspace_lim
 
 // Images and rows per band, and whether the band's images sit side by side.
 void plan_bands(const ConvShape& s, int64_t element_size, int64_t limit_bytes, bool cpu, LoweredPlan& plan) {
-  const int64_t bytes_per_row = plan.column_rows * s.out_w * element_size;
+  const int64_t bytes_per_row = product({plan.column_rows, s.out_w, element_size});
   if (bytes_per_row == 0) {
     plan.rows = std::max<int64_t>(s.out_h, 1);
     return;
@@ -55,11 +55,11 @@ void plan_bands(const ConvShape& s, int64_t element_size, int64_t limit_bytes, b
   const int64_t preferred = s.out_per_group() < kWideGemmChannels ? kNarrowColumnBytes : kWideColumnBytes;
   const int64_t budget = std::min(limit_bytes, preferred);
   plan.rows = std::max<int64_t>(1, std::min(s.out_h, budget / bytes_per_row));
-  const int64_t image_bytes = bytes_per_row * s.out_h;
+  const int64_t image_bytes = product({bytes_per_row, s.out_h});
   const bool whole_images = plan.rows == s.out_h && s.groups == 1;
   if (whole_images && cpu && side_by_side_pays(s.out_h * s.out_w)) {
-    const int64_t scratch_bytes = s.out_channels * s.out_h * s.out_w * element_size;
-    const int64_t images = std::min(s.batch, budget / (image_bytes + scratch_bytes));
+    const int64_t scratch_bytes = product({s.out_channels, s.out_h, s.out_w, element_size});
+    const int64_t images = std::min(s.batch, budget / std::max(image_bytes, image_bytes + scratch_bytes));
     if (images >= kSideBySideImages) {
       plan.images = images;
       plan.side_by_side = true;
@@ -87,12 +87,12 @@ bool runs_blocked(at::ScalarType dtype, int64_t out_per_group) {
 // task left 14 rows as 4 + 4 + 4 + 2, one thread idle an eighth of the time).
 TaskRows task_rows(const BlockedProblem& p, int64_t threads) {
   TaskRows plan;
-  plan.rows_per_group = p.batch * p.out_h;
+  plan.rows_per_group = product({p.batch, p.out_h});
   plan.unit = p.paired_rows() ? 2 : 1;
   plan.units = ceil_div(plan.rows_per_group, plan.unit);
-  const int64_t strip_bytes = p.in_per_group * p.taps_h * p.strip_width() * int64_t(sizeof(float));
+  const int64_t strip_bytes = product({p.in_per_group, p.taps_h, p.strip_width(), int64_t(sizeof(float))});
   const int64_t rows_by_cache = std::max<int64_t>(1, kStripBytes / strip_bytes);
-  int64_t tasks = std::max(2 * threads, ceil_div(p.groups * plan.rows_per_group, rows_by_cache));
+  int64_t tasks = std::max(2 * threads, ceil_div(product({p.groups, plan.rows_per_group}), rows_by_cache));
   tasks = ceil_div(tasks, threads) * threads;
   plan.group_tasks = std::clamp<int64_t>(tasks / p.groups, 1, std::max<int64_t>(1, plan.units));
   return plan;
@@ -169,7 +169,7 @@ GradChunks grad_chunks(const BlockedProblem& p, int64_t threads) {
   g.tile_channels = std::max<int64_t>(1, kGradTileValues / S);
   g.cols = input_span(p.out_w, S, p.stride_w, p.dil_w);
   const auto chunk_bytes = [&](int64_t out_rows) {
-    return p.input_rows(out_rows) * g.cols * C * int64_t(sizeof(float));
+    return product({p.input_rows(out_rows), g.cols, C, int64_t(sizeof(float))});
   };
   // A band of output rows of one image, as many rows as keep the band's input rows within
   // kGradChunkBytes; or, when a whole image fits, several whole images (the dW tiles are loaded and
@@ -227,17 +227,18 @@ LoweredPlan plan_lowered(const ConvShape& s, Lowering lowering, int64_t element_
     plan.input_is_columns = true;
     plan.images = s.groups == 1 ? std::max<int64_t>(s.batch, 1) : 1;
     plan.rows = s.out_h;
-    plan.gemm_n = s.out_h * s.out_w;
+    plan.gemm_n = product({s.out_h, s.out_w});
     plan.gemm_calls = ceil_div(s.batch, plan.images);
     return plan;
   }
   plan_bands(s, element_size, workspace_limit, cpu, plan);
-  plan.column_numel = plan.images * plan.column_rows * plan.rows * s.out_w;
-  plan.scratch_numel = plan.side_by_side ? plan.images * s.out_channels * s.out_h * s.out_w : 0;
-  plan.workspace_bytes = s.batch > 0 ? (plan.column_numel + plan.scratch_numel) * element_size : 0;
-  plan.gemm_n = plan.rows * s.out_w * (plan.side_by_side ? plan.images : 1);
-  plan.gemm_calls = ceil_div(s.batch, plan.images) * ceil_div(s.out_h, plan.rows);
-  plan.column_elements = s.batch * plan.column_rows * s.out_h * s.out_w;
+  plan.column_numel = product({plan.images, plan.column_rows, plan.rows, s.out_w});
+  plan.scratch_numel = plan.side_by_side ? product({plan.images, s.out_channels, s.out_h, s.out_w}) : 0;
+  // (Side by side only where both fit the buffer budget: the sum cannot overflow.)
+  plan.workspace_bytes = s.batch > 0 ? product({plan.column_numel + plan.scratch_numel, element_size}) : 0;
+  plan.gemm_n = product({plan.rows, s.out_w, plan.side_by_side ? plan.images : 1});
+  plan.gemm_calls = product({ceil_div(s.batch, plan.images), ceil_div(s.out_h, plan.rows)});
+  plan.column_elements = product({s.batch, plan.column_rows, s.out_h, s.out_w});
   return plan;
 }
 

@@ -7,12 +7,28 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
+#include <limits>
 #include <string>
 #include <vector>
 
 #include "conv_params.h"
 
 namespace channelconv {
+
+// a * b * ..., or INT64_MAX where that does not fit. The plans size buffers and count work for any
+// shape the op accepts, also one whose buffers could never be allocated: a saturated size exceeds
+// every workspace limit, and the allocation of the op's result fails with the allocator's message.
+inline int64_t product(std::initializer_list<int64_t> factors) {
+  for (int64_t f : factors) {
+    if (f == 0) return 0;
+  }
+  int64_t p = 1;
+  for (int64_t f : factors) {
+    if (__builtin_mul_overflow(p, f, &p)) return std::numeric_limits<int64_t>::max();
+  }
+  return p;
+}
 
 // ---------------------------------------------------------------------------------------------
 // im2col and 1x1: the GEMM driver (lowered.cpp)
@@ -96,7 +112,7 @@ struct BlockedProblem {
   // Rows of at most half a tile go two to a tile; wider rows are cut into row_pieces() tiles.
   bool paired_rows() const { return 2 * out_w <= kMaxPixels; }
   int64_t row_pieces() const { return paired_rows() ? 1 : (out_w + kMaxPixels - 1) / kMaxPixels; }
-  int64_t tiles(int64_t rows) const { return paired_rows() ? (rows + 1) / 2 : rows * row_pieces(); }
+  int64_t tiles(int64_t rows) const { return paired_rows() ? (rows + 1) / 2 : product({rows, row_pieces()}); }
   int64_t strip_width() const;                  // input columns one output row's strip holds
   int64_t input_rows(int64_t out_rows) const;  // input rows a band of out_rows output rows reads
 };

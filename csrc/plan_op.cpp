@@ -54,16 +54,21 @@ Summary describe(const LoweredPlan& p) {
   return d;
 }
 
+// Counts in double: their products reach past int64 on shapes whose buffers could never be
+// allocated (the op then fails with the allocator's message), and the time model reads them as
+// floats anyway. A count past int64 is reported as INT64_MAX.
 struct Counts {
-  int64_t blocked = 0, mac = 0, mac_1x1 = 0, inner_loop = 0, weight_read = 0, strip = 0, output = 0;
-  int64_t row = 0, strided = 0, runs = 0, tasks = 0, tiles = 0, chunks = 0, parts = 0;
+  double mac = 0, mac_1x1 = 0, inner_loop = 0, weight_read = 0, strip = 0, output = 0, tiles = 0;
+  int64_t blocked = 0, row = 0, strided = 0, runs = 0, tasks = 0, chunks = 0, parts = 0;
 
   Summary summary() const {
     Summary d;
-    for (const auto& [key, value] : {std::pair<const char*, int64_t>{"blocked", blocked}, {"mac", mac},
-                                     {"mac_1x1", mac_1x1}, {"inner_loop", inner_loop}, {"weight_read", weight_read},
-                                     {"strip", strip}, {"output", output}, {"row", row}, {"strided", strided},
-                                     {"runs", runs}, {"tasks", tasks}, {"tiles", tiles}, {"chunks", chunks},
+    for (const auto& [key, value] : {std::pair<const char*, double>{"mac", mac}, {"mac_1x1", mac_1x1},
+                                     {"inner_loop", inner_loop}, {"weight_read", weight_read}, {"strip", strip},
+                                     {"output", output}, {"tiles", tiles}})
+      d.insert(key, value < 9.2e18 ? static_cast<int64_t>(value) : std::numeric_limits<int64_t>::max());
+    for (const auto& [key, value] : {std::pair<const char*, int64_t>{"blocked", blocked}, {"row", row},
+                                     {"strided", strided}, {"runs", runs}, {"tasks", tasks}, {"chunks", chunks},
                                      {"parts", parts}})
       d.insert(key, value);
     return d;
@@ -73,32 +78,32 @@ struct Counts {
 // One blocked correlation: every task's tiles (rows paired on narrow maps, else cut into pieces).
 void count_run(const BlockedRun& run, Counts& c) {
   const BlockedProblem& p = run.problem;
-  const int64_t blocks = p.blocks(), taps = p.taps_h * p.taps_w;
-  int64_t group_tiles = 0;
+  const double blocks = double(p.blocks()), taps = double(p.taps_h) * p.taps_w;
+  double group_tiles = 0;
   for (int64_t t = 0; t < run.tasks.group_tasks; ++t) {
-    const int64_t rows = run.tasks.end(t) - run.tasks.begin(t);
-    group_tiles += p.tiles(rows);
+    group_tiles += double(p.tiles(run.tasks.end(t) - run.tasks.begin(t)));
   }
-  const int64_t tiles = p.groups * blocks * group_tiles, tasks = p.groups * run.tasks.group_tasks;
-  const int64_t mac = p.batch * p.groups * blocks * kBlockedChannels * p.out_h * p.out_w * p.in_per_group * taps;
+  const double tiles = p.groups * blocks * group_tiles, tasks = double(p.groups) * run.tasks.group_tasks;
+  const double mac = double(p.batch) * p.groups * blocks * kBlockedChannels * p.out_h * p.out_w * p.in_per_group * taps;
   c.runs += 1;
-  c.tasks += tasks;
+  c.tasks += p.groups * run.tasks.group_tasks;
   c.tiles += tiles;
   c.mac += mac;
   c.mac_1x1 += taps == 1 ? mac : 0;
-  c.inner_loop += tiles * (taps == 1 ? 1 : p.in_per_group * p.taps_h);
+  c.inner_loop += tiles * (taps == 1 ? 1 : double(p.in_per_group) * p.taps_h);
   c.weight_read += tasks * blocks * kBlockedChannels * p.in_per_group * taps;
-  c.strip += p.groups * p.batch * p.out_h * p.in_per_group * p.taps_h * p.strip_width();
-  c.output += p.batch * p.groups * p.out_per_group * p.out_h * p.out_w;
+  c.strip += double(p.groups) * p.batch * p.out_h * p.in_per_group * p.taps_h * p.strip_width();
+  c.output += double(p.batch) * p.groups * p.out_per_group * p.out_h * p.out_w;
 }
 
 // The blocked weight gradient, chunk by chunk and unit by unit, as blocked_weight_grad runs it.
 void count_weight_grad(const BlockedProblem& p, const GradChunks& g, Counts& c) {
   const int64_t blocks = p.blocks(), C = p.in_per_group;
+  const double taps = double(p.taps_h) * p.taps_w;
   c.runs = 1;
   c.parts = g.parts;
-  c.mac = p.batch * p.groups * blocks * kBlockedChannels * p.out_h * p.out_w * C * p.taps_h * p.taps_w;
-  c.output = p.groups * p.out_per_group * C * p.taps_h * p.taps_w;
+  c.mac = double(p.batch) * p.groups * blocks * kBlockedChannels * p.out_h * p.out_w * C * taps;
+  c.output = double(p.groups) * p.out_per_group * C * taps;
   for (int64_t n0 = 0; n0 < p.batch; n0 += g.images) {
     const int64_t images = std::min(g.images, p.batch - n0);
     for (int64_t band = 0; band < g.bands; ++band) {
@@ -112,12 +117,12 @@ void count_weight_grad(const BlockedProblem& p, const GradChunks& g, Counts& c) 
           const int64_t channels = std::min(g.part_channels, C - part * g.part_channels);
           if (channels <= 0) continue;
           if (packed_part != unit / blocks) {  // the unit's (group, part) input rows, channel-last
-            c.strip += channels * images * p.input_rows(rows) * g.cols;
+            c.strip += double(channels) * images * p.input_rows(rows) * g.cols;
             packed_part = unit / blocks;
           }
-          c.strip += images * rows * p.out_w * kBlockedChannels;  // the block's dy, pixel-major
-          c.inner_loop += p.taps_h * ceil_div(channels, g.tile_channels);
-          c.weight_read += channels * p.taps_h * p.taps_w * kBlockedChannels;
+          c.strip += double(images) * rows * p.out_w * kBlockedChannels;  // the block's dy, pixel-major
+          c.inner_loop += double(p.taps_h) * ceil_div(channels, g.tile_channels);
+          c.weight_read += channels * taps * kBlockedChannels;
         }
       }
     }
@@ -126,30 +131,31 @@ void count_weight_grad(const BlockedProblem& p, const GradChunks& g, Counts& c) 
 
 // The plain loops of one pass: each innermost loop runs along a row of `row` elements.
 void count_loops(const ConvShape& s, DirectPass pass, const DirectPlan& plan, Counts& c) {
-  const int64_t macs = s.batch * s.out_channels * s.out_h * s.out_w * s.column_rows();
-  c.mac = macs;
+  const double outputs = double(s.batch) * s.out_channels * s.out_h * s.out_w;
+  c.mac = outputs * s.column_rows();
   c.row = s.out_w;
   c.strided = s.stride[1] > 1;
   switch (pass) {
     case DirectPass::Forward:
-      c.inner_loop = s.batch * s.out_channels * s.column_rows() * s.out_h;
-      c.output = s.batch * s.out_channels * s.out_h * s.out_w;
+      c.inner_loop = double(s.batch) * s.out_channels * s.column_rows() * s.out_h;
+      c.output = outputs;
       return;
     case DirectPass::WeightGrad:
-      c.inner_loop = s.batch * s.out_channels * s.column_rows() * s.out_h;
-      c.output = s.out_channels * s.column_rows();
+      c.inner_loop = double(s.batch) * s.out_channels * s.column_rows() * s.out_h;
+      c.output = double(s.out_channels) * s.column_rows();
       return;
     case DirectPass::InputGrad:
-      c.output = s.batch * s.in_channels * s.in_h * s.in_w;
+      c.output = double(s.batch) * s.in_channels * s.in_h * s.in_w;
       if (plan.kernel == DirectKernel::Loops) {  // the scatter: along output rows, per output channel
-        c.inner_loop = s.batch * s.in_channels * s.out_per_group() * s.kernel_h * s.kernel_w * s.out_h;
+        c.inner_loop = double(s.batch) * s.in_channels * s.out_per_group() * s.kernel_h * s.kernel_w * s.out_h;
         return;
       }
       // Phase by phase, each a stride-1 correlation into a compact plane of the phase's positions.
-      c.mac = c.inner_loop = c.strided = 0;
+      c.mac = c.inner_loop = 0;
+      c.strided = 0;
       c.row = plan.phases.empty() ? 0 : plan.phases.front().b.out;
       for (const Phase& ph : plan.phases) {
-        const int64_t loops = s.batch * s.in_channels * s.out_per_group() * ph.a.taps * ph.b.taps * ph.a.out;
+        const double loops = double(s.batch) * s.in_channels * s.out_per_group() * ph.a.taps * ph.b.taps * ph.a.out;
         c.inner_loop += loops;
         c.mac += loops * ph.b.out;
         c.runs += 1;
@@ -178,17 +184,17 @@ Summary describe_direct_cpu(const ConvShape& s, DirectPass pass, at::ScalarType 
 template <typename Cfg>
 Counts cuda_forward_tiles(const ConvShape& s) {
   Counts c;
-  const int64_t tiles = s.batch * s.groups * ceil_div(s.out_per_group(), Cfg::BK) *
-                        ceil_div(s.out_h * s.out_w, Cfg::BP);
-  const int64_t R = s.column_rows();  // one output channel's reduction
+  const int64_t tiles = product({s.batch, s.groups, ceil_div(s.out_per_group(), Cfg::BK),
+                                 ceil_div(product({s.out_h, s.out_w}), Cfg::BP)});
+  const double R = double(s.column_rows());  // one output channel's reduction
   c.blocked = 1;
   c.runs = 1;
-  c.tiles = tiles;
-  c.mac = tiles * Cfg::BK * Cfg::BP * R;
-  c.inner_loop = tiles * ceil_div(R, Cfg::BR);
-  c.weight_read = tiles * Cfg::BK * R;
-  c.strip = tiles * Cfg::BP * R;
-  c.output = s.batch * s.out_channels * s.out_h * s.out_w;
+  c.tiles = double(tiles);
+  c.mac = double(tiles) * Cfg::BK * Cfg::BP * R;
+  c.inner_loop = double(tiles) * ceil_div(s.column_rows(), Cfg::BR);
+  c.weight_read = double(tiles) * Cfg::BK * R;
+  c.strip = double(tiles) * Cfg::BP * R;
+  c.output = double(s.batch) * s.out_channels * s.out_h * s.out_w;
   return c;
 }
 
@@ -200,9 +206,9 @@ Summary describe_direct_cuda(const ConvShape& s, DirectPass pass) {
   Counts c;
   c.blocked = 1;
   c.runs = 1;
-  c.mac = s.batch * s.out_channels * s.out_h * s.out_w * s.column_rows();
-  c.output = pass == DirectPass::InputGrad ? s.batch * s.in_channels * s.in_h * s.in_w
-                                           : s.out_channels * s.column_rows();
+  c.mac = double(s.batch) * s.out_channels * s.out_h * s.out_w * s.column_rows();
+  c.output = pass == DirectPass::InputGrad ? double(s.batch) * s.in_channels * s.in_h * s.in_w
+                                           : double(s.out_channels) * s.column_rows();
   return c.summary();
 }
 

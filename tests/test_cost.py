@@ -217,6 +217,16 @@ def test_plan_rejects_what_the_op_rejects():
     assert channelconv.cost(x.shape, w.shape).plans["1x1"].why_not == str(op_error.value)
 
 
+def test_plans_of_shapes_too_large_to_allocate():
+    """A 2^32 x 2^32 output (padding 2^31 - 1): the plans' sizes and counts pass int64 and saturate
+    (no wrap-around: the sanitizer build checks), im2col needs more than any limit, and the op
+    fails on its output's allocation, as F.conv2d's would."""
+    c = channelconv.cost((1, 1, 1, 1), (1, 1, 1, 1), padding=2**31 - 1)
+    assert c.output_shape == (1, 1, 2**32 - 1, 2**32 - 1)
+    assert c.plans["direct"].passes["forward"]["mac"] == 2**63 - 1
+    assert not c.plans["im2col"].applicable and "workspace limit" in c.plans["im2col"].why_not
+
+
 def test_bands_stay_cache_sized_for_narrow_gemms():
     # 64 -> 64 3x3 at 56x56 (7.2 MB of columns per image, 64 output channels: a narrow GEMM) is cut
     # into bands of rows within 2 MiB; 128 -> 128 at 28x28 (3.6 MB per image) puts two whole images
