@@ -1,5 +1,6 @@
 # Two commands on a fresh machine with Python 3.10+:
-#   make bench   the main job: the benchmark suite (channelconv's algorithms against F.conv2d)
+#   make bench   the main job: the benchmark suite (channelconv's algorithms against F.conv2d on ResNet-50's
+#                layers, then three whole networks converted against nn.Conv2d)
 #   make test    the test-suite
 # Each creates .venv (torch and the test/bench tools) and builds the extension on first use;
 # later runs rebuild only what changed.
@@ -13,6 +14,7 @@ EXTENSION := $(VENV)/.extension-built
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+MODEL_ARGS ?= --models lenet,resnet18-fmnist,resnet20-cifar
 
 .PHONY: test bench build clean
 
@@ -33,6 +35,7 @@ test: $(EXTENSION)
 
 bench: $(EXTENSION)
 	$(PY) -m benchmarks $(BENCH_ARGS)
+	$(PY) -m benchmarks --suite models $(MODEL_ARGS)
 
 clean:
 	rm -rf build channelconv/_C*.so $(EXTENSION)

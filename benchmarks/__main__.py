@@ -4,6 +4,7 @@ shapes, measured interleaved in one process. See benchmarks/NOTES.md and --help.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -13,6 +14,7 @@ import channelconv
 
 from . import report, runner
 from .runner import DTYPES, PASSES, REFERENCE, TORCH_IM2COL, Settings, configure, environment, gemm_rate, run_layer
+from .models import MODELS, spec_for
 from .shapes import SUITES, parse_shape
 
 PASS_GROUPS = {"both": ("forward", "training"), "all": PASSES}
@@ -25,7 +27,12 @@ def parse_args(argv=None):
                     "report median time, GFLOP/s, speed relative to F.conv2d, fraction of the machine's GEMM rate, "
                     "workspace and relative error against F.conv2d in float64.")
     p.add_argument("--suite", default=None,
-                   help=f"comma-separated suites: {', '.join(SUITES)} (default resnet50; 'quick' with --quick)")
+                   help=f"comma-separated layer suites: {', '.join(SUITES)} (default resnet50; 'quick' with --quick); "
+                        "or 'models': whole networks converted against nn.Conv2d (see --models)")
+    p.add_argument("--models", default=None,
+                   help=f"with --suite models: comma-separated, of {', '.join(MODELS)}, or torchvision:NAME / "
+                        "timm:NAME (default all)")
+    p.add_argument("--size", type=int, default=None, help="with --suite models: input height = width (default per model)")
     p.add_argument("--shape", action="append", default=[], metavar="N,C_in,H,W,C_out,KH,KW[,s,p,d,g]",
                    help="a custom layer (repeatable); runs instead of the suites unless --suite is given too")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -83,8 +90,14 @@ def parse_args(argv=None):
     else:
         args.suites = [s.strip() for s in args.suite.split(",")]
         for s in args.suites:
-            if s not in SUITES:
-                p.error(f"--suite: unknown suite {s!r}; expected some of {', '.join(SUITES)}")
+            if s not in SUITES and s != "models":
+                p.error(f"--suite: unknown suite {s!r}; expected some of {', '.join(SUITES)}, or models")
+        if "models" in args.suites and (len(args.suites) > 1 or args.custom):
+            p.error("--suite models runs on its own (whole networks, not layers)")
+    try:
+        args.model_specs = [spec_for(m.strip()) for m in (args.models or ",".join(MODELS)).split(",") if m.strip()]
+    except (ValueError, ImportError) as e:
+        p.error(f"--models: {e}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
@@ -122,9 +135,11 @@ def main(argv=None) -> int:
                                                                                    settings.dtype)["source"]})
     where = meta.get("gpu") or meta["cpu"]
     print(f"channelconv {meta['channelconv']} | torch {meta['torch']} | {settings.device} ({where}) | "
-          f"{meta['threads']} threads | {meta['dtype']} | batch {settings.batch}")
+          f"{meta['threads']} threads | {meta['dtype']} | batch {_batch_label(args, settings)}")
     print(f"GEMM rate ({'256' if args.quick else '2048'}^3 torch.mm): {gemm:.0f} GFLOP/s; "
           f"'auto' model: {meta['calibration']}")
+    if args.suites == ["models"]:
+        return _main_models(args, settings, meta, start)
 
     work = [(suite, layer) for suite in args.suites for layer in SUITES[suite]()]
     work += [("custom", layer) for layer in args.custom]
@@ -178,6 +193,55 @@ def main(argv=None) -> int:
                     f"{elapsed:.0f} s{loads}\n\n" + "\n".join(markdown))
     if args.plot:
         report.plot(args.plot, results, title=f"{','.join(args.suites) or 'custom'} batch {settings.batch}")
+    return 0
+
+
+def _batch_label(args, settings) -> str:
+    """The batch that runs: --batch (or the default) for the suites, each --shape's own N, each model's."""
+    if args.suites == ["models"]:
+        return str(args.batch) if args.batch else "per model"
+    batches = ([settings.batch] if args.suites else []) + [layer.batch for layer in args.custom]
+    return ",".join(str(b) for b in dict.fromkeys(batches))
+
+
+def _main_models(args, settings, meta, start) -> int:
+    from . import model_suite
+
+    progress = None
+    if not args.no_progress:
+        try:
+            from tqdm import tqdm
+            progress = tqdm(total=len(args.model_specs), unit="model", file=sys.stderr, leave=False,
+                            dynamic_ncols=True)
+        except ImportError:
+            progress = None
+    rows = []
+    for spec in args.model_specs:
+        if progress is not None:
+            progress.set_description(spec.name)
+        rows += model_suite.run_model(spec, settings, args.batch, args.size)
+        if progress is not None:
+            progress.update()
+    if progress is not None:
+        progress.close()
+    meta["elapsed_s"] = time.perf_counter() - start
+    meta["load_average_end"] = runner._load_average()
+    summary = model_suite.summary_text(rows)
+    print("\n== models | inference and a training step | speed relative to nn.Conv2d (its time / channelconv's)")
+    print(model_suite.table(rows))
+    print(summary)
+    print(f"\ndone in {meta['elapsed_s']:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "models": rows, "summary": summary}, f, indent=1, default=str)
+    if args.csv:
+        model_suite.write_csv(args.csv, rows)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"`{meta['command']}` — {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
+                    f"{meta['elapsed_s']:.0f} s\n\n{model_suite.markdown(rows)}\n\n```\n{summary}\n```\n")
+    if args.plot:
+        model_suite.plot(args.plot, rows, title="models, speed relative to nn.Conv2d")
     return 0
 
 

@@ -76,9 +76,13 @@ def _empty(shape, like: torch.Tensor, memory_format) -> torch.Tensor:
 
 
 def bias_grad(grad: torch.Tensor) -> torch.Tensor:
-    """The bias gradient, summed in float64: a channel's sum over the batch and pixels can nearly
-    cancel, and a float32 sum of many terms would then keep few correct digits. A small reduction."""
-    return grad.sum((0, 2, 3), dtype=torch.float64).to(grad.dtype)
+    """The bias gradient: a channel's sum over the batch and pixels. Each (image, channel) plane is
+    summed in float32 or wider (ATen's pairwise sum: its error is relative to the plane's terms),
+    the planes in float64, so that planes that nearly cancel across the batch keep their digits.
+    (Summing every element in float64 was 50-80x slower, and cost more than the convolution's
+    kernels on wide layers: benchmarks/NOTES.md v9.)"""
+    plane_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    return grad.sum((2, 3), dtype=plane_dtype).sum(0, dtype=torch.float64).to(grad.dtype)
 
 
 def _register(ops: AlgorithmOps) -> None:

@@ -1,0 +1,153 @@
+"""The model suite: whole networks (benchmarks/models.py), converted with ``channelconv.convert``,
+against the same networks with nn.Conv2d, interleaved in one process (runner.interleaved).
+
+Two modes per model: inference (eval mode, no grad) and a training step (train mode: forward,
+cross-entropy against fixed labels, backward, an SGD step with momentum). Both copies start from
+the same weights; each has its own optimizer. Before timing, the converted model's inference output
+is compared with the original's (relative error, float64 references of both)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+
+import torch
+import torch.nn.functional as F
+
+import channelconv
+
+from .models import ModelSpec
+from .runner import Settings, interleaved
+
+MODES = ("inference", "training")
+REFERENCE_SIDE, OUR_SIDE = "nn.Conv2d", "channelconv"
+
+
+def _inputs(spec: ModelSpec, batch: int, size: int, settings: Settings):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, spec.channels, size, size, generator=generator).to(settings.device, settings.dtype)
+    target = torch.randint(0, spec.classes, (batch,), generator=generator).to(settings.device)
+    return x, target
+
+
+def _step(model, x, target):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), target).backward()
+        optimizer.step()
+    return step
+
+
+def _infer(model, x):
+    def infer():
+        with torch.no_grad():
+            model(x)
+    return infer
+
+
+def output_error(reference, ours, x) -> float:
+    """‖ours(x) − reference(x)‖ / ‖reference(x)‖ in eval mode, both in float64: what conversion changed."""
+    ref64, ours64 = copy.deepcopy(reference).double().eval(), copy.deepcopy(ours).double().eval()
+    with torch.no_grad():
+        want, got = ref64(x.double()), ours64(x.double())
+    return ((got - want).norm() / want.norm()).item()
+
+
+def run_model(spec: ModelSpec, settings: Settings, batch: int | None = None, size: int | None = None,
+              modes=MODES) -> list[dict]:
+    batch, size = batch or spec.batch, size or spec.size
+    torch.manual_seed(0)
+    reference = spec.build().to(settings.device, settings.dtype)
+    ours = channelconv.convert(copy.deepcopy(reference))
+    x, target = _inputs(spec, batch, size, settings)
+    error = output_error(reference, ours, x)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in reference.modules())
+    rows = []
+    for mode in modes:
+        for model in (reference, ours):
+            model.train(mode == "training")
+        functions = {side: (_step if mode == "training" else _infer)(model, *((x, target) if mode == "training"
+                                                                               else (x,)))
+                     for side, model in ((REFERENCE_SIDE, reference), (OUR_SIDE, ours))}
+        samples = interleaved(functions, settings)
+        medians = {side: sorted(s)[len(s) // 2] for side, s in samples.items()}
+        for side, seconds in medians.items():
+            rows.append({"suite": "models", "model": spec.name, "mode": mode, "batch": batch, "size": size,
+                         "channels": spec.channels, "convs": convs, "side": side, "median_s": seconds,
+                         "samples_s": samples[side], "ratio": medians[REFERENCE_SIDE] / seconds,
+                         "rel_error": error if side == OUR_SIDE else 0.0})
+    return rows
+
+
+def table(rows) -> str:
+    """One line per model and mode: the two medians and the ratio (nn.Conv2d's time / channelconv's)."""
+    out = [f"{'model':18s} {'mode':9s} {'input':>13s} {'convs':>5s} {'nn.Conv2d ms':>12s} {'channelconv ms':>14s} "
+           f"{'ratio':>6s} {'rel.err':>8s}"]
+    for (model, mode), pair in _pairs(rows).items():
+        ref, ours = pair[REFERENCE_SIDE], pair[OUR_SIDE]
+        shape = f"{ours['batch']}x{ours['channels']}x{ours['size']}x{ours['size']}"
+        out.append(f"{model:18s} {mode:9s} {shape:>13s} {ours['convs']:5d} {ref['median_s'] * 1e3:12.2f} "
+                   f"{ours['median_s'] * 1e3:14.2f} {ours['ratio']:6.2f} {ours['rel_error']:8.1e}")
+    return "\n".join(out)
+
+
+def markdown(rows) -> str:
+    lines = ["| model | mode | input | nn.Conv2d ms | channelconv ms | speed vs nn.Conv2d |", "|---|---|---|---:|---:|---:|"]
+    for (model, mode), pair in _pairs(rows).items():
+        ref, ours = pair[REFERENCE_SIDE], pair[OUR_SIDE]
+        lines.append(f"| {model} | {mode} | {ours['batch']}x{ours['channels']}x{ours['size']}x{ours['size']} | "
+                     f"{ref['median_s'] * 1e3:.2f} | {ours['median_s'] * 1e3:.2f} | {ours['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def summary_text(rows) -> str:
+    ratios = {mode: [p[OUR_SIDE]["ratio"] for (_, m), p in _pairs(rows).items() if m == mode] for mode in MODES}
+    parts = [f"{mode} {_geomean(r):.2f} ({len(r)} models, lowest {min(r):.2f})" for mode, r in ratios.items() if r]
+    every = [r for rs in ratios.values() for r in rs]
+    return ("geometric mean of the speed relative to nn.Conv2d: " + "; ".join(parts)
+            + (f"; all {_geomean(every):.2f}" if every else ""))
+
+
+def write_csv(path, rows):
+    fields = ["model", "mode", "batch", "channels", "size", "convs", "side", "median_s", "ratio", "rel_error"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(path, rows, title=""):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = _pairs(rows)
+    models = list(dict.fromkeys(model for model, _ in pairs))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(models)), 4))
+    width = 0.4
+    for i, mode in enumerate(MODES):
+        values = [pairs[(m, mode)][OUR_SIDE]["ratio"] if (m, mode) in pairs else 0 for m in models]
+        ax.bar([j + (i - 0.5) * width for j in range(len(models))], values, width, label=mode)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
+    ax.set_ylabel("speed relative to nn.Conv2d")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pairs(rows) -> dict:
+    pairs = {}
+    for row in rows:
+        pairs.setdefault((row["model"], row["mode"]), {})[row["side"]] = row
+    return pairs
+
+
+def _geomean(values) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
