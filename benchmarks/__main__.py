@@ -169,7 +169,8 @@ def main(argv=None) -> int:
         by_pass.setdefault((row["suite"], row["pass"]), []).append(row)
     markdown = []
     for (suite, pass_), rows in by_pass.items():
-        title = f"{suite} | {pass_} | batch {settings.batch} | {meta['dtype']} | {settings.device}"
+        batches = ",".join(str(b) for b in dict.fromkeys(row["input_shape"][0] for row in rows))
+        title = f"{suite} | {pass_} | batch {batches} | {meta['dtype']} | {settings.device}"
         print(f"\n== {title}")
         print(report.detail_table(rows))
         print(f"\n-- speed relative to {REFERENCE} ({REFERENCE} time / time: > 1 is faster; 'auto' with its choice)")

@@ -205,3 +205,13 @@ def test_cli_rejects_bad_arguments():
         proc = subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 2 and "error" in proc.stderr, args
+
+
+def test_header_prints_the_batch_that_ran():
+    """A --shape brings its own N: the header and the table title say that batch, not the default."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--shape", "3,8,10,10,8,3,3", "--quick",
+                           "--no-progress", "--no-errors"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| batch 3\n" in proc.stdout and "| forward | batch 3 |" in proc.stdout and "batch 2" not in proc.stdout
