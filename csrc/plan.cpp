@@ -104,6 +104,12 @@ BlockedProblem forward_problem(const ConvShape& s) {
           -s.padding[0], -s.padding[1]};
 }
 
+// A correlation with at most 16 output channels per group runs narrow tiles (plan.h).
+BlockedRun correlation_run(BlockedProblem p, const WeightTaps& taps, int64_t threads) {
+  p.block = p.out_per_group <= kNarrowBlockChannels ? kNarrowBlockChannels : kBlockedChannels;
+  return {p, taps, task_rows(p, threads)};
+}
+
 // With stride > 1 the input gradient splits into stride_h x stride_w phases (hi % stride_h,
 // wi % stride_w). Within a phase only the taps r with (hi + pad - r*dil) % stride == 0 reach it,
 // and they form a dense stride-1 correlation of grad_output with that sub-kernel, flipped. With
@@ -158,7 +164,7 @@ BlockedRun input_grad_run(const ConvShape& s, const Phase& ph, int64_t threads) 
   p.out_origin_h = ph.h, p.out_origin_w = ph.w, p.out_step_h = s.stride[0], p.out_step_w = s.stride[1];
   p.out_plane_h = s.in_h, p.out_plane_w = s.in_w;
   const WeightTaps flipped{s.kernel_h, s.kernel_w, true, a.first_tap, -a.tap_step, b.first_tap, -b.tap_step};
-  return {p, flipped, task_rows(p, threads)};
+  return correlation_run(p, flipped, threads);
 }
 
 // The weight gradient's chunks and work units. The chunking depends on the shape only, not on the
@@ -261,8 +267,7 @@ DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype
     case DirectPass::Forward:
       if (runs_blocked(dtype, s.out_per_group())) {
         plan.kernel = DirectKernel::Blocked;
-        const BlockedProblem p = forward_problem(s);
-        plan.runs.push_back({p, WeightTaps{s.kernel_h, s.kernel_w}, task_rows(p, threads)});
+        plan.runs.push_back(correlation_run(forward_problem(s), WeightTaps{s.kernel_h, s.kernel_w}, threads));
       }
       return plan;
     case DirectPass::InputGrad:

@@ -82,9 +82,13 @@ void check_workspace_fits(const LoweredPlan& plan, const ConvShape& s, int64_t w
 // ---------------------------------------------------------------------------------------------
 
 // The register-blocked engine's tile: 32 output channels (two AVX-512 registers) x up to 14
-// output pixels, a piece of one row or the same columns of two rows of at most 7.
+// output pixels, a piece of one row or the same columns of two rows of at most 7. A problem with at
+// most 16 output channels per group takes narrow tiles: 16 channels (one register) x up to 28
+// pixels, so that half the lanes do not multiply padding.
 constexpr int64_t kBlockedChannels = 32;
-constexpr int kMaxPixels = 14;
+constexpr int64_t kNarrowBlockChannels = 16;
+constexpr int kMaxPixels = 14;  // of a 32-channel tile
+constexpr int kMaxNarrowPixels = kMaxPixels * kBlockedChannels / kNarrowBlockChannels;
 // The weight-gradient tile: 32 output channels x G input channels x S taps of one kernel row,
 // G * S <= kGradTileValues (24 accumulators of the 32 registers), S <= kMaxGradTaps.
 constexpr int kMaxGradTaps = 7;
@@ -105,13 +109,15 @@ struct BlockedProblem {
   // The defaults store densely; the strided input gradient writes one stride phase at a time.
   int64_t out_origin_h = 0, out_origin_w = 0, out_step_h = 1, out_step_w = 1;
   int64_t out_plane_h = -1, out_plane_w = -1;  // -1: out_h, out_w
+  int64_t block = kBlockedChannels;              // output channels per tile (kNarrowBlockChannels: narrow)
 
   int64_t plane_h() const { return out_plane_h < 0 ? out_h : out_plane_h; }
   int64_t plane_w() const { return out_plane_w < 0 ? out_w : out_plane_w; }
-  int64_t blocks() const { return (out_per_group + kBlockedChannels - 1) / kBlockedChannels; }
+  int64_t blocks() const { return (out_per_group + block - 1) / block; }
+  int64_t max_pixels() const { return block == kBlockedChannels ? kMaxPixels : kMaxNarrowPixels; }
   // Rows of at most half a tile go two to a tile; wider rows are cut into row_pieces() tiles.
-  bool paired_rows() const { return 2 * out_w <= kMaxPixels; }
-  int64_t row_pieces() const { return paired_rows() ? 1 : (out_w + kMaxPixels - 1) / kMaxPixels; }
+  bool paired_rows() const { return 2 * out_w <= max_pixels(); }
+  int64_t row_pieces() const { return paired_rows() ? 1 : (out_w + max_pixels() - 1) / max_pixels(); }
   int64_t tiles(int64_t rows) const { return paired_rows() ? (rows + 1) / 2 : product({rows, row_pieces()}); }
   int64_t strip_width() const;                  // input columns one output row's strip holds
   int64_t input_rows(int64_t out_rows) const;  // input rows a band of out_rows output rows reads

@@ -84,14 +84,14 @@ void count_run(const BlockedRun& run, Counts& c) {
     group_tiles += double(p.tiles(run.tasks.end(t) - run.tasks.begin(t)));
   }
   const double tiles = p.groups * blocks * group_tiles, tasks = double(p.groups) * run.tasks.group_tasks;
-  const double mac = double(p.batch) * p.groups * blocks * kBlockedChannels * p.out_h * p.out_w * p.in_per_group * taps;
+  const double mac = double(p.batch) * p.groups * blocks * p.block * p.out_h * p.out_w * p.in_per_group * taps;
   c.runs += 1;
   c.tasks += p.groups * run.tasks.group_tasks;
   c.tiles += tiles;
   c.mac += mac;
   c.mac_1x1 += taps == 1 ? mac : 0;
   c.inner_loop += tiles * (taps == 1 ? 1 : double(p.in_per_group) * p.taps_h);
-  c.weight_read += tasks * blocks * kBlockedChannels * p.in_per_group * taps;
+  c.weight_read += tasks * blocks * p.block * p.in_per_group * taps;
   c.strip += double(p.groups) * p.batch * p.out_h * p.in_per_group * p.taps_h * p.strip_width();
   c.output += double(p.batch) * p.groups * p.out_per_group * p.out_h * p.out_w;
 }

@@ -188,6 +188,24 @@ def test_direct_tile_plans(device, out_w, kernel, stride, padding, dilation):
     check_case(case, "direct", torch.float32, device)
 
 
+@pytest.mark.parametrize("out_w", [1, 7, 13, 14, 15, 27, 28, 29, 56])
+@pytest.mark.parametrize("out_channels, groups", [(6, 1), (16, 1), (12, 2)])
+def test_direct_narrow_tile_plans(device, out_w, out_channels, groups):
+    """Narrow tiles (at most 16 output channels per group: 16 channels x up to 28 pixels): rows cut
+    into pieces of up to 28 pixels or paired up to 14, at stride 1 and 2; a partial block; groups;
+    forward and both gradients (the input gradient of 5 input channels per group runs them too)."""
+    for stride in (1, 2):
+        in_w = (out_w - 1) * stride + 3 - 2
+        case = Case(batch=2, in_channels=5 * groups, out_channels=out_channels, size=(6, in_w), kernel=(3, 3),
+                    stride=(stride, stride), padding=1, dilation=(1, 1), groups=groups, bias=True, unbatched=False,
+                    layout="contiguous")
+        check_case(case, "direct", torch.float32, device)
+        c = channelconv.cost((2, 5 * groups, 6, in_w), (out_channels, 5, 3, 3), stride, 1, 1, groups)
+        forward = c.plans["direct"].passes["forward"]
+        if forward["blocked"]:  # the tiles pad each group's channels to 16, not 32
+            assert forward["mac"] * (out_channels // groups) == c.macs * 16
+
+
 @pytest.mark.parametrize("algorithm", ["1x1", "im2col"])
 def test_half_precision_weight_grad_sums_images_in_float(device, algorithm):
     """A hypothesis draw whose two images' weight gradients nearly cancel: rounding each image's

@@ -14,7 +14,7 @@
 
 namespace channelconv {
 
-// Weights in the forward engine's order, [group][channel block][c][r][s][32], zero-filled past
+// Weights in the forward engine's order, [group][channel block][c][r][s][block], zero-filled past
 // out_per_group: blocked_weight_numel(p) floats.
 int64_t blocked_weight_numel(const BlockedProblem& p);
 void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTaps& taps, float* packed);
@@ -34,7 +34,7 @@ namespace blocked {
 typedef float v16 __attribute__((vector_size(64), aligned(4)));  // unaligned loads allowed
 
 // dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols, 16 x 16 at a time in
-// AVX-512 registers (masked at the edges): the forward tile's [pixel][32] result into NCHW planes,
+// AVX-512 registers (masked at the edges): the forward tile's [pixel][block] result into NCHW planes,
 // the weight packing, and the packing of x and dy for the weight gradient.
 void transpose(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst, int64_t dst_stride);
 

@@ -5,7 +5,9 @@
 // row, or the same columns of two rows of at most 7), 28 accumulators held in registers. Each
 // step loads two weight vectors and, per pixel, broadcasts one input value into two FMAs: 16
 // loads feed 28 FMAs, so the loop is bound by the FMA ports rather than by loads. Vectorising
-// over output channels, not width, makes stride and width-7 layers cost nothing extra.
+// over output channels, not width, makes stride and width-7 layers cost nothing extra. A narrow
+// tile (problems of at most 16 output channels per group) holds 16 channels x up to 28 pixels in
+// the same 28 registers: one weight vector a step, one FMA per pixel.
 //
 // Per task (a group's run of output rows, which may cross from one image into the next), the input
 // rows the tiles read are first copied into zero-padded strips, so the inner loop needs no bounds
@@ -23,7 +25,7 @@
 namespace channelconv {
 
 int64_t blocked_weight_numel(const BlockedProblem& p) {
-  return p.groups * p.blocks() * p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
+  return p.groups * p.blocks() * p.in_per_group * p.taps_h * p.taps_w * p.block;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -45,45 +47,47 @@ struct Tile {
   int64_t strip_width;    // floats from one kernel row to the next
   int64_t kernel_rows;    // r_end - r_begin
   int64_t taps_w, dil_w, stride_w, in_per_group;
-  const float* weights;   // this channel block's [c][r][s][32] at (0, r_begin, 0)
+  const float* weights;   // this channel block's [c][r][s][block] at (0, r_begin, 0)
   int64_t weight_channel_step;
-  const float* init;      // 32 initial values
-  float* acc;             // [pixel][32] result, row after row
+  const float* init;      // the block's initial values
+  float* acc;             // [pixel][block] result, row after row
 };
 
 // SW: the stride along the row as a constant (0: t.stride_w). With the stride known, every pixel's
 // input is a fixed displacement from one pointer per row, so the loop needs two address registers
 // instead of one per pixel (a pointer per pixel spilled to the stack: three reloads per tap).
-template <int A, int Rows, int SW>
+// V: vectors of 16 channels per pixel (2: a 32-channel tile; 1: a narrow one).
+template <int A, int Rows, int SW, int V>
 __attribute__((target("avx512f,fma"))) void tile_kernel(const Tile& t) {
-  constexpr int P = A * Rows;
+  constexpr int P = A * Rows, block = 16 * V;
   const int64_t sw = SW > 0 ? SW : t.stride_w;
-  v16 acc0[P], acc1[P];
-  const v16 init0 = *reinterpret_cast<const v16*>(t.init);
-  const v16 init1 = *reinterpret_cast<const v16*>(t.init + 16);
-#pragma GCC unroll 16
-  for (int p = 0; p < P; ++p) {
-    acc0[p] = init0;
-    acc1[p] = init1;
+  v16 acc[V][P];
+#pragma GCC unroll 2
+  for (int v = 0; v < V; ++v) {
+    const v16 init = *reinterpret_cast<const v16*>(t.init + 16 * v);
+#pragma GCC unroll 28
+    for (int p = 0; p < P; ++p) acc[v][p] = init;
   }
-  // One tap: 32 weights times each pixel's input at x0 (first row) or x1 (second row).
+  // One tap: the block's weights times each pixel's input at x0 (first row) or x1 (second row).
   const auto tap = [&](const float* w, const float* x0, const float* x1) __attribute__((always_inline)) {
-    const v16 w0 = *reinterpret_cast<const v16*>(w);
-    const v16 w1 = *reinterpret_cast<const v16*>(w + 16);
-    __builtin_prefetch(w + kWeightPrefetch, 0, 3);
-    __builtin_prefetch(w + kWeightPrefetch + 16, 0, 3);
-#pragma GCC unroll 16
+    v16 wv[V];
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) {
+      wv[v] = *reinterpret_cast<const v16*>(w + 16 * v);
+      __builtin_prefetch(w + kWeightPrefetch + 16 * v, 0, 3);
+    }
+#pragma GCC unroll 28
     for (int p = 0; p < A; ++p) {
       const float xv = x0[p * sw];
-      acc0[p] += w0 * xv;
-      acc1[p] += w1 * xv;
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) acc[v][p] += wv[v] * xv;
     }
     if constexpr (Rows == 2) {
-#pragma GCC unroll 16
+#pragma GCC unroll 28
       for (int p = 0; p < A; ++p) {
         const float xv = x1[p * sw];
-        acc0[A + p] += w0 * xv;
-        acc1[A + p] += w1 * xv;
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v) acc[v][A + p] += wv[v] * xv;
       }
     }
   };
@@ -97,32 +101,42 @@ __attribute__((target("avx512f,fma"))) void tile_kernel(const Tile& t) {
       const float* x1 = t.x[Rows - 1] + c * t.channel_step;
       const float* w = t.weights + c * t.weight_channel_step;
       for (int64_t r = 0; r < t.kernel_rows; ++r, x0 += t.strip_width, x1 += t.strip_width)
-        for (int64_t s = 0; s < t.taps_w; ++s, w += kBlockedChannels) tap(w, x0 + s * t.dil_w, x1 + s * t.dil_w);
+        for (int64_t s = 0; s < t.taps_w; ++s, w += block) tap(w, x0 + s * t.dil_w, x1 + s * t.dil_w);
     }
   }
-#pragma GCC unroll 16
-  for (int p = 0; p < P; ++p) {
-    *reinterpret_cast<v16*>(t.acc + p * kBlockedChannels) = acc0[p];
-    *reinterpret_cast<v16*>(t.acc + p * kBlockedChannels + 16) = acc1[p];
-  }
+#pragma GCC unroll 28
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) *reinterpret_cast<v16*>(t.acc + p * block + 16 * v) = acc[v][p];
 }
 
 using TileFn = void (*)(const Tile&);
 
-template <int Rows, int SW, int... A>
+template <int Rows, int SW, int V, int... A>
 constexpr std::array<TileFn, sizeof...(A)> make_tile_row(std::integer_sequence<int, A...>) {
-  return {&tile_kernel<A + 1, Rows, SW>...};
+  return {&tile_kernel<A + 1, Rows, SW, V>...};
 }
-// one_row_tiles[SW][A - 1]: A pixels of one row at stride SW (0: any other stride);
-// two_row_tiles[SW][A - 1]: A pixels on each of two rows (2A <= kMaxPixels).
-constexpr std::array<std::array<TileFn, kMaxPixels>, 3> one_row_tiles = {
-    make_tile_row<1, 0>(std::make_integer_sequence<int, kMaxPixels>{}),
-    make_tile_row<1, 1>(std::make_integer_sequence<int, kMaxPixels>{}),
-    make_tile_row<1, 2>(std::make_integer_sequence<int, kMaxPixels>{})};
-constexpr std::array<std::array<TileFn, kMaxPixels / 2>, 3> two_row_tiles = {
-    make_tile_row<2, 0>(std::make_integer_sequence<int, kMaxPixels / 2>{}),
-    make_tile_row<2, 1>(std::make_integer_sequence<int, kMaxPixels / 2>{}),
-    make_tile_row<2, 2>(std::make_integer_sequence<int, kMaxPixels / 2>{})};
+// Tiles of V vectors of channels (pixels up to Pixels = 28 / V), by stride SW (0: any other):
+// one_row[SW][A - 1], A pixels of one row; two_row[SW][A - 1], A pixels on each of two rows.
+template <int V, int Pixels = kMaxNarrowPixels / V>
+struct TileTable {
+  static constexpr std::array<std::array<TileFn, Pixels>, 3> one_row = {
+      make_tile_row<1, 0, V>(std::make_integer_sequence<int, Pixels>{}),
+      make_tile_row<1, 1, V>(std::make_integer_sequence<int, Pixels>{}),
+      make_tile_row<1, 2, V>(std::make_integer_sequence<int, Pixels>{})};
+  static constexpr std::array<std::array<TileFn, Pixels / 2>, 3> two_row = {
+      make_tile_row<2, 0, V>(std::make_integer_sequence<int, Pixels / 2>{}),
+      make_tile_row<2, 1, V>(std::make_integer_sequence<int, Pixels / 2>{}),
+      make_tile_row<2, 2, V>(std::make_integer_sequence<int, Pixels / 2>{})};
+};
+static_assert(kMaxNarrowPixels / 2 == kMaxPixels, "a 32-channel tile holds half a narrow tile's pixels");
+
+TileFn tile_for(const BlockedProblem& p, int rows, int64_t width) {
+  const int stride_index = p.stride_w == 1 || p.stride_w == 2 ? static_cast<int>(p.stride_w) : 0;
+  if (p.block == kBlockedChannels)
+    return rows == 2 ? TileTable<2>::two_row[stride_index][width - 1] : TileTable<2>::one_row[stride_index][width - 1];
+  return rows == 2 ? TileTable<1>::two_row[stride_index][width - 1] : TileTable<1>::one_row[stride_index][width - 1];
+}
 
 // A tile of a task: `width` pixels from column `col` of the task's row `row[0]` (and of row[1]
 // when two rows share the tile).
@@ -211,38 +225,34 @@ void fill_strips(const BlockedProblem& p, const float* in, int64_t g, int64_t ro
   }
 }
 
-// One channel block's tiles over the task's strips, each tile's [pixel][32] result written into
+// One channel block's tiles over the task's strips, each tile's [pixel][block] result written into
 // the NCHW output of the block's channels, row by row.
 void run_block(const BlockedProblem& p, int64_t g, int64_t b, const float* packed, const float* init, float* out,
                TaskState& st) {
   const int64_t strip_width = p.strip_width(), strip_floats = p.in_per_group * p.taps_h * strip_width;
   const int64_t out_area = p.plane_h() * p.plane_w();
-  const int stride_index = p.stride_w == 1 || p.stride_w == 2 ? static_cast<int>(p.stride_w) : 0;
-  const int64_t channels = std::min(kBlockedChannels, p.out_per_group - b * kBlockedChannels);
-  float* out_block = out + (g * p.out_per_group + b * kBlockedChannels) * out_area;
-  const float* block_weights = packed + (g * p.blocks() + b) * p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
+  const int64_t channels = std::min(p.block, p.out_per_group - b * p.block);
+  float* out_block = out + (g * p.out_per_group + b * p.block) * out_area;
+  const float* block_weights = packed + (g * p.blocks() + b) * p.in_per_group * p.taps_h * p.taps_w * p.block;
   for (const TilePlace& place : st.tiles) {
     const int64_t j0 = place.row[0], j1 = place.row[1];
     const int64_t rb = std::min(st.r_begin[j0], st.r_begin[j1]), re = std::max(st.r_end[j0], st.r_end[j1]);
     const int64_t first = rb * strip_width + place.col * p.stride_w;
     Tile t{{st.strips.data() + j0 * strip_floats + first, st.strips.data() + j1 * strip_floats + first},
            p.taps_h * strip_width, strip_width, std::max<int64_t>(0, re - rb), p.taps_w, p.dil_w, p.stride_w,
-           p.in_per_group, block_weights + rb * p.taps_w * kBlockedChannels,
-           p.taps_h * p.taps_w * kBlockedChannels, init + (g * p.blocks() + b) * kBlockedChannels,
+           p.in_per_group, block_weights + rb * p.taps_w * p.block,
+           p.taps_h * p.taps_w * p.block, init + (g * p.blocks() + b) * p.block,
            st.tile_acc.data()};
-    if (place.rows == 2)
-      two_row_tiles[stride_index][place.width - 1](t);
-    else
-      one_row_tiles[stride_index][place.width - 1](t);
+    tile_for(p, place.rows, place.width)(t);
     for (int i = 0; i < place.rows; ++i) {
-      const float* acc = st.tile_acc.data() + i * place.width * kBlockedChannels;
+      const float* acc = st.tile_acc.data() + i * place.width * p.block;
       float* dst = out_block + st.row_out[place.row[i]] + place.col * p.out_step_w;
       if (p.out_step_w == 1) {
-        blocked::transpose(acc, kBlockedChannels, place.width, channels, dst, out_area);
+        blocked::transpose(acc, p.block, place.width, channels, dst, out_area);
       } else {
         for (int64_t k = 0; k < channels; ++k)
           for (int64_t q = 0; q < place.width; ++q)
-            dst[k * out_area + q * p.out_step_w] = acc[q * kBlockedChannels + k];
+            dst[k * out_area + q * p.out_step_w] = acc[q * p.block + k];
       }
     }
   }
@@ -255,34 +265,34 @@ void run_block(const BlockedProblem& p, int64_t g, int64_t b, const float* packe
 // weights outgrew L2 (benchmarks/NOTES.md).
 void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTaps& taps, float* packed) {
   const int64_t blocks = p.blocks();
-  const int64_t block_floats = p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
+  const int64_t block_floats = p.in_per_group * p.taps_h * p.taps_w * p.block;
   const int64_t kernel_taps = taps.kernel_h * taps.kernel_w;
   at::parallel_for(0, p.groups * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tap_major(kernel_taps * kBlockedChannels);  // [kernel tap][32]
+    std::vector<float> tap_major(kernel_taps * p.block);  // [kernel tap][block]
     for (int64_t gb = begin; gb < end; ++gb) {
       const int64_t g = gb / blocks, b = gb % blocks;
-      const int64_t channels = std::min(kBlockedChannels, p.out_per_group - b * kBlockedChannels);
+      const int64_t channels = std::min(p.block, p.out_per_group - b * p.block);
       float* dst = packed + gb * block_floats;
       if (!taps.transposed) {  // forward: every tap in order, so the block's rows of w transposed whole
-        if (channels < kBlockedChannels) std::fill(dst, dst + block_floats, 0.0f);
+        if (channels < p.block) std::fill(dst, dst + block_floats, 0.0f);
         const int64_t row = p.in_per_group * kernel_taps;  // [c][r][s] of one output channel
-        blocked::transpose(w + (g * p.out_per_group + b * kBlockedChannels) * row, row, channels, row, dst,
-                           kBlockedChannels);
+        blocked::transpose(w + (g * p.out_per_group + b * p.block) * row, row, channels, row, dst,
+                           p.block);
         continue;
       }
       // Input gradient: per weight output channel c (the problem's input channel), the block's 32
-      // weight input channels as [kernel tap][32] (lanes past the group's channels zero), then the
+      // weight input channels as [kernel tap][block] (lanes past the group's channels zero), then the
       // phase's taps in the problem's order.
-      if (channels < kBlockedChannels) std::fill(tap_major.begin(), tap_major.end(), 0.0f);
+      if (channels < p.block) std::fill(tap_major.begin(), tap_major.end(), 0.0f);
       for (int64_t c = 0; c < p.in_per_group; ++c) {
-        blocked::transpose(w + ((g * p.in_per_group + c) * p.out_per_group + b * kBlockedChannels) * kernel_taps,
-                           kernel_taps, channels, kernel_taps, tap_major.data(), kBlockedChannels);
+        blocked::transpose(w + ((g * p.in_per_group + c) * p.out_per_group + b * p.block) * kernel_taps,
+                           kernel_taps, channels, kernel_taps, tap_major.data(), p.block);
         for (int64_t t = 0; t < p.taps_h; ++t)
-          for (int64_t u = 0; u < p.taps_w; ++u, dst += kBlockedChannels)
+          for (int64_t u = 0; u < p.taps_w; ++u, dst += p.block)
             std::copy_n(tap_major.data() +
                             ((taps.first_h + t * taps.step_h) * taps.kernel_w + taps.first_w + u * taps.step_w) *
-                                kBlockedChannels,
-                        kBlockedChannels, dst);
+                                p.block,
+                        p.block, dst);
       }
     }
   });
@@ -295,18 +305,18 @@ void blocked_correlation(const BlockedRun& run, const float* in, const float* pa
   const BlockedProblem& p = run.problem;
   const TaskRows& tasks = run.tasks;
   // Initial values per (group, padded channel): the bias, zero past the group's channels.
-  std::vector<float> init_padded(p.groups * p.blocks() * kBlockedChannels, 0.0f);
+  std::vector<float> init_padded(p.groups * p.blocks() * p.block, 0.0f);
   if (init != nullptr) {
     for (int64_t g = 0; g < p.groups; ++g)
       std::copy(init + g * p.out_per_group, init + (g + 1) * p.out_per_group,
-                init_padded.begin() + g * p.blocks() * kBlockedChannels);
+                init_padded.begin() + g * p.blocks() * p.block);
   }
   const int64_t task_rows = tasks.max_rows();
   at::parallel_for(0, p.groups * tasks.group_tasks, 1, [&](int64_t begin, int64_t end) {
     TaskState st;
     st.strips.resize(task_rows * p.in_per_group * p.taps_h * p.strip_width());
     st.r_begin.resize(task_rows), st.r_end.resize(task_rows), st.row_out.resize(task_rows);
-    st.tile_acc.resize(kMaxPixels * kBlockedChannels);
+    st.tile_acc.resize(p.max_pixels() * p.block);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / tasks.group_tasks, row0 = tasks.begin(task % tasks.group_tasks);
       const int64_t rows = tasks.end(task % tasks.group_tasks) - row0;
