@@ -104,9 +104,14 @@ BlockedProblem forward_problem(const ConvShape& s) {
           -s.padding[0], -s.padding[1]};
 }
 
-// A correlation with at most 16 output channels per group runs narrow tiles (plan.h).
-BlockedRun correlation_run(BlockedProblem p, const WeightTaps& taps, int64_t threads) {
+// A problem with at most 16 output channels per group runs narrow tiles (plan.h).
+BlockedProblem with_tile_width(BlockedProblem p) {
   p.block = p.out_per_group <= kNarrowBlockChannels ? kNarrowBlockChannels : kBlockedChannels;
+  return p;
+}
+
+BlockedRun correlation_run(const BlockedProblem& problem, const WeightTaps& taps, int64_t threads) {
+  const BlockedProblem p = with_tile_width(problem);
   return {p, taps, task_rows(p, threads)};
 }
 
@@ -172,7 +177,7 @@ BlockedRun input_grad_run(const ConvShape& s, const Phase& ph, int64_t threads) 
 GradChunks grad_chunks(const BlockedProblem& p, int64_t threads) {
   GradChunks g{};
   const int64_t C = p.in_per_group, S = p.taps_w;
-  g.tile_channels = std::max<int64_t>(1, kGradTileValues / S);
+  g.tile_channels = std::max<int64_t>(1, kGradTileValues * kBlockedChannels / p.block / S);
   g.cols = input_span(p.out_w, S, p.stride_w, p.dil_w);
   const auto chunk_bytes = [&](int64_t out_rows) {
     return product({p.input_rows(out_rows), g.cols, C, int64_t(sizeof(float))});
@@ -281,9 +286,8 @@ DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype
       }
       return plan;
     case DirectPass::WeightGrad: {
-      const BlockedProblem p = forward_problem(s);
-      if (runs_blocked(dtype, s.out_per_group()) && p.taps_w <= kMaxGradTaps &&
-          p.out_per_group >= kBlockedChannels / 2) {
+      const BlockedProblem p = with_tile_width(forward_problem(s));
+      if (runs_blocked(dtype, s.out_per_group()) && p.taps_w <= kMaxGradTaps) {
         plan.kernel = DirectKernel::BlockedWeightGrad;
         plan.grad_problem = p;
         plan.chunks = grad_chunks(p, threads);

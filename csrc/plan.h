@@ -90,7 +90,8 @@ constexpr int64_t kNarrowBlockChannels = 16;
 constexpr int kMaxPixels = 14;  // of a 32-channel tile
 constexpr int kMaxNarrowPixels = kMaxPixels * kBlockedChannels / kNarrowBlockChannels;
 // The weight-gradient tile: 32 output channels x G input channels x S taps of one kernel row,
-// G * S <= kGradTileValues (24 accumulators of the 32 registers), S <= kMaxGradTaps.
+// G * S <= kGradTileValues (24 accumulators of the 32 registers), S <= kMaxGradTaps; a narrow
+// tile, 16 channels, holds twice the values.
 constexpr int kMaxGradTaps = 7;
 constexpr int kGradTileValues = 12;
 

@@ -102,7 +102,7 @@ void count_weight_grad(const BlockedProblem& p, const GradChunks& g, Counts& c) 
   const double taps = double(p.taps_h) * p.taps_w;
   c.runs = 1;
   c.parts = g.parts;
-  c.mac = double(p.batch) * p.groups * blocks * kBlockedChannels * p.out_h * p.out_w * C * taps;
+  c.mac = double(p.batch) * p.groups * blocks * p.block * p.out_h * p.out_w * C * taps;
   c.output = double(p.groups) * p.out_per_group * C * taps;
   for (int64_t n0 = 0; n0 < p.batch; n0 += g.images) {
     const int64_t images = std::min(g.images, p.batch - n0);
@@ -120,9 +120,9 @@ void count_weight_grad(const BlockedProblem& p, const GradChunks& g, Counts& c) 
             c.strip += double(channels) * images * p.input_rows(rows) * g.cols;
             packed_part = unit / blocks;
           }
-          c.strip += double(images) * rows * p.out_w * kBlockedChannels;  // the block's dy, pixel-major
+          c.strip += double(images) * rows * p.out_w * p.block;  // the block's dy, pixel-major
           c.inner_loop += double(p.taps_h) * ceil_div(channels, g.tile_channels);
-          c.weight_read += channels * taps * kBlockedChannels;
+          c.weight_read += channels * taps * p.block;
         }
       }
     }

@@ -3,11 +3,12 @@
 //   dW[k, c, r, s] = sum over (n, oh, ow) of dy[n, k, oh, ow] * x[n, c, ih(oh, r), iw(ow, s)].
 // The pixels go by in the plan's chunks (a band of output rows of one image, or several whole
 // images). Per chunk, the input rows the chunk reads are copied channel-last and zero-padded (each
-// tile's G channels in one stream: [row][column][G]), and each 32-channel block of dy is
+// tile's G channels in one stream: [row][column][G]), and each block of 32 dy channels is
 // transposed to [pixel][32]. A tile holds 32 output channels x G input channels x S taps of one
 // kernel row in 2*G*S registers; per pixel it loads two dy vectors and broadcasts G*S input values:
 // 2 + G*S loads feed 2*G*S FMAs (G*S up to 12, so at most 14 loads per 24 FMAs: bound by the FMA
-// ports). The tile adds into a [c][r][s][32] copy of dW, so each weight element is summed over the
+// ports). (With at most 16 output channels per group, narrow tiles of 16: one vector of dy, G * S up
+// to 24.) The tile adds into a [c][r][s][32] copy of dW, so each weight element is summed over the
 // chunks in order, the pixels within a chunk in order, whatever the tiling or the thread count:
 // the result is deterministic.
 #include <ATen/Parallel.h>
@@ -28,69 +29,78 @@ namespace {
 using blocked::v16;
 
 struct GradTile {
-  const float* dy;     // [image][pixel][32]: the chunk's output pixels, row after row
+  const float* dy;     // [image][pixel][block]: the chunk's output pixels, row after row
   const float* x;      // channel-last rows at (image 0, kernel row r's first input row, column 0, first channel)
   int64_t images, image_step;  // the chunk's images, image_step floats apart in x
   int64_t rows, out_w;         // output rows and columns per image
   int64_t row_step;    // floats from one output row's input row to the next
   int64_t pixel_step;  // floats from one output pixel's input column to the next
   int64_t tap_step;    // floats from tap s to tap s + 1
-  float* dw;           // [g][..][s][32] at dw_channel_step per input channel
+  float* dw;           // [g][..][s][block] at dw_channel_step per input channel
   int64_t dw_channel_step;
 };
 
-template <int S, int G>
+// V: vectors of 16 output channels (2: the 32-channel tile; 1: a narrow one, for at most 16).
+template <int S, int G, int V>
 __attribute__((target("avx512f,fma"))) void grad_tile_kernel(const GradTile& t) {
-  v16 acc0[G][S], acc1[G][S];
-#pragma GCC unroll 16
+  constexpr int block = 16 * V;
+  v16 acc[V][G][S];
+#pragma GCC unroll 24
   for (int g = 0; g < G; ++g)
-#pragma GCC unroll 16
-    for (int s = 0; s < S; ++s) {
-      acc0[g][s] = *reinterpret_cast<const v16*>(t.dw + g * t.dw_channel_step + s * kBlockedChannels);
-      acc1[g][s] = *reinterpret_cast<const v16*>(t.dw + g * t.dw_channel_step + s * kBlockedChannels + 16);
-    }
+#pragma GCC unroll 24
+    for (int s = 0; s < S; ++s)
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v)
+        acc[v][g][s] = *reinterpret_cast<const v16*>(t.dw + g * t.dw_channel_step + s * block + 16 * v);
   const float* d = t.dy;
   for (int64_t m = 0; m < t.images; ++m) {
     for (int64_t j = 0; j < t.rows; ++j) {
       const float* x = t.x + m * t.image_step + j * t.row_step;
-      for (int64_t ow = 0; ow < t.out_w; ++ow, x += t.pixel_step, d += kBlockedChannels) {
-        const v16 d0 = *reinterpret_cast<const v16*>(d);
-        const v16 d1 = *reinterpret_cast<const v16*>(d + 16);
-#pragma GCC unroll 16
+      for (int64_t ow = 0; ow < t.out_w; ++ow, x += t.pixel_step, d += block) {
+        v16 dv[V];
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v) dv[v] = *reinterpret_cast<const v16*>(d + 16 * v);
+#pragma GCC unroll 24
         for (int s = 0; s < S; ++s)
-#pragma GCC unroll 16
+#pragma GCC unroll 24
           for (int g = 0; g < G; ++g) {
             const float xv = x[s * t.tap_step + g];
-            acc0[g][s] += d0 * xv;
-            acc1[g][s] += d1 * xv;
+#pragma GCC unroll 2
+            for (int v = 0; v < V; ++v) acc[v][g][s] += dv[v] * xv;
           }
       }
     }
   }
-#pragma GCC unroll 16
+#pragma GCC unroll 24
   for (int g = 0; g < G; ++g)
-#pragma GCC unroll 16
-    for (int s = 0; s < S; ++s) {
-      *reinterpret_cast<v16*>(t.dw + g * t.dw_channel_step + s * kBlockedChannels) = acc0[g][s];
-      *reinterpret_cast<v16*>(t.dw + g * t.dw_channel_step + s * kBlockedChannels + 16) = acc1[g][s];
-    }
+#pragma GCC unroll 24
+    for (int s = 0; s < S; ++s)
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v)
+        *reinterpret_cast<v16*>(t.dw + g * t.dw_channel_step + s * block + 16 * v) = acc[v][g][s];
 }
 
 using GradTileFn = void (*)(const GradTile&);
 
-// grad_tiles[S - 1][G - 1]: S taps, G input channels (G * S <= kGradTileValues; null past that).
-template <int S, int... G>
-constexpr std::array<GradTileFn, kGradTileValues> grad_tile_row(std::integer_sequence<int, G...>) {
-  return {(S * (G + 1) <= kGradTileValues ? &grad_tile_kernel<S, (S * (G + 1) <= kGradTileValues ? G + 1 : 1)>
-                                          : nullptr)...};
-}
-template <int... S>
-constexpr std::array<std::array<GradTileFn, kGradTileValues>, sizeof...(S)> make_grad_tiles(
-    std::integer_sequence<int, S...>) {
-  return {grad_tile_row<S + 1>(std::make_integer_sequence<int, kGradTileValues>{})...};
-}
-constexpr auto grad_tiles = make_grad_tiles(std::make_integer_sequence<int, kMaxGradTaps>{});
+// GradTiles<V>::table[S - 1][G - 1]: S taps, G input channels, G * S <= Values (the accumulators
+// of 24 registers: 12 values of two vectors, 24 of one); null past that.
+template <int V, int Values = kGradTileValues * 2 / V>
+struct GradTiles {
+  template <int S, int... G>
+  static constexpr std::array<GradTileFn, Values> row(std::integer_sequence<int, G...>) {
+    return {(S * (G + 1) <= Values ? &grad_tile_kernel<S, (S * (G + 1) <= Values ? G + 1 : 1), V> : nullptr)...};
+  }
+  template <int... S>
+  static constexpr std::array<std::array<GradTileFn, Values>, sizeof...(S)> make(std::integer_sequence<int, S...>) {
+    return {row<S + 1>(std::make_integer_sequence<int, Values>{})...};
+  }
+  static constexpr auto table = make(std::make_integer_sequence<int, kMaxGradTaps>{});
+};
 
+GradTileFn grad_tile_for(const BlockedProblem& p, int64_t taps, int64_t channels) {
+  return p.block == kBlockedChannels ? GradTiles<2>::table[taps - 1][channels - 1]
+                                     : GradTiles<1>::table[taps - 1][channels - 1];
+}
 
 // The unit's place: group g, input channels [c0, c0 + channels) (its part), channel block b.
 struct Unit {
@@ -137,12 +147,12 @@ void pack_input_rows(const BlockedProblem& p, const GradChunks& k, const Chunk& 
 void pack_output_grad(const BlockedProblem& p, const Chunk& ch, const Unit& u, const float* dy, float* dy_t) {
   const int64_t out_area = p.out_h * p.out_w, out_channels = p.groups * p.out_per_group;
   const int64_t band_pixels = ch.rows * p.out_w;
-  const int64_t block_channels = std::min(kBlockedChannels, p.out_per_group - u.b * kBlockedChannels);
-  if (block_channels < kBlockedChannels) std::fill(dy_t, dy_t + ch.images * band_pixels * kBlockedChannels, 0.0f);
-  const float* dy_block = dy + (u.g * p.out_per_group + u.b * kBlockedChannels) * out_area + ch.oh0 * p.out_w;
+  const int64_t block_channels = std::min(p.block, p.out_per_group - u.b * p.block);
+  if (block_channels < p.block) std::fill(dy_t, dy_t + ch.images * band_pixels * p.block, 0.0f);
+  const float* dy_block = dy + (u.g * p.out_per_group + u.b * p.block) * out_area + ch.oh0 * p.out_w;
   for (int64_t m = 0; m < ch.images; ++m)
     blocked::transpose(dy_block + (ch.n0 + m) * out_channels * out_area, out_area, block_channels, band_pixels,
-                       dy_t + m * band_pixels * kBlockedChannels, kBlockedChannels);
+                       dy_t + m * band_pixels * p.block, p.block);
 }
 
 // The unit's tiles over the chunk, added into its slice of the [c][r][s][32] copy of dW.
@@ -155,8 +165,8 @@ void run_unit_tiles(const BlockedProblem& p, const GradChunks& k, const Chunk& c
       const GradTile t{dy_t, rows_t + c * ch.images * ch.in_rows * k.cols + r * p.dil_h * k.cols * tile_g,
                        ch.images, ch.in_rows * k.cols * tile_g, ch.rows, p.out_w,
                        p.stride_h * k.cols * tile_g, p.stride_w * tile_g, p.dil_w * tile_g,
-                       dw_unit + ((u.c0 + c) * R + r) * S * kBlockedChannels, R * S * kBlockedChannels};
-      grad_tiles[S - 1][tile_g - 1](t);
+                       dw_unit + ((u.c0 + c) * R + r) * S * p.block, R * S * p.block};
+      grad_tile_for(p, S, tile_g)(t);
     }
   }
 }
@@ -166,8 +176,8 @@ void run_unit_tiles(const BlockedProblem& p, const GradChunks& k, const Chunk& c
 void run_units(const BlockedProblem& p, const GradChunks& k, int64_t begin, int64_t end, const float* dy,
                const float* x, float* dw_t) {
   std::vector<float> rows_t(k.images * p.input_rows(k.rows) * k.cols * k.part_channels);
-  std::vector<float> dy_t(k.images * k.rows * p.out_w * kBlockedChannels);
-  const int64_t dw_block = p.in_per_group * p.taps_h * p.taps_w * kBlockedChannels;
+  std::vector<float> dy_t(k.images * k.rows * p.out_w * p.block);
+  const int64_t dw_block = p.in_per_group * p.taps_h * p.taps_w * p.block;
   for (int64_t n0 = 0; n0 < p.batch; n0 += k.images) {
     for (int64_t band = 0; band < k.bands; ++band) {
       Chunk ch{n0, std::min(k.images, p.batch - n0), band * k.rows, std::min(k.rows, p.out_h - band * k.rows), 0, 0};
@@ -197,7 +207,7 @@ void blocked_weight_grad(const BlockedProblem& p, const GradChunks& k, const flo
     return;
   }
   // dW in the tiles' order, [group][block][c][r][s][32], summed over all chunks.
-  const int64_t dw_block = C * R * S * kBlockedChannels;
+  const int64_t dw_block = C * R * S * p.block;
   std::vector<float> dw_t(p.groups * p.blocks() * dw_block, 0.0f);
   at::parallel_for(0, k.ranges, 1, [&](int64_t range_begin, int64_t range_end) {
     for (int64_t range = range_begin; range < range_end; ++range) {
@@ -206,12 +216,12 @@ void blocked_weight_grad(const BlockedProblem& p, const GradChunks& k, const flo
       // Each unit's dW slice back to (K, C, k_h, k_w).
       for (int64_t unit = begin; unit < end; ++unit) {
         const Unit u = unit_at(p, k, unit);
-        const int64_t channels = std::min(kBlockedChannels, p.out_per_group - u.b * kBlockedChannels);
+        const int64_t channels = std::min(p.block, p.out_per_group - u.b * p.block);
         const int64_t taps = std::max<int64_t>(0, u.channels) * R * S;  // the unit's (c, r, s) taps from c0 on
         if (taps > 0)
-          blocked::transpose(dw_t.data() + (u.g * p.blocks() + u.b) * dw_block + u.c0 * R * S * kBlockedChannels,
-                             kBlockedChannels, taps, channels,
-                             dw + (u.g * p.out_per_group + u.b * kBlockedChannels) * C * R * S + u.c0 * R * S,
+          blocked::transpose(dw_t.data() + (u.g * p.blocks() + u.b) * dw_block + u.c0 * R * S * p.block,
+                             p.block, taps, channels,
+                             dw + (u.g * p.out_per_group + u.b * p.block) * C * R * S + u.c0 * R * S,
                              C * R * S);
       }
     }
