@@ -4,11 +4,19 @@ machine and save them (channelconv/calibration.json, which channelconv/timemodel
 1. GEMM efficiency. Batched products (G x M x K) . (G x K x N) over a grid of small and large
    M, N, K are timed and fitted to  t = (2GMNK / rate) * (1 + m0/M + n0/N + k0/K) + per-GEMM +
    per-call; m0, n0, k0 say how small a dimension must get before the GEMM leaves its peak.
-2. Each algorithm, forward and a training step, on ~30 probe layers that are *not* the suite's
-   layers (other channel counts, sizes, kernels, strides, groups, batch 1-4). Its coefficients
+2. Each algorithm, forward and a training step, on probe layers that are *not* the suites' layers:
+   51 chosen by hand across the regimes (channel counts, sizes, kernels, strides, groups, batches
+   2-8, tiny layers for the per-call overheads) and 60 drawn at random across what users bring
+   (shapes.random_layers: channels 1-2048, maps 3-224, kernels 1-7, strides 1-2, batches 1-256,
+   groups). Their coefficients
    (timemodel.features: seconds per GEMM FLOP, per column element, per small GEMM, per call; for
    direct per multiply-add, per strided multiply-add, per inner loop, per plane) are a
    non-negative least-squares fit of the measured times, weighted so that relative errors count.
+
+3. The fitted model ranks the algorithms on 30 more random layers it was not fitted on (another
+   seed): how often its pick is within 10 % of the fastest, and the geometric mean of its pick's
+   time over the fastest, saved as each pass's "held_out" figures. The 'offgrid' suite is a third
+   random set, seen by neither.
 
 The suite then shows how well the model ranks the algorithms on the real layers (the summary's
 "'auto': choice within 10 % ..." line).
@@ -28,9 +36,10 @@ from torch.utils.benchmark import Timer
 
 import channelconv
 from channelconv import select, timemodel
+from channelconv.cost import BACKWARD
 
 from .runner import LayerCase, Settings, cpu_name, interleaved
-from .shapes import Layer
+from .shapes import CALIBRATION_SEED, VALIDATION_SEED, Layer, random_layers
 
 
 def nnls(a: np.ndarray, b: np.ndarray, iterations: int = 500) -> np.ndarray:
@@ -103,6 +112,16 @@ def probe_layers(quick: bool = False) -> list[Layer]:
             n *= 2
         layers.append(Layer(f"probe {c_in}->{c_out} {k}x{k}/{s} @{size} g{g} n{n}", c_in, c_out, (size, size),
                             (k, k), (s, s), ((k // 2) * d,) * 2, (d, d), g, False, batch=n))
+    layers += random_layers(CALIBRATION_SEED, 60, PROBE_MACS)
+    return layers[::4] if quick else layers
+
+
+PROBE_MACS = 1.5e8  # the random probes' forward multiply-adds at most: milliseconds each
+
+
+def validation_layers(quick: bool = False) -> list[Layer]:
+    """Random layers the fit never sees, to check it on (VALIDATION_SEED)."""
+    layers = random_layers(VALIDATION_SEED, 30, PROBE_MACS)
     return layers[::4] if quick else layers
 
 
@@ -157,7 +176,7 @@ def measure_probes(layers, pass_: str, settings: Settings, progress=None) -> lis
         algorithms = [a for a in channelconv.ALGORITHMS if case.cost.plans[a].applicable]
         samples = interleaved({a: case.function(a, pass_) for a in algorithms}, settings)
         # The least-disturbed block: the model should describe the machine, not its neighbours.
-        out.append({"layer": layer, "cost": case.cost, "training": pass_ == "training",
+        out.append({"layer": layer, "cost": case.cost, "gradients": BACKWARD if pass_ == "training" else (),
                     "seconds": {a: min(s) for a, s in samples.items()}})
         if progress is not None:
             progress.update()
@@ -172,7 +191,7 @@ def _rows(measured, algorithm, gemm, vector_bytes):
     rows, times = [], []
     for probe in measured:
         if algorithm in probe["seconds"]:
-            f = timemodel.features(algorithm, probe["cost"], gemm, vector_bytes, training=probe["training"])
+            f = timemodel.features(algorithm, probe["cost"], gemm, vector_bytes, probe["gradients"])
             rows.append([f[name] for name in names])
             times.append(probe["seconds"][algorithm])
     return names, np.array(rows).reshape(len(rows), len(names)), np.array(times)
@@ -217,20 +236,22 @@ def fit_algorithms(measured, gemm: dict, log, pass_: str, vector_bytes=None) -> 
 
 
 def ranking_quality(measured, model_pass: dict, gemm: dict, vector_bytes: int) -> dict:
-    """How often the fitted model's pick is within 10 % of the measured fastest, on the probes."""
-    good, total = 0, 0
+    """How often the fitted model's pick is within 10 % of the measured fastest, on the probes, and
+    the geometric mean of the pick's measured time over the fastest's."""
+    good, total, log_regret = 0, 0, 0.0
     for probe in measured:
         seconds = probe["seconds"]
         if len(seconds) < 2:
             continue
         predicted = {a: sum(model_pass[a].get(f, 0) * v
                             for f, v in timemodel.features(a, probe["cost"], gemm, vector_bytes,
-                                                        training=probe["training"]).items())
+                                                        probe["gradients"]).items())
                      for a in seconds}
         pick = select.order(predicted, {a: probe["cost"].plans[a].workspace_bytes for a in seconds})[0][1]
         good += seconds[pick] <= 1.10 * min(seconds.values())
+        log_regret += float(np.log(seconds[pick] / min(seconds.values())))
         total += 1
-    return {"within_10pct": good, "probes": total}
+    return {"within_10pct": good, "probes": total, "pick_over_fastest": float(np.exp(log_regret / max(total, 1)))}
 
 
 def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool = True,
@@ -275,12 +296,12 @@ def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool
         log(f"refitting {', '.join(passes)} with the saved GEMM constants and vector width")
     else:
         gemm = fit_gemm(settings, quick, log)
-    layers = probe_layers(quick)
+    layers, held_out = probe_layers(quick), validation_layers(quick)
     bar = None
     if progress:
         try:
             from tqdm import tqdm
-            bar = tqdm(total=len(layers) * len(passes), unit="probe", file=sys.stderr, leave=False)
+            bar = tqdm(total=(len(layers) + len(held_out)) * len(passes), unit="probe", file=sys.stderr, leave=False)
         except ImportError:
             bar = None
     entry = {"gemm": {k: gemm[k] for k in ("m0", "n0", "k0")}, "gemm_rate_gflops": gemm["rate_gflops"], "fit": {},
@@ -295,10 +316,13 @@ def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool
         entry[pass_] = coefficients
         entry["direct_vector_bytes"] = vector_bytes
         rank = ranking_quality(measured, coefficients, entry["gemm"], vector_bytes)
-        quality["ranking"] = rank
+        unseen = ranking_quality(measure_probes(held_out, pass_, settings, bar), coefficients, entry["gemm"],
+                                 vector_bytes)
+        quality["ranking"], quality["held_out"] = rank, unseen
         entry["fit"][pass_] = quality
         log(f"{pass_:8s} ranking: the model's pick within 10% of the measured fastest on "
-            f"{rank['within_10pct']}/{rank['probes']} probes")
+            f"{rank['within_10pct']}/{rank['probes']} probes ({rank['pick_over_fastest']:.3f}x the fastest, geomean); "
+            f"held out: {unseen['within_10pct']}/{unseen['probes']} ({unseen['pick_over_fastest']:.3f}x)")
     if bar is not None:
         bar.close()
     source = (f"calibrated {time.strftime('%Y-%m-%d')} on {where}, "

@@ -9,6 +9,8 @@ occurs several times is measured once and carries its ``count``.
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass, field, replace
 
 from channelconv._shapes import output_size
@@ -153,6 +155,60 @@ def textbook() -> list[Layer]:
     ]
 
 
+# Seeds of the random layer sets: the calibration fits on one, checks itself on another, and the
+# 'offgrid' suite is a third that no calibration ever sees (the held-out layers of issue 17).
+CALIBRATION_SEED, VALIDATION_SEED, OFFGRID_SEED = 1, 2, 3
+
+
+def random_layers(seed: int, count: int, max_macs: float = 3e8) -> list[Layer]:
+    """``count`` layers drawn log-uniformly across what users bring: channels 1-2048, maps 3-224,
+    kernels 1/3/5/7, strides 1/2, batches 1-256, groups (grouped and depthwise among them), padding
+    k // 2 or none. A draw over ``max_macs`` forward multiply-adds gets a smaller batch, then a
+    smaller map, so that every layer runs in milliseconds and the set keeps its spread of shapes."""
+    rng = random.Random(seed)
+
+    def log_uniform(lo, hi):
+        return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+
+    layers = []
+    while len(layers) < count:
+        k = rng.choice((1, 1, 3, 3, 3, 5, 7))
+        stride = rng.choice((1, 1, 1, 2))
+        padding = k // 2 if rng.random() < 0.8 else 0
+        size = max(log_uniform(3, 224), k - 2 * padding)
+        c_in, c_out = log_uniform(1, 2048), log_uniform(1, 2048)
+        groups = 1
+        kind = rng.random()
+        if kind < 0.12 and k > 1:  # depthwise
+            c_out = groups = c_in
+        elif kind < 0.2:
+            groups = rng.choice((2, 4, 8))
+            c_in, c_out = groups * max(1, c_in // groups), groups * max(1, c_out // groups)
+        batch = log_uniform(1, 256)
+        layer = conv(f"random {seed}:{len(layers)}", c_in, c_out, size, k, stride=stride, padding=padding,
+                     groups=groups)
+
+        def macs(layer, batch):
+            h, w = layer.output_size()
+            return batch * layer.out_channels * h * w * (layer.in_channels // layer.groups) * k * k
+
+        while macs(layer, batch) > max_macs and batch > 1:
+            batch = max(1, batch // 2)
+        while macs(layer, batch) > max_macs and layer.size[0] > max(3, k):
+            smaller = max(3, k, layer.size[0] * 3 // 4)
+            layer = replace(layer, size=(smaller, smaller))
+        if macs(layer, batch) > max_macs:
+            continue  # channels alone too many for the budget: draw again
+        layers.append(replace(layer, batch=batch))
+    return layers
+
+
+def offgrid() -> list[Layer]:
+    """24 random layers off every tuned grid (random_layers, OFFGRID_SEED), each with its own batch:
+    the held-out set no calibration is fitted or checked on."""
+    return random_layers(OFFGRID_SEED, 24)
+
+
 def quick() -> list[Layer]:
     """A smoke run of a few seconds: tiny layers touching every code path (1x1 with and
     without stride, 3x3, strided, grouped, depthwise, dilated, bias)."""
@@ -173,6 +229,7 @@ SUITES = {
     "mobilenet": mobilenet,
     "groups": groups,
     "textbook": textbook,
+    "offgrid": offgrid,
     "quick": quick,
 }
 
@@ -193,5 +250,9 @@ def parse_shape(text: str) -> Layer:
         raise ValueError(f"--shape: sizes, stride, dilation and groups must be positive, padding >= 0: {text!r}")
     if c_in % groups or c_out % groups:
         raise ValueError(f"--shape: groups={groups} must divide C_in={c_in} and C_out={c_out}")
-    return Layer(f"custom {text}", c_in, c_out, (h, w), (kh, kw), (stride, stride), (padding, padding),
-                 (dilation, dilation), groups, False, batch=n, names=(f"custom {text}",))
+    layer = Layer(f"custom {text}", c_in, c_out, (h, w), (kh, kw), (stride, stride), (padding, padding),
+                  (dilation, dilation), groups, False, batch=n, names=(f"custom {text}",))
+    if min(layer.output_size()) < 1:
+        raise ValueError(f"--shape: the {dilation}-dilated {kh}x{kw} kernel does not fit the {h}x{w} input padded by "
+                         f"{padding}: {text!r}")
+    return layer

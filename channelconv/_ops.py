@@ -42,6 +42,14 @@ def needs_grad(*args) -> bool:
     return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
 
 
+def backward_passes(input, weight) -> tuple[str, ...]:
+    """The gradient passes a backward through a call will run: the input's when it requires grad
+    (not a network's first layer), the weight's when it does (not a frozen layer)."""
+    if not torch.is_grad_enabled():
+        return ()
+    return ("input_grad",) * input.requires_grad + ("weight_grad",) * weight.requires_grad
+
+
 def records_autograd(*args) -> bool:
     """Whether an op call on ``args`` has anything for autograd to record: a forward-AD dual level
     is open (a tensor may carry a tangent), or a backward pass can follow."""

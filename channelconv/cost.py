@@ -40,6 +40,7 @@ from .workspace import get_workspace_limit
 
 # The direct algorithm plans each pass apart (the lowered ones run one band plan in all three).
 PASSES = ("forward", "input_grad", "weight_grad")
+BACKWARD = PASSES[1:]
 
 
 @dataclass(frozen=True)

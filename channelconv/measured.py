@@ -1,7 +1,7 @@
 """'auto' in benchmark mode (``set_benchmark_mode(True)``, like ``torch.backends.cudnn.benchmark``):
-the first call for a shape signature (sizes, arguments, dtype, device, layout, whether gradients
-are needed, threads, workspace limit) times every applicable candidate on the call's own tensors
-— forward, plus both gradients when the call records autograd — and caches the fastest; later
+the first call for a shape signature (sizes, arguments, dtype, device, layout, which gradients
+will be needed, threads, workspace limit) times every applicable candidate on the call's own
+tensors — forward, plus those gradients — and caches the fastest; later
 calls with that signature use it. The cache is shared by all threads and filled under a lock.
 Candidates the time model predicts to be over ``PRUNE_FACTOR`` times slower than the best are not
 timed. Inside a torch.compile trace nothing is timed (select.py does not call here then)."""
@@ -50,11 +50,11 @@ def benchmark_cache() -> dict:
         return {k: {"choice": v["choice"], "seconds": dict(v["seconds"])} for k, v in _cache.items()}
 
 
-def signature(input, weight, bias, stride, padding, dilation, groups, training) -> tuple:
+def signature(input, weight, bias, stride, padding, dilation, groups, gradients) -> tuple:
     fmt = ("channels_last" if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
            else "contiguous" if input.is_contiguous() else "strided")
     return (tuple(input.shape), tuple(weight.shape), bias is not None, tuple(stride), tuple(padding), tuple(dilation),
-            groups, input.dtype, str(input.device), fmt, training, torch.get_num_threads(), get_workspace_limit())
+            groups, input.dtype, str(input.device), fmt, gradients, torch.get_num_threads(), get_workspace_limit())
 
 
 def lookup(key) -> dict | None:
@@ -62,7 +62,7 @@ def lookup(key) -> dict | None:
     return _cache.get(key)
 
 
-def measure(key, tensors, args, training, ranked) -> dict:
+def measure(key, tensors, args, gradients, ranked) -> dict:
     """The entry of signature ``key``, timing the candidates first if no thread has yet.
     ``ranked()``: the time model's (predicted seconds, algorithm) list, best first."""
     hit = _cache.get(key)
@@ -70,11 +70,11 @@ def measure(key, tensors, args, training, ranked) -> dict:
         with _lock:
             hit = _cache.get(key)
             if hit is None:
-                hit = _cache[key] = _time_candidates(*tensors, *args, training, ranked())
+                hit = _cache[key] = _time_candidates(*tensors, *args, gradients, ranked())
     return hit
 
 
-def _time_candidates(input, weight, bias, stride, padding, dilation, groups, training, ranked,
+def _time_candidates(input, weight, bias, stride, padding, dilation, groups, gradients, ranked,
                      rounds: int = 5) -> dict:
     from torch.utils.benchmark.utils.timer import timer as clock  # synchronises an accelerator
 
@@ -91,8 +91,9 @@ def _time_candidates(input, weight, bias, stride, padding, dilation, groups, tra
 
         def run():
             y = ops.forward(x, w, b, *args, *extra)
-            if training:
+            if "input_grad" in gradients:
                 ops.backward_input(y, w, x.shape, *args, *extra)
+            if "weight_grad" in gradients:
                 ops.backward_weight(y, x, w.shape, *args, *extra)
         return run
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import measured, timemodel
-from ._ops import is_plain, needs_grad
+from ._ops import backward_passes, is_plain
 from ._shapes import ALGORITHMS, is_1x1, pair
-from .cost import Cost, cost
+from .cost import BACKWARD, Cost, cost
 from .timemodel import FEATURE_NAMES, predict
 from .workspace import get_workspace_limit
 
@@ -57,10 +57,10 @@ def order(predicted: dict[str, float], workspace: dict[str, int]) -> list[tuple[
     return ranked
 
 
-def ranked(c: Cost, device_type: str, training: bool) -> list[tuple[float, str]]:
-    """The applicable candidates for the layer ``c``, best first (order())."""
+def ranked(c: Cost, device_type: str, gradients: tuple) -> list[tuple[float, str]]:
+    """The applicable candidates for the layer ``c`` (its forward pass and ``gradients``), best first (order())."""
     applicable = [a for a in ALGORITHMS if c.plans[a].applicable]
-    return order({a: predict(a, c, device_type, training)[0] for a in applicable},
+    return order({a: predict(a, c, device_type, gradients)[0] for a in applicable},
                  {a: c.plans[a].workspace_bytes for a in applicable})
 
 
@@ -80,37 +80,37 @@ _choice_cache: dict = {}  # the heuristic's decisions (a pure function of the ke
 
 
 def decide(input_shape, weight_shape, stride, padding, dilation, groups, device_type="cpu", dtype=torch.float32,
-           training=False, tensors=None, measure=True) -> Decision:
-    """The decision for explicit arguments (padding a pair of ints). ``tensors=(input, weight,
-    bias)``: in benchmark mode, the tensors to time the candidates on (``measure=False``: only
-    look the signature up)."""
+           gradients=(), tensors=None, measure=True) -> Decision:
+    """The decision for explicit arguments (padding a pair of ints), for a forward pass and the
+    ``gradients`` (of cost.BACKWARD) that follow it. ``tensors=(input, weight, bias)``: in benchmark
+    mode, the tensors to time the candidates on (``measure=False``: only look the signature up)."""
     if torch.compiler.is_compiling() or not _concrete(input_shape, weight_shape, tensors):
         return _rule(weight_shape)  # traced sizes may be symbolic, and a trace must not time anything
-    return _decide(input_shape, weight_shape, stride, padding, dilation, groups, device_type, dtype, training, tensors,
-                   measure)
+    return _decide(input_shape, weight_shape, stride, padding, dilation, groups, device_type, dtype, gradients,
+                   tensors, measure)
 
 
-def _decide(input_shape, weight_shape, stride, padding, dilation, groups, device_type, dtype, training, tensors,
+def _decide(input_shape, weight_shape, stride, padding, dilation, groups, device_type, dtype, gradients, tensors,
             measure) -> Decision:
     timed = tensors is not None and measured.get_benchmark_mode()
     if timed and all(t is None or measured.can_time(t) for t in tensors):
-        key = measured.signature(*tensors, stride, padding, dilation, groups, training)
+        key = measured.signature(*tensors, stride, padding, dilation, groups, gradients)
         entry = measured.lookup(key)
         if entry is None and measure:
-            entry = measured.measure(key, tensors, (stride, padding, dilation, groups), training, lambda: ranked(
+            entry = measured.measure(key, tensors, (stride, padding, dilation, groups), gradients, lambda: ranked(
                 cost(input_shape, weight_shape, stride, padding, dilation, groups, dtype, device=device_type),
-                device_type, training))
+                device_type, gradients))
         if entry is not None:
             return Decision(entry["choice"], "measured", entry)
     key = (tuple(input_shape), tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups,
-           device_type, dtype, training, get_workspace_limit(), torch.get_num_threads())
+           device_type, dtype, gradients, get_workspace_limit(), torch.get_num_threads())
     decision = _choice_cache.get(key)
     if decision is None:
         try:
             c = cost(input_shape, weight_shape, stride, padding, dilation, groups, dtype, device=device_type)
         except ValueError:  # arguments the op will reject, with its own message: no cost to model
             return _rule(weight_shape)
-        best = ranked(c, device_type, training)
+        best = ranked(c, device_type, gradients)
         if len(_choice_cache) >= 4096:
             _choice_cache.clear()
         decision = _choice_cache[key] = Decision(best[0][1] if best else "direct", "heuristic")
@@ -119,17 +119,17 @@ def _decide(input_shape, weight_shape, stride, padding, dilation, groups, device
 
 def choose(input_shape, weight_shape, stride, padding, dilation, groups, *, tensors=None) -> str:
     """The algorithm 'auto' runs for these explicit arguments (padding a pair of ints): decide()'s
-    choice. ``tensors=(input, weight, bias)``, when given, supplies the dtype and device, whether
-    the call needs gradients, and in benchmark mode the tensors to time the candidates on."""
+    choice. ``tensors=(input, weight, bias)``, when given, supplies the dtype and device, which
+    gradients the call will need, and in benchmark mode the tensors to time the candidates on."""
     if torch.compiler.is_compiling() or not _concrete(input_shape, weight_shape, tensors):
         return _rule(weight_shape).choice
     if tensors is None:
-        return _decide(input_shape, weight_shape, stride, padding, dilation, groups, "cpu", torch.float32, False, None,
+        return _decide(input_shape, weight_shape, stride, padding, dilation, groups, "cpu", torch.float32, (), None,
                        True).choice
     input = tensors[0]
     return _decide(input_shape, weight_shape, stride, padding, dilation, groups,
                    "cpu" if input.is_cpu else input.device.type,  # (is_cpu: the cheaper attribute)
-                   input.dtype, needs_grad(*tensors), tensors, True).choice
+                   input.dtype, backward_passes(input, tensors[1]), tensors, True).choice
 
 
 def reload_calibration() -> None:
@@ -195,8 +195,8 @@ def explain(input, weight, stride=1, padding=0, dilation=1, groups=1, *, bias=No
     """Why 'auto' picks what it picks for ``conv2d(input, weight, bias, stride, padding, dilation,
     groups)``: the choice, the reason in words, and each candidate's cost figures (predicted time
     and its terms, FLOPs, workspace, bytes moved; the measured time when benchmark mode has
-    timed this signature). ``input`` and ``weight`` may be tensors or shapes; ``training``
-    defaults to whether a call with these tensors would record gradients."""
+    timed this signature). ``input`` and ``weight`` may be tensors or shapes; ``training`` (True:
+    both gradients follow) defaults to the gradients a call with these tensors would need."""
     in_shape, w_shape = _shape_of(input), _shape_of(weight)
     if len(in_shape) == 3:
         in_shape = (1, *in_shape)
@@ -205,7 +205,10 @@ def explain(input, weight, stride=1, padding=0, dilation=1, groups=1, *, bias=No
     dtype = input.dtype if tensors else torch.float32
     device_type = input.device.type if tensors else "cpu"
     if training is None:
-        training = tensors and needs_grad(input, weight, bias_t)
+        gradients = backward_passes(input, weight) if tensors else ()
+    else:
+        gradients = BACKWARD if training else ()
+    training = bool(gradients)
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
     c = cost(in_shape, w_shape, stride, padding, dilation, groups, dtype, bias=bias is not None and bias is not False,
              device=device_type)
@@ -215,18 +218,18 @@ def explain(input, weight, stride=1, padding=0, dilation=1, groups=1, *, bias=No
         if c.input_shape == tuple(x.shape):  # not an even-kernel 'same' (its padded input is made later)
             timed_on = (x, weight, bias_t)
     decision = decide(c.input_shape, c.weight_shape, stride, c.padding, dilation, groups, device_type, dtype,
-                      bool(training), timed_on, measure=False)
-    best = ranked(c, device_type, training)
+                      gradients, timed_on, measure=False)
+    best = ranked(c, device_type, gradients)
     seconds = decision.measured["seconds"] if decision.measured else {}
     candidates = {}
     for algorithm in ALGORITHMS:
         plan = c.plans[algorithm]
         moved = (c.backward_bytes_moved + c.forward_bytes_moved if training else c.forward_bytes_moved)
-        moved += 2 * plan.column_bytes * (3 if training else 1)
-        predicted, terms = predict(algorithm, c, device_type, training) if plan.applicable else (None, {})
+        moved += 2 * plan.column_bytes * (1 + len(gradients))
+        predicted, terms = predict(algorithm, c, device_type, gradients) if plan.applicable else (None, {})
         candidates[algorithm] = Candidate(
             algorithm, plan.applicable, plan.why_not, predicted, terms,
-            c.training_flops if training else c.forward_flops, plan.workspace_bytes if plan.applicable else None,
+            c.forward_flops * (1 + len(gradients)), plan.workspace_bytes if plan.applicable else None,
             plan.column_bytes, moved, seconds.get(algorithm))
     if decision.source == "rule":
         reason = "symbolic sizes: the structural rule decides"

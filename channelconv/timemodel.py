@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ._shapes import ALGORITHMS
-from .cost import PASSES, Cost
+from .cost import BACKWARD, Cost
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 _CALIBRATION_ENV = "CHANNELCONV_CALIBRATION"
@@ -65,21 +65,24 @@ DEFAULT_MODEL = {
 }
 
 
-def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16, training: bool = False) -> dict:
+def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16, gradients: tuple = ()) -> dict:
     """The quantities the time model multiplies by its coefficients, for one algorithm on the layer
-    ``c``. ``vector_bytes``: the plain loops' vector width (a short row wastes lanes);
-    ``training``: direct sums its three passes, each by the kernel it runs (the GEMM algorithms run
-    the same GEMMs in each pass, so their forward features describe a training step too)."""
+    ``c``: the forward pass and the ``gradients`` (of BACKWARD) that follow it. ``vector_bytes``:
+    the plain loops' vector width (a short row wastes lanes). Direct sums its passes, each by the
+    kernel it runs. The GEMM algorithms run the same GEMMs in each pass, and their training
+    coefficients are fitted on one pass's features against three passes' times: with fewer
+    gradients, their features count that share."""
     plan = c.plans[algorithm]
     if algorithm == "direct":
-        passes = [_direct_pass(plan.passes[which], c.element_size, vector_bytes)
-                  for which in (PASSES if training else PASSES[:1])]
+        passes = [_direct_pass(plan.passes[which], c.element_size, vector_bytes) for which in ("forward", *gradients)]
         return {f: sum(p[f] for p in passes) for f in DIRECT_FEATURES}
     m, n, k = max(plan.gemm_m, 1), max(plan.gemm_n, 1), max(plan.gemm_k, 1)
     inflation = 1.0 + gemm["m0"] / m + gemm["n0"] / n + gemm["k0"] / k
-    return {"gemm": 2.0 * c.macs * inflation, "column": float(plan.column_elements),
-            "column_strided": float(plan.column_elements) if c.stride[1] > 1 else 0.0,
-            "gemm_call": float(plan.gemm_calls * c.groups), "call": 1.0}
+    share = (1 + len(gradients)) / (1 + len(BACKWARD)) if gradients else 1.0
+    values = {"gemm": 2.0 * c.macs * inflation, "column": float(plan.column_elements),
+              "column_strided": float(plan.column_elements) if c.stride[1] > 1 else 0.0,
+              "gemm_call": float(plan.gemm_calls * c.groups), "call": 1.0}
+    return {f: share * v for f, v in values.items()}
 
 
 def _direct_pass(counts: dict, element_size: int, vector_bytes: int) -> dict:
@@ -139,22 +142,19 @@ def model_for(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> d
     return _model_cache[key]
 
 
-def predict(algorithm: str, c: Cost, device_type: str = "cpu", training: bool = False,
+def predict(algorithm: str, c: Cost, device_type: str = "cpu", gradients: tuple = (),
             threads: int | None = None) -> tuple[float, dict]:
-    """(predicted seconds, seconds per feature) of ``algorithm`` on the layer ``c``; training
-    predicts forward + both gradients (from the training model when calibrated, else three
-    times the forward model). The parallel terms scale from the calibration's thread count to
+    """(predicted seconds, seconds per feature) of ``algorithm`` on the layer ``c``: the forward
+    pass and the ``gradients`` after it, from the training model when calibrated (else the forward
+    model, once per pass). The parallel terms scale from the calibration's thread count to
     ``threads`` (default: torch's current count; CPU only)."""
     model = model_for(device_type, c.dtype)
-    coefficients = model["training"][algorithm] if training else model["forward"][algorithm]
-    scale = 1.0
-    if coefficients is None:
-        coefficients, scale = model["forward"][algorithm], 3.0
+    trained = model["training"][algorithm] if gradients else None
+    coefficients, scale = (trained, 1.0) if trained is not None else (model["forward"][algorithm], 1 + len(gradients))
     parallel = 1.0
     if device_type == "cpu":
         parallel = model["threads"] / max(1, threads or torch.get_num_threads())
-    values = features(algorithm, c, model["gemm"], model["direct_vector_bytes"],
-                      training and model["training"][algorithm] is not None)
+    values = features(algorithm, c, model["gemm"], model["direct_vector_bytes"], gradients if trained else ())
     terms = {f: scale * coefficients.get(f, 0.0) * v * (parallel if f in PARALLEL_FEATURES else 1.0)
              for f, v in values.items()}
     return sum(terms.values()), terms

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import channelconv
 from channelconv import measured, select, timemodel
+from channelconv.cost import BACKWARD
 
 SHAPES = [  # input, weight, stride, padding, dilation, groups
     ((2, 16, 12, 12), (32, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1),
@@ -83,7 +84,12 @@ def test_explain_takes_tensors_and_conv2d_arguments():
     assert e.cost.output_shape == (1, 4, 10, 10)
     xg = x.clone().requires_grad_()
     assert channelconv.explain(xg, w).training and not channelconv.explain(x, w).training
-    assert channelconv.explain(xg, w).candidates["im2col"].flops == channelconv.cost(x.shape, w.shape).training_flops
+    # The passes that will run: the input's gradient only (w needs none), or both.
+    c = channelconv.cost(x.shape, w.shape)
+    assert channelconv.explain(xg, w).candidates["im2col"].flops == 2 * c.forward_flops
+    wg = w.clone().requires_grad_()
+    assert channelconv.explain(xg, wg).candidates["im2col"].flops == c.training_flops
+    assert channelconv.explain(x, wg).training and channelconv.explain(x, w, training=True).training
 
 
 def test_conv2d_auto_matches_f_conv2d():
@@ -212,11 +218,11 @@ def test_direct_training_features_follow_each_passs_plan():
     # gradient (64 channels) are blocked. A 64 -> 64 layer runs all three passes blocked.
     stem = channelconv.cost((8, 3, 224, 224), (64, 3, 7, 7), 2, 3)
     forward = timemodel.features("direct", stem, gemm)
-    training = timemodel.features("direct", stem, gemm, training=True)
+    training = timemodel.features("direct", stem, gemm, gradients=BACKWARD)
     assert forward["mac_plain"] == 0 and training["mac_plain"] > 0
     assert training["mac"] == pytest.approx(2 * forward["mac"])
     mid = channelconv.cost((8, 64, 56, 56), (64, 64, 3, 3), 1, 1)
-    training = timemodel.features("direct", mid, gemm, training=True)
+    training = timemodel.features("direct", mid, gemm, gradients=BACKWARD)
     assert training["mac_plain"] == 0 and training["mac"] == pytest.approx(3 * mid.macs)
     assert sum(p["output"] for p in mid.plans["direct"].passes.values()) == training["output"]
 
@@ -366,3 +372,28 @@ def test_compile_fullgraph_with_auto_and_benchmark_mode(dynamic):
     expected = F.conv2d(x, w3, None, 1, 1) + F.conv2d(x, w1)
     torch.testing.assert_close(compiled(x, w3, w1), expected, rtol=1e-4, atol=1e-5)
     assert measured.benchmark_cache() == {}
+
+
+def test_auto_prices_the_gradients_the_call_will_need(monkeypatch):
+    """A first layer's input needs no gradient, a frozen layer's weight none: 'auto' predicts the
+    forward pass and only the gradients that backward will run (it caches per set of them)."""
+    seen = []
+
+    def predict(algorithm, c, device_type, gradients, *args):
+        seen.append(gradients)
+        return 1.0, {"call": 1.0}
+
+    monkeypatch.setattr(select, "predict", predict)
+    x, w = torch.randn(2, 8, 12, 12), torch.randn(8, 8, 3, 3)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    for tensors, expected in (((x, wg), ("weight_grad",)), ((xg, w), ("input_grad",)),
+                              ((xg, wg), ("input_grad", "weight_grad")), ((x, w), ())):
+        seen.clear()
+        select.reload_calibration()  # (and the decisions cached by arguments and gradients)
+        select.choose(x.shape, w.shape, (1, 1), (1, 1), (1, 1), 1, tensors=(*tensors, None))
+        assert seen and set(seen) == {expected}, (tensors[0].requires_grad, tensors[1].requires_grad)
+    seen.clear()
+    select.reload_calibration()
+    with torch.no_grad():
+        select.choose(x.shape, w.shape, (1, 1), (1, 1), (1, 1), 1, tensors=(xg, wg, None))
+    assert set(seen) == {()}

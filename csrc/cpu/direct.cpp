@@ -122,6 +122,71 @@ void backward_input_kernel(const scalar_t* dy, const scalar_t* w, scalar_t* dx, 
   });
 }
 
+// One (output channel, input channel) pair's k_h x k_w weight-gradient taps: for each tap, the sum
+// over the batch and the output plane of dy[n, ho, wo] * x[n, ih(ho), iw(wo)], kept in kLanes
+// independent partial sums (lane j: the columns wo = j mod kLanes of each row) so that the compiler
+// vectorises the rows (one accumulator is a chain of dependent additions it may not reorder: the
+// plain loops ran at 2-3 GFLOP/s). The lanes are added in a fixed order at the end, so the result
+// does not depend on the thread count.
+constexpr int kLanes = 16;
+
+template <typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) void weight_taps_of_pair(acc_t* taps, acc_t* lanes, const scalar_t* dy_k,
+                                                               const scalar_t* x_c, int64_t batch, int64_t dy_image,
+                                                               int64_t x_image, const Geo& g) {
+  std::fill(lanes, lanes + g.kernel_area() * kLanes, acc_t(0));
+  for (int64_t n = 0; n < batch; ++n) {  // image by image: its two planes stay in cache for every tap
+    const scalar_t* dy_n = dy_k + n * dy_image;
+    const scalar_t* x_n = x_c + n * x_image;
+    for (int64_t r = 0; r < g.h.taps; ++r) {
+      const int64_t ho_begin = g.h.first_valid(r), ho_end = g.h.last_valid(r);
+      for (int64_t t = 0; t < g.w.taps; ++t) {
+        const int64_t wo_begin = g.w.first_valid(t), wo_end = g.w.last_valid(t);
+        const int64_t wi_offset = g.w.input_at(0, t), stride = g.w.stride;
+        acc_t* tap_lanes = lanes + (r * g.w.taps + t) * kLanes;
+        if (wo_end - wo_begin < kLanes) {  // rows shorter than the lanes: one running sum does better
+          acc_t sum = 0;
+          for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
+            const scalar_t* dy_row = dy_n + ho * g.w.out;
+            const int64_t x_row = g.h.input_at(ho, r) * g.w.in + wi_offset;
+            for (int64_t wo = wo_begin; wo < wo_end; ++wo)
+              sum += static_cast<acc_t>(dy_row[wo]) * static_cast<acc_t>(x_n[x_row + wo * stride]);
+          }
+          tap_lanes[0] += sum;
+          continue;
+        }
+        acc_t l[kLanes];
+        std::copy(tap_lanes, tap_lanes + kLanes, l);
+        for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
+          const scalar_t* dy_row = dy_n + ho * g.w.out;
+          const int64_t x_row = g.h.input_at(ho, r) * g.w.in + wi_offset;  // (it may start in the padding)
+          int64_t wo = wo_begin;
+          for (; wo + kLanes <= wo_end; wo += kLanes) {
+            for (int j = 0; j < kLanes; ++j)
+              l[j] += static_cast<acc_t>(dy_row[wo + j]) * static_cast<acc_t>(x_n[x_row + (wo + j) * stride]);
+          }
+          for (int j = 0; wo + j < wo_end; ++j)
+            l[j] += static_cast<acc_t>(dy_row[wo + j]) * static_cast<acc_t>(x_n[x_row + (wo + j) * stride]);
+        }
+        std::copy(l, l + kLanes, tap_lanes);
+      }
+    }
+  }
+  for (int64_t tap = 0; tap < g.kernel_area(); ++tap) {
+    acc_t sum = 0;
+    for (int j = 0; j < kLanes; ++j) sum += lanes[tap * kLanes + j];
+    taps[tap] = sum;
+  }
+}
+
+#ifdef CHANNELCONV_PLANE_CLONES
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void weight_taps_of_pair_f32(float* taps, float* lanes, const float* dy_k, const float* x_c, int64_t batch,
+                             int64_t dy_image, int64_t x_image, const Geo& g) {
+  weight_taps_of_pair<float, float>(taps, lanes, dy_k, x_c, batch, dy_image, x_image, g);
+}
+#endif
+
 // Weight gradient, one (output channel, input channel of its group) pair per task: its k_h x k_w
 // taps are sums over the batch and the output plane. Each task owns its slice of dW, so there
 // is no reduction across threads and the result is deterministic.
@@ -130,32 +195,23 @@ void backward_weight_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dw,
   using acc_t = at::opmath_type<scalar_t>;
   const Geo g = s.geometry<int64_t>();
   const int64_t in_per_group = s.in_per_group(), out_per_group = s.out_per_group();
+  const int64_t dy_image = s.out_channels * g.out_area(), x_image = s.in_channels * g.in_area();
   at::parallel_for(0, s.out_channels * in_per_group, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> taps(g.kernel_area());
+    std::vector<acc_t> taps(g.kernel_area()), lanes(g.kernel_area() * kLanes);
     for (int64_t kc = begin; kc < end; ++kc) {
       const int64_t k = kc / in_per_group, c = (k / out_per_group) * in_per_group + kc % in_per_group;
-      std::fill(taps.begin(), taps.end(), acc_t(0));
-      for (int64_t n = 0; n < s.batch; ++n) {
-        const scalar_t* dy_k = dy + (n * s.out_channels + k) * g.out_area();
-        const scalar_t* x_c = x + (n * s.in_channels + c) * g.in_area();
-        for (int64_t r = 0; r < g.h.taps; ++r) {
-          const int64_t ho_end = g.h.last_valid(r);
-          for (int64_t t = 0; t < g.w.taps; ++t) {
-            const int64_t wo_begin = g.w.first_valid(t), wo_end = g.w.last_valid(t);
-            const int64_t wi_offset = g.w.input_at(0, t);
-            acc_t sum = 0;
-            for (int64_t ho = g.h.first_valid(r); ho < ho_end; ++ho) {
-              const int64_t x_row = g.h.input_at(ho, r) * g.w.in + wi_offset;
-              const scalar_t* dy_row = dy_k + ho * g.w.out;
-              for (int64_t wo = wo_begin; wo < wo_end; ++wo) {
-                sum += static_cast<acc_t>(dy_row[wo]) * static_cast<acc_t>(x_c[x_row + wo * g.w.stride]);
-              }
-            }
-            taps[r * g.w.taps + t] += sum;
-          }
-        }
+      const scalar_t* dy_k = dy + k * g.out_area();
+      const scalar_t* x_c = x + c * g.in_area();
+#ifdef CHANNELCONV_PLANE_CLONES
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        weight_taps_of_pair_f32(taps.data(), lanes.data(), dy_k, x_c, s.batch, dy_image, x_image, g);
+      } else
+#endif
+      {
+        weight_taps_of_pair<scalar_t, acc_t>(taps.data(), lanes.data(), dy_k, x_c, s.batch, dy_image, x_image, g);
       }
-      std::copy(taps.begin(), taps.end(), dw + kc * g.kernel_area());
+      for (int64_t tap = 0; tap < g.kernel_area(); ++tap)
+        dw[kc * g.kernel_area() + tap] = static_cast<scalar_t>(taps[tap]);
     }
   });
 }
