@@ -82,6 +82,13 @@ bool runs_blocked(at::ScalarType dtype, int64_t out_per_group) {
   return dtype == at::kFloat && out_per_group >= 4 && blocked_kernel_available();
 }
 
+// One input channel per output channel (a channel multiplier of 1): the depthwise engine, which
+// vectorises across channels instead.
+bool runs_depthwise(const ConvShape& s, at::ScalarType dtype) {
+  return dtype == at::kFloat && s.groups > 1 && s.in_channels == s.groups && s.out_channels == s.groups &&
+         blocked_kernel_available();
+}
+
 // As many tasks as keep each task's strips within kStripBytes (cache-resident), at least two per
 // thread, and a multiple of the thread count; in even shares of the rows (a fixed row count per
 // task left 14 rows as 4 + 4 + 4 + 2, one thread idle an eighth of the time).
@@ -270,7 +277,10 @@ DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype
   DirectPlan plan;
   switch (pass) {
     case DirectPass::Forward:
-      if (runs_blocked(dtype, s.out_per_group())) {
+      if (runs_depthwise(s, dtype)) {
+        plan.kernel = DirectKernel::Depthwise;
+        plan.runs.push_back({forward_problem(s), WeightTaps{s.kernel_h, s.kernel_w}, TaskRows{}});
+      } else if (runs_blocked(dtype, s.out_per_group())) {
         plan.kernel = DirectKernel::Blocked;
         plan.runs.push_back(correlation_run(forward_problem(s), WeightTaps{s.kernel_h, s.kernel_w}, threads));
       }
@@ -278,7 +288,10 @@ DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype
     case DirectPass::InputGrad:
       if (!input_grad_phases_apply(s)) return plan;  // the scatter loop
       plan.phases = input_grad_phases(s);
-      if (runs_blocked(dtype, s.in_per_group())) {
+      if (runs_depthwise(s, dtype)) {
+        plan.kernel = DirectKernel::Depthwise;
+        for (const Phase& ph : plan.phases) plan.runs.push_back(input_grad_run(s, ph, threads));
+      } else if (runs_blocked(dtype, s.in_per_group())) {
         plan.kernel = DirectKernel::Blocked;
         for (const Phase& ph : plan.phases) plan.runs.push_back(input_grad_run(s, ph, threads));
       } else if (s.stride[0] > 1 || s.stride[1] > 1) {

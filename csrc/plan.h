@@ -183,6 +183,7 @@ enum class DirectPass { Forward, InputGrad, WeightGrad };
 
 enum class DirectKernel {
   Blocked,            // register-blocked correlations: `runs` (the forward pass, or one per phase)
+  Depthwise,          // depthwise correlations, 16 channels at a time: `runs` (likewise)
   BlockedWeightGrad,  // the blocked weight-gradient reduction: `chunks`
   Loops,              // the plain loops, vectorised along the row
   LoopPhases,         // the plain loops, input gradient phase by phase: `phases`

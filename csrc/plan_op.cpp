@@ -15,6 +15,7 @@
 //   gemm_calls, column_elements
 // Keys, direct (what one pass does):
 //   blocked      1: register-blocked tiles (CPU) or the tiled CUDA kernel; 0: the plain loops
+//   depthwise    1: of those, the depthwise engine (16 channels of an image at a time)
 //   mac          multiply-adds the kernel performs (blocked: output channels padded to its tile)
 //   mac_1x1      of those, a 1x1 kernel's (its tile streams the input, with no reuse across taps)
 //   inner_loop   innermost loops started (blocked: one per tile and kernel row or input channel)
@@ -59,7 +60,7 @@ Summary describe(const LoweredPlan& p) {
 // floats anyway. A count past int64 is reported as INT64_MAX.
 struct Counts {
   double mac = 0, mac_1x1 = 0, inner_loop = 0, weight_read = 0, strip = 0, output = 0, tiles = 0;
-  int64_t blocked = 0, row = 0, strided = 0, runs = 0, tasks = 0, chunks = 0, parts = 0;
+  int64_t blocked = 0, depthwise = 0, row = 0, strided = 0, runs = 0, tasks = 0, chunks = 0, parts = 0;
 
   Summary summary() const {
     Summary d;
@@ -67,7 +68,8 @@ struct Counts {
                                      {"inner_loop", inner_loop}, {"weight_read", weight_read}, {"strip", strip},
                                      {"output", output}, {"tiles", tiles}})
       d.insert(key, value < 9.2e18 ? static_cast<int64_t>(value) : std::numeric_limits<int64_t>::max());
-    for (const auto& [key, value] : {std::pair<const char*, int64_t>{"blocked", blocked}, {"row", row},
+    for (const auto& [key, value] : {std::pair<const char*, int64_t>{"blocked", blocked}, {"depthwise", depthwise},
+                                     {"row", row},
                                      {"strided", strided}, {"runs", runs}, {"tasks", tasks}, {"chunks", chunks},
                                      {"parts", parts}})
       d.insert(key, value);
@@ -94,6 +96,19 @@ void count_run(const BlockedRun& run, Counts& c) {
   c.weight_read += tasks * blocks * p.block * p.in_per_group * taps;
   c.strip += double(p.groups) * p.batch * p.out_h * p.in_per_group * p.taps_h * p.strip_width();
   c.output += double(p.batch) * p.groups * p.out_per_group * p.out_h * p.out_w;
+}
+
+// One depthwise correlation: a task per image and block of 16 channels, its input window gathered
+// channel-last.
+void count_depthwise(const BlockedRun& run, Counts& c) {
+  const BlockedProblem& p = run.problem;
+  const double blocks = double((p.groups + 15) / 16), taps = double(p.taps_h) * p.taps_w;
+  c.runs += 1;
+  c.tasks += p.batch * ((p.groups + 15) / 16);
+  c.mac += double(p.batch) * blocks * 16 * p.out_h * p.out_w * taps;
+  c.inner_loop += double(p.batch) * blocks * p.out_h;
+  c.strip += double(p.batch) * blocks * 16 * p.input_rows(p.out_h) * p.strip_width();
+  c.output += double(p.batch) * p.groups * p.out_h * p.out_w;
 }
 
 // The blocked weight gradient, chunk by chunk and unit by unit, as blocked_weight_grad runs it.
@@ -167,9 +182,13 @@ void count_loops(const ConvShape& s, DirectPass pass, const DirectPlan& plan, Co
 Summary describe_direct_cpu(const ConvShape& s, DirectPass pass, at::ScalarType dtype, int64_t threads) {
   const DirectPlan plan = plan_direct(s, pass, dtype, threads);
   Counts c;
-  c.blocked = plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::BlockedWeightGrad;
+  c.blocked = plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::BlockedWeightGrad ||
+              plan.kernel == DirectKernel::Depthwise;
   if (plan.kernel == DirectKernel::Blocked) {
     for (const BlockedRun& run : plan.runs) count_run(run, c);
+  } else if (plan.kernel == DirectKernel::Depthwise) {
+    c.depthwise = 1;
+    for (const BlockedRun& run : plan.runs) count_depthwise(run, c);
   } else if (plan.kernel == DirectKernel::BlockedWeightGrad) {
     count_weight_grad(plan.grad_problem, plan.chunks, c);
   } else {

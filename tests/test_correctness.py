@@ -206,6 +206,23 @@ def test_direct_narrow_tile_plans(device, out_w, out_channels, groups):
             assert forward["mac"] * (out_channels // groups) == c.macs * 16
 
 
+@pytest.mark.parametrize("channels", [16, 17, 40])
+@pytest.mark.parametrize("kernel, stride, padding, dilation", [
+    ((3, 3), 1, 1, 1), ((5, 5), 2, 2, 1), ((7, 7), 1, 3, 1), ((3, 3), 2, 1, 1), ((3, 3), 1, 2, 2), ((1, 1), 1, 0, 1),
+    ((2, 3), 2, 0, 1)])
+def test_depthwise_engine(device, channels, kernel, stride, padding, dilation):
+    """The depthwise engine (16 channels of an image at a time): full and partial channel blocks,
+    kernels of 1 to 49 taps, stride-2 gradients by phase (taps 2x2, 2x1, 1x2, 1x1), dilation, small
+    maps; forward and both gradients."""
+    case = Case(batch=3, in_channels=channels, out_channels=channels, size=(9, 7), kernel=kernel,
+                stride=(stride, stride), padding=padding, dilation=(dilation, dilation), groups=channels, bias=True,
+                unbatched=False, layout="contiguous")
+    check_case(case, "direct", torch.float32, device)
+    plan = channelconv.cost((3, channels, 9, 7), (channels, 1, *kernel), stride, padding, dilation, channels).plans
+    if plan["direct"].passes["forward"]["blocked"]:  # AVX-512: the engine runs both correlations
+        assert plan["direct"].passes["forward"]["depthwise"] and plan["direct"].passes["input_grad"]["depthwise"]
+
+
 @pytest.mark.parametrize("algorithm", ["1x1", "im2col"])
 def test_half_precision_weight_grad_sums_images_in_float(device, algorithm):
     """A hypothesis draw whose two images' weight gradients nearly cancel: rounding each image's

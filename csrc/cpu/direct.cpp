@@ -231,6 +231,10 @@ float* packing_buffer(int64_t numel) {
 // The plan's correlations: the forward pass, or the input gradient one stride phase at a time.
 void run_blocked(const DirectPlan& plan, const float* in, const float* w, const float* init, float* out) {
   for (const BlockedRun& run : plan.runs) {
+    if (plan.kernel == DirectKernel::Depthwise) {  // (packs its 16 channels' taps per task)
+      depthwise_correlation(run, in, w, init, out);
+      continue;
+    }
     float* packed = packing_buffer(blocked_weight_numel(run.problem));
     pack_blocked_weight(run.problem, w, run.taps, packed);
     blocked_correlation(run, in, packed, init, out);
@@ -295,7 +299,7 @@ at::Tensor direct_forward(const at::Tensor& input, const at::Tensor& weight, con
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty(s.output_sizes(), input.options());
-  if (plan.kernel == DirectKernel::Blocked) {
+  if (plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::Depthwise) {
     run_blocked(plan, x.const_data_ptr<float>(), w.const_data_ptr<float>(),
                 has_bias ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>());
     return y.contiguous(result_format(input, weight));
@@ -314,7 +318,7 @@ at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor
   const DirectPlan plan = plan_for(s, DirectPass::InputGrad, grad_output);
   const at::Tensor dy = as_nchw(grad_output), w = weight.contiguous();
   at::Tensor dx = at::empty(s.input_sizes(), grad_output.options());
-  if (plan.kernel == DirectKernel::Blocked) {
+  if (plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::Depthwise) {
     if (s.stride[0] > 1 || s.stride[1] > 1) dx.zero_();  // phases no tap reaches stay zero
     run_blocked(plan, dy.const_data_ptr<float>(), w.const_data_ptr<float>(), nullptr, dx.mutable_data_ptr<float>());
     return dx.contiguous(result_format(grad_output, weight));

@@ -1,0 +1,138 @@
+// The depthwise engine (blocked.h): one input channel per output channel, vectorised across 16
+// channels of an image rather than along a row, so that a small map (MobileNet's 7x7 and 14x14)
+// wastes no lanes. Per task (an image and a block of 16 channels) the block's input planes are
+// transposed into one zero-padded [row][column][16] buffer, every output pixel is a chain of one
+// FMA per tap on 16 channels at once (the tap's 16 weights held in registers), and the
+// [pixel][16] result is transposed back into the NCHW planes.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "blocked.h"
+
+namespace channelconv {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+
+namespace {
+
+using blocked::v16;
+constexpr int64_t kLanes = 16;
+
+// The input a task's outputs read, as a padded [row][column][16] buffer: rows from the first
+// output's first tap to the last output's last, likewise the columns.
+struct Window {
+  int64_t rows, cols, row0, col0;  // its extent and the input coordinate of its (0, 0)
+};
+
+Window window_of(const BlockedProblem& p) {
+  return {p.input_rows(p.out_h), p.strip_width(), p.offset_h, p.offset_w};
+}
+
+// buf[(i * cols + j) * 16 + c] = in[c, row0 + i, col0 + j] for the block's `channels` planes, 0 outside.
+__attribute__((target("avx512f"))) void gather(const BlockedProblem& p, const Window& win, const float* planes,
+                                               int64_t channels, float* buf) {
+  std::fill(buf, buf + win.rows * win.cols * kLanes, 0.0f);
+  const int64_t in_area = p.in_h * p.in_w;
+  const int64_t col_begin = std::max<int64_t>(0, -win.col0), col_end = std::min(win.cols, p.in_w - win.col0);
+  if (col_end <= col_begin) return;
+  for (int64_t i = 0; i < win.rows; ++i) {
+    const int64_t ih = win.row0 + i;
+    if (ih < 0 || ih >= p.in_h) continue;
+    blocked::transpose(planes + ih * p.in_w + win.col0 + col_begin, in_area, channels, col_end - col_begin,
+                       buf + (i * win.cols + col_begin) * kLanes, kLanes);
+  }
+}
+
+// out_t[(oh * out_w + ow) * 16 + c] = init[c] + sum over the taps of w_t[tap][c] * buf[...]. TH x TW:
+// the taps as constants (0: the problem's), so that a 3x3 or 5x5 kernel's weights stay in registers.
+template <int TH, int TW>
+__attribute__((target("avx512f,fma"))) void correlate(const BlockedProblem& p, const Window& win, const float* buf,
+                                                      const float* w_t, const float* init, float* out_t) {
+  const int64_t taps_h = TH > 0 ? TH : p.taps_h, taps_w = TW > 0 ? TW : p.taps_w;
+  const int64_t row_step = p.dil_h * win.cols * kLanes, tap_step = p.dil_w * kLanes;
+  const v16 b = *reinterpret_cast<const v16*>(init);
+  for (int64_t oh = 0; oh < p.out_h; ++oh) {
+    for (int64_t ow = 0; ow < p.out_w; ++ow) {
+      const float* x = buf + (oh * p.stride_h * win.cols + ow * p.stride_w) * kLanes;
+      v16 acc = b;
+#pragma GCC unroll 7
+      for (int64_t r = 0; r < taps_h; ++r)
+#pragma GCC unroll 7
+        for (int64_t s = 0; s < taps_w; ++s)
+          acc += *reinterpret_cast<const v16*>(w_t + (r * taps_w + s) * kLanes) *
+                 *reinterpret_cast<const v16*>(x + r * row_step + s * tap_step);
+      *reinterpret_cast<v16*>(out_t + (oh * p.out_w + ow) * kLanes) = acc;
+    }
+  }
+}
+
+using CorrelateFn = void (*)(const BlockedProblem&, const Window&, const float*, const float*, const float*, float*);
+
+CorrelateFn correlate_for(const BlockedProblem& p) {
+  if (p.taps_h == 3 && p.taps_w == 3) return &correlate<3, 3>;
+  if (p.taps_h == 5 && p.taps_w == 5) return &correlate<5, 5>;
+  if (p.taps_h == 2 && p.taps_w == 2) return &correlate<2, 2>;  // a 3x3 stride-2 gradient's largest phase
+  return &correlate<0, 0>;
+}
+
+// The block's weights, [problem tap][16]: channel c's tap (t, u) reads kernel row
+// first_h + t*step_h, column first_w + u*step_w (the forward's in order, or a phase's flipped).
+void pack_taps(const BlockedProblem& p, const float* w, const WeightTaps& taps, int64_t c0, int64_t channels,
+               float* w_t) {
+  std::fill(w_t, w_t + p.taps_h * p.taps_w * kLanes, 0.0f);
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t t = 0; t < p.taps_h; ++t)
+      for (int64_t u = 0; u < p.taps_w; ++u)
+        w_t[(t * p.taps_w + u) * kLanes + c] =
+            w[((c0 + c) * taps.kernel_h + taps.first_h + t * taps.step_h) * taps.kernel_w + taps.first_w +
+              u * taps.step_w];
+}
+
+// The [pixel][16] result into the block's NCHW planes, at the problem's output positions.
+void scatter(const BlockedProblem& p, const float* out_t, int64_t channels, float* planes) {
+  const int64_t plane_area = p.plane_h() * p.plane_w();
+  for (int64_t oh = 0; oh < p.out_h; ++oh) {
+    float* dst = planes + (p.out_origin_h + oh * p.out_step_h) * p.plane_w() + p.out_origin_w;
+    const float* src = out_t + oh * p.out_w * kLanes;
+    if (p.out_step_w == 1) {
+      blocked::transpose(src, kLanes, p.out_w, channels, dst, plane_area);
+    } else {
+      for (int64_t c = 0; c < channels; ++c)
+        for (int64_t ow = 0; ow < p.out_w; ++ow) dst[c * plane_area + ow * p.out_step_w] = src[ow * kLanes + c];
+    }
+  }
+}
+
+}  // namespace
+
+void depthwise_correlation(const BlockedRun& run, const float* in, const float* w, const float* init, float* out) {
+  const BlockedProblem& p = run.problem;
+  const Window win = window_of(p);
+  const int64_t blocks = (p.groups + kLanes - 1) / kLanes;
+  const int64_t in_area = p.in_h * p.in_w, plane_area = p.plane_h() * p.plane_w();
+  at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(win.rows * win.cols * kLanes), out_t(p.out_h * p.out_w * kLanes);
+    std::vector<float> w_t(p.taps_h * p.taps_w * kLanes), init_t(kLanes);
+    const CorrelateFn fn = correlate_for(p);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, c0 = task % blocks * kLanes;
+      const int64_t channels = std::min(kLanes, p.groups - c0);
+      std::fill(init_t.begin(), init_t.end(), 0.0f);
+      if (init != nullptr) std::copy(init + c0, init + c0 + channels, init_t.begin());
+      pack_taps(p, w, run.taps, c0, channels, w_t.data());
+      gather(p, win, in + (n * p.groups + c0) * in_area, channels, buf.data());
+      fn(p, win, buf.data(), w_t.data(), init_t.data(), out_t.data());
+      scatter(p, out_t.data(), channels, out + (n * p.groups + c0) * plane_area);
+    }
+  });
+}
+
+#else  // not x86-64 with GCC/Clang: never called (blocked_kernel_available is false)
+
+void depthwise_correlation(const BlockedRun&, const float*, const float*, const float*, float*) {}
+
+#endif
+
+}  // namespace channelconv
