@@ -30,10 +30,13 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 _CALIBRATION_ENV = "CHANNELCONV_CALIBRATION"
 
 LOWERED_FEATURES = ("gemm", "column", "column_strided", "gemm_call", "call")
-DIRECT_FEATURES = ("mac", "mac_1x1", "mac_plain", "inner_loop", "weight_read", "strip", "output", "call")
+DIRECT_FEATURES = ("mac", "mac_1x1", "mac_plain", "inner_loop", "weight_read", "strip", "output", "output_far",
+                   "call")
 # Work that the kernels spread over threads; the rest (dispatch, per-GEMM setup) is serial.
 PARALLEL_FEATURES = frozenset({"gemm", "column", "column_strided", "mac", "mac_1x1", "mac_plain", "inner_loop",
-                               "weight_read", "strip", "output"})
+                               "weight_read", "strip", "output", "output_far"})
+# A pass's result larger than this is written to memory rather than to a core's cache (2 MiB of L2).
+CACHED_OUTPUT_BYTES = 2 << 20
 FEATURE_NAMES = {
     "gemm": "GEMM FLOPs (inflated for small M, N, K)",
     "column": "column elements unrolled",
@@ -47,6 +50,7 @@ FEATURE_NAMES = {
     "weight_read": "packed weights streamed (once per task of output rows)",
     "strip": "input elements copied into the blocked kernel's zero-padded strips",
     "output": "output elements (accumulator fill and copy)",
+    "output_far": "of those, the ones of results too large for the cache (written to memory)",
 }
 
 # Built-in model, for when no calibration file is found: an earlier calibration's forward
@@ -91,6 +95,8 @@ def _direct_pass(counts: dict, element_size: int, vector_bytes: int) -> dict:
     gathers (counted twice)."""
     values = dict.fromkeys(DIRECT_FEATURES, 0.0)
     values.update(inner_loop=float(counts["inner_loop"]), output=float(counts["output"]), call=1.0)
+    if counts["output"] * element_size > CACHED_OUTPUT_BYTES:
+        values["output_far"] = float(counts["output"])
     if counts["blocked"]:
         values.update(mac=float(counts["mac"]), mac_1x1=float(counts["mac_1x1"]),
                       weight_read=float(counts["weight_read"]), strip=float(counts["strip"]))
