@@ -5,7 +5,7 @@ from . import reference
 from ._ops import OPS  # noqa: F401  (registers fake kernels and autograd)
 from ._shapes import ALGORITHMS
 from .functional import conv2d
-from .modules import Conv2d, convert
+from .modules import Conv2d, convert, revert
 from .cost import cost
 from .measured import get_benchmark_mode, set_benchmark_mode
 from .select import choose, explain
@@ -22,6 +22,7 @@ __all__ = [
     "get_benchmark_mode",
     "get_workspace_limit",
     "reference",
+    "revert",
     "set_benchmark_mode",
     "set_workspace_limit",
 ]

@@ -32,12 +32,13 @@ class Conv2d(nn.Conv2d):
         return text if self.algorithm == "auto" else f"{text}, algorithm={self.algorithm!r}"
 
 
-def _converted(conv: nn.Conv2d, algorithm: str) -> Conv2d:
-    """A channelconv.Conv2d with the same state as ``conv``: the same Parameter objects, buffers,
-    hooks and training flag (a shallow copy of its attributes, each container copied)."""
-    new = Conv2d.__new__(Conv2d)
-    new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in conv.__dict__.items()})
-    new.algorithm = check_algorithm(algorithm, conv.kernel_size)
+def _as_class(conv: nn.Conv2d, cls, **attributes) -> nn.Conv2d:
+    """A ``cls`` with the same state as ``conv``: the same Parameter objects, buffers, hooks and
+    training flag (a shallow copy of its attributes, each container copied), plus ``attributes``."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in conv.__dict__.items()
+                         if k != "algorithm"})
+    new.__dict__.update(attributes)
     return new
 
 
@@ -49,22 +50,35 @@ def convert(module: nn.Module, algorithm: str = "auto") -> nn.Module:
     ``channelconv.Conv2d`` modules get ``algorithm``. A module used in several places stays shared.
     """
     check_algorithm(algorithm)
-    return _convert(module, algorithm, {})
+
+    def swap(m):
+        if isinstance(m, Conv2d):
+            m.algorithm = check_algorithm(algorithm, m.kernel_size)
+            return m
+        if type(m) is nn.Conv2d:
+            return _as_class(m, Conv2d, algorithm=check_algorithm(algorithm, m.kernel_size))
+        return None
+    return _swap(module, swap, {})
 
 
-def _convert(module, algorithm, done):
+def revert(module: nn.Module) -> nn.Module:
+    """The inverse of ``convert``: every ``channelconv.Conv2d`` in ``module`` (recursively, and
+    ``module`` itself) back to an exact ``nn.Conv2d`` with the same Parameter objects, padding
+    mode, hooks and state, so that a trained model ships without channelconv. Returns the module;
+    idempotent."""
+    return _swap(module, lambda m: _as_class(m, nn.Conv2d) if isinstance(m, Conv2d) else None, {})
+
+
+def _swap(module, swap, done):
+    """``module`` with ``swap`` applied to it and, where swap declines (None), to its children."""
     if id(module) in done:
         return done[id(module)]
-    if isinstance(module, Conv2d):
-        module.algorithm = check_algorithm(algorithm, module.kernel_size)
-        result = module
-    elif type(module) is nn.Conv2d:
-        result = _converted(module, algorithm)
-    else:
+    result = swap(module)
+    if result is None:
         # _modules, not named_children(): the latter skips a child that appears twice.
         for name, child in list(module._modules.items()):
             if child is not None:
-                setattr(module, name, _convert(child, algorithm, done))
+                setattr(module, name, _swap(child, swap, done))
         result = module
     done[id(module)] = result
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import copy
 
 import pytest
@@ -117,6 +118,44 @@ def test_convert_a_bare_conv_and_shared_submodules():
     seq = nn.Sequential(shared, nn.ReLU(), shared)
     channelconv.convert(seq)
     assert seq[0] is seq[2] and isinstance(seq[0], channelconv.Conv2d)
+
+
+def test_revert_gives_back_exact_nn_conv2d_with_the_same_state():
+    """revert(): every channelconv.Conv2d back to an exact nn.Conv2d sharing its Parameters, with
+    its padding mode, hooks, buffers and training flag; idempotent; a round trip with convert."""
+    torch.manual_seed(0)
+    net = SmallCNN()
+    x = torch.randn(2, 3, 12, 12)
+    plain_out = net(x)
+    params = dict(net.named_parameters())
+    channelconv.convert(net, algorithm="direct")
+    first = next(m for m in net.modules() if isinstance(m, channelconv.Conv2d))
+    calls = []
+    first.register_forward_hook(lambda *args: calls.append(1))
+    first.padding_mode = "reflect"
+    first.eval()
+    with torch.no_grad():
+        ours_out = net(x)
+    assert channelconv.revert(net) is net
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 4 and all(type(m) is nn.Conv2d and not hasattr(m, "algorithm") for m in convs)
+    assert all(p is params[name] for name, p in net.named_parameters())
+    reverted = convs[0]
+    assert reverted.padding_mode == "reflect" and not reverted.training and len(reverted._forward_hooks) == 1
+    with torch.no_grad():
+        assert_close(net(x), ours_out, torch.float32)  # the same function, now by F.conv2d
+    assert len(calls) == 2
+    assert channelconv.revert(net) is net and all(type(m) is nn.Conv2d for m in convs)  # idempotent
+    reverted.padding_mode, reverted.training = "zeros", True
+    channelconv.convert(net)  # round trip
+    assert_close(net(x), plain_out, torch.float32)
+    bare = channelconv.revert(channelconv.Conv2d(2, 3, 3, algorithm="im2col"))
+    assert type(bare) is nn.Conv2d and "algorithm" not in repr(bare)
+    buffer = io.BytesIO()
+    torch.save(bare, buffer)  # pickles torch.nn's class: loads where channelconv is not installed
+    assert b"channelconv" not in buffer.getvalue()
+    buffer.seek(0)
+    assert type(torch.load(buffer, weights_only=False)) is nn.Conv2d
 
 
 @pytest.mark.parametrize("algorithm", ["direct", "im2col", "auto"])
