@@ -13,7 +13,8 @@ import channelconv
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # Relative error ||out - ref|| / ||ref|| allowed against the float64 oracle (DESIGN.md).
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3,
+             torch.complex128: 1e-12, torch.complex64: 1e-5}
 
 # Rounding error in a sum is bounded relative to the sum of its terms' magnitudes, not to the sum:
 # when the terms cancel, no computation in the dtype meets the tolerance relative to the result

@@ -9,7 +9,7 @@ else is a kind of its own (an IndexError, say), and a crash ends the run.
 Documented deviations, where channelconv raises a "bad value" error and F.conv2d computes:
   * zero input channels: F.conv2d returns a tensor with 0 output channels (not C_out), even with
     an empty kernel; channelconv rejects the input ("at least one channel");
-  * integer and complex dtypes: F.conv2d computes them; channelconv supports floating dtypes only;
+  * integer dtypes: F.conv2d computes them; channelconv supports floating and complex dtypes only;
   * stride / padding / dilation above 2^31 - 1 (padding='same' included, as computed from the
     dilated kernel): rejected ("too large") so size arithmetic cannot overflow;
   * an empty batch with a zero dilation: F.conv2d returns an empty tensor without checking the
@@ -276,7 +276,7 @@ def deviation(args: Args, x, w) -> str | None:
         padding = [d * (k - 1) // 2 for d, k in zip(dilation, w.shape[2:])]
     if any(abs(v) > MAX_ARGUMENT for v in (*_values(args.stride), *padding, *_values(args.dilation))):
         return "too large"
-    if any(not (t.dtype.is_floating_point) for t in (x, w)):
+    if any(not (t.dtype.is_floating_point or t.dtype.is_complex) for t in (x, w)):
         return "unsupported dtype"
     if x.dim() in (3, 4) and w.dim() == 4 and x.shape[-3] == 0:
         return "zero input channels"
@@ -366,14 +366,19 @@ def oracle(x, w, b, conv, grad_out=None):
     every product is right."""
     results = []
     for f in (lambda t: t, torch.abs):
-        leaves = [f(t.detach().double()).requires_grad_() if t is not None else None for t in (x, w, b)]
+        leaves = [f(_wide(t.detach())).requires_grad_() if t is not None else None for t in (x, w, b)]
         out = f_conv2d(*leaves, *conv)
         if grad_out is None:
             results.append((out.detach(),))
         else:
             used = [t for t in leaves if t is not None]
-            results.append(torch.autograd.grad(out, used, f(grad_out.double()), allow_unused=True))
+            results.append(torch.autograd.grad(out, used, f(_wide(grad_out)), allow_unused=True))
     return results
+
+
+def _wide(t):
+    """float64, or complex128 for a complex tensor."""
+    return t.to(torch.complex128) if t.is_complex() else t.double()
 
 
 def assert_matches(got, want, scale, dtype, what):
@@ -381,7 +386,7 @@ def assert_matches(got, want, scale, dtype, what):
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     if want.numel() == 0:
         return
-    error, size = (got.double() - want).norm().item(), scale.norm().item()
+    error, size = (_wide(got) - want).norm().item(), scale.norm().item()
     assert error <= TOLERANCE[dtype] * size, f"{what}: error {error:.3e} > {TOLERANCE[dtype]:.0e} x {size:.3e}"
 
 
@@ -389,7 +394,8 @@ def check_gradients(x, w, b, conv, algorithm, where):
     Count.gradient_checks += 1
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, b) if t is not None]
     out = channelconv.conv2d(leaves[0], leaves[1], leaves[2] if b is not None else None, *conv, algorithm=algorithm)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(out.dtype)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5),
+                           dtype=torch.complex128 if out.is_complex() else torch.float64).to(out.dtype)
     grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
     ref_grads, scales = oracle(x, w, b, conv, grad_out)
     for name, got, want, scale in zip(("input", "weight", "bias"), grads, ref_grads, scales):
