@@ -1,7 +1,7 @@
 """channelconv: multi-input, multi-output channel 2-D cross-correlation (what F.conv2d computes),
 three ways — direct, im2col + GEMM, 1x1 as GEMM — with its own C++ (and CUDA) kernels."""
 
-from . import reference
+from . import onnx, reference
 from ._ops import OPS  # noqa: F401  (registers fake kernels and autograd)
 from ._shapes import ALGORITHMS
 from .functional import conv2d
