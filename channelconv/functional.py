@@ -47,7 +47,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
 
 
 def _complex_conv2d(input, weight, bias, stride, padding, dilation, groups, algorithm):
-    """F.conv2d of complex tensors by three real convolutions (Gauss's trick): with input a + ib and
+    """conv2d of complex tensors by three real convolutions (Gauss's trick): with input a + ib and
     weight c + id, (a + ib) * (c + id) = (k1 - k3) + i(k1 + k2) for k1 = (a + b) * c, k2 = a * (d - c)
     and k3 = b * (c + d), the bias's real part carried by k3 (negated) and its imaginary part by k2.
     Autograd differentiates through .real / .imag, which gives PyTorch's conjugate (Wirtinger)
