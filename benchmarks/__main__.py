@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--models", default=None,
                    help=f"with --suite models: comma-separated, of {', '.join(MODELS)}, or torchvision:NAME / "
                         "timm:NAME (default all)")
-    p.add_argument("--size", type=int, default=None, help="with --suite models: input height = width (default per model)")
+    p.add_argument("--size", type=int, default=None,
+                   help="with --suite models: input height = width (default per model)")
     p.add_argument("--shape", action="append", default=[], metavar="N,C_in,H,W,C_out,KH,KW[,s,p,d,g]",
                    help="a custom layer (repeatable); runs instead of the suites unless --suite is given too")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -95,7 +95,8 @@ def table(rows) -> str:
 
 
 def markdown(rows) -> str:
-    lines = ["| model | mode | input | nn.Conv2d ms | channelconv ms | speed vs nn.Conv2d |", "|---|---|---|---:|---:|---:|"]
+    lines = ["| model | mode | input | nn.Conv2d ms | channelconv ms | speed vs nn.Conv2d |",
+             "|---|---|---|---:|---:|---:|"]
     for (model, mode), pair in _pairs(rows).items():
         ref, ours = pair[REFERENCE_SIDE], pair[OUR_SIDE]
         lines.append(f"| {model} | {mode} | {ours['batch']}x{ours['channels']}x{ours['size']}x{ours['size']} | "
