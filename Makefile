@@ -21,7 +21,7 @@ MODEL_ARGS ?= --models lenet,resnet18-fmnist,resnet20-cifar
 $(DEPS): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC) numpy setuptools wheel ninja \
-		pytest hypothesis expecttest tqdm matplotlib onnx onnxruntime onnxscript
+		pytest hypothesis expecttest tqdm matplotlib onnx onnxruntime onnxscript opacus
 	touch $@
 
 $(EXTENSION): $(DEPS) $(SOURCES)

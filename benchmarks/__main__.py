@@ -12,7 +12,7 @@ import torch
 
 import channelconv
 
-from . import report, runner
+from . import model_suite, report, runner
 from .runner import DTYPES, PASSES, REFERENCE, TORCH_IM2COL, Settings, configure, environment, gemm_rate, run_layer
 from .models import MODELS, spec_for
 from .shapes import SUITES, parse_shape
@@ -32,6 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--models", default=None,
                    help=f"with --suite models: comma-separated, of {', '.join(MODELS)}, or torchvision:NAME / "
                         "timm:NAME (default all)")
+    p.add_argument("--modes", default=",".join(model_suite.DEFAULT_MODES),
+                   help=f"with --suite models: comma-separated, of {', '.join(model_suite.MODES)} "
+                        "(default %(default)s)")
     p.add_argument("--size", type=int, default=None,
                    help="with --suite models: input height = width (default per model)")
     p.add_argument("--shape", action="append", default=[], metavar="N,C_in,H,W,C_out,KH,KW[,s,p,d,g]",
@@ -99,6 +102,10 @@ def parse_args(argv=None):
         args.model_specs = [spec_for(m.strip()) for m in (args.models or ",".join(MODELS)).split(",") if m.strip()]
     except (ValueError, ImportError) as e:
         p.error(f"--models: {e}")
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in args.modes:
+        if mode not in model_suite.MODES:
+            p.error(f"--modes: unknown mode {mode!r}; expected some of {', '.join(model_suite.MODES)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
@@ -207,8 +214,6 @@ def _batch_label(args, settings) -> str:
 
 
 def _main_models(args, settings, meta, start) -> int:
-    from . import model_suite
-
     progress = None
     if not args.no_progress:
         try:
@@ -221,7 +226,7 @@ def _main_models(args, settings, meta, start) -> int:
     for spec in args.model_specs:
         if progress is not None:
             progress.set_description(spec.name)
-        rows += model_suite.run_model(spec, settings, args.batch, args.size)
+        rows += model_suite.run_model(spec, settings, args.batch, args.size, args.modes)
         if progress is not None:
             progress.update()
     if progress is not None:
@@ -229,7 +234,7 @@ def _main_models(args, settings, meta, start) -> int:
     meta["elapsed_s"] = time.perf_counter() - start
     meta["load_average_end"] = runner._load_average()
     summary = model_suite.summary_text(rows)
-    print("\n== models | inference and a training step | speed relative to nn.Conv2d (its time / channelconv's)")
+    print(f"\n== models | {', '.join(args.modes)} | speed relative to nn.Conv2d (its time / channelconv's)")
     print(model_suite.table(rows))
     print(summary)
     print(f"\ndone in {meta['elapsed_s']:.0f} s")

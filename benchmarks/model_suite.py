@@ -1,9 +1,11 @@
 """The model suite: whole networks (benchmarks/models.py), converted with ``channelconv.convert``,
 against the same networks with nn.Conv2d, interleaved in one process (runner.interleaved).
 
-Two modes per model: inference (eval mode, no grad) and a training step (train mode: forward,
-cross-entropy against fixed labels, backward, an SGD step with momentum). Both copies start from
-the same weights; each has its own optimizer. Before timing, the converted model's inference output
+Modes per model: inference (eval mode, no grad) and a training step (train mode: forward,
+cross-entropy against fixed labels, backward, an SGD step with momentum), and on request
+per-sample gradients (eval mode: torch.func.vmap over grad of one sample's loss, as
+differential-privacy trainers compute them). Both copies start from the same weights; each has its
+own optimizer. Before timing, the converted model's inference output
 is compared with the original's (relative error, float64 references of both)."""
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import channelconv
 from .models import ModelSpec
 from .runner import Settings, interleaved
 
-MODES = ("inference", "training")
+MODES = ("inference", "training", "per-sample")
+DEFAULT_MODES = MODES[:2]
 REFERENCE_SIDE, OUR_SIDE = "nn.Conv2d", "channelconv"
 
 
@@ -48,6 +51,21 @@ def _infer(model, x):
     return infer
 
 
+def _per_sample(model, x, target):
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss(params, sample, label):
+        output = torch.func.functional_call(model, (params, buffers), (sample.unsqueeze(0),))
+        return F.cross_entropy(output, label.unsqueeze(0))
+
+    gradients = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
+    return lambda: gradients(params, x, target)
+
+
+RUN = {"inference": lambda model, x, target: _infer(model, x), "training": _step, "per-sample": _per_sample}
+
+
 def output_error(reference, ours, x) -> float:
     """‖ours(x) − reference(x)‖ / ‖reference(x)‖ in eval mode, both in float64: what conversion changed."""
     ref64, ours64 = copy.deepcopy(reference).double().eval(), copy.deepcopy(ours).double().eval()
@@ -57,7 +75,7 @@ def output_error(reference, ours, x) -> float:
 
 
 def run_model(spec: ModelSpec, settings: Settings, batch: int | None = None, size: int | None = None,
-              modes=MODES) -> list[dict]:
+              modes=DEFAULT_MODES) -> list[dict]:
     batch, size = batch or spec.batch, size or spec.size
     torch.manual_seed(0)
     reference = spec.build().to(settings.device, settings.dtype)
@@ -69,9 +87,7 @@ def run_model(spec: ModelSpec, settings: Settings, batch: int | None = None, siz
     for mode in modes:
         for model in (reference, ours):
             model.train(mode == "training")
-        functions = {side: (_step if mode == "training" else _infer)(model, *((x, target) if mode == "training"
-                                                                               else (x,)))
-                     for side, model in ((REFERENCE_SIDE, reference), (OUR_SIDE, ours))}
+        functions = {side: RUN[mode](model, x, target) for side, model in ((REFERENCE_SIDE, reference), (OUR_SIDE, ours))}
         samples = interleaved(functions, settings)
         medians = {side: sorted(s)[len(s) // 2] for side, s in samples.items()}
         for side, seconds in medians.items():
@@ -129,10 +145,11 @@ def plot(path, rows, title=""):
     pairs = _pairs(rows)
     models = list(dict.fromkeys(model for model, _ in pairs))
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(models)), 4))
-    width = 0.4
-    for i, mode in enumerate(MODES):
+    modes = [mode for mode in MODES if any(m == mode for _, m in pairs)]
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
         values = [pairs[(m, mode)][OUR_SIDE]["ratio"] if (m, mode) in pairs else 0 for m in models]
-        ax.bar([j + (i - 0.5) * width for j in range(len(models))], values, width, label=mode)
+        ax.bar([j + (i - (len(modes) - 1) / 2) * width for j in range(len(models))], values, width, label=mode)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
     ax.set_ylabel("speed relative to nn.Conv2d")

@@ -2,7 +2,7 @@
 three ways — direct, im2col + GEMM, 1x1 as GEMM — with its own C++ (and CUDA) kernels."""
 
 from . import onnx, reference
-from ._ops import OPS  # noqa: F401  (registers fake kernels and autograd)
+from . import _autograd, _vmap  # noqa: F401  (register autograd and the batching rules on the ops)
 from ._shapes import ALGORITHMS
 from .functional import conv2d
 from .modules import Conv2d, convert, revert

@@ -69,8 +69,10 @@ class AlgorithmPlan:
 
 def _plan_op(algorithm, which, shape_args, dtype, device, limit, threads) -> dict:
     input_shape, weight_shape, stride, padding, dilation, groups = shape_args
-    return dict(torch.ops.channelconv._plan(algorithm, which, list(input_shape), list(weight_shape), list(stride),
-                                            list(padding), list(dilation), groups, dtype, device, limit, threads))
+    with torch._C._DisableFuncTorch():  # ints in, ints out: nothing for a torch.func transform (and no Dict rule)
+        return dict(torch.ops.channelconv._plan(algorithm, which, list(input_shape), list(weight_shape), list(stride),
+                                                list(padding), list(dilation), groups, dtype, device, limit,
+                                                threads))
 
 
 def _plans(shape_args, dtype, device, limit, threads) -> dict:

@@ -36,9 +36,9 @@ def test_each_model_converts_to_the_same_function(name):
         assert model.eval()(x).shape == (2, spec.classes)
 
 
-def test_run_model_measures_both_modes_and_sides():
+def test_run_model_measures_every_mode_and_side():
     settings = Settings(rounds=2, min_rounds=1, block_s=0.001)
-    rows = model_suite.run_model(MODELS["lenet"], settings, batch=4)
+    rows = model_suite.run_model(MODELS["lenet"], settings, batch=4, modes=model_suite.MODES)
     assert {(r["mode"], r["side"]) for r in rows} == {(m, s) for m in model_suite.MODES
                                                       for s in (model_suite.REFERENCE_SIDE, model_suite.OUR_SIDE)}
     for row in rows:
@@ -70,3 +70,6 @@ def test_models_command_end_to_end(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "benchmarks", "--suite", "models,resnet50"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "on its own" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "benchmarks", "--suite", "models", "--modes", "training,nope"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown mode 'nope'" in bad.stderr
