@@ -8,26 +8,28 @@ an algorithm are closed under differentiation (DESIGN.md):
 so each op's backward and tangent are calls of the ops themselves, and double backward, forward
 over reverse (Hessian-vector products) and higher orders compose.
 
-Each op has an autograd.Function here, with setup_context, backward and jvp, run by the op's own
-Autograd kernel. That is what torch.library.register_autograd builds, less what torch.func needs:
-its Function has no setup_context (functorch refuses it: no grad, jacrev or hessian) and no jvp
-(forward mode would drop tangents silently). The op stays the unit that torch.compile, torch.export
-and opcheck see; the Function lives inside its Autograd kernel, as register_autograd's does. Under
-vmap the Function's rule is generated: functorch vmaps these methods, whose op calls meet the ops'
-batching rules (_vmap.py).
+Each op has a one-level autograd Function here (_SingleLevelFunction, what functorch's own grad
+rule builds), with setup_context, backward and jvp, run by the op's own Autograd kernel at whatever
+level the dispatcher calls it. That is what torch.library.register_autograd builds, less what
+torch.func needs: its Function has no setup_context and goes through functorch's
+custom_function_call, which refuses it (no grad, jacrev or hessian), and no jvp (forward mode would
+drop tangents silently). The op stays the unit that torch.compile, torch.export and opcheck see; the
+Function lives inside its Autograd kernel, as register_autograd's does. Under vmap the ops' own
+batching rules apply (_vmap.py).
 """
 
 from __future__ import annotations
 
 import torch
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
+from torch.autograd.function import _SingleLevelFunction
 from torch._functorch.utils import enable_single_level_autograd_function
 
 from ._ops import OP_PREFIX, OPS, AlgorithmOps, LIB, bias_grad, call_op, records_autograd
 from ._shapes import result_format
 
 
-def _function(name: str, op, setup_context, backward, jvp) -> type[torch.autograd.Function]:
+def _function(name: str, op, setup_context, backward, jvp) -> type[_SingleLevelFunction]:
     def forward(*args):
         # apply() switches both gradient modes off around forward; below a torch.func transform the
         # op's call goes on to the transforms of lower levels (a jvp under a grad: forward over
@@ -36,7 +38,7 @@ def _function(name: str, op, setup_context, backward, jvp) -> type[torch.autogra
             return op(*args)
 
     methods = {"forward": forward, "setup_context": setup_context, "backward": backward, "jvp": jvp}
-    return type(name, (torch.autograd.Function,), {k: staticmethod(f) for k, f in methods.items()})
+    return type(name, (_SingleLevelFunction,), {k: staticmethod(f) for k, f in methods.items()})
 
 
 def _sum(terms):
@@ -50,7 +52,7 @@ def _nones(rest) -> list[None]:  # no gradient for (stride, padding, dilation, g
     return [None] * len(rest)
 
 
-def _forward_function(ops: AlgorithmOps, prefix: str) -> type[torch.autograd.Function]:
+def _forward_function(ops: AlgorithmOps, prefix: str) -> type[_SingleLevelFunction]:
     def setup_context(ctx, inputs, output):
         input, weight, bias, *rest = inputs
         ctx.save_for_backward(input, weight)
@@ -82,7 +84,7 @@ def _forward_function(ops: AlgorithmOps, prefix: str) -> type[torch.autograd.Fun
     return _function(f"channelconv_{prefix}_forward", ops.forward, setup_context, backward, jvp)
 
 
-def _backward_function(ops: AlgorithmOps, prefix: str, of: str) -> type[torch.autograd.Function]:
+def _backward_function(ops: AlgorithmOps, prefix: str, of: str) -> type[_SingleLevelFunction]:
     """backward_input(grad_output, weight, input_size, ...) or backward_weight(grad_output, input,
     weight_size, ...): bilinear in (grad_output, operand)."""
     op = getattr(ops, of)
@@ -119,13 +121,13 @@ def _backward_function(ops: AlgorithmOps, prefix: str, of: str) -> type[torch.au
 def _register(op, function) -> None:
     def kernel(keyset, *args):
         if records_autograd(*args):
-            # The plain autograd.Function apply, even under a torch.func transform: this kernel is
-            # then the autograd kernel of the transform's level, recording on its tensors as ATen's
-            # own autograd kernels do (Function.apply would route to functorch's
+            # A one-level Function, even under a torch.func transform: this kernel is then the
+            # autograd kernel of the transform's level, recording on its tensors as ATen's own
+            # autograd kernels do (a torch.autograd.Function would route to functorch's
             # custom_function_call, which has no kernel at an autograd key). Functorch allows a
             # one-level Function only where told: here it records at exactly the current level.
             with enable_single_level_autograd_function():
-                return super(torch.autograd.Function, function).apply(*args)
+                return function.apply(*args)
         # Straight to the backend's kernel (call_op skips this kernel too).
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
