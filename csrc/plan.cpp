@@ -82,6 +82,25 @@ bool runs_blocked(at::ScalarType dtype, int64_t out_per_group) {
   return dtype == at::kFloat && out_per_group >= 4 && blocked_kernel_available();
 }
 
+// Fewer output channels per group than a narrow tile's 16 lanes, at stride 1 along the row: the
+// weight gradient vectorised along output rows fills its lanes with pixels instead (plan.h), where
+// a row fills more of its vectors than the group's channels fill a narrow tile (32 -> 12 channels
+// on an 8-pixel row ran at a third of the narrow tile's speed: benchmarks/NOTES.md v10).
+bool runs_row_weight_grad(const ConvShape& s, at::ScalarType dtype) {
+  const int64_t row_lanes = ceil_div(s.out_w, kNarrowBlockChannels) * kNarrowBlockChannels;
+  return dtype == at::kFloat && s.out_per_group() < kNarrowBlockChannels && s.stride[1] == 1 &&
+         s.kernel_w <= kMaxGradTaps && s.out_w * kNarrowBlockChannels >= s.out_per_group() * row_lanes &&
+         blocked_kernel_available();
+}
+
+// Output channels per unit: as few units as the registers allow, in even shares.
+int64_t row_block(int64_t taps, int64_t out_per_group) {
+  int64_t most = kMaxRowBlock;
+  while (most > 1 && !row_tile_fits(most, taps)) --most;
+  const int64_t units = ceil_div(out_per_group, most);
+  return ceil_div(out_per_group, units);
+}
+
 // One input channel per output channel (a channel multiplier of 1): the depthwise engine, which
 // vectorises across channels instead.
 bool runs_depthwise(const ConvShape& s, at::ScalarType dtype) {
@@ -300,7 +319,10 @@ DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype
       return plan;
     case DirectPass::WeightGrad: {
       const BlockedProblem p = with_tile_width(forward_problem(s));
-      if (runs_blocked(dtype, s.out_per_group()) && p.taps_w <= kMaxGradTaps) {
+      if (runs_row_weight_grad(s, dtype)) {
+        plan.kernel = DirectKernel::RowWeightGrad;
+        plan.row_block = row_block(s.kernel_w, s.out_per_group());
+      } else if (runs_blocked(dtype, s.out_per_group()) && p.taps_w <= kMaxGradTaps) {
         plan.kernel = DirectKernel::BlockedWeightGrad;
         plan.grad_problem = p;
         plan.chunks = grad_chunks(p, threads);

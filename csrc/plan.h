@@ -94,6 +94,10 @@ constexpr int kMaxNarrowPixels = kMaxPixels * kBlockedChannels / kNarrowBlockCha
 // tile, 16 channels, holds twice the values.
 constexpr int kMaxGradTaps = 7;
 constexpr int kGradTileValues = 12;
+// The row weight-gradient tile (few output channels per group, stride 1 along the row): KB output
+// channels x S taps of 16 pixel lanes, plus S input vectors and a dy vector, in the 32 registers.
+constexpr int kMaxRowBlock = 8;
+constexpr bool row_tile_fits(int64_t kb, int64_t s) { return kb * s + s + 1 <= 32; }
 
 // One blocked correlation, the forward pass and each stride phase of the input gradient alike:
 //   out[n, g*out_pg + k, oh, ow] = init[k] + sum_{c, r, s} packed(g, k, c, r, s)
@@ -185,6 +189,7 @@ enum class DirectKernel {
   Blocked,            // register-blocked correlations: `runs` (the forward pass, or one per phase)
   Depthwise,          // depthwise correlations, 16 channels at a time: `runs` (likewise)
   BlockedWeightGrad,  // the blocked weight-gradient reduction: `chunks`
+  RowWeightGrad,      // the weight gradient vectorised along output rows: `row_block` channels a unit
   Loops,              // the plain loops, vectorised along the row
   LoopPhases,         // the plain loops, input gradient phase by phase: `phases`
 };
@@ -194,6 +199,7 @@ struct DirectPlan {
   std::vector<BlockedRun> runs;
   BlockedProblem grad_problem{};  // BlockedWeightGrad: the forward problem (input x, output dy)
   GradChunks chunks{};            // and how its reduction runs
+  int64_t row_block = 0;          // RowWeightGrad: output channels per unit
   std::vector<Phase> phases;      // the input gradient's phases that hold positions and taps
 };
 

@@ -144,6 +144,18 @@ void count_weight_grad(const BlockedProblem& p, const GradChunks& g, Counts& c) 
   }
 }
 
+// The row weight gradient, unit by unit as row_weight_grad runs it: every lane of a row's last
+// vector is counted (it runs masked).
+void count_row_weight_grad(const ConvShape& s, int64_t block, Counts& c) {
+  const int64_t blocks = ceil_div(s.out_per_group(), block), units = s.groups * s.in_per_group() * blocks;
+  const double taps = double(s.kernel_h) * s.kernel_w, lanes = double(ceil_div(s.out_w, 16) * 16);
+  c.tasks = units;
+  c.mac = double(s.batch) * s.groups * s.in_per_group() * s.out_per_group() * taps * s.out_h * lanes;
+  c.inner_loop = double(s.batch) * units * s.kernel_h * s.out_h;
+  c.strip = double(s.batch) * units * s.in_h * (s.in_w + 2 * s.padding[1]);
+  c.output = double(s.out_channels) * s.in_per_group() * taps;
+}
+
 // The plain loops of one pass: each innermost loop runs along a row of `row` elements.
 void count_loops(const ConvShape& s, DirectPass pass, const DirectPlan& plan, Counts& c) {
   const double outputs = double(s.batch) * s.out_channels * s.out_h * s.out_w;
@@ -183,7 +195,7 @@ Summary describe_direct_cpu(const ConvShape& s, DirectPass pass, at::ScalarType 
   const DirectPlan plan = plan_direct(s, pass, dtype, threads);
   Counts c;
   c.blocked = plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::BlockedWeightGrad ||
-              plan.kernel == DirectKernel::Depthwise;
+              plan.kernel == DirectKernel::RowWeightGrad || plan.kernel == DirectKernel::Depthwise;
   if (plan.kernel == DirectKernel::Blocked) {
     for (const BlockedRun& run : plan.runs) count_run(run, c);
   } else if (plan.kernel == DirectKernel::Depthwise) {
@@ -191,6 +203,8 @@ Summary describe_direct_cpu(const ConvShape& s, DirectPass pass, at::ScalarType 
     for (const BlockedRun& run : plan.runs) count_depthwise(run, c);
   } else if (plan.kernel == DirectKernel::BlockedWeightGrad) {
     count_weight_grad(plan.grad_problem, plan.chunks, c);
+  } else if (plan.kernel == DirectKernel::RowWeightGrad) {
+    count_row_weight_grad(s, plan.row_block, c);
   } else {
     count_loops(s, pass, plan, c);
   }

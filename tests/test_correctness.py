@@ -206,6 +206,32 @@ def test_direct_narrow_tile_plans(device, out_w, out_channels, groups):
             assert forward["mac"] * (out_channels // groups) == c.macs * 16
 
 
+@pytest.mark.parametrize("out_w", [1, 15, 16, 17, 33])
+@pytest.mark.parametrize("in_channels, out_channels, groups", [(1, 1, 1), (1, 6, 1), (2, 15, 1), (6, 12, 3)])
+@pytest.mark.parametrize("kernel, stride, padding, dilation", [
+    ((5, 5), (1, 1), 2, (1, 1)), ((1, 1), (1, 1), 0, (1, 1)), ((7, 7), (1, 1), 3, (1, 1)), ((3, 2), (2, 1), 1, (2, 3))])
+def test_row_weight_grad_plans(device, out_w, in_channels, out_channels, groups, kernel, stride, padding, dilation):
+    """The weight gradient along output rows (fewer than 16 output channels per group, stride 1
+    along the row, rows that fill their vectors better than the channels would fill a narrow tile):
+    rows shorter and longer than a vector (a masked last one), padding columns and
+    rows, dilation, row stride 2, blocks of output channels (15 in two), groups; forward and both
+    gradients against F.conv2d."""
+    in_w = out_w - 1 + dilation[1] * (kernel[1] - 1) + 1 - 2 * padding
+    if in_w < 1:
+        pytest.skip("no input that wide")
+    case = Case(batch=3, in_channels=in_channels, out_channels=out_channels, size=(7, in_w), kernel=kernel,
+                stride=stride, padding=padding, dilation=dilation, groups=groups, bias=False, unbatched=False,
+                layout="contiguous")
+    check_case(case, "direct", torch.float32, device)
+    c = channelconv.cost((3, in_channels, 7, in_w), (out_channels, in_channels // groups, *kernel), stride, padding,
+                         dilation, groups)
+    weight_grad = c.plans["direct"].passes["weight_grad"]
+    rows_fill_vectors = out_w in (15, 16) or out_channels // groups == 1  # beyond what a narrow tile fills
+    if weight_grad["blocked"] and device == "cpu" and rows_fill_vectors:  # AVX-512: the row engine
+        assert weight_grad["chunks"] == 0 and weight_grad["tasks"] % in_channels == 0
+        assert weight_grad["output"] == out_channels * (in_channels // groups) * kernel[0] * kernel[1]
+
+
 @pytest.mark.parametrize("channels", [16, 17, 40])
 @pytest.mark.parametrize("kernel, stride, padding, dilation", [
     ((3, 3), 1, 1, 1), ((5, 5), 2, 2, 1), ((7, 7), 1, 3, 1), ((3, 3), 2, 1, 1), ((3, 3), 1, 2, 2), ((1, 1), 1, 0, 1),

@@ -4,6 +4,7 @@
 //                             the same correlation on grad_output with the weight flipped and
 //                             transposed, one stride phase at a time)
 //   blocked_weight_grad.cpp   the weight-gradient tiles (a reduction over output pixels)
+//   row_weight_grad.cpp       the weight gradient of few output channels, along output rows
 //   depthwise.cpp             depthwise correlations (forward and input gradient), across channels
 // The code is compiled for AVX-512 through target attributes and called only when the CPU has it
 // (blocked_kernel_available); no -march flag is involved.
@@ -29,6 +30,10 @@ void blocked_correlation(const BlockedRun& run, const float* in, const float* pa
 // forward problem (input x, output dy).
 void blocked_weight_grad(const BlockedProblem& problem, const GradChunks& chunks, const float* dy, const float* x,
                          float* dw);
+
+// The same weight gradient with 16 output pixels to a register (row_weight_grad.cpp), `block`
+// output channels of a group at a time: for stride 1 along the row and few output channels.
+void row_weight_grad(const ConvShape& s, int64_t block, const float* dy, const float* x, float* dw);
 
 // The same correlation for a depthwise problem (groups channels, one input channel each; the
 // weight (groups, 1, kernel_h, kernel_w)), vectorised across 16 channels (depthwise.cpp).

@@ -347,6 +347,11 @@ at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tenso
                         dw.mutable_data_ptr<float>());
     return dw.contiguous(result_format(input, grad_output));
   }
+  if (plan.kernel == DirectKernel::RowWeightGrad) {
+    row_weight_grad(s, plan.row_block, dy.const_data_ptr<float>(), x.const_data_ptr<float>(),
+                    dw.mutable_data_ptr<float>());
+    return dw.contiguous(result_format(input, grad_output));
+  }
   CHANNELCONV_DISPATCH(input.scalar_type(), "channelconv::direct_backward_weight", [&] {
     backward_weight_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                      dw.mutable_data_ptr<scalar_t>(), s);

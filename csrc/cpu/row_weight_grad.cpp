@@ -1,0 +1,129 @@
+// The weight gradient vectorised along output rows, for layers with few output channels per group
+// (a Fashion-MNIST network's first layer: 1 -> 6 channels), where a blocked tile, vectorised over
+// output channels, would leave most of its 16 lanes empty:
+//   dW[k, c, r, s] = sum over (n, oh, ow) of dy[n, k, oh, ow] * x[n, c, ih(oh, r), ow + s*dil_w - pad_w]
+// (stride 1 along the row). A tile holds `KB` output channels x S taps of one kernel row in KB*S
+// registers of 16 pixel lanes; per 16 output pixels it loads S input vectors (the row shifted by
+// each tap) and KB dy vectors for KB*S FMAs. Each unit (group, input channel, block of output
+// channels) owns its slice of dW and sums images, rows and lanes in a fixed order: the result does
+// not depend on the thread count.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <utility>
+#include <vector>
+
+#include "blocked.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+namespace channelconv {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+
+namespace {
+
+constexpr int kLanes = 16;
+
+struct RowTile {
+  const float* dy;     // dy[n, k0, 0, 0]; channel k0 + k at k * dy_channel
+  int64_t dy_channel;
+  const float* x;      // (n, c)'s input plane, zero-padded along the row: column j holds iw = j - pad_w
+  int64_t x_row;       // floats per padded row
+  const ConvShape* s;
+  float* lanes;        // [KB][R][S][16] partial sums
+};
+
+template <int KB, int S>
+__attribute__((target("avx512f,fma"))) void row_tile(const RowTile& t) {
+  const ConvShape& s = *t.s;
+  const int64_t R = s.kernel_h, vectors = (s.out_w + kLanes - 1) / kLanes;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (s.out_w - (vectors - 1) * kLanes)) - 1u);
+  for (int64_t r = 0; r < R; ++r) {
+    __m512 acc[KB][S];
+    for (int k = 0; k < KB; ++k)
+      for (int tap = 0; tap < S; ++tap) acc[k][tap] = _mm512_loadu_ps(t.lanes + ((k * R + r) * S + tap) * kLanes);
+    for (int64_t oh = 0; oh < s.out_h; ++oh) {
+      const int64_t ih = oh * s.stride[0] + r * s.dilation[0] - s.padding[0];
+      if (ih < 0 || ih >= s.in_h) continue;  // a padding row: no terms
+      const float* x_row = t.x + ih * t.x_row;
+      const float* dy_row = t.dy + oh * s.out_w;
+      for (int64_t v = 0; v < vectors; ++v) {
+        const __mmask16 mask = v + 1 < vectors ? __mmask16(0xFFFF) : tail;  // (masked lanes load zeros)
+        __m512 xv[S];
+        for (int tap = 0; tap < S; ++tap)
+          xv[tap] = _mm512_maskz_loadu_ps(mask, x_row + v * kLanes + tap * s.dilation[1]);
+        for (int k = 0; k < KB; ++k) {
+          const __m512 dv = _mm512_maskz_loadu_ps(mask, dy_row + k * t.dy_channel + v * kLanes);
+          for (int tap = 0; tap < S; ++tap) acc[k][tap] = _mm512_fmadd_ps(dv, xv[tap], acc[k][tap]);
+        }
+      }
+    }
+    for (int k = 0; k < KB; ++k)
+      for (int tap = 0; tap < S; ++tap) _mm512_storeu_ps(t.lanes + ((k * R + r) * S + tap) * kLanes, acc[k][tap]);
+  }
+}
+
+using RowTileFn = void (*)(const RowTile&);
+
+// kRowTiles[S - 1][KB - 1]; null where the tile would not fit the registers (plan.h).
+struct RowTiles {
+  template <int S, int... KB>
+  static constexpr std::array<RowTileFn, kMaxRowBlock> row(std::integer_sequence<int, KB...>) {
+    return {(row_tile_fits(KB + 1, S) ? &row_tile<(row_tile_fits(KB + 1, S) ? KB + 1 : 1), S> : nullptr)...};
+  }
+  template <int... S>
+  static constexpr std::array<std::array<RowTileFn, kMaxRowBlock>, sizeof...(S)> make(std::integer_sequence<int, S...>) {
+    return {row<S + 1>(std::make_integer_sequence<int, kMaxRowBlock>{})...};
+  }
+};
+constexpr auto kRowTiles = RowTiles::make(std::make_integer_sequence<int, kMaxGradTaps>{});
+
+// plane[i * row + j] = x_plane[i * in_w + j - pad_w], zero in the padding columns.
+void pad_plane(const ConvShape& s, const float* x_plane, int64_t row, float* plane) {
+  for (int64_t i = 0; i < s.in_h; ++i) {
+    float* dst = plane + i * row;
+    std::fill(dst, dst + s.padding[1], 0.0f);
+    std::copy(x_plane + i * s.in_w, x_plane + (i + 1) * s.in_w, dst + s.padding[1]);
+    std::fill(dst + s.padding[1] + s.in_w, dst + row, 0.0f);
+  }
+}
+
+}  // namespace
+
+void row_weight_grad(const ConvShape& s, int64_t block, const float* dy, const float* x, float* dw) {
+  const int64_t C = s.in_per_group(), K = s.out_per_group(), R = s.kernel_h, S = s.kernel_w;
+  const int64_t blocks = (K + block - 1) / block, units = s.groups * C * blocks;
+  const int64_t row = s.in_w + 2 * s.padding[1], out_area = s.out_h * s.out_w, in_area = s.in_h * s.in_w;
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> plane(s.in_h * row), lanes(block * R * S * kLanes);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit % blocks, c = (unit / blocks) % C, g = unit / (blocks * C);
+      const int64_t k0 = b * block, channels = std::min(block, K - k0);
+      const RowTileFn tile = kRowTiles[S - 1][channels - 1];
+      std::fill(lanes.begin(), lanes.end(), 0.0f);
+      for (int64_t n = 0; n < s.batch; ++n) {
+        pad_plane(s, x + (n * s.in_channels + g * C + c) * in_area, row, plane.data());
+        tile({dy + (n * s.out_channels + g * K + k0) * out_area, out_area, plane.data(), row, &s, lanes.data()});
+      }
+      for (int64_t k = 0; k < channels; ++k)
+        for (int64_t tap = 0; tap < R * S; ++tap) {
+          const float* l = lanes.data() + (k * R * S + tap) * kLanes;
+          float sum = 0.0f;
+          for (int j = 0; j < kLanes; ++j) sum += l[j];
+          dw[((g * K + k0 + k) * C + c) * R * S + tap] = sum;
+        }
+    }
+  });
+}
+
+#else  // not x86-64 with GCC/Clang: never called (blocked_kernel_available is false)
+
+void row_weight_grad(const ConvShape&, int64_t, const float*, const float*, float*) {}
+
+#endif
+
+}  // namespace channelconv
