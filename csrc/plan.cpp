@@ -82,15 +82,18 @@ bool runs_blocked(at::ScalarType dtype, int64_t out_per_group) {
   return dtype == at::kFloat && out_per_group >= 4 && blocked_kernel_available();
 }
 
-// Fewer output channels per group than a narrow tile's 16 lanes, at stride 1 along the row: the
-// weight gradient vectorised along output rows fills its lanes with pixels instead (plan.h), where
-// a row fills more of its vectors than the group's channels fill a narrow tile (32 -> 12 channels
-// on an 8-pixel row ran at a third of the narrow tile's speed: benchmarks/NOTES.md v10).
+// Fewer output channels per group than a narrow tile's 16 lanes: the weight gradient vectorised
+// along output rows fills its lanes with pixels instead (plan.h), where a row fills more of its
+// vectors than the group's channels fill a narrow tile (32 -> 12 channels on an 8-pixel row ran at
+// a third of the narrow tile's speed). At a stride along the row, only with few input channels per
+// group: each unit copies its input plane, st times the output's columns, in phases, which a tile
+// of many input channels amortises better (32 -> 12 3x3/s2 @56 ran at 0.3x against its 1.1x;
+// 1 -> 6 5x5/s2 and stride-2 depthwise layers gained: benchmarks/NOTES.md v10).
 bool runs_row_weight_grad(const ConvShape& s, at::ScalarType dtype) {
   const int64_t row_lanes = ceil_div(s.out_w, kNarrowBlockChannels) * kNarrowBlockChannels;
-  return dtype == at::kFloat && s.out_per_group() < kNarrowBlockChannels && s.stride[1] == 1 &&
-         s.kernel_w <= kMaxGradTaps && s.out_w * kNarrowBlockChannels >= s.out_per_group() * row_lanes &&
-         blocked_kernel_available();
+  return dtype == at::kFloat && s.out_per_group() < kNarrowBlockChannels && s.kernel_w <= kMaxGradTaps &&
+         (s.stride[1] == 1 || s.in_per_group() <= kRowStridedInChannels) &&
+         s.out_w * kNarrowBlockChannels >= s.out_per_group() * row_lanes && blocked_kernel_available();
 }
 
 // Output channels per unit: as few units as the registers allow, in even shares.

@@ -98,6 +98,8 @@ constexpr int kGradTileValues = 12;
 // channels x S taps of 16 pixel lanes, plus S input vectors and a dy vector, in the 32 registers.
 constexpr int kMaxRowBlock = 8;
 constexpr bool row_tile_fits(int64_t kb, int64_t s) { return kb * s + s + 1 <= 32; }
+// At a stride along the row it runs for at most this many input channels per group (plan.cpp).
+constexpr int64_t kRowStridedInChannels = 4;
 
 // One blocked correlation, the forward pass and each stride phase of the input gradient alike:
 //   out[n, g*out_pg + k, oh, ow] = init[k] + sum_{c, r, s} packed(g, k, c, r, s)

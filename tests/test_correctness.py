@@ -209,14 +209,15 @@ def test_direct_narrow_tile_plans(device, out_w, out_channels, groups):
 @pytest.mark.parametrize("out_w", [1, 15, 16, 17, 33])
 @pytest.mark.parametrize("in_channels, out_channels, groups", [(1, 1, 1), (1, 6, 1), (2, 15, 1), (6, 12, 3)])
 @pytest.mark.parametrize("kernel, stride, padding, dilation", [
-    ((5, 5), (1, 1), 2, (1, 1)), ((1, 1), (1, 1), 0, (1, 1)), ((7, 7), (1, 1), 3, (1, 1)), ((3, 2), (2, 1), 1, (2, 3))])
+    ((5, 5), (1, 1), 2, (1, 1)), ((1, 1), (1, 1), 0, (1, 1)), ((7, 7), (1, 1), 3, (1, 1)), ((3, 2), (2, 1), 1, (2, 3)),
+    ((3, 3), (2, 2), 1, (1, 1)), ((5, 4), (1, 3), 2, (1, 2))])
 def test_row_weight_grad_plans(device, out_w, in_channels, out_channels, groups, kernel, stride, padding, dilation):
-    """The weight gradient along output rows (fewer than 16 output channels per group, stride 1
-    along the row, rows that fill their vectors better than the channels would fill a narrow tile):
-    rows shorter and longer than a vector (a masked last one), padding columns and
-    rows, dilation, row stride 2, blocks of output channels (15 in two), groups; forward and both
-    gradients against F.conv2d."""
-    in_w = out_w - 1 + dilation[1] * (kernel[1] - 1) + 1 - 2 * padding
+    """The weight gradient along output rows (fewer than 16 output channels per group, rows that
+    fill their vectors better than the channels would fill a narrow tile): rows shorter and longer
+    than a vector (a masked last one), padding columns and rows, dilation, strides 2 and 3 along
+    the row (input rows in phases), row stride 2, blocks of output channels (15 in two), groups;
+    forward and both gradients against F.conv2d."""
+    in_w = (out_w - 1) * stride[1] + dilation[1] * (kernel[1] - 1) + 1 - 2 * padding
     if in_w < 1:
         pytest.skip("no input that wide")
     case = Case(batch=3, in_channels=in_channels, out_channels=out_channels, size=(7, in_w), kernel=kernel,

@@ -32,7 +32,7 @@ void blocked_weight_grad(const BlockedProblem& problem, const GradChunks& chunks
                          float* dw);
 
 // The same weight gradient with 16 output pixels to a register (row_weight_grad.cpp), `block`
-// output channels of a group at a time: for stride 1 along the row and few output channels.
+// output channels of a group at a time: for few output channels.
 void row_weight_grad(const ConvShape& s, int64_t block, const float* dy, const float* x, float* dw);
 
 // The same correlation for a depthwise problem (groups channels, one input channel each; the

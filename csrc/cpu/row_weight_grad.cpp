@@ -2,9 +2,11 @@
 // (a Fashion-MNIST network's first layer: 1 -> 6 channels), where a blocked tile, vectorised over
 // output channels, would leave most of its 16 lanes empty:
 //   dW[k, c, r, s] = sum over (n, oh, ow) of dy[n, k, oh, ow] * x[n, c, ih(oh, r), ow + s*dil_w - pad_w]
-// (stride 1 along the row). A tile holds `KB` output channels x S taps of one kernel row in KB*S
-// registers of 16 pixel lanes; per 16 output pixels it loads S input vectors (the row shifted by
-// each tap) and KB dy vectors for KB*S FMAs. Each unit (group, input channel, block of output
+// (at stride st along the row, x[..., ow*st + s*dil_w - pad_w]). A tile holds `KB` output channels x S
+// taps of one kernel row in KB*S registers of 16 pixel lanes; per 16 output pixels it loads S input
+// vectors (the row shifted by each tap) and KB dy vectors for KB*S FMAs. At stride st each input
+// row is copied as its st phases (columns j, j + st, ...) one after the other, so that every tap
+// reads 16 consecutive floats of one phase. Each unit (group, input channel, block of output
 // channels) owns its slice of dW and sums images, rows and lanes in a fixed order: the result does
 // not depend on the thread count.
 #include <ATen/Parallel.h>
@@ -31,8 +33,9 @@ constexpr int kLanes = 16;
 struct RowTile {
   const float* dy;     // dy[n, k0, 0, 0]; channel k0 + k at k * dy_channel
   int64_t dy_channel;
-  const float* x;      // (n, c)'s input plane, zero-padded along the row: column j holds iw = j - pad_w
-  int64_t x_row;       // floats per padded row
+  const float* x;      // (n, c)'s input plane, zero-padded along the row (column j: iw = j - pad_w), in phases
+  int64_t x_row;       // floats per row
+  std::array<int64_t, kMaxGradTaps> tap_offset;  // where tap s's 16 pixels start in a row
   const ConvShape* s;
   float* lanes;        // [KB][R][S][16] partial sums
 };
@@ -55,7 +58,7 @@ __attribute__((target("avx512f,fma"))) void row_tile(const RowTile& t) {
         const __mmask16 mask = v + 1 < vectors ? __mmask16(0xFFFF) : tail;  // (masked lanes load zeros)
         __m512 xv[S];
         for (int tap = 0; tap < S; ++tap)
-          xv[tap] = _mm512_maskz_loadu_ps(mask, x_row + v * kLanes + tap * s.dilation[1]);
+          xv[tap] = _mm512_maskz_loadu_ps(mask, x_row + t.tap_offset[tap] + v * kLanes);
         for (int k = 0; k < KB; ++k) {
           const __m512 dv = _mm512_maskz_loadu_ps(mask, dy_row + k * t.dy_channel + v * kLanes);
           for (int tap = 0; tap < S; ++tap) acc[k][tap] = _mm512_fmadd_ps(dv, xv[tap], acc[k][tap]);
@@ -82,13 +85,24 @@ struct RowTiles {
 };
 constexpr auto kRowTiles = RowTiles::make(std::make_integer_sequence<int, kMaxGradTaps>{});
 
-// plane[i * row + j] = x_plane[i * in_w + j - pad_w], zero in the padding columns.
-void pad_plane(const ConvShape& s, const float* x_plane, int64_t row, float* plane) {
+// Column j of the zero-padded row i (x_plane[i * in_w + j - pad_w], zero in the padding) at
+// plane[i * row + (j % st) * phase + j / st]: the row's st phases one after the other.
+void pad_plane(const ConvShape& s, const float* x_plane, int64_t phase, float* plane) {
+  const int64_t st = s.stride[1], pad = s.padding[1], row = st * phase;
   for (int64_t i = 0; i < s.in_h; ++i) {
     float* dst = plane + i * row;
-    std::fill(dst, dst + s.padding[1], 0.0f);
-    std::copy(x_plane + i * s.in_w, x_plane + (i + 1) * s.in_w, dst + s.padding[1]);
-    std::fill(dst + s.padding[1] + s.in_w, dst + row, 0.0f);
+    const float* src = x_plane + i * s.in_w;
+    if (st == 1) {
+      std::fill(dst, dst + pad, 0.0f);
+      std::copy(src, src + s.in_w, dst + pad);
+      std::fill(dst + pad + s.in_w, dst + row, 0.0f);
+      continue;
+    }
+    for (int64_t p = 0; p < st; ++p)
+      for (int64_t q = 0; q < phase; ++q) {
+        const int64_t iw = q * st + p - pad;
+        dst[p * phase + q] = iw >= 0 && iw < s.in_w ? src[iw] : 0.0f;
+      }
   }
 }
 
@@ -97,7 +111,13 @@ void pad_plane(const ConvShape& s, const float* x_plane, int64_t row, float* pla
 void row_weight_grad(const ConvShape& s, int64_t block, const float* dy, const float* x, float* dw) {
   const int64_t C = s.in_per_group(), K = s.out_per_group(), R = s.kernel_h, S = s.kernel_w;
   const int64_t blocks = (K + block - 1) / block, units = s.groups * C * blocks;
-  const int64_t row = s.in_w + 2 * s.padding[1], out_area = s.out_h * s.out_w, in_area = s.in_h * s.in_w;
+  const int64_t st = s.stride[1], phase = (s.in_w + 2 * s.padding[1] + st - 1) / st, row = st * phase;
+  const int64_t out_area = s.out_h * s.out_w, in_area = s.in_h * s.in_w;
+  std::array<int64_t, kMaxGradTaps> tap_offset{};
+  for (int64_t tap = 0; tap < S; ++tap) {
+    const int64_t j = tap * s.dilation[1];  // the padded column of output pixel 0
+    tap_offset[tap] = (j % st) * phase + j / st;
+  }
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> plane(s.in_h * row), lanes(block * R * S * kLanes);
     for (int64_t unit = begin; unit < end; ++unit) {
@@ -106,8 +126,9 @@ void row_weight_grad(const ConvShape& s, int64_t block, const float* dy, const f
       const RowTileFn tile = kRowTiles[S - 1][channels - 1];
       std::fill(lanes.begin(), lanes.end(), 0.0f);
       for (int64_t n = 0; n < s.batch; ++n) {
-        pad_plane(s, x + (n * s.in_channels + g * C + c) * in_area, row, plane.data());
-        tile({dy + (n * s.out_channels + g * K + k0) * out_area, out_area, plane.data(), row, &s, lanes.data()});
+        pad_plane(s, x + (n * s.in_channels + g * C + c) * in_area, phase, plane.data());
+        tile({dy + (n * s.out_channels + g * K + k0) * out_area, out_area, plane.data(), row, tap_offset, &s,
+              lanes.data()});
       }
       for (int64_t k = 0; k < channels; ++k)
         for (int64_t tap = 0; tap < R * S; ++tap) {
