@@ -87,7 +87,8 @@ def run_model(spec: ModelSpec, settings: Settings, batch: int | None = None, siz
     for mode in modes:
         for model in (reference, ours):
             model.train(mode == "training")
-        functions = {side: RUN[mode](model, x, target) for side, model in ((REFERENCE_SIDE, reference), (OUR_SIDE, ours))}
+        functions = {side: RUN[mode](model, x, target)
+                     for side, model in ((REFERENCE_SIDE, reference), (OUR_SIDE, ours))}
         samples = interleaved(functions, settings)
         medians = {side: sorted(s)[len(s) // 2] for side, s in samples.items()}
         for side, seconds in medians.items():

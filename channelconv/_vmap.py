@@ -58,18 +58,15 @@ def _register(ops) -> None:
     @torch.library.register_vmap(ops.forward)
     def _(info, in_dims, input, weight, bias, stride, padding, dilation, groups, *rest):
         size, (input_dim, weight_dim, bias_dim) = info.batch_size, in_dims[:3]
-        if weight_dim is None and bias_dim is None:
-            output = ops.forward(_images(input, input_dim, size), weight, bias, stride, padding, dilation, groups,
-                                 *rest)
-            return output.unflatten(0, (size, -1)), 0
+        own_bias = weight_dim is None and bias_dim is None  # the op adds the bias itself
         if weight_dim is None:
-            output = ops.forward(_images(input, input_dim, size), weight, None, stride, padding, dilation, groups,
-                                 *rest).unflatten(0, (size, -1))
+            output = ops.forward(_images(input, input_dim, size), weight, bias if own_bias else None, stride, padding,
+                                 dilation, groups, *rest).unflatten(0, (size, -1))
         else:
             output = ops.forward(_channels(input, input_dim, size), _weights(weight, weight_dim, size), None,
                                  stride, padding, dilation, groups * size, *rest)
             output = output.unflatten(1, (size, -1)).movedim(1, 0)
-        return _add_bias(output, bias, bias_dim, size), 0
+        return (output if own_bias else _add_bias(output, bias, bias_dim, size)), 0
 
     @torch.library.register_vmap(ops.backward_input)
     def _(info, in_dims, grad_output, weight, input_size, stride, padding, dilation, groups, *rest):

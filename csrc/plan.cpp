@@ -90,10 +90,9 @@ bool runs_blocked(at::ScalarType dtype, int64_t out_per_group) {
 // of many input channels amortises better (32 -> 12 3x3/s2 @56 ran at 0.3x against its 1.1x;
 // 1 -> 6 5x5/s2 and stride-2 depthwise layers gained: benchmarks/NOTES.md v10).
 bool runs_row_weight_grad(const ConvShape& s, at::ScalarType dtype) {
-  const int64_t row_lanes = ceil_div(s.out_w, kNarrowBlockChannels) * kNarrowBlockChannels;
   return dtype == at::kFloat && s.out_per_group() < kNarrowBlockChannels && s.kernel_w <= kMaxGradTaps &&
          (s.stride[1] == 1 || s.in_per_group() <= kRowStridedInChannels) &&
-         s.out_w * kNarrowBlockChannels >= s.out_per_group() * row_lanes && blocked_kernel_available();
+         s.out_w * kNarrowBlockChannels >= s.out_per_group() * row_lanes(s.out_w) && blocked_kernel_available();
 }
 
 // Output channels per unit: as few units as the registers allow, in even shares.

@@ -94,12 +94,20 @@ constexpr int kMaxNarrowPixels = kMaxPixels * kBlockedChannels / kNarrowBlockCha
 // tile, 16 channels, holds twice the values.
 constexpr int kMaxGradTaps = 7;
 constexpr int kGradTileValues = 12;
-// The row weight-gradient tile (few output channels per group, stride 1 along the row): KB output
-// channels x S taps of 16 pixel lanes, plus S input vectors and a dy vector, in the 32 registers.
+// The row weight-gradient tile (few output channels per group): KB output channels x S taps of 16
+// pixel lanes, plus S input vectors and a dy vector, in the 32 registers.
+constexpr int kRowLanes = 16;
 constexpr int kMaxRowBlock = 8;
 constexpr bool row_tile_fits(int64_t kb, int64_t s) { return kb * s + s + 1 <= 32; }
 // At a stride along the row it runs for at most this many input channels per group (plan.cpp).
 constexpr int64_t kRowStridedInChannels = 4;
+// The lanes a row of output pixels takes: whole vectors, the last one masked.
+constexpr int64_t row_lanes(int64_t out_w) { return (out_w + kRowLanes - 1) / kRowLanes * kRowLanes; }
+// Floats per input row the row engine copies: the zero-padded row, as stride_w phases of equal length.
+inline int64_t row_copy_width(const ConvShape& s) {
+  const int64_t st = s.stride[1];
+  return (s.in_w + 2 * s.padding[1] + st - 1) / st * st;
+}
 
 // One blocked correlation, the forward pass and each stride phase of the input gradient alike:
 //   out[n, g*out_pg + k, oh, ow] = init[k] + sum_{c, r, s} packed(g, k, c, r, s)

@@ -148,11 +148,11 @@ void count_weight_grad(const BlockedProblem& p, const GradChunks& g, Counts& c) 
 // vector is counted (it runs masked).
 void count_row_weight_grad(const ConvShape& s, int64_t block, Counts& c) {
   const int64_t blocks = ceil_div(s.out_per_group(), block), units = s.groups * s.in_per_group() * blocks;
-  const double taps = double(s.kernel_h) * s.kernel_w, lanes = double(ceil_div(s.out_w, 16) * 16);
+  const double taps = double(s.kernel_h) * s.kernel_w, lanes = double(row_lanes(s.out_w));
   c.tasks = units;
   c.mac = double(s.batch) * s.groups * s.in_per_group() * s.out_per_group() * taps * s.out_h * lanes;
   c.inner_loop = double(s.batch) * units * s.kernel_h * s.out_h;
-  c.strip = double(s.batch) * units * s.in_h * (s.in_w + 2 * s.padding[1]);
+  c.strip = double(s.batch) * units * s.in_h * row_copy_width(s);
   c.output = double(s.out_channels) * s.in_per_group() * taps;
 }
 

@@ -111,3 +111,31 @@ def load_selftest_ops():
 
 def algorithms_for(kernel_size):
     return [a for a in channelconv.ALGORITHMS if a != "1x1" or tuple(kernel_size) == (1, 1)]
+
+
+# One layer's calls for the autograd and torch.func tests. (input shape, weight shape, stride,
+# padding, dilation, groups): grouped + strided + dilated with an odd kernel, and a 1x1 case every
+# algorithm runs.
+GENERAL = ((2, 4, 7, 6), (6, 2, 3, 2), (2, 1), (1, 0), (1, 2), 2)
+ONE_BY_ONE = ((2, 4, 5, 6), (6, 2, 1, 1), (1, 2), (0, 1), (1, 1), 2)
+
+
+def shape_for(algorithm):
+    return ONE_BY_ONE if algorithm == "1x1" else GENERAL
+
+
+def tensors(shape, device, dtype=torch.float64, seed=0):
+    input_shape, weight_shape, *_ = shape
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(s, generator=g, dtype=dtype).to(device)
+                 for s in (input_shape, weight_shape, (weight_shape[0],)))
+
+
+def ours(algorithm, shape):
+    _, _, stride, padding, dilation, groups = shape
+    return lambda x, w, b: channelconv.conv2d(x, w, b, stride, padding, dilation, groups, algorithm=algorithm)
+
+
+def reference(shape):
+    _, _, stride, padding, dilation, groups = shape
+    return lambda x, w, b: F.conv2d(x, w, b, stride, padding, dilation, groups)

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import algorithms_for, assert_close
+from conftest import algorithms_for, assert_close, reference, shape_for, tensors
+from conftest import ours as conv
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vmap
 
 import channelconv
@@ -107,28 +108,11 @@ def test_per_sample_gradients_run_on_batching_rules(algorithm, no_vmap_fallback)
     assert [[1, 6 * layer[1], 7, 7], [1, 6 * layer[0], 7, 7]] in [shapes[:2] for shapes in calls], calls
 
 
-CONV = ((2, 4, 6, 5), (6, 2, 3, 2), (2, 1), (1, 0), (1, 2), 2)  # grouped, strided, dilated
-CONV_1X1 = ((2, 4, 5, 6), (6, 2, 1, 1), (1, 2), (0, 1), (1, 1), 2)
-
-
-def operands(shape, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    input_shape, weight_shape, *_ = shape
-    return [torch.randn(s, generator=g, dtype=torch.float64).to(device)
-            for s in (input_shape, weight_shape, (weight_shape[0],))]
-
-
-def conv_fns(shape, algorithm):
-    _, _, stride, padding, dilation, groups = shape
-    ours = lambda x, w, b: channelconv.conv2d(x, w, b, stride, padding, dilation, groups, algorithm=algorithm)
-    return ours, lambda x, w, b: F.conv2d(x, w, b, stride, padding, dilation, groups)
-
-
 @pytest.mark.parametrize("algorithm", channelconv.ALGORITHMS)
 def test_jacrev_and_hessian_match_f_conv2d(device, algorithm):
-    shape = CONV_1X1 if algorithm == "1x1" else CONV
-    x, w, b = operands(shape, device)
-    ours, ref = conv_fns(shape, algorithm)
+    shape = shape_for(algorithm)
+    x, w, b = tensors(shape, device)
+    ours, ref = conv(algorithm, shape), reference(shape)
     for argnums in (0, 1, 2, (0, 1)):
         got, want = jacrev(ours, argnums)(x, w, b), jacrev(ref, argnums)(x, w, b)
         for g, r in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want))):
@@ -150,10 +134,10 @@ def test_jacrev_and_hessian_match_f_conv2d(device, algorithm):
 def test_vmap_over_per_sample_weights_and_their_gradients(device, algorithm):
     """A vmapped weight (an ensemble, or a hypernetwork's output) is a grouped convolution: the
     outputs and the gradients of every argument, vmapped over each subset of them."""
-    shape = CONV_1X1 if algorithm == "1x1" else CONV
-    ours, ref = conv_fns(shape, algorithm)
-    batch = [torch.stack([t, 2 * t - 1, -t]) for t in operands(shape, device)]
-    single = operands(shape, device, seed=1)
+    shape = shape_for(algorithm)
+    ours, ref = conv(algorithm, shape), reference(shape)
+    batch = [torch.stack([t, 2 * t - 1, -t]) for t in tensors(shape, device)]
+    single = tensors(shape, device, seed=1)
     for vmapped in ((0,), (1,), (2,), (0, 1), (1, 2), (0, 1, 2)):
         args = [batch[i] if i in vmapped else single[i] for i in range(3)]
         in_dims = tuple(0 if i in vmapped else None for i in range(3))

@@ -28,8 +28,6 @@ namespace channelconv {
 
 namespace {
 
-constexpr int kLanes = 16;
-
 struct RowTile {
   const float* dy;     // dy[n, k0, 0, 0]; channel k0 + k at k * dy_channel
   int64_t dy_channel;
@@ -43,12 +41,12 @@ struct RowTile {
 template <int KB, int S>
 __attribute__((target("avx512f,fma"))) void row_tile(const RowTile& t) {
   const ConvShape& s = *t.s;
-  const int64_t R = s.kernel_h, vectors = (s.out_w + kLanes - 1) / kLanes;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (s.out_w - (vectors - 1) * kLanes)) - 1u);
+  const int64_t R = s.kernel_h, vectors = row_lanes(s.out_w) / kRowLanes;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (s.out_w - (vectors - 1) * kRowLanes)) - 1u);
   for (int64_t r = 0; r < R; ++r) {
     __m512 acc[KB][S];
     for (int k = 0; k < KB; ++k)
-      for (int tap = 0; tap < S; ++tap) acc[k][tap] = _mm512_loadu_ps(t.lanes + ((k * R + r) * S + tap) * kLanes);
+      for (int tap = 0; tap < S; ++tap) acc[k][tap] = _mm512_loadu_ps(t.lanes + ((k * R + r) * S + tap) * kRowLanes);
     for (int64_t oh = 0; oh < s.out_h; ++oh) {
       const int64_t ih = oh * s.stride[0] + r * s.dilation[0] - s.padding[0];
       if (ih < 0 || ih >= s.in_h) continue;  // a padding row: no terms
@@ -58,15 +56,15 @@ __attribute__((target("avx512f,fma"))) void row_tile(const RowTile& t) {
         const __mmask16 mask = v + 1 < vectors ? __mmask16(0xFFFF) : tail;  // (masked lanes load zeros)
         __m512 xv[S];
         for (int tap = 0; tap < S; ++tap)
-          xv[tap] = _mm512_maskz_loadu_ps(mask, x_row + t.tap_offset[tap] + v * kLanes);
+          xv[tap] = _mm512_maskz_loadu_ps(mask, x_row + t.tap_offset[tap] + v * kRowLanes);
         for (int k = 0; k < KB; ++k) {
-          const __m512 dv = _mm512_maskz_loadu_ps(mask, dy_row + k * t.dy_channel + v * kLanes);
+          const __m512 dv = _mm512_maskz_loadu_ps(mask, dy_row + k * t.dy_channel + v * kRowLanes);
           for (int tap = 0; tap < S; ++tap) acc[k][tap] = _mm512_fmadd_ps(dv, xv[tap], acc[k][tap]);
         }
       }
     }
     for (int k = 0; k < KB; ++k)
-      for (int tap = 0; tap < S; ++tap) _mm512_storeu_ps(t.lanes + ((k * R + r) * S + tap) * kLanes, acc[k][tap]);
+      for (int tap = 0; tap < S; ++tap) _mm512_storeu_ps(t.lanes + ((k * R + r) * S + tap) * kRowLanes, acc[k][tap]);
   }
 }
 
@@ -79,7 +77,8 @@ struct RowTiles {
     return {(row_tile_fits(KB + 1, S) ? &row_tile<(row_tile_fits(KB + 1, S) ? KB + 1 : 1), S> : nullptr)...};
   }
   template <int... S>
-  static constexpr std::array<std::array<RowTileFn, kMaxRowBlock>, sizeof...(S)> make(std::integer_sequence<int, S...>) {
+  static constexpr std::array<std::array<RowTileFn, kMaxRowBlock>, sizeof...(S)> make(
+      std::integer_sequence<int, S...>) {
     return {row<S + 1>(std::make_integer_sequence<int, kMaxRowBlock>{})...};
   }
 };
@@ -111,7 +110,7 @@ void pad_plane(const ConvShape& s, const float* x_plane, int64_t phase, float* p
 void row_weight_grad(const ConvShape& s, int64_t block, const float* dy, const float* x, float* dw) {
   const int64_t C = s.in_per_group(), K = s.out_per_group(), R = s.kernel_h, S = s.kernel_w;
   const int64_t blocks = (K + block - 1) / block, units = s.groups * C * blocks;
-  const int64_t st = s.stride[1], phase = (s.in_w + 2 * s.padding[1] + st - 1) / st, row = st * phase;
+  const int64_t st = s.stride[1], row = row_copy_width(s), phase = row / st;
   const int64_t out_area = s.out_h * s.out_w, in_area = s.in_h * s.in_w;
   std::array<int64_t, kMaxGradTaps> tap_offset{};
   for (int64_t tap = 0; tap < S; ++tap) {
@@ -119,7 +118,7 @@ void row_weight_grad(const ConvShape& s, int64_t block, const float* dy, const f
     tap_offset[tap] = (j % st) * phase + j / st;
   }
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> plane(s.in_h * row), lanes(block * R * S * kLanes);
+    std::vector<float> plane(s.in_h * row), lanes(block * R * S * kRowLanes);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit % blocks, c = (unit / blocks) % C, g = unit / (blocks * C);
       const int64_t k0 = b * block, channels = std::min(block, K - k0);
@@ -132,9 +131,9 @@ void row_weight_grad(const ConvShape& s, int64_t block, const float* dy, const f
       }
       for (int64_t k = 0; k < channels; ++k)
         for (int64_t tap = 0; tap < R * S; ++tap) {
-          const float* l = lanes.data() + (k * R * S + tap) * kLanes;
+          const float* l = lanes.data() + (k * R * S + tap) * kRowLanes;
           float sum = 0.0f;
-          for (int j = 0; j < kLanes; ++j) sum += l[j];
+          for (int j = 0; j < kRowLanes; ++j) sum += l[j];
           dw[((g * K + k0 + k) * C + c) * R * S + tap] = sum;
         }
     }
