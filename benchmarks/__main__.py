@@ -13,7 +13,8 @@ import torch
 import channelconv
 
 from . import model_suite, report, runner
-from .runner import DTYPES, PASSES, REFERENCE, TORCH_IM2COL, Settings, configure, environment, gemm_rate, run_layer
+from .runner import (AUTOCAST_DTYPES, DTYPES, MEMORY_FORMATS, PASSES, REFERENCE, TORCH_IM2COL, Settings, configure,
+                     environment, gemm_rate, run_layer, tensor_label)
 from .models import MODELS, spec_for
 from .shapes import SUITES, parse_shape
 
@@ -41,6 +42,12 @@ def parse_args(argv=None):
                    help="a custom layer (repeatable); runs instead of the suites unless --suite is given too")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--memory-format", default="contiguous", choices=list(MEMORY_FORMATS),
+                   help="layout of inputs, conv weights and grad_outputs on both sides; with --suite models, "
+                        "model.to(memory_format=...) on both models (default %(default)s)")
+    p.add_argument("--autocast", default=None, choices=list(AUTOCAST_DTYPES),
+                   help="with --suite models (inference, training): forward and loss under torch.autocast on both "
+                        "sides, the weights float32")
     p.add_argument("--batch", type=int, default=None, help="images per layer (default 8; 2 with --quick)")
     p.add_argument("--algorithms", default=",".join(channelconv.ALGORITHMS),
                    help="comma-separated subset of channelconv.ALGORITHMS ('1x1' runs on 1x1 kernels only)")
@@ -106,6 +113,15 @@ def parse_args(argv=None):
     for mode in args.modes:
         if mode not in model_suite.MODES:
             p.error(f"--modes: unknown mode {mode!r}; expected some of {', '.join(model_suite.MODES)}")
+    if args.autocast and args.suites != ["models"]:
+        p.error("--autocast: with --suite models only (a layer suite times one dtype, see --dtype)")
+    if args.autocast and "per-sample" in args.modes:
+        p.error("--autocast: inference and training only; torch.func's per-sample gradients fail under autocast "
+                "on batch-norm networks")
+    if args.autocast and args.dtype != "float32":
+        p.error("--autocast: the models keep float32 weights under autocast; leave --dtype at float32")
+    if args.calibrate and (args.autocast or args.memory_format != "contiguous"):
+        p.error("--calibrate fits 'auto' on contiguous tensors without autocast; drop --memory-format / --autocast")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
@@ -113,7 +129,9 @@ def parse_args(argv=None):
 
 def settings_from(args) -> Settings:
     s = Settings(device=args.device, dtype=DTYPES[args.dtype], batch=args.batch or (2 if args.quick else 8),
-                 threads=args.threads, measured_auto=args.measured, torch_im2col=args.torch_im2col, check_errors=not args.no_errors)
+                 threads=args.threads, measured_auto=args.measured, torch_im2col=args.torch_im2col,
+                 check_errors=not args.no_errors, memory_format=args.memory_format,
+                 autocast=AUTOCAST_DTYPES.get(args.autocast))
     if args.quick:
         s.rounds, s.min_rounds, s.block_s, s.slow_s = 3, 2, 0.004, 0.05
     if args.rounds:
@@ -143,7 +161,7 @@ def main(argv=None) -> int:
                                                                                    settings.dtype)["source"]})
     where = meta.get("gpu") or meta["cpu"]
     print(f"channelconv {meta['channelconv']} | torch {meta['torch']} | {settings.device} ({where}) | "
-          f"{meta['threads']} threads | {meta['dtype']} | batch {_batch_label(args, settings)}")
+          f"{meta['threads']} threads | {tensor_label(settings)} | batch {_batch_label(args, settings)}")
     print(f"GEMM rate ({'256' if args.quick else '2048'}^3 torch.mm): {gemm:.0f} GFLOP/s; "
           f"'auto' model: {meta['calibration']}")
     if args.suites == ["models"]:
@@ -178,7 +196,7 @@ def main(argv=None) -> int:
     markdown = []
     for (suite, pass_), rows in by_pass.items():
         batches = ",".join(str(b) for b in dict.fromkeys(row["input_shape"][0] for row in rows))
-        title = f"{suite} | {pass_} | batch {batches} | {meta['dtype']} | {settings.device}"
+        title = f"{suite} | {pass_} | batch {batches} | {tensor_label(settings)} | {settings.device}"
         print(f"\n== {title}")
         print(report.detail_table(rows))
         print(f"\n-- speed relative to {REFERENCE} ({REFERENCE} time / time: > 1 is faster; 'auto' with its choice)")
@@ -201,7 +219,8 @@ def main(argv=None) -> int:
                     f"{meta['threads']} threads, torch {meta['torch']}, GEMM {gemm:.0f} GFLOP/s, "
                     f"{elapsed:.0f} s{loads}\n\n" + "\n".join(markdown))
     if args.plot:
-        report.plot(args.plot, results, title=f"{','.join(args.suites) or 'custom'} batch {settings.batch}")
+        report.plot(args.plot, results,
+                    title=f"{','.join(args.suites) or 'custom'} batch {settings.batch}, {tensor_label(settings)}")
     return 0
 
 
@@ -234,7 +253,8 @@ def _main_models(args, settings, meta, start) -> int:
     meta["elapsed_s"] = time.perf_counter() - start
     meta["load_average_end"] = runner._load_average()
     summary = model_suite.summary_text(rows)
-    print(f"\n== models | {', '.join(args.modes)} | speed relative to nn.Conv2d (its time / channelconv's)")
+    print(f"\n== models | {', '.join(args.modes)} | {tensor_label(settings)} | speed relative to nn.Conv2d "
+          f"(its time / channelconv's)")
     print(model_suite.table(rows))
     print(summary)
     print(f"\ndone in {meta['elapsed_s']:.0f} s")
@@ -245,10 +265,11 @@ def _main_models(args, settings, meta, start) -> int:
         model_suite.write_csv(args.csv, rows)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(f"`{meta['command']}` — {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
+            f.write(f"`{meta['command']}` — {tensor_label(settings)}, {meta['cpu']}, {meta['threads']} threads, "
+                    f"torch {meta['torch']}, "
                     f"{meta['elapsed_s']:.0f} s\n\n{model_suite.markdown(rows)}\n\n```\n{summary}\n```\n")
     if args.plot:
-        model_suite.plot(args.plot, rows, title="models, speed relative to nn.Conv2d")
+        model_suite.plot(args.plot, rows, title=f"models, {tensor_label(settings)}, speed relative to nn.Conv2d")
     return 0
 
 

@@ -6,10 +6,15 @@ cross-entropy against fixed labels, backward, an SGD step with momentum), and on
 per-sample gradients (eval mode: torch.func.vmap over grad of one sample's loss, as
 differential-privacy trainers compute them). Both copies start from the same weights; each has its
 own optimizer. Before timing, the converted model's inference output
-is compared with the original's (relative error, float64 references of both)."""
+is compared with the original's (relative error, float64 references of both, without autocast).
+
+With ``Settings.memory_format`` channels_last both models and the input are channels_last; with
+``Settings.autocast`` both sides run inference, and a training step's forward and loss, under
+torch.autocast, the weights float32."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import math
@@ -20,7 +25,7 @@ import torch.nn.functional as F
 import channelconv
 
 from .models import ModelSpec
-from .runner import Settings, interleaved
+from .runner import Settings, in_memory_format, interleaved
 
 MODES = ("inference", "training", "per-sample")
 DEFAULT_MODES = MODES[:2]
@@ -29,29 +34,42 @@ REFERENCE_SIDE, OUR_SIDE = "nn.Conv2d", "channelconv"
 
 def _inputs(spec: ModelSpec, batch: int, size: int, settings: Settings):
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, spec.channels, size, size, generator=generator).to(settings.device, settings.dtype)
+    x = in_memory_format(torch.randn(batch, spec.channels, size, size, generator=generator)
+                         .to(settings.device, settings.dtype), settings)
     target = torch.randint(0, spec.classes, (batch,), generator=generator).to(settings.device)
     return x, target
 
 
-def _step(model, x, target):
+def _autocast(settings: Settings):
+    """Forward and loss under torch.autocast with --autocast (backward outside it, as autocast's
+    recipe has it); otherwise nothing, so that a default run times what it always did."""
+    if settings.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(settings.device, dtype=settings.autocast)
+
+
+def _step(model, x, target, settings):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
-    def step():
+    def step():  # no GradScaler for float16: the step is timed, not trained to convergence
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), target).backward()
+        with _autocast(settings):
+            loss = F.cross_entropy(model(x), target)
+        loss.backward()
         optimizer.step()
     return step
 
 
-def _infer(model, x):
+def _infer(model, x, target, settings):
     def infer():
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(settings):
             model(x)
     return infer
 
 
-def _per_sample(model, x, target):
+def _per_sample(model, x, target, settings):
+    # No autocast here (the CLI refuses it): vmap(grad) under autocast fails in torch itself on
+    # batch-norm networks, nn.Conv2d's side too ('expected scalar type BFloat16 but found Float').
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
 
@@ -63,7 +81,7 @@ def _per_sample(model, x, target):
     return lambda: gradients(params, x, target)
 
 
-RUN = {"inference": lambda model, x, target: _infer(model, x), "training": _step, "per-sample": _per_sample}
+RUN = {"inference": _infer, "training": _step, "per-sample": _per_sample}
 
 
 def output_error(reference, ours, x) -> float:
@@ -78,8 +96,8 @@ def run_model(spec: ModelSpec, settings: Settings, batch: int | None = None, siz
               modes=DEFAULT_MODES) -> list[dict]:
     batch, size = batch or spec.batch, size or spec.size
     torch.manual_seed(0)
-    reference = spec.build().to(settings.device, settings.dtype)
-    ours = channelconv.convert(copy.deepcopy(reference))
+    reference = in_memory_format(spec.build().to(settings.device, settings.dtype), settings)
+    ours = in_memory_format(channelconv.convert(copy.deepcopy(reference)), settings)
     x, target = _inputs(spec, batch, size, settings)
     error = output_error(reference, ours, x)
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in reference.modules())
@@ -87,7 +105,7 @@ def run_model(spec: ModelSpec, settings: Settings, batch: int | None = None, siz
     for mode in modes:
         for model in (reference, ours):
             model.train(mode == "training")
-        functions = {side: RUN[mode](model, x, target)
+        functions = {side: RUN[mode](model, x, target, settings)
                      for side, model in ((REFERENCE_SIDE, reference), (OUR_SIDE, ours))}
         samples = interleaved(functions, settings)
         medians = {side: sorted(s)[len(s) // 2] for side, s in samples.items()}

@@ -28,7 +28,7 @@ from torch.utils.benchmark.utils import common as benchmark_common
 
 import channelconv
 from channelconv._ops import OPS, TAKES_WORKSPACE
-from channelconv._shapes import is_1x1
+from channelconv._shapes import is_1x1, result_format
 from channelconv.cost import cost
 
 from .shapes import Layer
@@ -39,6 +39,8 @@ TORCH_IM2COL = "F.conv2d:im2col"
 TORCH_SIDES = (REFERENCE, TORCH_IM2COL)
 PASSES = ("forward", "input_grad", "weight_grad", "training")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -55,6 +57,24 @@ class Settings:
     measured_auto: bool = False  # also time 'auto' in benchmark mode
     torch_im2col: bool = False  # also time PyTorch's own im2col + GEMM path (TORCH_IM2COL)
     cpu_clock: bool = False  # time with the calling thread's CPU clock instead of the wall clock
+    memory_format: str = "contiguous"  # a key of MEMORY_FORMATS: inputs, conv weights and grad_outputs
+    autocast: torch.dtype | None = None  # the model suite only: forward and loss under torch.autocast
+
+
+def in_memory_format(t, settings: Settings):
+    """A 4-d tensor, or a module's 4-d parameters (its conv weights), in the suite's memory format:
+    what ``model.to(memory_format=torch.channels_last)`` does, the one rule both suites follow."""
+    return t.to(memory_format=MEMORY_FORMATS[settings.memory_format])
+
+
+def _name(dtype) -> str | None:
+    return str(dtype).replace("torch.", "") if dtype is not None else None
+
+
+def tensor_label(settings: Settings) -> str:
+    """'float32, channels_last[, autocast bfloat16]': for the header line and the table titles."""
+    autocast = f", autocast {_name(settings.autocast)}" if settings.autocast else ""
+    return f"{_name(settings.dtype)}, {settings.memory_format}{autocast}"
 
 
 def algorithms_for(layer: Layer, wanted) -> list[str]:
@@ -97,7 +117,9 @@ def environment(settings: Settings) -> dict:
         "cpu": cpu_name(),
         "cpu_count": __import__("os").cpu_count(),
         "device": settings.device,
-        "dtype": str(settings.dtype).replace("torch.", ""),
+        "dtype": _name(settings.dtype),
+        "memory_format": settings.memory_format,
+        "autocast": _name(settings.autocast),
         "mkldnn": torch.backends.mkldnn.is_available(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "load_average": _load_average(),  # the machine is shared: how busy it was at the start
@@ -195,12 +217,15 @@ class LayerCase:
         n, c_in, h, w = layer.input_shape(settings.batch)
         dt, dev = settings.dtype, settings.device
         fan_in = (c_in // layer.groups) * layer.kernel[0] * layer.kernel[1]
-        self.x = torch.randn(n, c_in, h, w, generator=g).to(dev, dt)
-        self.w = (torch.randn(layer.weight_shape(), generator=g) / math.sqrt(fan_in)).to(dev, dt)
+        self.x = in_memory_format(torch.randn(n, c_in, h, w, generator=g).to(dev, dt), settings)
+        self.w = in_memory_format((torch.randn(layer.weight_shape(), generator=g) / math.sqrt(fan_in)).to(dev, dt),
+                                  settings)
         self.b = torch.randn(layer.out_channels, generator=g).to(dev, dt) if layer.bias else None
         self.args = layer.conv_args()
         out_shape = (n, layer.out_channels, *layer.output_size())
-        self.gy = torch.randn(out_shape, generator=g).to(dev, dt)
+        # grad_output laid out as F.conv2d lays out its output, as autograd would hand it to the backward.
+        self.gy = torch.randn(out_shape, generator=g).to(dev, dt).contiguous(
+            memory_format=result_format(self.x, self.w))
         self.cost = cost(self.x.shape, self.w.shape, *self.args, dtype=dt, bias=layer.bias, device=dev)
         # Leaves that record autograd, for training steps.
         self.leaves = [t.detach().requires_grad_() for t in (self.x, self.w, self.b) if t is not None]

@@ -79,7 +79,7 @@ constexpr int64_t kGradChunkBytes = int64_t(1) << 20;
 // A tile spans 32 output channels: with fewer than 4 per group (depthwise) most lanes would idle,
 // and the plain loops, vectorised along the width, do better.
 bool runs_blocked(at::ScalarType dtype, int64_t out_per_group) {
-  return dtype == at::kFloat && out_per_group >= 4 && blocked_kernel_available();
+  return engine_dtype(dtype) && out_per_group >= 4 && blocked_kernel_available();
 }
 
 // Fewer output channels per group than a narrow tile's 16 lanes: the weight gradient vectorised
@@ -90,7 +90,7 @@ bool runs_blocked(at::ScalarType dtype, int64_t out_per_group) {
 // of many input channels amortises better (32 -> 12 3x3/s2 @56 ran at 0.3x against its 1.1x;
 // 1 -> 6 5x5/s2 and stride-2 depthwise layers gained: benchmarks/NOTES.md v10).
 bool runs_row_weight_grad(const ConvShape& s, at::ScalarType dtype) {
-  return dtype == at::kFloat && s.out_per_group() < kNarrowBlockChannels && s.kernel_w <= kMaxGradTaps &&
+  return engine_dtype(dtype) && s.out_per_group() < kNarrowBlockChannels && s.kernel_w <= kMaxGradTaps &&
          (s.stride[1] == 1 || s.in_per_group() <= kRowStridedInChannels) &&
          s.out_w * kNarrowBlockChannels >= s.out_per_group() * row_lanes(s.out_w) && blocked_kernel_available();
 }
@@ -106,7 +106,7 @@ int64_t row_block(int64_t taps, int64_t out_per_group) {
 // One input channel per output channel (a channel multiplier of 1): the depthwise engine, which
 // vectorises across channels instead.
 bool runs_depthwise(const ConvShape& s, at::ScalarType dtype) {
-  return dtype == at::kFloat && s.groups > 1 && s.in_channels == s.groups && s.out_channels == s.groups &&
+  return engine_dtype(dtype) && s.groups > 1 && s.in_channels == s.groups && s.out_channels == s.groups &&
          blocked_kernel_available();
 }
 
@@ -118,7 +118,7 @@ TaskRows task_rows(const BlockedProblem& p, int64_t threads) {
   plan.rows_per_group = product({p.batch, p.out_h});
   plan.unit = p.paired_rows() ? 2 : 1;
   plan.units = ceil_div(plan.rows_per_group, plan.unit);
-  const int64_t strip_bytes = product({p.in_per_group, p.taps_h, p.strip_width(), int64_t(sizeof(float))});
+  const int64_t strip_bytes = product({p.packs(), p.taps_h, p.strip_width(), int64_t(sizeof(float))});
   const int64_t rows_by_cache = std::max<int64_t>(1, kStripBytes / strip_bytes);
   int64_t tasks = std::max(2 * threads, ceil_div(product({p.groups, plan.rows_per_group}), rows_by_cache));
   tasks = ceil_div(tasks, threads) * threads;
@@ -138,8 +138,11 @@ BlockedProblem with_tile_width(BlockedProblem p) {
   return p;
 }
 
-BlockedRun correlation_run(const BlockedProblem& problem, const WeightTaps& taps, int64_t threads) {
-  const BlockedProblem p = with_tile_width(problem);
+// bfloat16 runs pairs of channels where the CPU has their dot product (plan.h, channel_pack).
+BlockedRun correlation_run(const BlockedProblem& problem, const WeightTaps& taps, at::ScalarType dtype,
+                           int64_t threads) {
+  BlockedProblem p = with_tile_width(problem);
+  if (dtype == at::kBFloat16 && bf16_dot_available()) p.channel_pack = 2;
   return {p, taps, task_rows(p, threads)};
 }
 
@@ -190,14 +193,14 @@ std::vector<Phase> input_grad_phases(const ConvShape& s) {
 
 // Each phase of the input gradient as a blocked correlation of grad_output (the problem's input,
 // K/G channels) with the flipped, transposed sub-kernel, into that phase's positions of dx.
-BlockedRun input_grad_run(const ConvShape& s, const Phase& ph, int64_t threads) {
+BlockedRun input_grad_run(const ConvShape& s, const Phase& ph, at::ScalarType dtype, int64_t threads) {
   const PhaseAxis &a = ph.a, &b = ph.b;
   BlockedProblem p{s.batch, s.groups, s.out_per_group(), s.out_h, s.out_w, s.in_per_group(), a.out, b.out,
                    a.taps, b.taps, 1, 1, a.dilation, b.dilation, a.offset, b.offset};
   p.out_origin_h = ph.h, p.out_origin_w = ph.w, p.out_step_h = s.stride[0], p.out_step_w = s.stride[1];
   p.out_plane_h = s.in_h, p.out_plane_w = s.in_w;
   const WeightTaps flipped{s.kernel_h, s.kernel_w, true, a.first_tap, -a.tap_step, b.first_tap, -b.tap_step};
-  return correlation_run(p, flipped, threads);
+  return correlation_run(p, flipped, dtype, threads);
 }
 
 // The weight gradient's chunks and work units. The chunking depends on the shape only, not on the
@@ -293,6 +296,16 @@ bool blocked_kernel_available() {
 #endif
 }
 
+bool bf16_dot_available() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool available = blocked_kernel_available() && __builtin_cpu_supports("avx512bf16") &&
+                                std::getenv("CHANNELCONV_DISABLE_BF16_DOT") == nullptr;
+  return available;
+#else
+  return false;
+#endif
+}
+
 DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype, int64_t threads) {
   threads = std::max<int64_t>(1, threads);
   DirectPlan plan;
@@ -303,7 +316,8 @@ DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype
         plan.runs.push_back({forward_problem(s), WeightTaps{s.kernel_h, s.kernel_w}, TaskRows{}});
       } else if (runs_blocked(dtype, s.out_per_group())) {
         plan.kernel = DirectKernel::Blocked;
-        plan.runs.push_back(correlation_run(forward_problem(s), WeightTaps{s.kernel_h, s.kernel_w}, threads));
+        plan.runs.push_back(
+            correlation_run(forward_problem(s), WeightTaps{s.kernel_h, s.kernel_w}, dtype, threads));
       }
       return plan;
     case DirectPass::InputGrad:
@@ -311,10 +325,10 @@ DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype
       plan.phases = input_grad_phases(s);
       if (runs_depthwise(s, dtype)) {
         plan.kernel = DirectKernel::Depthwise;
-        for (const Phase& ph : plan.phases) plan.runs.push_back(input_grad_run(s, ph, threads));
+        for (const Phase& ph : plan.phases) plan.runs.push_back(input_grad_run(s, ph, dtype, threads));
       } else if (runs_blocked(dtype, s.in_per_group())) {
         plan.kernel = DirectKernel::Blocked;
-        for (const Phase& ph : plan.phases) plan.runs.push_back(input_grad_run(s, ph, threads));
+        for (const Phase& ph : plan.phases) plan.runs.push_back(input_grad_run(s, ph, dtype, threads));
       } else if (s.stride[0] > 1 || s.stride[1] > 1) {
         plan.kernel = DirectKernel::LoopPhases;
       }

@@ -125,10 +125,15 @@ struct BlockedProblem {
   int64_t out_origin_h = 0, out_origin_w = 0, out_step_h = 1, out_step_w = 1;
   int64_t out_plane_h = -1, out_plane_w = -1;  // -1: out_h, out_w
   int64_t block = kBlockedChannels;              // output channels per tile (kNarrowBlockChannels: narrow)
+  // Input channels one multiply step of a tile takes: 1 (a float32 FMA), or 2 where bfloat16 pairs
+  // of channels go into one dot-product instruction (vdpbf16ps, twice the FMA's multiply-adds).
+  // Strips and packed weights then hold packs(): pairs of channels, 32 bits each like a float.
+  int64_t channel_pack = 1;
 
   int64_t plane_h() const { return out_plane_h < 0 ? out_h : out_plane_h; }
   int64_t plane_w() const { return out_plane_w < 0 ? out_w : out_plane_w; }
   int64_t blocks() const { return (out_per_group + block - 1) / block; }
+  int64_t packs() const { return (in_per_group + channel_pack - 1) / channel_pack; }
   int64_t max_pixels() const { return block == kBlockedChannels ? kMaxPixels : kMaxNarrowPixels; }
   // Rows of at most half a tile go two to a tile; wider rows are cut into row_pieces() tiles.
   bool paired_rows() const { return 2 * out_w <= max_pixels(); }
@@ -213,9 +218,18 @@ struct DirectPlan {
   std::vector<Phase> phases;      // the input gradient's phases that hold positions and taps
 };
 
+// The engines compute in float32 and take float32, bfloat16 and float16 operands, converted where
+// they are read and written (cpu/activations.h); float64 runs the plain loops.
+inline bool engine_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
 // Whether this CPU runs the blocked engine (AVX-512F with FMA, and not disabled by
 // CHANNELCONV_DISABLE_AVX512); otherwise every pass runs the plain loops.
 bool blocked_kernel_available();
+// Whether the blocked correlation runs bfloat16 as pairs of channels: the CPU has AVX512_BF16, and
+// CHANNELCONV_DISABLE_BF16_DOT is unset (the tests use it to cover the widening path).
+bool bf16_dot_available();
 
 DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype, int64_t threads);
 

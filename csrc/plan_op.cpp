@@ -61,6 +61,7 @@ Summary describe(const LoweredPlan& p) {
 struct Counts {
   double mac = 0, mac_1x1 = 0, inner_loop = 0, weight_read = 0, strip = 0, output = 0, tiles = 0;
   int64_t blocked = 0, depthwise = 0, row = 0, strided = 0, runs = 0, tasks = 0, chunks = 0, parts = 0;
+  int64_t pairs = 0;  // 1: bfloat16 channel pairs (plan.h, channel_pack)
 
   Summary summary() const {
     Summary d;
@@ -71,13 +72,14 @@ struct Counts {
     for (const auto& [key, value] : {std::pair<const char*, int64_t>{"blocked", blocked}, {"depthwise", depthwise},
                                      {"row", row},
                                      {"strided", strided}, {"runs", runs}, {"tasks", tasks}, {"chunks", chunks},
-                                     {"parts", parts}})
+                                     {"parts", parts}, {"pairs", pairs}})
       d.insert(key, value);
     return d;
   }
 };
 
 // One blocked correlation: every task's tiles (rows paired on narrow maps, else cut into pieces).
+// Counted in the tile's steps: a bfloat16 pair of channels is one step (one instruction per lane).
 void count_run(const BlockedRun& run, Counts& c) {
   const BlockedProblem& p = run.problem;
   const double blocks = double(p.blocks()), taps = double(p.taps_h) * p.taps_w;
@@ -86,15 +88,16 @@ void count_run(const BlockedRun& run, Counts& c) {
     group_tiles += double(p.tiles(run.tasks.end(t) - run.tasks.begin(t)));
   }
   const double tiles = p.groups * blocks * group_tiles, tasks = double(p.groups) * run.tasks.group_tasks;
-  const double mac = double(p.batch) * p.groups * blocks * p.block * p.out_h * p.out_w * p.in_per_group * taps;
+  const double mac = double(p.batch) * p.groups * blocks * p.block * p.out_h * p.out_w * p.packs() * taps;
   c.runs += 1;
+  c.pairs = p.channel_pack == 2 ? 1 : c.pairs;
   c.tasks += p.groups * run.tasks.group_tasks;
   c.tiles += tiles;
   c.mac += mac;
   c.mac_1x1 += taps == 1 ? mac : 0;
-  c.inner_loop += tiles * (taps == 1 ? 1 : double(p.in_per_group) * p.taps_h);
-  c.weight_read += tasks * blocks * p.block * p.in_per_group * taps;
-  c.strip += double(p.groups) * p.batch * p.out_h * p.in_per_group * p.taps_h * p.strip_width();
+  c.inner_loop += tiles * (taps == 1 ? 1 : double(p.packs()) * p.taps_h);
+  c.weight_read += tasks * blocks * p.block * p.packs() * taps;
+  c.strip += double(p.groups) * p.batch * p.out_h * p.packs() * p.taps_h * p.strip_width();
   c.output += double(p.batch) * p.groups * p.out_per_group * p.out_h * p.out_w;
 }
 

@@ -215,3 +215,61 @@ def test_header_prints_the_batch_that_ran():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| batch 3\n" in proc.stdout and "| forward | batch 3 |" in proc.stdout and "batch 2" not in proc.stdout
+
+
+def test_layer_tensors_follow_the_memory_format():
+    """channels_last: x, the weight and grad_output (as F.conv2d lays out its output) on every side;
+    the bias is 1-d and stays as it is. The default stays NCHW."""
+    layer = Layer("t", 6, 8, (9, 9), (3, 3), (1, 1), (1, 1), bias=True, names=("t",))
+    case = LayerCase(layer, quick_settings(memory_format="channels_last"))
+    for t in (case.x, case.w, case.gy, *case.leaves[:2]):
+        assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    out = F.conv2d(case.x, case.w, case.b, *case.args)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    plain = LayerCase(layer, quick_settings())
+    assert all(t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last)
+               for t in (plain.x, plain.w, plain.gy))
+    torch.testing.assert_close(case.x, plain.x, rtol=0, atol=0)  # the same values, laid out otherwise
+
+
+@pytest.mark.parametrize("pass_", ["forward", "training", "input_grad", "weight_grad"])
+def test_run_layer_channels_last_is_correct(pass_):
+    layer = Layer("t", 6, 8, (9, 9), (3, 3), (2, 2), (1, 1), bias=True, names=("t",))
+    rows = run_layer(layer, channelconv.ALGORITHMS, pass_, quick_settings(memory_format="channels_last"),
+                     gemm_gflops=None)
+    assert [row["algorithm"] for row in rows] == [REFERENCE, "direct", "im2col", "auto"]
+    assert all(row["rel_error"] < 1e-5 for row in rows), rows
+
+
+def test_memory_format_is_recorded_for_a_layer(tmp_path, capsys):
+    from benchmarks.__main__ import main
+
+    out = tmp_path / "cl.json"
+    md = tmp_path / "cl.md"
+    assert main(["--shape", "2,8,10,10,8,3,3", "--quick", "--no-progress", "--rounds", "2", "--memory-format",
+                 "channels_last", "--json", str(out), "--markdown", str(md)]) == 0
+    printed = capsys.readouterr().out
+    assert "| float32, channels_last | batch 2\n" in printed
+    assert "== custom | forward | batch 2 | float32, channels_last | cpu" in printed
+    assert "**custom | forward | batch 2 | float32, channels_last | cpu**" in md.read_text()
+    meta = json.loads(out.read_text())["meta"]
+    assert (meta["memory_format"], meta["autocast"], meta["dtype"]) == ("channels_last", None, "float32")
+
+
+def test_cli_memory_format_and_autocast_rules(capsys):
+    from benchmarks.__main__ import parse_args, settings_from
+
+    settings = settings_from(parse_args(["--quick"]))
+    assert (settings.memory_format, settings.autocast) == ("contiguous", None)
+    settings = settings_from(parse_args(["--suite", "models", "--autocast", "float16", "--memory-format",
+                                         "channels_last"]))
+    assert (settings.memory_format, settings.autocast) == ("channels_last", torch.float16)
+    for args, message in ((["--autocast", "bfloat16"], "with --suite models only"),
+                          (["--shape", "1,2,5,5,2,3,3", "--autocast", "bfloat16"], "with --suite models only"),
+                          (["--suite", "models", "--autocast", "bfloat16", "--dtype", "bfloat16"], "float32"),
+                          (["--suite", "models", "--autocast", "bfloat16", "--modes", "per-sample"], "per-sample"),
+                          (["--calibrate", "--memory-format", "channels_last"], "contiguous"),
+                          (["--memory-format", "nhwc"], "invalid choice")):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(args)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, args

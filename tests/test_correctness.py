@@ -4,6 +4,8 @@ non-square kernels, stride, every padding form, dilation, bias, unbatched, layou
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import pytest
@@ -231,6 +233,36 @@ def test_row_weight_grad_plans(device, out_w, in_channels, out_channels, groups,
     if weight_grad["blocked"] and device == "cpu" and rows_fill_vectors:  # AVX-512: the row engine
         assert weight_grad["chunks"] == 0 and weight_grad["tasks"] % in_channels == 0
         assert weight_grad["output"] == out_channels * (in_channels // groups) * kernel[0] * kernel[1]
+
+
+# Whether this CPU runs bfloat16 in channel pairs (vdpbf16ps; csrc/plan.h, channel_pack).
+BF16_DOT = "avx512_bf16" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_channels, out_channels, groups, kernel, stride, padding, dilation", [
+    (20, 40, 1, (3, 3), (1, 1), 1, (1, 1)),     # 32-channel tiles, a partial second block
+    (7, 12, 1, (5, 5), (2, 2), 2, (1, 1)),      # narrow tiles, an odd channel count, stride-2 gradient phases
+    (10, 10, 2, (3, 2), (1, 2), (1, 0), (2, 1)),  # groups of 5 channels (pairs cross no group), dilation
+    (33, 36, 1, (1, 1), (1, 1), 0, (1, 1)),     # 1x1 steps
+])
+def test_blocked_engines_layouts_and_dtypes(device, layout, dtype, in_channels, out_channels, groups, kernel, stride,
+                                            padding, dilation):
+    """The blocked correlation and weight gradient read NCHW and channels_last operands in float32,
+    bfloat16 and float16 where they lie and convert on the rows they copy (csrc/cpu/activations.h);
+    bfloat16 runs in channel pairs where the CPU has their dot product. Forward and both gradients
+    against F.conv2d in float64 within the dtype's tolerance, in F.conv2d's memory formats."""
+    case = Case(batch=3, in_channels=in_channels, out_channels=out_channels, size=(9, 11), kernel=kernel,
+                stride=stride, padding=padding, dilation=dilation, groups=groups, bias=True, unbatched=False,
+                layout=layout)
+    check_case(case, "direct", dtype, device)
+    passes = channelconv.cost((3, in_channels, 9, 11), (out_channels, in_channels // groups, *kernel), stride,
+                              padding, dilation, groups, dtype=dtype).plans["direct"].passes
+    if device == "cpu" and passes["forward"]["blocked"]:  # an AVX-512 CPU
+        for name in ("forward", "input_grad"):
+            assert passes[name]["blocked"] and passes[name]["pairs"] == int(dtype == torch.bfloat16 and BF16_DOT)
+        assert passes["weight_grad"]["blocked"]
 
 
 @pytest.mark.parametrize("channels", [16, 17, 40])

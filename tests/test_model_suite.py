@@ -15,7 +15,7 @@ import torch
 
 import channelconv
 from benchmarks import model_suite
-from benchmarks.models import MODELS, spec_for
+from benchmarks.models import MODELS, ModelSpec, spec_for
 from benchmarks.runner import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,3 +73,71 @@ def test_models_command_end_to_end(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "benchmarks", "--suite", "models", "--modes", "training,nope"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown mode 'nope'" in bad.stderr
+
+
+class _Probe(torch.nn.Module):
+    """One conv between an input check and a head, noting for each call the layout and dtype of
+    what the conv gets and gives: what run_model hands to the models."""
+
+    def __init__(self, seen):
+        super().__init__()
+        self.note = seen.append  # a builtin: deepcopy (convert's copy, the float64 check) keeps the one list
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10))
+
+    def forward(self, x):
+        out = self.conv(x)
+        cl = torch.channels_last
+        self.note({"conv": type(self.conv).__module__.split(".")[0], "x_dtype": x.dtype,
+                          "x_cl": x.is_contiguous(memory_format=cl) and not x.is_contiguous(),
+                          "w_cl": self.conv.weight.is_contiguous(memory_format=cl)
+                          and not self.conv.weight.is_contiguous(),
+                          "w_dtype": self.conv.weight.dtype, "out_dtype": out.dtype})
+        return self.head(out)
+
+
+def _probe_calls(**settings):
+    seen = []
+    spec = ModelSpec("probe", lambda: _Probe(seen), channels=3, size=8, batch=2)
+    rows = model_suite.run_model(spec, Settings(rounds=1, min_rounds=1, block_s=0.001, **settings))
+    assert {(r["mode"], r["side"]) for r in rows} == {(m, s) for m in model_suite.DEFAULT_MODES
+                                                      for s in (model_suite.REFERENCE_SIDE, model_suite.OUR_SIDE)}
+    assert all(r["rel_error"] < 1e-12 for r in rows)
+    check = [c for c in seen if c["x_dtype"] == torch.float64]  # output_error, before timing
+    timed = [c for c in seen if c["x_dtype"] != torch.float64]
+    assert sorted(c["conv"] for c in check) == ["channelconv", "torch"]  # each model once
+    assert {c["conv"] for c in timed} == {"channelconv", "torch"}
+    return check, timed
+
+
+def test_run_model_channels_last_and_autocast_reach_both_sides():
+    check, timed = _probe_calls(memory_format="channels_last", autocast=torch.bfloat16)
+    assert all(c["x_cl"] and c["w_cl"] for c in check + timed)
+    assert all(c["out_dtype"] == torch.float64 for c in check)  # the float64 check runs without autocast
+    assert all(c["w_dtype"] == c["x_dtype"] == torch.float32 and c["out_dtype"] == torch.bfloat16 for c in timed)
+    check, timed = _probe_calls()  # the default: NCHW, no autocast
+    assert not any(c["x_cl"] or c["w_cl"] for c in check + timed)
+    assert all(c["out_dtype"] == torch.float32 for c in timed)
+
+
+def test_run_model_in_bfloat16():
+    settings = Settings(rounds=1, min_rounds=1, block_s=0.001, dtype=torch.bfloat16)
+    rows = model_suite.run_model(MODELS["lenet"], settings, batch=2)
+    assert len(rows) == 4 and all(r["median_s"] > 0 and r["rel_error"] < 1e-12 for r in rows)
+
+
+def test_models_channels_last_autocast_recorded(tmp_path, capsys):
+    from benchmarks.__main__ import main
+
+    out, md = tmp_path / "models.json", tmp_path / "models.md"
+    assert main(["--suite", "models", "--models", "lenet", "--quick", "--batch", "2", "--rounds", "2",
+                 "--no-progress", "--memory-format", "channels_last", "--autocast", "bfloat16",
+                 "--json", str(out), "--markdown", str(md)]) == 0
+    printed = capsys.readouterr().out
+    assert "| float32, channels_last, autocast bfloat16 | batch 2\n" in printed
+    assert "== models | inference, training | float32, channels_last, autocast bfloat16 |" in printed
+    assert "float32, channels_last, autocast bfloat16" in md.read_text().splitlines()[0]
+    data = json.loads(out.read_text())
+    assert (data["meta"]["memory_format"], data["meta"]["autocast"], data["meta"]["dtype"]) == (
+        "channels_last", "bfloat16", "float32")
+    assert {(r["model"], r["mode"]) for r in data["models"]} == {("lenet", "inference"), ("lenet", "training")}

@@ -1,5 +1,7 @@
 """The portable CPU loops that run where AVX-512 is missing, forced on this machine with
-CHANNELCONV_DISABLE_AVX512=1 (in a subprocess: the choice is made once per process)."""
+CHANNELCONV_DISABLE_AVX512=1, and the blocked engines' bfloat16 widened to float32 where the CPU
+lacks AVX512_BF16, forced with CHANNELCONV_DISABLE_BF16_DOT=1 (in a subprocess: the choices are
+made once per process)."""
 
 from __future__ import annotations
 
@@ -21,9 +23,31 @@ print("ok")
 """
 
 
-def test_plain_loops_without_avx512():
+BF16_SCRIPT = """
+import sys, torch, channelconv
+sys.path.insert(0, {tests!r})
+from test_correctness import Case, check_case
+for layout in ("contiguous", "channels_last"):
+    case = Case(batch=2, in_channels=7, out_channels=20, size=(9, 11), kernel=(3, 3), stride=(2, 1), padding=1,
+                dilation=(1, 1), groups=1, bias=True, unbatched=False, layout=layout)
+    check_case(case, "direct", torch.bfloat16)
+passes = channelconv.cost((2, 7, 9, 11), (20, 7, 3, 3), (2, 1), 1, dtype=torch.bfloat16).plans["direct"].passes
+assert passes["forward"]["blocked"] and not passes["forward"]["pairs"], passes["forward"]
+print("ok")
+"""
+
+
+def run_with(variable, script):
     tests = str(Path(__file__).parent)
-    env = {**os.environ, "CHANNELCONV_DISABLE_AVX512": "1"}
+    env = {**os.environ, variable: "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(tests).parent), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(tests=tests)], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", script.format(tests=tests)], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_plain_loops_without_avx512():
+    run_with("CHANNELCONV_DISABLE_AVX512", SCRIPT)
+
+
+def test_bfloat16_widened_without_its_dot_product():
+    run_with("CHANNELCONV_DISABLE_BF16_DOT", BF16_SCRIPT)

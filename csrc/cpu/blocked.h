@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "../plan.h"
+#include "activations.h"
 
 namespace channelconv {
 
@@ -21,15 +22,17 @@ namespace channelconv {
 int64_t blocked_weight_numel(const BlockedProblem& p);
 void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTaps& taps, float* packed);
 
-// out (N, groups*out_per_group, plane_h, plane_w), NCHW contiguous; init: per output channel
-// (groups*out_per_group values) or null for zero.
-void blocked_correlation(const BlockedRun& run, const float* in, const float* packed, const float* init, float* out);
+// in (N, groups*in_per_group, in_h, in_w), out (N, groups*out_per_group, plane_h, plane_w), each in
+// either layout and dtype (activations.h); init: per output channel (groups*out_per_group values)
+// or null for zero.
+void blocked_correlation(const BlockedRun& run, const Activations& in, const float* packed, const float* init,
+                         const Activations& out);
 
 // dw (K, C/groups, k_h, k_w) = sum over images and output pixels of dy[n, k, oh, ow] *
 // x[n, c, oh*stride_h + r*dil_h - pad_h, ow*stride_w + s*dil_w - pad_w]; `problem` is the
-// forward problem (input x, output dy).
-void blocked_weight_grad(const BlockedProblem& problem, const GradChunks& chunks, const float* dy, const float* x,
-                         float* dw);
+// forward problem (input x, output dy); dw float32, dy and x in either layout and dtype.
+void blocked_weight_grad(const BlockedProblem& problem, const GradChunks& chunks, const Activations& dy,
+                         const Activations& x, float* dw);
 
 // The same weight gradient with 16 output pixels to a register (row_weight_grad.cpp), `block`
 // output channels of a group at a time: for few output channels.

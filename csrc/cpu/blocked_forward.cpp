@@ -13,6 +13,7 @@
 // rows the tiles read are first copied into zero-padded strips, so the inner loop needs no bounds
 // tests and padding costs nothing.
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <array>
@@ -25,7 +26,7 @@
 namespace channelconv {
 
 int64_t blocked_weight_numel(const BlockedProblem& p) {
-  return p.groups * p.blocks() * p.in_per_group * p.taps_h * p.taps_w * p.block;
+  return p.groups * p.blocks() * p.packs() * p.taps_h * p.taps_w * p.block;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -39,14 +40,22 @@ using blocked::v16;
 // prefetcher alone does not hide (benchmarks/NOTES.md).
 constexpr int64_t kWeightPrefetch = 512;
 
+// One step of a bfloat16 tile (plan.h, channel_pack): acc += the dot products of w's 16 pairs of
+// channels with the pair at x, broadcast. Inline assembly rather than the intrinsic, so that the
+// tile's code is shared with the float32 tiles and needs no AVX512_BF16 target of its own; it runs
+// only where the CPU has the instruction (bf16_dot_available).
+inline __attribute__((always_inline)) void dot_pairs(v16& acc, const v16& w, const float* x) {
+  asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
+}
+
 // A tile: Rows (1 or 2) output rows of A consecutive pixels each, the same columns on each row.
 // Both rows read the same kernel rows [r_begin, r_end), so no multiply-add reads a zero row.
 struct Tile {
   const float* x[2];      // each row's strip at (input channel 0, kernel row r_begin, the tile's first pixel)
-  int64_t channel_step;   // floats from one input channel's strip rows to the next
+  int64_t channel_step;   // floats from one input channel's (or pair's) strip rows to the next
   int64_t strip_width;    // floats from one kernel row to the next
   int64_t kernel_rows;    // r_end - r_begin
-  int64_t taps_w, dil_w, stride_w, in_per_group;
+  int64_t taps_w, dil_w, stride_w, packs;  // packs: input channels, or pairs of them
   const float* weights;   // this channel block's [c][r][s][block] at (0, r_begin, 0)
   int64_t weight_channel_step;
   const float* init;      // the block's initial values
@@ -57,7 +66,8 @@ struct Tile {
 // input is a fixed displacement from one pointer per row, so the loop needs two address registers
 // instead of one per pixel (a pointer per pixel spilled to the stack: three reloads per tap).
 // V: vectors of 16 channels per pixel (2: a 32-channel tile; 1: a narrow one).
-template <int A, int Rows, int SW, int V>
+// Pack: input channels per step, 1 (float32 FMAs) or 2 (bfloat16 pairs, dot_pairs).
+template <int A, int Rows, int SW, int V, int Pack>
 __attribute__((target("avx512f,fma"))) void tile_kernel(const Tile& t) {
   constexpr int P = A * Rows, block = 16 * V;
   const int64_t sw = SW > 0 ? SW : t.stride_w;
@@ -76,27 +86,29 @@ __attribute__((target("avx512f,fma"))) void tile_kernel(const Tile& t) {
       wv[v] = *reinterpret_cast<const v16*>(w + 16 * v);
       __builtin_prefetch(w + kWeightPrefetch + 16 * v, 0, 3);
     }
-#pragma GCC unroll 28
-    for (int p = 0; p < A; ++p) {
-      const float xv = x0[p * sw];
-#pragma GCC unroll 2
-      for (int v = 0; v < V; ++v) acc[v][p] += wv[v] * xv;
-    }
-    if constexpr (Rows == 2) {
+    // One row's pixels, its strip at this tap from x, into accumulators [first, first + A).
+    const auto pixels = [&](const float* x, int first) __attribute__((always_inline)) {
 #pragma GCC unroll 28
       for (int p = 0; p < A; ++p) {
-        const float xv = x1[p * sw];
+        if constexpr (Pack == 2) {
 #pragma GCC unroll 2
-        for (int v = 0; v < V; ++v) acc[v][A + p] += wv[v] * xv;
+          for (int v = 0; v < V; ++v) dot_pairs(acc[v][first + p], wv[v], x + p * sw);
+        } else {
+          const float xv = x[p * sw];
+#pragma GCC unroll 2
+          for (int v = 0; v < V; ++v) acc[v][first + p] += wv[v] * xv;
+        }
       }
-    }
+    };
+    pixels(x0, 0);
+    if constexpr (Rows == 2) pixels(x1, A);
   };
   if (t.kernel_rows == 1 && t.taps_w == 1) {  // one tap per input channel (1x1): one loop
     const float *x0 = t.x[0], *x1 = t.x[Rows - 1], *w = t.weights;
-    for (int64_t c = 0; c < t.in_per_group; ++c, x0 += t.channel_step, x1 += t.channel_step, w += t.weight_channel_step)
+    for (int64_t c = 0; c < t.packs; ++c, x0 += t.channel_step, x1 += t.channel_step, w += t.weight_channel_step)
       tap(w, x0, x1);
   } else {
-    for (int64_t c = 0; c < t.in_per_group; ++c) {
+    for (int64_t c = 0; c < t.packs; ++c) {
       const float* x0 = t.x[0] + c * t.channel_step;
       const float* x1 = t.x[Rows - 1] + c * t.channel_step;
       const float* w = t.weights + c * t.weight_channel_step;
@@ -112,30 +124,36 @@ __attribute__((target("avx512f,fma"))) void tile_kernel(const Tile& t) {
 
 using TileFn = void (*)(const Tile&);
 
-template <int Rows, int SW, int V, int... A>
+template <int Rows, int SW, int V, int Pack, int... A>
 constexpr std::array<TileFn, sizeof...(A)> make_tile_row(std::integer_sequence<int, A...>) {
-  return {&tile_kernel<A + 1, Rows, SW, V>...};
+  return {&tile_kernel<A + 1, Rows, SW, V, Pack>...};
 }
 // Tiles of V vectors of channels (pixels up to Pixels = 28 / V), by stride SW (0: any other):
 // one_row[SW][A - 1], A pixels of one row; two_row[SW][A - 1], A pixels on each of two rows.
-template <int V, int Pixels = kMaxNarrowPixels / V>
+template <int V, int Pack, int Pixels = kMaxNarrowPixels / V>
 struct TileTable {
   static constexpr std::array<std::array<TileFn, Pixels>, 3> one_row = {
-      make_tile_row<1, 0, V>(std::make_integer_sequence<int, Pixels>{}),
-      make_tile_row<1, 1, V>(std::make_integer_sequence<int, Pixels>{}),
-      make_tile_row<1, 2, V>(std::make_integer_sequence<int, Pixels>{})};
+      make_tile_row<1, 0, V, Pack>(std::make_integer_sequence<int, Pixels>{}),
+      make_tile_row<1, 1, V, Pack>(std::make_integer_sequence<int, Pixels>{}),
+      make_tile_row<1, 2, V, Pack>(std::make_integer_sequence<int, Pixels>{})};
   static constexpr std::array<std::array<TileFn, Pixels / 2>, 3> two_row = {
-      make_tile_row<2, 0, V>(std::make_integer_sequence<int, Pixels / 2>{}),
-      make_tile_row<2, 1, V>(std::make_integer_sequence<int, Pixels / 2>{}),
-      make_tile_row<2, 2, V>(std::make_integer_sequence<int, Pixels / 2>{})};
+      make_tile_row<2, 0, V, Pack>(std::make_integer_sequence<int, Pixels / 2>{}),
+      make_tile_row<2, 1, V, Pack>(std::make_integer_sequence<int, Pixels / 2>{}),
+      make_tile_row<2, 2, V, Pack>(std::make_integer_sequence<int, Pixels / 2>{})};
 };
 static_assert(kMaxNarrowPixels / 2 == kMaxPixels, "a 32-channel tile holds half a narrow tile's pixels");
 
+template <int V, int Pack>
+TileFn tile_of(int stride_index, int rows, int64_t width) {
+  using Table = TileTable<V, Pack>;
+  return rows == 2 ? Table::two_row[stride_index][width - 1] : Table::one_row[stride_index][width - 1];
+}
+
 TileFn tile_for(const BlockedProblem& p, int rows, int64_t width) {
   const int stride_index = p.stride_w == 1 || p.stride_w == 2 ? static_cast<int>(p.stride_w) : 0;
-  if (p.block == kBlockedChannels)
-    return rows == 2 ? TileTable<2>::two_row[stride_index][width - 1] : TileTable<2>::one_row[stride_index][width - 1];
-  return rows == 2 ? TileTable<1>::two_row[stride_index][width - 1] : TileTable<1>::one_row[stride_index][width - 1];
+  const bool wide = p.block == kBlockedChannels, pairs = p.channel_pack == 2;
+  if (pairs) return wide ? tile_of<2, 2>(stride_index, rows, width) : tile_of<1, 2>(stride_index, rows, width);
+  return wide ? tile_of<2, 1>(stride_index, rows, width) : tile_of<1, 1>(stride_index, rows, width);
 }
 
 // A tile of a task: `width` pixels from column `col` of the task's row `row[0]` (and of row[1]
@@ -176,12 +194,12 @@ void plan_tiles(const BlockedProblem& p, int64_t rows, const int64_t* r_begin, c
     }
 }
 
-// Where one task's rows are and what they read: for task row j, row_out[j] is where its first
-// pixel goes (from its group's first output channel in image 0), and [r_begin[j], r_end[j]) the
-// kernel rows whose input row lies in the plane.
+// Where one task's rows are and what they read: task row j is output row plane_row[j] of image
+// image[j] (its plane position: origin + oh * step), and [r_begin[j], r_end[j]) are the kernel rows
+// whose input row lies in the plane.
 struct TaskState {
   std::vector<float> strips;
-  std::vector<int64_t> r_begin, r_end, row_out;
+  std::vector<int64_t> r_begin, r_end, image, plane_row;
   std::vector<TilePlace> tiles;
   std::vector<float> tile_acc;
 };
@@ -189,17 +207,17 @@ struct TaskState {
 // Row j's zero-padded strip: strip[c][r][x] = in[ih(r), offset_w + x] (0 outside the plane), for
 // the kernel rows inside the plane; a tile whose rows need different ranges runs the union, so the
 // rows outside read zeros too.
-void fill_strips(const BlockedProblem& p, const float* in, int64_t g, int64_t row0, int64_t rows, TaskState& st) {
-  const int64_t strip_width = p.strip_width(), strip_floats = p.in_per_group * p.taps_h * strip_width;
-  const int64_t in_area = p.in_h * p.in_w, out_area = p.plane_h() * p.plane_w();
+void fill_strips(const BlockedProblem& p, const Activations& in, int64_t g, int64_t row0, int64_t rows,
+                 TaskState& st) {
+  const int64_t strip_width = p.strip_width(), channel_floats = p.taps_h * strip_width;
+  const int64_t strip_floats = p.packs() * channel_floats;
   // Strip columns [x_begin, x_end) hold input columns; the rest is padding.
   const int64_t x_begin = std::max<int64_t>(0, -p.offset_w);
   const int64_t x_end = std::min(strip_width, p.in_w - p.offset_w);
   for (int64_t j = 0; j < rows; ++j) {
     const int64_t n = (row0 + j) / p.out_h, oh = (row0 + j) % p.out_h;
-    const float* in_group = in + (n * p.groups + g) * p.in_per_group * in_area;
-    st.row_out[j] = n * p.groups * p.out_per_group * out_area + (p.out_origin_h + oh * p.out_step_h) * p.plane_w() +
-                    p.out_origin_w;
+    st.image[j] = n;
+    st.plane_row[j] = p.out_origin_h + oh * p.out_step_h;
     st.r_begin[j] = p.taps_h;
     st.r_end[j] = 0;
     for (int64_t r = 0; r < p.taps_h; ++r) {
@@ -209,51 +227,74 @@ void fill_strips(const BlockedProblem& p, const float* in, int64_t g, int64_t ro
         st.r_end[j] = r + 1;
       }
     }
-    for (int64_t c = 0; c < p.in_per_group; ++c) {
-      for (int64_t r = 0; r < p.taps_h; ++r) {
-        float* dst = st.strips.data() + j * strip_floats + (c * p.taps_h + r) * strip_width;
-        if (r < st.r_begin[j] || r >= st.r_end[j] || x_end <= x_begin) {
+    float* strip = st.strips.data() + j * strip_floats;
+    for (int64_t r = 0; r < p.taps_h; ++r) {
+      const bool reads = r >= st.r_begin[j] && r < st.r_end[j] && x_end > x_begin;
+      for (int64_t c = 0; c < p.packs(); ++c) {
+        float* dst = strip + c * channel_floats + r * strip_width;
+        if (!reads) {
           std::fill(dst, dst + strip_width, 0.0f);
           continue;
         }
         std::fill(dst, dst + x_begin, 0.0f);
-        const int64_t src = c * in_area + (oh * p.stride_h + r * p.dil_h + p.offset_h) * p.in_w + p.offset_w;
-        std::memcpy(dst + x_begin, in_group + src + x_begin, (x_end - x_begin) * sizeof(float));
         std::fill(dst + x_end, dst + strip_width, 0.0f);
+      }
+      if (reads) {
+        const int64_t ih = oh * p.stride_h + r * p.dil_h + p.offset_h;
+        const int64_t pixel0 = ih * p.in_w + p.offset_w + x_begin;
+        float* dst = strip + r * strip_width + x_begin;
+        if (p.channel_pack == 2) {
+          read_channel_pairs(in, n, g * p.in_per_group, p.in_per_group, pixel0, x_end - x_begin,
+                             reinterpret_cast<uint32_t*>(dst), channel_floats);
+        } else {
+          read_channel_major(in, n, g * p.in_per_group, p.in_per_group, pixel0, x_end - x_begin, dst, channel_floats);
+        }
       }
     }
   }
 }
 
 // One channel block's tiles over the task's strips, each tile's [pixel][block] result written into
-// the NCHW output of the block's channels, row by row.
-void run_block(const BlockedProblem& p, int64_t g, int64_t b, const float* packed, const float* init, float* out,
-               TaskState& st) {
-  const int64_t strip_width = p.strip_width(), strip_floats = p.in_per_group * p.taps_h * strip_width;
-  const int64_t out_area = p.plane_h() * p.plane_w();
+// the output of the block's channels, row by row.
+void run_block(const BlockedProblem& p, int64_t g, int64_t b, const float* packed, const float* init,
+               const Activations& out, TaskState& st) {
+  const int64_t strip_width = p.strip_width(), strip_floats = p.packs() * p.taps_h * strip_width;
   const int64_t channels = std::min(p.block, p.out_per_group - b * p.block);
-  float* out_block = out + (g * p.out_per_group + b * p.block) * out_area;
-  const float* block_weights = packed + (g * p.blocks() + b) * p.in_per_group * p.taps_h * p.taps_w * p.block;
+  const int64_t first_channel = g * p.out_per_group + b * p.block;
+  const float* block_weights = packed + (g * p.blocks() + b) * p.packs() * p.taps_h * p.taps_w * p.block;
   for (const TilePlace& place : st.tiles) {
     const int64_t j0 = place.row[0], j1 = place.row[1];
     const int64_t rb = std::min(st.r_begin[j0], st.r_begin[j1]), re = std::max(st.r_end[j0], st.r_end[j1]);
     const int64_t first = rb * strip_width + place.col * p.stride_w;
     Tile t{{st.strips.data() + j0 * strip_floats + first, st.strips.data() + j1 * strip_floats + first},
            p.taps_h * strip_width, strip_width, std::max<int64_t>(0, re - rb), p.taps_w, p.dil_w, p.stride_w,
-           p.in_per_group, block_weights + rb * p.taps_w * p.block,
+           p.packs(), block_weights + rb * p.taps_w * p.block,
            p.taps_h * p.taps_w * p.block, init + (g * p.blocks() + b) * p.block,
            st.tile_acc.data()};
     tile_for(p, place.rows, place.width)(t);
     for (int i = 0; i < place.rows; ++i) {
-      const float* acc = st.tile_acc.data() + i * place.width * p.block;
-      float* dst = out_block + st.row_out[place.row[i]] + place.col * p.out_step_w;
-      if (p.out_step_w == 1) {
-        blocked::transpose(acc, p.block, place.width, channels, dst, out_area);
-      } else {
-        for (int64_t k = 0; k < channels; ++k)
-          for (int64_t q = 0; q < place.width; ++q)
-            dst[k * out_area + q * p.out_step_w] = acc[q * p.block + k];
-      }
+      const int64_t j = place.row[i];
+      write_pixel_major(out, st.image[j], first_channel, channels,
+                        st.plane_row[j] * p.plane_w() + p.out_origin_w + place.col * p.out_step_w, p.out_step_w,
+                        place.width, st.tile_acc.data() + i * place.width * p.block, p.block);
+    }
+  }
+}
+
+// Packed weights [group][block][c][r][s][block] (float32) as bfloat16 pairs of channels
+// [group][block][c / 2][r][s][block], channel 2q in the low half and a zero past the group's
+// channels. The weights of a bfloat16 op are bfloat16 values, so the rounding is exact.
+void pair_channels(const BlockedProblem& p, const float* single, uint32_t* pairs) {
+  const int64_t taps = p.taps_h * p.taps_w * p.block;  // values per input channel of a block
+  const auto bits = [](float v) { return uint32_t(c10::BFloat16(v).x); };
+  for (int64_t gb = 0; gb < p.groups * p.blocks(); ++gb) {
+    const float* src = single + gb * p.in_per_group * taps;
+    uint32_t* dst = pairs + gb * p.packs() * taps;
+    for (int64_t q = 0; q < p.packs(); ++q) {
+      const float* first = src + 2 * q * taps;
+      const bool has_second = 2 * q + 1 < p.in_per_group;
+      for (int64_t i = 0; i < taps; ++i)
+        dst[q * taps + i] = bits(first[i]) | (has_second ? bits(first[taps + i]) << 16 : 0);
     }
   }
 }
@@ -264,6 +305,14 @@ void run_block(const BlockedProblem& p, int64_t g, int64_t b, const float* packe
 // channel's taps at a time, 128 bytes apart, missed the cache on every write once a block's
 // weights outgrew L2 (benchmarks/NOTES.md).
 void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTaps& taps, float* packed) {
+  if (p.channel_pack == 2) {  // packed channel by channel, then paired
+    BlockedProblem by_channel = p;
+    by_channel.channel_pack = 1;
+    std::vector<float> single(blocked_weight_numel(by_channel));
+    pack_blocked_weight(by_channel, w, taps, single.data());
+    pair_channels(p, single.data(), reinterpret_cast<uint32_t*>(packed));
+    return;
+  }
   const int64_t blocks = p.blocks();
   const int64_t block_floats = p.in_per_group * p.taps_h * p.taps_w * p.block;
   const int64_t kernel_taps = taps.kernel_h * taps.kernel_w;
@@ -301,7 +350,8 @@ void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTa
 // A task runs every channel block over all its rows, so a block's packed weights are read from
 // memory once per task instead of once per row: on small maps with many channels the weights
 // dominate the traffic.
-void blocked_correlation(const BlockedRun& run, const float* in, const float* packed, const float* init, float* out) {
+void blocked_correlation(const BlockedRun& run, const Activations& in, const float* packed, const float* init,
+                         const Activations& out) {
   const BlockedProblem& p = run.problem;
   const TaskRows& tasks = run.tasks;
   // Initial values per (group, padded channel): the bias, zero past the group's channels.
@@ -314,8 +364,9 @@ void blocked_correlation(const BlockedRun& run, const float* in, const float* pa
   const int64_t task_rows = tasks.max_rows();
   at::parallel_for(0, p.groups * tasks.group_tasks, 1, [&](int64_t begin, int64_t end) {
     TaskState st;
-    st.strips.resize(task_rows * p.in_per_group * p.taps_h * p.strip_width());
-    st.r_begin.resize(task_rows), st.r_end.resize(task_rows), st.row_out.resize(task_rows);
+    st.strips.resize(task_rows * p.packs() * p.taps_h * p.strip_width());
+    st.r_begin.resize(task_rows), st.r_end.resize(task_rows);
+    st.image.resize(task_rows), st.plane_row.resize(task_rows);
     st.tile_acc.resize(p.max_pixels() * p.block);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / tasks.group_tasks, row0 = tasks.begin(task % tasks.group_tasks);
@@ -331,7 +382,7 @@ void blocked_correlation(const BlockedRun& run, const float* in, const float* pa
 #else  // not x86-64 with GCC/Clang: never called (blocked_kernel_available is false)
 
 void pack_blocked_weight(const BlockedProblem&, const float*, const WeightTaps&, float*) {}
-void blocked_correlation(const BlockedRun&, const float*, const float*, const float*, float*) {}
+void blocked_correlation(const BlockedRun&, const Activations&, const float*, const float*, const Activations&) {}
 
 #endif
 

@@ -122,9 +122,8 @@ struct Chunk {
 //   rows_t[c * images * in_rows * cols + ((m * in_rows + i) * cols + col) * tile_g + c'] =
 //   x[n0 + m, c0 + c + c', ih0 + i, col + offset_w], zero outside the plane,
 // so that a tile reads one contiguous stream.
-void pack_input_rows(const BlockedProblem& p, const GradChunks& k, const Chunk& ch, const Unit& u, const float* x,
-                     float* rows_t) {
-  const int64_t in_area = p.in_h * p.in_w, in_channels = p.groups * p.in_per_group;
+void pack_input_rows(const BlockedProblem& p, const GradChunks& k, const Chunk& ch, const Unit& u,
+                     const Activations& x, float* rows_t) {
   std::fill(rows_t, rows_t + u.channels * ch.images * ch.in_rows * k.cols, 0.0f);
   const int64_t col_begin = std::max<int64_t>(0, -p.offset_w);
   const int64_t col_end = std::min(k.cols, p.in_w - p.offset_w);
@@ -132,27 +131,25 @@ void pack_input_rows(const BlockedProblem& p, const GradChunks& k, const Chunk& 
     const int64_t tile_g = std::min<int64_t>(k.tile_channels, u.channels - c);
     float* tile_rows = rows_t + c * ch.images * ch.in_rows * k.cols;
     for (int64_t m = 0; m < ch.images; ++m) {
-      const float* x_tile = x + ((ch.n0 + m) * in_channels + u.g * p.in_per_group + u.c0 + c) * in_area;
       for (int64_t i = 0; i < ch.in_rows; ++i) {
         const int64_t ih = ch.ih0 + i;
         if (ih < 0 || ih >= p.in_h) continue;
-        blocked::transpose(x_tile + ih * p.in_w + p.offset_w + col_begin, in_area, tile_g, col_end - col_begin,
-                           tile_rows + ((m * ch.in_rows + i) * k.cols + col_begin) * tile_g, tile_g);
+        read_pixel_major(x, ch.n0 + m, u.g * p.in_per_group + u.c0 + c, tile_g, ih * p.in_w + p.offset_w + col_begin,
+                         col_end - col_begin, tile_rows + ((m * ch.in_rows + i) * k.cols + col_begin) * tile_g,
+                         tile_g);
       }
     }
   }
 }
 
 // dy_t[m][pixel][j] = dy[n0 + m, block channel j, pixel of the band], zero past the group's channels.
-void pack_output_grad(const BlockedProblem& p, const Chunk& ch, const Unit& u, const float* dy, float* dy_t) {
-  const int64_t out_area = p.out_h * p.out_w, out_channels = p.groups * p.out_per_group;
+void pack_output_grad(const BlockedProblem& p, const Chunk& ch, const Unit& u, const Activations& dy, float* dy_t) {
   const int64_t band_pixels = ch.rows * p.out_w;
   const int64_t block_channels = std::min(p.block, p.out_per_group - u.b * p.block);
   if (block_channels < p.block) std::fill(dy_t, dy_t + ch.images * band_pixels * p.block, 0.0f);
-  const float* dy_block = dy + (u.g * p.out_per_group + u.b * p.block) * out_area + ch.oh0 * p.out_w;
   for (int64_t m = 0; m < ch.images; ++m)
-    blocked::transpose(dy_block + (ch.n0 + m) * out_channels * out_area, out_area, block_channels, band_pixels,
-                       dy_t + m * band_pixels * p.block, p.block);
+    read_pixel_major(dy, ch.n0 + m, u.g * p.out_per_group + u.b * p.block, block_channels, ch.oh0 * p.out_w,
+                     band_pixels, dy_t + m * band_pixels * p.block, p.block);
 }
 
 // The unit's tiles over the chunk, added into its slice of the [c][r][s][32] copy of dW.
@@ -173,8 +170,8 @@ void run_unit_tiles(const BlockedProblem& p, const GradChunks& k, const Chunk& c
 
 // One thread's run of units [begin, end) over every chunk; it packs the input rows of its parts
 // only, once per (group, part) and chunk.
-void run_units(const BlockedProblem& p, const GradChunks& k, int64_t begin, int64_t end, const float* dy,
-               const float* x, float* dw_t) {
+void run_units(const BlockedProblem& p, const GradChunks& k, int64_t begin, int64_t end, const Activations& dy,
+               const Activations& x, float* dw_t) {
   std::vector<float> rows_t(k.images * p.input_rows(k.rows) * k.cols * k.part_channels);
   std::vector<float> dy_t(k.images * k.rows * p.out_w * p.block);
   const int64_t dw_block = p.in_per_group * p.taps_h * p.taps_w * p.block;
@@ -200,7 +197,8 @@ void run_units(const BlockedProblem& p, const GradChunks& k, int64_t begin, int6
 
 }  // namespace
 
-void blocked_weight_grad(const BlockedProblem& p, const GradChunks& k, const float* dy, const float* x, float* dw) {
+void blocked_weight_grad(const BlockedProblem& p, const GradChunks& k, const Activations& dy, const Activations& x,
+                         float* dw) {
   const int64_t C = p.in_per_group, R = p.taps_h, S = p.taps_w;
   if (p.out_h == 0 || p.out_w == 0) {  // no output pixels: a zero gradient
     std::fill(dw, dw + p.groups * p.out_per_group * C * R * S, 0.0f);
@@ -230,7 +228,7 @@ void blocked_weight_grad(const BlockedProblem& p, const GradChunks& k, const flo
 
 #else  // not x86-64 with GCC/Clang: never called (blocked_kernel_available is false)
 
-void blocked_weight_grad(const BlockedProblem&, const GradChunks&, const float*, const float*, float*) {}
+void blocked_weight_grad(const BlockedProblem&, const GradChunks&, const Activations&, const Activations&, float*) {}
 
 #endif
 

@@ -216,7 +216,11 @@ void backward_weight_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dw,
   });
 }
 
-// float32 on an AVX-512 CPU: the register-blocked engines (blocked.h), as plan_direct decides.
+// On an AVX-512 CPU: the register-blocked engines (blocked.h), as plan_direct decides. They compute
+// in float32. The blocked correlation and weight gradient read their operands where they lie
+// (NCHW or channels_last, float32 or half precision) and write F.conv2d's memory format
+// (activations.h); the depthwise and row engines read NCHW float32, a copy where the operand is
+// neither (see nchw_float32).
 
 // The packed weight is rebuilt on every call, into a buffer each calling thread keeps: reusing
 // the allocation spares the page faults of a fresh multi-MB buffer. (A cache keyed on the weight's
@@ -228,17 +232,33 @@ float* packing_buffer(int64_t numel) {
   return buffer.data();
 }
 
+// What the depthwise and row engines read: t itself when NCHW float32, else a converted copy.
+at::Tensor nchw_float32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
 // The plan's correlations: the forward pass, or the input gradient one stride phase at a time.
-void run_blocked(const DirectPlan& plan, const float* in, const float* w, const float* init, float* out) {
-  for (const BlockedRun& run : plan.runs) {
-    if (plan.kernel == DirectKernel::Depthwise) {  // (packs its 16 channels' taps per task)
-      depthwise_correlation(run, in, w, init, out);
-      continue;
-    }
-    float* packed = packing_buffer(blocked_weight_numel(run.problem));
-    pack_blocked_weight(run.problem, w, run.taps, packed);
-    blocked_correlation(run, in, packed, init, out);
+// w and init are float32.
+void run_blocked(const DirectPlan& plan, const at::Tensor& in, const at::Tensor& w, const float* init,
+                 const at::Tensor& out) {
+  if (plan.kernel == DirectKernel::Depthwise) {  // (packs its 16 channels' taps per task)
+    for (const BlockedRun& run : plan.runs)
+      depthwise_correlation(run, in.const_data_ptr<float>(), w.const_data_ptr<float>(), init,
+                            out.mutable_data_ptr<float>());
+    return;
   }
+  at::Tensor in_source, out_source;
+  const Activations in_act = activations_of(in, in_source), out_act = activations_of(out, out_source);
+  for (const BlockedRun& run : plan.runs) {
+    float* packed = packing_buffer(blocked_weight_numel(run.problem));
+    pack_blocked_weight(run.problem, w.const_data_ptr<float>(), run.taps, packed);
+    blocked_correlation(run, in_act, packed, init, out_act);
+  }
+}
+
+// A pass's result: in F.conv2d's memory format, and for the depthwise engine NCHW float32 first.
+at::Tensor engine_result(const DirectPlan& plan, at::IntArrayRef sizes, const at::Tensor& like,
+                         at::MemoryFormat format) {
+  if (plan.kernel == DirectKernel::Depthwise) return at::empty(sizes, like.options().dtype(at::kFloat));
+  return at::empty(sizes, like.options().memory_format(format));
 }
 
 DirectPlan plan_for(const ConvShape& s, DirectPass pass, const at::Tensor& t) {
@@ -295,20 +315,23 @@ at::Tensor direct_forward(const at::Tensor& input, const at::Tensor& weight, con
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvShape s = check_forward(input, weight, bias, stride, padding, dilation, groups);
   const DirectPlan plan = plan_for(s, DirectPass::Forward, input);
-  const at::Tensor x = as_nchw(input), w = weight.contiguous();
+  const at::MemoryFormat format = result_format(input, weight);
   const bool has_bias = bias.has_value() && bias->defined();
+  if (plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::Depthwise) {
+    const at::Tensor b = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    const at::Tensor x = plan.kernel == DirectKernel::Depthwise ? nchw_float32(input) : input;
+    at::Tensor y = engine_result(plan, s.output_sizes(), input, format);
+    run_blocked(plan, x, weight.to(at::kFloat).contiguous(), has_bias ? b.const_data_ptr<float>() : nullptr, y);
+    return y.to(input.scalar_type()).contiguous(format);
+  }
+  const at::Tensor x = as_nchw(input), w = weight.contiguous();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty(s.output_sizes(), input.options());
-  if (plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::Depthwise) {
-    run_blocked(plan, x.const_data_ptr<float>(), w.const_data_ptr<float>(),
-                has_bias ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>());
-    return y.contiguous(result_format(input, weight));
-  }
   CHANNELCONV_DISPATCH(input.scalar_type(), "channelconv::direct_forward", [&] {
     forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                              has_bias ? b.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), s);
   });
-  return y.contiguous(result_format(input, weight));
+  return y.contiguous(format);
 }
 
 at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor& weight, at::IntArrayRef input_size,
@@ -316,13 +339,16 @@ at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor
                                  int64_t groups) {
   const ConvShape s = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
   const DirectPlan plan = plan_for(s, DirectPass::InputGrad, grad_output);
+  const at::MemoryFormat format = result_format(grad_output, weight);
+  if (plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::Depthwise) {
+    const at::Tensor dy = plan.kernel == DirectKernel::Depthwise ? nchw_float32(grad_output) : grad_output;
+    at::Tensor dx = engine_result(plan, s.input_sizes(), grad_output, format);
+    if (s.stride[0] > 1 || s.stride[1] > 1) dx.zero_();  // phases no tap reaches stay zero
+    run_blocked(plan, dy, weight.to(at::kFloat).contiguous(), nullptr, dx);
+    return dx.to(grad_output.scalar_type()).contiguous(format);
+  }
   const at::Tensor dy = as_nchw(grad_output), w = weight.contiguous();
   at::Tensor dx = at::empty(s.input_sizes(), grad_output.options());
-  if (plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::Depthwise) {
-    if (s.stride[0] > 1 || s.stride[1] > 1) dx.zero_();  // phases no tap reaches stay zero
-    run_blocked(plan, dy.const_data_ptr<float>(), w.const_data_ptr<float>(), nullptr, dx.mutable_data_ptr<float>());
-    return dx.contiguous(result_format(grad_output, weight));
-  }
   CHANNELCONV_DISPATCH(grad_output.scalar_type(), "channelconv::direct_backward_input", [&] {
     if (plan.kernel == DirectKernel::LoopPhases) {
       backward_input_phases<scalar_t>(dy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
@@ -332,7 +358,7 @@ at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor
                                       dx.mutable_data_ptr<scalar_t>(), s);
     }
   });
-  return dx.contiguous(result_format(grad_output, weight));
+  return dx.contiguous(format);
 }
 
 at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tensor& input, at::IntArrayRef weight_size,
@@ -340,23 +366,27 @@ at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tenso
                                   int64_t groups) {
   const ConvShape s = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
   const DirectPlan plan = plan_for(s, DirectPass::WeightGrad, input);
+  const at::MemoryFormat format = result_format(input, grad_output);
+  // The engines sum dW in float32 across the whole batch and round it to the dtype once.
+  if (plan.kernel == DirectKernel::BlockedWeightGrad || plan.kernel == DirectKernel::RowWeightGrad) {
+    at::Tensor dw = at::empty(s.weight_sizes(), input.options().dtype(at::kFloat));
+    if (plan.kernel == DirectKernel::BlockedWeightGrad) {
+      at::Tensor dy_source, x_source;
+      blocked_weight_grad(plan.grad_problem, plan.chunks, activations_of(grad_output, dy_source),
+                          activations_of(input, x_source), dw.mutable_data_ptr<float>());
+    } else {
+      row_weight_grad(s, plan.row_block, nchw_float32(grad_output).const_data_ptr<float>(),
+                      nchw_float32(input).const_data_ptr<float>(), dw.mutable_data_ptr<float>());
+    }
+    return dw.to(input.scalar_type()).contiguous(format);
+  }
   const at::Tensor dy = as_nchw(grad_output), x = as_nchw(input);
   at::Tensor dw = at::empty(s.weight_sizes(), input.options());
-  if (plan.kernel == DirectKernel::BlockedWeightGrad) {
-    blocked_weight_grad(plan.grad_problem, plan.chunks, dy.const_data_ptr<float>(), x.const_data_ptr<float>(),
-                        dw.mutable_data_ptr<float>());
-    return dw.contiguous(result_format(input, grad_output));
-  }
-  if (plan.kernel == DirectKernel::RowWeightGrad) {
-    row_weight_grad(s, plan.row_block, dy.const_data_ptr<float>(), x.const_data_ptr<float>(),
-                    dw.mutable_data_ptr<float>());
-    return dw.contiguous(result_format(input, grad_output));
-  }
   CHANNELCONV_DISPATCH(input.scalar_type(), "channelconv::direct_backward_weight", [&] {
     backward_weight_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                      dw.mutable_data_ptr<scalar_t>(), s);
   });
-  return dw.contiguous(result_format(input, grad_output));
+  return dw.contiguous(format);
 }
 
 }  // namespace

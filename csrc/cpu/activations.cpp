@@ -1,0 +1,217 @@
+// The blocked engines' reads and writes of activation tensors (activations.h).
+#include "activations.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "blocked.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+namespace channelconv {
+
+Activations activations_of(const at::Tensor& t, at::Tensor& layout_source) {
+  layout_source = t;
+  bool channels_last = false;
+  if (!t.is_contiguous()) {
+    channels_last = t.is_contiguous(at::MemoryFormat::ChannelsLast);
+    if (!channels_last) layout_source = t.contiguous();
+  }
+  return {const_cast<void*>(layout_source.const_data_ptr()), t.scalar_type(), channels_last, t.size(1), t.size(2),
+          t.size(3)};
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+
+namespace {
+
+// n elements to or from float32, 16 at a time in AVX-512 registers. bfloat16 rounds to nearest
+// even with NaN kept quiet (as c10::BFloat16 does); float16 by the hardware's conversion.
+// (GCC 12 takes the pass-through operand of the 256-bit load/convert intrinsics for an
+// uninitialised variable: a false -Wmaybe-uninitialized, silenced for these functions.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f"))) void to_float(const c10::BFloat16* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+__attribute__((target("avx512f"))) void to_float(const c10::Half* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+__attribute__((target("avx512f"))) void from_float(const float* src, int64_t n, c10::BFloat16* dst) {
+  int64_t i = 0;
+  const __m512i one = _mm512_set1_epi32(1), half_ulp = _mm512_set1_epi32(0x7fff);
+  const __m512i quiet_nan = _mm512_set1_epi32(0x7fc00000);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(src + i);
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(half_ulp, odd));
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet_nan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  }
+  for (; i < n; ++i) dst[i] = c10::BFloat16(src[i]);
+}
+
+__attribute__((target("avx512f"))) void from_float(const float* src, int64_t n, c10::Half* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
+
+#pragma GCC diagnostic pop
+
+void to_float(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
+void from_float(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
+
+// A per-thread buffer for a half-precision run widened before it is transposed.
+float* scratch(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+template <typename T>
+void read_channel_major_as(const Activations& a, int64_t n, int64_t c0, int64_t channels, int64_t pixel0,
+                           int64_t count, float* dst, int64_t dst_stride) {
+  const T* src = static_cast<const T*>(a.data) + a.offset(n, c0, pixel0);
+  if (!a.channels_last) {
+    for (int64_t c = 0; c < channels; ++c) to_float(src + c * a.plane(), count, dst + c * dst_stride);
+    return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    blocked::transpose(src, a.channels, count, channels, dst, dst_stride);
+  } else {
+    float* wide = scratch(count * channels);  // [pixel][channel], then transposed
+    for (int64_t i = 0; i < count; ++i) to_float(src + i * a.channels, channels, wide + i * channels);
+    blocked::transpose(wide, channels, count, channels, dst, dst_stride);
+  }
+}
+
+template <typename T>
+void read_pixel_major_as(const Activations& a, int64_t n, int64_t c0, int64_t channels, int64_t pixel0,
+                         int64_t count, float* dst, int64_t dst_stride) {
+  const T* src = static_cast<const T*>(a.data) + a.offset(n, c0, pixel0);
+  if (a.channels_last) {
+    for (int64_t i = 0; i < count; ++i) to_float(src + i * a.channels, channels, dst + i * dst_stride);
+    return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    blocked::transpose(src, a.plane(), channels, count, dst, dst_stride);
+  } else {
+    float* wide = scratch(channels * count);  // [channel][pixel], then transposed
+    for (int64_t c = 0; c < channels; ++c) to_float(src + c * a.plane(), count, wide + c * count);
+    blocked::transpose(wide, count, channels, count, dst, dst_stride);
+  }
+}
+
+template <typename T>
+void write_pixel_major_as(const Activations& a, int64_t n, int64_t c0, int64_t channels, int64_t pixel0,
+                          int64_t pixel_step, int64_t count, const float* src, int64_t src_stride) {
+  T* dst = static_cast<T*>(a.data) + a.offset(n, c0, pixel0);
+  if (a.channels_last) {
+    for (int64_t i = 0; i < count; ++i) from_float(src + i * src_stride, channels, dst + i * pixel_step * a.channels);
+    return;
+  }
+  if (std::is_same_v<T, float> && pixel_step == 1) {
+    blocked::transpose(src, src_stride, count, channels, reinterpret_cast<float*>(dst), a.plane());
+    return;
+  }
+  float* planes = scratch(channels * count);  // [channel][pixel]
+  blocked::transpose(src, src_stride, count, channels, planes, count);
+  for (int64_t c = 0; c < channels; ++c) {
+    T* dst_c = dst + c * a.plane();
+    if (pixel_step == 1) {
+      from_float(planes + c * count, count, dst_c);
+    } else {
+      for (int64_t i = 0; i < count; ++i) dst_c[i * pixel_step] = static_cast<T>(planes[c * count + i]);
+    }
+  }
+}
+
+template <typename Fn>
+void by_dtype(at::ScalarType dtype, Fn fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(c10::BFloat16{});
+    case at::kHalf: return fn(c10::Half{});
+    default: TORCH_CHECK(false, "channelconv: the blocked engines take float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
+}  // namespace
+
+void read_channel_pairs(const Activations& a, int64_t n, int64_t c0, int64_t channels, int64_t pixel0, int64_t count,
+                        uint32_t* dst, int64_t dst_stride) {
+  TORCH_CHECK(a.dtype == at::kBFloat16, "channelconv: channel pairs are bfloat16, got ", a.dtype);
+  const uint16_t* src = static_cast<const uint16_t*>(a.data) + a.offset(n, c0, pixel0);
+  const int64_t pairs = channels / 2;
+  if (a.channels_last && a.channels % 2 == 0 && c0 % 2 == 0) {
+    // Each pixel's channels are consecutive: its pairs already are aligned 32-bit words.
+    blocked::transpose(reinterpret_cast<const float*>(src), a.channels / 2, count, pairs,
+                       reinterpret_cast<float*>(dst), dst_stride);
+  } else {
+    for (int64_t q = 0; q < pairs; ++q) {
+      const uint16_t *first = src + 2 * q * a.channel_stride(), *second = first + a.channel_stride();
+      uint32_t* row = dst + q * dst_stride;
+      for (int64_t i = 0; i < count; ++i)
+        row[i] = uint32_t(first[i * a.pixel_stride()]) | uint32_t(second[i * a.pixel_stride()]) << 16;
+    }
+  }
+  if (channels % 2 == 1) {  // the last channel pairs with a zero
+    const uint16_t* last = src + (channels - 1) * a.channel_stride();
+    uint32_t* row = dst + pairs * dst_stride;
+    for (int64_t i = 0; i < count; ++i) row[i] = last[i * a.pixel_stride()];
+  }
+}
+
+void read_channel_major(const Activations& a, int64_t n, int64_t c0, int64_t channels, int64_t pixel0, int64_t count,
+                        float* dst, int64_t dst_stride) {
+  by_dtype(a.dtype, [&](auto tag) {
+    read_channel_major_as<decltype(tag)>(a, n, c0, channels, pixel0, count, dst, dst_stride);
+  });
+}
+
+void read_pixel_major(const Activations& a, int64_t n, int64_t c0, int64_t channels, int64_t pixel0, int64_t count,
+                      float* dst, int64_t dst_stride) {
+  by_dtype(a.dtype, [&](auto tag) {
+    read_pixel_major_as<decltype(tag)>(a, n, c0, channels, pixel0, count, dst, dst_stride);
+  });
+}
+
+void write_pixel_major(const Activations& a, int64_t n, int64_t c0, int64_t channels, int64_t pixel0,
+                       int64_t pixel_step, int64_t count, const float* src, int64_t src_stride) {
+  by_dtype(a.dtype, [&](auto tag) {
+    write_pixel_major_as<decltype(tag)>(a, n, c0, channels, pixel0, pixel_step, count, src, src_stride);
+  });
+}
+
+#else  // not x86-64 with GCC/Clang: the engines are never called (blocked_kernel_available)
+
+void read_channel_pairs(const Activations&, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t) {}
+void read_channel_major(const Activations&, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int64_t) {}
+void read_pixel_major(const Activations&, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int64_t) {}
+void write_pixel_major(const Activations&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const float*,
+                       int64_t) {}
+
+#endif
+
+}  // namespace channelconv
