@@ -138,7 +138,7 @@ def edge_args(draw) -> Args:
     dilation_form, flags = _choice(flags, (0, 1, 2))
     padding_form, flags = _choice(flags, (0, 1, 2, "same", "valid"))
     bias, flags = _choice(flags, (False, True))
-    dtype, flags = _choice(flags, (torch.float64, torch.float64, torch.float32))
+    dtype, flags = _choice(flags, (torch.float64, torch.float64, torch.float32, torch.bfloat16, torch.float16))
     layout, flags = _choice(flags, ("contiguous", "channels_last", "strided"))
     band_rows, flags = _choice(flags, (0, 1, 2, 3))
     if padding_form == "same" and (sh, sw) != (1, 1) or padding_form == "valid" and (ph, pw) != (0, 0):

@@ -40,7 +40,9 @@ void row_weight_grad(const ConvShape& s, int64_t block, const float* dy, const f
 
 // The same correlation for a depthwise problem (groups channels, one input channel each; the
 // weight (groups, 1, kernel_h, kernel_w)), vectorised across 16 channels (depthwise.cpp).
-void depthwise_correlation(const BlockedRun& run, const float* in, const float* w, const float* init, float* out);
+// in and out in either layout and dtype, like blocked_correlation's; w float32.
+void depthwise_correlation(const BlockedRun& run, const Activations& in, const float* w, const float* init,
+                           const Activations& out);
 
 namespace blocked {
 

@@ -3,7 +3,8 @@
 // wastes no lanes. Per task (an image and a block of 16 channels) the block's input planes are
 // transposed into one zero-padded [row][column][16] buffer, every output pixel is a chain of one
 // FMA per tap on 16 channels at once (the tap's 16 weights held in registers), and the
-// [pixel][16] result is transposed back into the NCHW planes.
+// [pixel][16] result is written back. The buffers are channel-last, so channels_last operands are
+// read and written with plain copies, and any layout or dtype converts on the way (activations.h).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -30,18 +31,17 @@ Window window_of(const BlockedProblem& p) {
   return {p.input_rows(p.out_h), p.strip_width(), p.offset_h, p.offset_w};
 }
 
-// buf[(i * cols + j) * 16 + c] = in[c, row0 + i, col0 + j] for the block's `channels` planes, 0 outside.
-__attribute__((target("avx512f"))) void gather(const BlockedProblem& p, const Window& win, const float* planes,
-                                               int64_t channels, float* buf) {
+// buf[(i * cols + j) * 16 + c] = in[n, c0 + c, row0 + i, col0 + j] for the block's `channels`, 0 outside.
+void gather(const BlockedProblem& p, const Window& win, const Activations& in, int64_t n, int64_t c0,
+            int64_t channels, float* buf) {
   std::fill(buf, buf + win.rows * win.cols * kLanes, 0.0f);
-  const int64_t in_area = p.in_h * p.in_w;
   const int64_t col_begin = std::max<int64_t>(0, -win.col0), col_end = std::min(win.cols, p.in_w - win.col0);
   if (col_end <= col_begin) return;
   for (int64_t i = 0; i < win.rows; ++i) {
     const int64_t ih = win.row0 + i;
     if (ih < 0 || ih >= p.in_h) continue;
-    blocked::transpose(planes + ih * p.in_w + win.col0 + col_begin, in_area, channels, col_end - col_begin,
-                       buf + (i * win.cols + col_begin) * kLanes, kLanes);
+    read_pixel_major(in, n, c0, channels, ih * p.in_w + win.col0 + col_begin, col_end - col_begin,
+                     buf + (i * win.cols + col_begin) * kLanes, kLanes);
   }
 }
 
@@ -90,28 +90,21 @@ void pack_taps(const BlockedProblem& p, const float* w, const WeightTaps& taps, 
               u * taps.step_w];
 }
 
-// The [pixel][16] result into the block's NCHW planes, at the problem's output positions.
-void scatter(const BlockedProblem& p, const float* out_t, int64_t channels, float* planes) {
-  const int64_t plane_area = p.plane_h() * p.plane_w();
-  for (int64_t oh = 0; oh < p.out_h; ++oh) {
-    float* dst = planes + (p.out_origin_h + oh * p.out_step_h) * p.plane_w() + p.out_origin_w;
-    const float* src = out_t + oh * p.out_w * kLanes;
-    if (p.out_step_w == 1) {
-      blocked::transpose(src, kLanes, p.out_w, channels, dst, plane_area);
-    } else {
-      for (int64_t c = 0; c < channels; ++c)
-        for (int64_t ow = 0; ow < p.out_w; ++ow) dst[c * plane_area + ow * p.out_step_w] = src[ow * kLanes + c];
-    }
-  }
+// The [pixel][16] result into the block's channels of image n, at the problem's output positions.
+void scatter(const BlockedProblem& p, const float* out_t, const Activations& out, int64_t n, int64_t c0,
+             int64_t channels) {
+  for (int64_t oh = 0; oh < p.out_h; ++oh)
+    write_pixel_major(out, n, c0, channels, (p.out_origin_h + oh * p.out_step_h) * p.plane_w() + p.out_origin_w,
+                      p.out_step_w, p.out_w, out_t + oh * p.out_w * kLanes, kLanes);
 }
 
 }  // namespace
 
-void depthwise_correlation(const BlockedRun& run, const float* in, const float* w, const float* init, float* out) {
+void depthwise_correlation(const BlockedRun& run, const Activations& in, const float* w, const float* init,
+                           const Activations& out) {
   const BlockedProblem& p = run.problem;
   const Window win = window_of(p);
   const int64_t blocks = (p.groups + kLanes - 1) / kLanes;
-  const int64_t in_area = p.in_h * p.in_w, plane_area = p.plane_h() * p.plane_w();
   at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(win.rows * win.cols * kLanes), out_t(p.out_h * p.out_w * kLanes);
     std::vector<float> w_t(p.taps_h * p.taps_w * kLanes), init_t(kLanes);
@@ -122,16 +115,16 @@ void depthwise_correlation(const BlockedRun& run, const float* in, const float* 
       std::fill(init_t.begin(), init_t.end(), 0.0f);
       if (init != nullptr) std::copy(init + c0, init + c0 + channels, init_t.begin());
       pack_taps(p, w, run.taps, c0, channels, w_t.data());
-      gather(p, win, in + (n * p.groups + c0) * in_area, channels, buf.data());
+      gather(p, win, in, n, c0, channels, buf.data());
       fn(p, win, buf.data(), w_t.data(), init_t.data(), out_t.data());
-      scatter(p, out_t.data(), channels, out + (n * p.groups + c0) * plane_area);
+      scatter(p, out_t.data(), out, n, c0, channels);
     }
   });
 }
 
 #else  // not x86-64 with GCC/Clang: never called (blocked_kernel_available is false)
 
-void depthwise_correlation(const BlockedRun&, const float*, const float*, const float*, float*) {}
+void depthwise_correlation(const BlockedRun&, const Activations&, const float*, const float*, const Activations&) {}
 
 #endif
 

@@ -217,9 +217,9 @@ void backward_weight_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dw,
 }
 
 // On an AVX-512 CPU: the register-blocked engines (blocked.h), as plan_direct decides. They compute
-// in float32. The blocked correlation and weight gradient read their operands where they lie
-// (NCHW or channels_last, float32 or half precision) and write F.conv2d's memory format
-// (activations.h); the depthwise and row engines read NCHW float32, a copy where the operand is
+// in float32. The blocked and depthwise correlations and the blocked weight gradient read their
+// operands where they lie (NCHW or channels_last, float32 or half precision) and write F.conv2d's
+// memory format (activations.h); the row engine reads NCHW float32, a copy where the operand is
 // neither (see nchw_float32).
 
 // The packed weight is rebuilt on every call, into a buffer each calling thread keeps: reusing
@@ -232,33 +232,24 @@ float* packing_buffer(int64_t numel) {
   return buffer.data();
 }
 
-// What the depthwise and row engines read: t itself when NCHW float32, else a converted copy.
+// What the row engine reads: t itself when NCHW float32, else a converted copy.
 at::Tensor nchw_float32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 // The plan's correlations: the forward pass, or the input gradient one stride phase at a time.
 // w and init are float32.
 void run_blocked(const DirectPlan& plan, const at::Tensor& in, const at::Tensor& w, const float* init,
                  const at::Tensor& out) {
-  if (plan.kernel == DirectKernel::Depthwise) {  // (packs its 16 channels' taps per task)
-    for (const BlockedRun& run : plan.runs)
-      depthwise_correlation(run, in.const_data_ptr<float>(), w.const_data_ptr<float>(), init,
-                            out.mutable_data_ptr<float>());
-    return;
-  }
   at::Tensor in_source, out_source;
   const Activations in_act = activations_of(in, in_source), out_act = activations_of(out, out_source);
   for (const BlockedRun& run : plan.runs) {
+    if (plan.kernel == DirectKernel::Depthwise) {  // (packs its 16 channels' taps per task)
+      depthwise_correlation(run, in_act, w.const_data_ptr<float>(), init, out_act);
+      continue;
+    }
     float* packed = packing_buffer(blocked_weight_numel(run.problem));
     pack_blocked_weight(run.problem, w.const_data_ptr<float>(), run.taps, packed);
     blocked_correlation(run, in_act, packed, init, out_act);
   }
-}
-
-// A pass's result: in F.conv2d's memory format, and for the depthwise engine NCHW float32 first.
-at::Tensor engine_result(const DirectPlan& plan, at::IntArrayRef sizes, const at::Tensor& like,
-                         at::MemoryFormat format) {
-  if (plan.kernel == DirectKernel::Depthwise) return at::empty(sizes, like.options().dtype(at::kFloat));
-  return at::empty(sizes, like.options().memory_format(format));
 }
 
 DirectPlan plan_for(const ConvShape& s, DirectPass pass, const at::Tensor& t) {
@@ -319,10 +310,9 @@ at::Tensor direct_forward(const at::Tensor& input, const at::Tensor& weight, con
   const bool has_bias = bias.has_value() && bias->defined();
   if (plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::Depthwise) {
     const at::Tensor b = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-    const at::Tensor x = plan.kernel == DirectKernel::Depthwise ? nchw_float32(input) : input;
-    at::Tensor y = engine_result(plan, s.output_sizes(), input, format);
-    run_blocked(plan, x, weight.to(at::kFloat).contiguous(), has_bias ? b.const_data_ptr<float>() : nullptr, y);
-    return y.to(input.scalar_type()).contiguous(format);
+    at::Tensor y = at::empty(s.output_sizes(), input.options().memory_format(format));
+    run_blocked(plan, input, weight.to(at::kFloat).contiguous(), has_bias ? b.const_data_ptr<float>() : nullptr, y);
+    return y;
   }
   const at::Tensor x = as_nchw(input), w = weight.contiguous();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
@@ -341,11 +331,10 @@ at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor
   const DirectPlan plan = plan_for(s, DirectPass::InputGrad, grad_output);
   const at::MemoryFormat format = result_format(grad_output, weight);
   if (plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::Depthwise) {
-    const at::Tensor dy = plan.kernel == DirectKernel::Depthwise ? nchw_float32(grad_output) : grad_output;
-    at::Tensor dx = engine_result(plan, s.input_sizes(), grad_output, format);
+    at::Tensor dx = at::empty(s.input_sizes(), grad_output.options().memory_format(format));
     if (s.stride[0] > 1 || s.stride[1] > 1) dx.zero_();  // phases no tap reaches stay zero
-    run_blocked(plan, dy, weight.to(at::kFloat).contiguous(), nullptr, dx);
-    return dx.to(grad_output.scalar_type()).contiguous(format);
+    run_blocked(plan, grad_output, weight.to(at::kFloat).contiguous(), nullptr, dx);
+    return dx;
   }
   const at::Tensor dy = as_nchw(grad_output), w = weight.contiguous();
   at::Tensor dx = at::empty(s.input_sizes(), grad_output.options());
@@ -375,8 +364,9 @@ at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tenso
       blocked_weight_grad(plan.grad_problem, plan.chunks, activations_of(grad_output, dy_source),
                           activations_of(input, x_source), dw.mutable_data_ptr<float>());
     } else {
-      row_weight_grad(s, plan.row_block, nchw_float32(grad_output).const_data_ptr<float>(),
-                      nchw_float32(input).const_data_ptr<float>(), dw.mutable_data_ptr<float>());
+      const at::Tensor dy = nchw_float32(grad_output), x = nchw_float32(input);
+      row_weight_grad(s, plan.row_block, dy.const_data_ptr<float>(), x.const_data_ptr<float>(),
+                      dw.mutable_data_ptr<float>());
     }
     return dw.to(input.scalar_type()).contiguous(format);
   }
