@@ -219,8 +219,8 @@ void backward_weight_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dw,
 // On an AVX-512 CPU: the register-blocked engines (blocked.h), as plan_direct decides. They compute
 // in float32. The blocked and depthwise correlations and the blocked weight gradient read their
 // operands where they lie (NCHW or channels_last, float32 or half precision) and write F.conv2d's
-// memory format (activations.h); the row engine reads NCHW float32, a copy where the operand is
-// neither (see nchw_float32).
+// memory format (activations.h); the row engine takes float32 only, in NCHW (a copy where the
+// operand is channels_last).
 
 // The packed weight is rebuilt on every call, into a buffer each calling thread keeps: reusing
 // the allocation spares the page faults of a fresh multi-MB buffer. (A cache keyed on the weight's
@@ -231,9 +231,6 @@ float* packing_buffer(int64_t numel) {
   if (static_cast<int64_t>(buffer.size()) < numel) buffer.resize(numel);
   return buffer.data();
 }
-
-// What the row engine reads: t itself when NCHW float32, else a converted copy.
-at::Tensor nchw_float32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 // The plan's correlations: the forward pass, or the input gradient one stride phase at a time.
 // w and init are float32.
@@ -364,7 +361,7 @@ at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tenso
       blocked_weight_grad(plan.grad_problem, plan.chunks, activations_of(grad_output, dy_source),
                           activations_of(input, x_source), dw.mutable_data_ptr<float>());
     } else {
-      const at::Tensor dy = nchw_float32(grad_output), x = nchw_float32(input);
+      const at::Tensor dy = as_nchw(grad_output), x = as_nchw(input);
       row_weight_grad(s, plan.row_block, dy.const_data_ptr<float>(), x.const_data_ptr<float>(),
                       dw.mutable_data_ptr<float>());
     }
