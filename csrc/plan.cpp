@@ -343,6 +343,8 @@ DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype
       } else if (runs_blocked(dtype, s.out_per_group()) && p.taps_w <= kMaxGradTaps) {
         plan.kernel = DirectKernel::BlockedWeightGrad;
         plan.grad_problem = p;
+        // bfloat16: pairs of a row's output pixels per step (plan.h, channel_pack).
+        if (dtype == at::kBFloat16 && bf16_dot_available()) plan.grad_problem.channel_pack = 2;
         plan.chunks = grad_chunks(p, threads);
       }
       return plan;

@@ -128,6 +128,8 @@ struct BlockedProblem {
   // Input channels one multiply step of a tile takes: 1 (a float32 FMA), or 2 where bfloat16 pairs
   // of channels go into one dot-product instruction (vdpbf16ps, twice the FMA's multiply-adds).
   // Strips and packed weights then hold packs(): pairs of channels, 32 bits each like a float.
+  // In the weight gradient, whose reduction runs over output pixels, 2 pairs a row's consecutive
+  // output pixels instead (a row's odd last pixel runs in float32).
   int64_t channel_pack = 1;
 
   int64_t plane_h() const { return out_plane_h < 0 ? out_h : out_plane_h; }

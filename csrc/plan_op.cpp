@@ -120,7 +120,10 @@ void count_weight_grad(const BlockedProblem& p, const GradChunks& g, Counts& c) 
   const double taps = double(p.taps_h) * p.taps_w;
   c.runs = 1;
   c.parts = g.parts;
-  c.mac = double(p.batch) * p.groups * blocks * p.block * p.out_h * p.out_w * C * taps;
+  // In the tile's steps: a bfloat16 pixel pair is one (a row's odd last pixel one more).
+  const double row_steps = p.channel_pack == 2 ? double(p.out_w / 2 + p.out_w % 2) : double(p.out_w);
+  c.mac = double(p.batch) * p.groups * blocks * p.block * p.out_h * row_steps * C * taps;
+  c.pairs = p.channel_pack == 2 ? 1 : 0;
   c.output = double(p.groups) * p.out_per_group * C * taps;
   for (int64_t n0 = 0; n0 < p.batch; n0 += g.images) {
     const int64_t images = std::min(g.images, p.batch - n0);

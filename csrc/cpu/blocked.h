@@ -10,6 +10,8 @@
 // (blocked_kernel_available); no -march flag is involved.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 
 #include "../plan.h"
@@ -47,6 +49,20 @@ void depthwise_correlation(const BlockedRun& run, const Activations& in, const f
 namespace blocked {
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));  // unaligned loads allowed
+
+// One step of a bfloat16 tile (plan.h, channel_pack): acc += the dot products of w's 16 pairs with
+// the pair at x, broadcast. Inline assembly rather than the intrinsic, so that the float32 and
+// bfloat16 tiles share their templates and need no AVX512_BF16 target to compile; it runs only
+// where the CPU has the instruction (bf16_dot_available).
+inline __attribute__((always_inline)) void dot_pairs(v16& acc, const v16& w, const float* x) {
+  asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
+}
+
+// Two values as a bfloat16 pair in 32 bits, the first in the low half (exact for values that
+// are bfloat16 already, as a bfloat16 op's operands are).
+inline uint32_t bf16_pair(float first, float second) {
+  return uint32_t(c10::BFloat16(first).x) | uint32_t(c10::BFloat16(second).x) << 16;
+}
 
 // dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols, 16 x 16 at a time in
 // AVX-512 registers (masked at the edges): the forward tile's [pixel][block] result into NCHW planes,

@@ -13,7 +13,6 @@
 // rows the tiles read are first copied into zero-padded strips, so the inner loop needs no bounds
 // tests and padding costs nothing.
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <array>
@@ -39,14 +38,6 @@ using blocked::v16;
 // weights outgrow L1 on wide layers and are streamed from L2 on every tile, which the hardware
 // prefetcher alone does not hide (benchmarks/NOTES.md).
 constexpr int64_t kWeightPrefetch = 512;
-
-// One step of a bfloat16 tile (plan.h, channel_pack): acc += the dot products of w's 16 pairs of
-// channels with the pair at x, broadcast. Inline assembly rather than the intrinsic, so that the
-// tile's code is shared with the float32 tiles and needs no AVX512_BF16 target of its own; it runs
-// only where the CPU has the instruction (bf16_dot_available).
-inline __attribute__((always_inline)) void dot_pairs(v16& acc, const v16& w, const float* x) {
-  asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
-}
 
 // A tile: Rows (1 or 2) output rows of A consecutive pixels each, the same columns on each row.
 // Both rows read the same kernel rows [r_begin, r_end), so no multiply-add reads a zero row.
@@ -92,7 +83,7 @@ __attribute__((target("avx512f,fma"))) void tile_kernel(const Tile& t) {
       for (int p = 0; p < A; ++p) {
         if constexpr (Pack == 2) {
 #pragma GCC unroll 2
-          for (int v = 0; v < V; ++v) dot_pairs(acc[v][first + p], wv[v], x + p * sw);
+          for (int v = 0; v < V; ++v) blocked::dot_pairs(acc[v][first + p], wv[v], x + p * sw);
         } else {
           const float xv = x[p * sw];
 #pragma GCC unroll 2
@@ -286,7 +277,6 @@ void run_block(const BlockedProblem& p, int64_t g, int64_t b, const float* packe
 // channels. The weights of a bfloat16 op are bfloat16 values, so the rounding is exact.
 void pair_channels(const BlockedProblem& p, const float* single, uint32_t* pairs) {
   const int64_t taps = p.taps_h * p.taps_w * p.block;  // values per input channel of a block
-  const auto bits = [](float v) { return uint32_t(c10::BFloat16(v).x); };
   for (int64_t gb = 0; gb < p.groups * p.blocks(); ++gb) {
     const float* src = single + gb * p.in_per_group * taps;
     uint32_t* dst = pairs + gb * p.packs() * taps;
@@ -294,7 +284,7 @@ void pair_channels(const BlockedProblem& p, const float* single, uint32_t* pairs
       const float* first = src + 2 * q * taps;
       const bool has_second = 2 * q + 1 < p.in_per_group;
       for (int64_t i = 0; i < taps; ++i)
-        dst[q * taps + i] = bits(first[i]) | (has_second ? bits(first[taps + i]) << 16 : 0);
+        dst[q * taps + i] = blocked::bf16_pair(first[i], has_second ? first[taps + i] : 0.0f);
     }
   }
 }

@@ -29,6 +29,9 @@ namespace {
 using blocked::v16;
 
 struct GradTile {
+  // Pack 2 (bfloat16 pairs, plan.h channel_pack): dy holds pairs of a row's consecutive pixels,
+  // [image][row][pixel / 2][block], and x pairs of columns stride_w apart, with the layout and
+  // steps of the float rows; a row's odd last pixel runs on dy_single and x_single (float32).
   const float* dy;     // [image][pixel][block]: the chunk's output pixels, row after row
   const float* x;      // channel-last rows at (image 0, kernel row r's first input row, column 0, first channel)
   int64_t images, image_step;  // the chunk's images, image_step floats apart in x
@@ -38,10 +41,36 @@ struct GradTile {
   int64_t tap_step;    // floats from tap s to tap s + 1
   float* dw;           // [g][..][s][block] at dw_channel_step per input channel
   int64_t dw_channel_step;
+  const float* dy_single = nullptr;  // Pack 2: the float32 dy ([image][pixel][block]) and x
+  const float* x_single = nullptr;
 };
 
+// One pixel's multiply-adds: acc[v][g][s] += dy's vectors times x at s * tap_step + g (float32),
+// or, for Pack 2, the pair's dot products (dot_pairs).
+template <int S, int G, int V, int Pack>
+inline __attribute__((always_inline)) void grad_pixel(v16 (&acc)[V][G][S], const float* d, const float* x,
+                                                      int64_t tap_step) {
+  v16 dv[V];
+#pragma GCC unroll 2
+  for (int v = 0; v < V; ++v) dv[v] = *reinterpret_cast<const v16*>(d + 16 * v);
+#pragma GCC unroll 24
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 24
+    for (int g = 0; g < G; ++g) {
+      if constexpr (Pack == 2) {
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v) blocked::dot_pairs(acc[v][g][s], dv[v], x + s * tap_step + g);
+      } else {
+        const float xv = x[s * tap_step + g];
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v) acc[v][g][s] += dv[v] * xv;
+      }
+    }
+}
+
 // V: vectors of 16 output channels (2: the 32-channel tile; 1: a narrow one, for at most 16).
-template <int S, int G, int V>
+// Pack: output pixels per step (GradTile).
+template <int S, int G, int V, int Pack>
 __attribute__((target("avx512f,fma"))) void grad_tile_kernel(const GradTile& t) {
   constexpr int block = 16 * V;
   v16 acc[V][G][S];
@@ -53,21 +82,17 @@ __attribute__((target("avx512f,fma"))) void grad_tile_kernel(const GradTile& t) 
       for (int v = 0; v < V; ++v)
         acc[v][g][s] = *reinterpret_cast<const v16*>(t.dw + g * t.dw_channel_step + s * block + 16 * v);
   const float* d = t.dy;
+  const int64_t steps = t.out_w / Pack;  // whole pairs for Pack 2
   for (int64_t m = 0; m < t.images; ++m) {
     for (int64_t j = 0; j < t.rows; ++j) {
-      const float* x = t.x + m * t.image_step + j * t.row_step;
-      for (int64_t ow = 0; ow < t.out_w; ++ow, x += t.pixel_step, d += block) {
-        v16 dv[V];
-#pragma GCC unroll 2
-        for (int v = 0; v < V; ++v) dv[v] = *reinterpret_cast<const v16*>(d + 16 * v);
-#pragma GCC unroll 24
-        for (int s = 0; s < S; ++s)
-#pragma GCC unroll 24
-          for (int g = 0; g < G; ++g) {
-            const float xv = x[s * t.tap_step + g];
-#pragma GCC unroll 2
-            for (int v = 0; v < V; ++v) acc[v][g][s] += dv[v] * xv;
-          }
+      const int64_t row = m * t.image_step + j * t.row_step;
+      const float* x = t.x + row;
+      for (int64_t i = 0; i < steps; ++i, x += Pack * t.pixel_step, d += block)
+        grad_pixel<S, G, V, Pack>(acc, d, x, t.tap_step);
+      if constexpr (Pack == 2) {
+        if (t.out_w % 2 == 1)  // the row's last pixel alone, in float32
+          grad_pixel<S, G, V, 1>(acc, t.dy_single + ((m * t.rows + j + 1) * t.out_w - 1) * block,
+                                 t.x_single + row + (t.out_w - 1) * t.pixel_step, t.tap_step);
       }
     }
   }
@@ -82,13 +107,14 @@ __attribute__((target("avx512f,fma"))) void grad_tile_kernel(const GradTile& t) 
 
 using GradTileFn = void (*)(const GradTile&);
 
-// GradTiles<V>::table[S - 1][G - 1]: S taps, G input channels, G * S <= Values (the accumulators
-// of 24 registers: 12 values of two vectors, 24 of one); null past that.
-template <int V, int Values = kGradTileValues * 2 / V>
+// GradTiles<V, Pack>::table[S - 1][G - 1]: S taps, G input channels, G * S <= Values (the
+// accumulators of 24 registers: 12 values of two vectors, 24 of one); null past that.
+template <int V, int Pack, int Values = kGradTileValues * 2 / V>
 struct GradTiles {
   template <int S, int... G>
   static constexpr std::array<GradTileFn, Values> row(std::integer_sequence<int, G...>) {
-    return {(S * (G + 1) <= Values ? &grad_tile_kernel<S, (S * (G + 1) <= Values ? G + 1 : 1), V> : nullptr)...};
+    return {(S * (G + 1) <= Values ? &grad_tile_kernel<S, (S * (G + 1) <= Values ? G + 1 : 1), V, Pack>
+                                   : nullptr)...};
   }
   template <int... S>
   static constexpr std::array<std::array<GradTileFn, Values>, sizeof...(S)> make(std::integer_sequence<int, S...>) {
@@ -98,8 +124,10 @@ struct GradTiles {
 };
 
 GradTileFn grad_tile_for(const BlockedProblem& p, int64_t taps, int64_t channels) {
-  return p.block == kBlockedChannels ? GradTiles<2>::table[taps - 1][channels - 1]
-                                     : GradTiles<1>::table[taps - 1][channels - 1];
+  const bool wide = p.block == kBlockedChannels;
+  if (p.channel_pack == 2)
+    return wide ? GradTiles<2, 2>::table[taps - 1][channels - 1] : GradTiles<1, 2>::table[taps - 1][channels - 1];
+  return wide ? GradTiles<2, 1>::table[taps - 1][channels - 1] : GradTiles<1, 1>::table[taps - 1][channels - 1];
 }
 
 // The unit's place: group g, input channels [c0, c0 + channels) (its part), channel block b.
@@ -152,17 +180,56 @@ void pack_output_grad(const BlockedProblem& p, const Chunk& ch, const Unit& u, c
                      band_pixels, dy_t + m * band_pixels * p.block, p.block);
 }
 
-// The unit's tiles over the chunk, added into its slice of the [c][r][s][32] copy of dW.
+// Pack 2: word (col, c) of each packed input row holds columns col and col + stride_w (zero past
+// the row), so that a pixel pair's taps read one word each, at the float rows' offsets.
+void pair_input_columns(const BlockedProblem& p, const GradChunks& k, const Chunk& ch, const Unit& u,
+                        const float* rows_t, uint32_t* pairs) {
+  for (int64_t c = 0; c < u.channels; c += k.tile_channels) {
+    const int64_t tile_g = std::min<int64_t>(k.tile_channels, u.channels - c);
+    const int64_t base = c * ch.images * ch.in_rows * k.cols;
+    for (int64_t row = 0; row < ch.images * ch.in_rows; ++row) {
+      const float* src = rows_t + base + row * k.cols * tile_g;
+      uint32_t* dst = pairs + base + row * k.cols * tile_g;
+      for (int64_t col = 0; col < k.cols; ++col)
+        for (int64_t g = 0; g < tile_g; ++g)
+          dst[col * tile_g + g] = blocked::bf16_pair(
+              src[col * tile_g + g], col + p.stride_w < k.cols ? src[(col + p.stride_w) * tile_g + g] : 0.0f);
+    }
+  }
+}
+
+// Pack 2: dy_pairs[m][j][q][channel] holds pixels 2q and 2q + 1 of row j (a row's odd last pixel
+// stays in dy_t).
+void pair_output_pixels(const BlockedProblem& p, const Chunk& ch, const float* dy_t, uint32_t* pairs) {
+  const int64_t half = p.out_w / 2;
+  for (int64_t row = 0; row < ch.images * ch.rows; ++row)
+    for (int64_t q = 0; q < half; ++q) {
+      const float* first = dy_t + (row * p.out_w + 2 * q) * p.block;
+      for (int64_t j = 0; j < p.block; ++j)
+        pairs[(row * half + q) * p.block + j] = blocked::bf16_pair(first[j], first[p.block + j]);
+    }
+}
+
+// The unit's tiles over the chunk, added into its slice of the [c][r][s][32] copy of dW. Pack 2:
+// dy_pairs and x_pairs as the tiles read them (the float32 dy_t and rows_t for odd last pixels).
 void run_unit_tiles(const BlockedProblem& p, const GradChunks& k, const Chunk& ch, const Unit& u, const float* dy_t,
-                    const float* rows_t, float* dw_unit) {
+                    const float* rows_t, const uint32_t* dy_pairs, const uint32_t* x_pairs, float* dw_unit) {
   const int64_t R = p.taps_h, S = p.taps_w;
+  const bool pairs = p.channel_pack == 2;
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t c = 0; c < u.channels; c += k.tile_channels) {
       const int64_t tile_g = std::min<int64_t>(k.tile_channels, u.channels - c);
-      const GradTile t{dy_t, rows_t + c * ch.images * ch.in_rows * k.cols + r * p.dil_h * k.cols * tile_g,
-                       ch.images, ch.in_rows * k.cols * tile_g, ch.rows, p.out_w,
-                       p.stride_h * k.cols * tile_g, p.stride_w * tile_g, p.dil_w * tile_g,
-                       dw_unit + ((u.c0 + c) * R + r) * S * p.block, R * S * p.block};
+      const int64_t x_offset = c * ch.images * ch.in_rows * k.cols + r * p.dil_h * k.cols * tile_g;
+      GradTile t{dy_t, rows_t + x_offset,
+                 ch.images, ch.in_rows * k.cols * tile_g, ch.rows, p.out_w,
+                 p.stride_h * k.cols * tile_g, p.stride_w * tile_g, p.dil_w * tile_g,
+                 dw_unit + ((u.c0 + c) * R + r) * S * p.block, R * S * p.block};
+      if (pairs) {
+        t.dy = reinterpret_cast<const float*>(dy_pairs);
+        t.x = reinterpret_cast<const float*>(x_pairs + x_offset);
+        t.dy_single = dy_t;
+        t.x_single = rows_t + x_offset;
+      }
       grad_tile_for(p, S, tile_g)(t);
     }
   }
@@ -174,6 +241,8 @@ void run_units(const BlockedProblem& p, const GradChunks& k, int64_t begin, int6
                const Activations& x, float* dw_t) {
   std::vector<float> rows_t(k.images * p.input_rows(k.rows) * k.cols * k.part_channels);
   std::vector<float> dy_t(k.images * k.rows * p.out_w * p.block);
+  const bool pairs = p.channel_pack == 2;  // (the pairs are sized like the float buffers)
+  std::vector<uint32_t> x_pairs(pairs ? rows_t.size() : 0), dy_pairs(pairs ? dy_t.size() : 0);
   const int64_t dw_block = p.in_per_group * p.taps_h * p.taps_w * p.block;
   for (int64_t n0 = 0; n0 < p.batch; n0 += k.images) {
     for (int64_t band = 0; band < k.bands; ++band) {
@@ -186,10 +255,13 @@ void run_units(const BlockedProblem& p, const GradChunks& k, int64_t begin, int6
         if (u.channels <= 0) continue;
         if (packed != unit / p.blocks()) {
           pack_input_rows(p, k, ch, u, x, rows_t.data());
+          if (pairs) pair_input_columns(p, k, ch, u, rows_t.data(), x_pairs.data());
           packed = unit / p.blocks();
         }
         pack_output_grad(p, ch, u, dy, dy_t.data());
-        run_unit_tiles(p, k, ch, u, dy_t.data(), rows_t.data(), dw_t + (u.g * p.blocks() + u.b) * dw_block);
+        if (pairs) pair_output_pixels(p, ch, dy_t.data(), dy_pairs.data());
+        run_unit_tiles(p, k, ch, u, dy_t.data(), rows_t.data(), dy_pairs.data(), x_pairs.data(),
+                       dw_t + (u.g * p.blocks() + u.b) * dw_block);
       }
     }
   }
