@@ -140,11 +140,13 @@ BlockedProblem with_tile_width(BlockedProblem p) {
   return p;
 }
 
-// bfloat16 runs pairs of channels where the CPU has their dot product (plan.h, channel_pack).
+// bfloat16 runs in pairs where the CPU has their dot product (plan.h, channel_pack).
+int64_t channel_pack_for(at::ScalarType dtype) { return dtype == at::kBFloat16 && bf16_dot_available() ? 2 : 1; }
+
 BlockedRun correlation_run(const BlockedProblem& problem, const WeightTaps& taps, at::ScalarType dtype,
                            int64_t threads) {
   BlockedProblem p = with_tile_width(problem);
-  if (dtype == at::kBFloat16 && bf16_dot_available()) p.channel_pack = 2;
+  p.channel_pack = channel_pack_for(dtype);
   return {p, taps, task_rows(p, threads)};
 }
 
@@ -343,8 +345,7 @@ DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype
       } else if (runs_blocked(dtype, s.out_per_group()) && p.taps_w <= kMaxGradTaps) {
         plan.kernel = DirectKernel::BlockedWeightGrad;
         plan.grad_problem = p;
-        // bfloat16: pairs of a row's output pixels per step (plan.h, channel_pack).
-        if (dtype == at::kBFloat16 && bf16_dot_available()) plan.grad_problem.channel_pack = 2;
+        plan.grad_problem.channel_pack = channel_pack_for(dtype);  // (pairs of a row's output pixels)
         plan.chunks = grad_chunks(p, threads);
       }
       return plan;

@@ -229,8 +229,8 @@ inline bool engine_dtype(at::ScalarType dtype) {
 // Whether this CPU runs the blocked engine (AVX-512F with FMA, and not disabled by
 // CHANNELCONV_DISABLE_AVX512); otherwise every pass runs the plain loops.
 bool blocked_kernel_available();
-// Whether the blocked correlation runs bfloat16 as pairs of channels: the CPU has AVX512_BF16, and
-// CHANNELCONV_DISABLE_BF16_DOT is unset (the tests use it to cover the widening path).
+// Whether the blocked engines run bfloat16 in pairs (BlockedProblem::channel_pack): the CPU has
+// AVX512_BF16, and CHANNELCONV_DISABLE_BF16_DOT is unset (the tests use it to cover the widening path).
 bool bf16_dot_available();
 
 DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype, int64_t threads);

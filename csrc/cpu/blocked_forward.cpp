@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -209,10 +208,11 @@ void fill_strips(const BlockedProblem& p, const Activations& in, int64_t g, int6
     const int64_t n = (row0 + j) / p.out_h, oh = (row0 + j) % p.out_h;
     st.image[j] = n;
     st.plane_row[j] = p.out_origin_h + oh * p.out_step_h;
+    const auto input_row = [&](int64_t r) { return oh * p.stride_h + r * p.dil_h + p.offset_h; };
     st.r_begin[j] = p.taps_h;
     st.r_end[j] = 0;
     for (int64_t r = 0; r < p.taps_h; ++r) {
-      const int64_t ih = oh * p.stride_h + r * p.dil_h + p.offset_h;
+      const int64_t ih = input_row(r);
       if (ih >= 0 && ih < p.in_h) {
         st.r_begin[j] = std::min(st.r_begin[j], r);
         st.r_end[j] = r + 1;
@@ -231,8 +231,7 @@ void fill_strips(const BlockedProblem& p, const Activations& in, int64_t g, int6
         std::fill(dst + x_end, dst + strip_width, 0.0f);
       }
       if (reads) {
-        const int64_t ih = oh * p.stride_h + r * p.dil_h + p.offset_h;
-        const int64_t pixel0 = ih * p.in_w + p.offset_w + x_begin;
+        const int64_t pixel0 = input_row(r) * p.in_w + p.offset_w + x_begin;
         float* dst = strip + r * strip_width + x_begin;
         if (p.channel_pack == 2) {
           read_channel_pairs(in, n, g * p.in_per_group, p.in_per_group, pixel0, x_end - x_begin,
