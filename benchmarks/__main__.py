@@ -120,8 +120,8 @@ def parse_args(argv=None):
                 "on batch-norm networks")
     if args.autocast and args.dtype != "float32":
         p.error("--autocast: the models keep float32 weights under autocast; leave --dtype at float32")
-    if args.calibrate and (args.autocast or args.memory_format != "contiguous"):
-        p.error("--calibrate fits 'auto' on contiguous tensors without autocast; drop --memory-format / --autocast")
+    if args.calibrate and args.autocast:
+        p.error("--calibrate fits 'auto' for one dtype and layout (--dtype, --memory-format); drop --autocast")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args

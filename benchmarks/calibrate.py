@@ -280,12 +280,12 @@ def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool
     where = (f"{cpu_name()}, {settings.threads} thread(s)" if settings.device == "cpu"
              else torch.cuda.get_device_name())
     log(f"calibrating 'auto' on {where}, {settings.device} "
-        f"{str(settings.dtype).replace('torch.', '')}, {clock_name}")
+        f"{str(settings.dtype).replace('torch.', '')}, {settings.memory_format}, {clock_name}")
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         data = {}
-    key = f"{settings.device}/{str(settings.dtype).replace('torch.', '')}"
+    key = timemodel.calibration_key(settings.device, settings.dtype, settings.memory_format == "channels_last")
     saved = data.get("models", {}).get(key)
     partial = saved is not None and set(passes) != {"forward", "training"}
     if partial and (saved.get("threads"), saved.get("clock")) != (settings.threads, clock_name):

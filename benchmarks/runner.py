@@ -226,7 +226,8 @@ class LayerCase:
         # grad_output laid out as F.conv2d lays out its output, as autograd would hand it to the backward.
         self.gy = torch.randn(out_shape, generator=g).to(dev, dt).contiguous(
             memory_format=result_format(self.x, self.w))
-        self.cost = cost(self.x.shape, self.w.shape, *self.args, dtype=dt, bias=layer.bias, device=dev)
+        self.cost = cost(self.x.shape, self.w.shape, *self.args, dtype=dt, bias=layer.bias, device=dev,
+                         memory_format=MEMORY_FORMATS[settings.memory_format])
         # Leaves that record autograd, for training steps.
         self.leaves = [t.detach().requires_grad_() for t in (self.x, self.w, self.b) if t is not None]
 

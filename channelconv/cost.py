@@ -31,6 +31,7 @@ Conventions
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,7 @@ class AlgorithmPlan:
     why_not: str = ""  # when not applicable: the op's own error message
     workspace_bytes: int = 0
     side_by_side: bool = False  # the band's images side by side, one GEMM per band
+    nhwc: bool = False  # the CPU's channels_last driver: a row of columns per output pixel (csrc/plan.h)
     # Lowered algorithms: gemm_calls batched GEMMs in the forward pass, each (gemm_m x gemm_k) .
     # (gemm_k x gemm_n) per group, over band_images images and band_rows output rows (the last band
     # may be shorter).
@@ -67,29 +69,31 @@ class AlgorithmPlan:
     passes: dict = field(default_factory=dict)
 
 
-def _plan_op(algorithm, which, shape_args, dtype, device, limit, threads) -> dict:
+def _plan_op(algorithm, which, shape_args, dtype, device, limit, threads, channels_last) -> dict:
     input_shape, weight_shape, stride, padding, dilation, groups = shape_args
     with torch._C._DisableFuncTorch():  # ints in, ints out: nothing for a torch.func transform (and no Dict rule)
         return dict(torch.ops.channelconv._plan(algorithm, which, list(input_shape), list(weight_shape), list(stride),
                                                 list(padding), list(dilation), groups, dtype, device, limit,
-                                                threads))
+                                                threads, channels_last))
 
 
-def _plans(shape_args, dtype, device, limit, threads) -> dict:
+def _plans(shape_args, dtype, device, limit, threads, channels_last) -> dict:
     """Every algorithm's plan; the op rejects bad arguments with its own (F.conv2d's) message."""
+    plan_op = functools.partial(_plan_op, shape_args=shape_args, dtype=dtype, device=device, limit=limit,
+                                threads=threads, channels_last=channels_last)
     try:
-        direct = {which: _plan_op("direct", which, shape_args, dtype, device, limit, threads) for which in PASSES}
+        direct = {which: plan_op("direct", which) for which in PASSES}
     except RuntimeError as e:  # a shape the op rejects: cost() reports bad arguments as ValueError
         raise ValueError(str(e)) from None
     plans = {"direct": AlgorithmPlan("direct", True, passes=direct)}
     for algorithm in ALGORITHMS[1:]:
         try:
-            p = _plan_op(algorithm, "forward", shape_args, dtype, device, limit, threads)
+            p = plan_op(algorithm, "forward")
         except (RuntimeError, ValueError) as e:  # what this algorithm refuses ('1x1' on a 3x3 kernel, a limit)
             plans[algorithm] = AlgorithmPlan(algorithm, False, why_not=str(e).split("\n")[0])
             continue
         plans[algorithm] = AlgorithmPlan(
-            algorithm, True, workspace_bytes=p["workspace_bytes"], side_by_side=bool(p["side_by_side"]),
+            algorithm, True, workspace_bytes=p["workspace_bytes"], side_by_side=bool(p["side_by_side"]), nhwc=bool(p["nhwc"]),
             gemm_m=p["gemm_m"], gemm_n=p["gemm_n"], gemm_k=p["gemm_k"], gemm_calls=p["gemm_calls"],
             band_rows=p["rows"], band_images=p["images"], column_elements=p["column_elements"],
             column_bytes=p["column_elements"] * dtype.itemsize)
@@ -120,6 +124,7 @@ class Cost:
     backward_bytes_moved: int
     im2col_workspace_bytes: int | None  # None: im2col refuses (one output row exceeds the workspace limit)
     workspace_limit: int
+    channels_last: bool = False  # the kernels see the input as NHWC (is_channels_last)
     plans: dict = field(repr=False, default_factory=dict)
 
     @property
@@ -174,13 +179,15 @@ class Cost:
 
 def cost(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, dtype=torch.float32, *,
          bias: bool = False, workspace_limit: int | None = None, device: str = "cpu",
-         threads: int | None = None) -> Cost:
+         threads: int | None = None, memory_format: torch.memory_format = torch.contiguous_format) -> Cost:
     """The textbook's cost quantities of ``F.conv2d(input, weight, bias, stride, padding, dilation,
     groups)`` for an input of ``input_shape`` (N, C_i, H, W) or (C_i, H, W) and a weight of
     ``weight_shape`` (C_o, C_i / groups, k_h, k_w); see the module docstring for the conventions.
     ``workspace_limit`` defaults to ``channelconv.get_workspace_limit()``; ``device`` ('cpu' or
     'cuda') and ``threads`` (default torch's) are where the algorithms would run: their plans
-    depend on both (side-by-side bands on the CPU, tasks per thread)."""
+    depend on both (side-by-side bands on the CPU, tasks per thread). ``memory_format``: the
+    input's, ``torch.contiguous_format`` or ``torch.channels_last`` (the CPU's im2col and 1x1 then
+    run their NHWC driver, and 'auto' reads that layout's calibration)."""
     input_shape, weight_shape = tuple(int(v) for v in input_shape), tuple(int(v) for v in weight_shape)
     if len(input_shape) == 3:
         input_shape = (1, *input_shape)
@@ -190,9 +197,16 @@ def cost(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, d
     padding, extra = resolve_padding(padding, weight_shape, stride, dilation)
     if len(input_shape) == 4:  # (the op names a shape of another rank)
         input_shape = (*input_shape[:2], input_shape[2] + extra[0], input_shape[3] + extra[1])
+    if memory_format not in (torch.contiguous_format, torch.channels_last):
+        raise ValueError(f"expected memory_format to be torch.contiguous_format or torch.channels_last, but got "
+                         f"memory_format={memory_format}")
     limit = get_workspace_limit() if workspace_limit is None else int(workspace_limit)
+    # What a channels_last tensor of this shape is to the kernels (is_channels_last): with one
+    # channel or one pixel it is also NCHW-contiguous. (The op names a shape of another rank.)
+    channels_last = (memory_format == torch.channels_last and len(input_shape) == 4 and input_shape[1] > 1
+                     and input_shape[2] * input_shape[3] > 1)
     plans = _plans((input_shape, weight_shape, stride, padding, dilation, groups), dtype, torch.device(device), limit,
-                   threads or torch.get_num_threads())
+                   threads or torch.get_num_threads(), channels_last)
 
     n, c_in, h, w = input_shape
     c_out, c_per_group, kh, kw = weight_shape
@@ -214,5 +228,5 @@ def cost(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, d
         forward_memory_bytes=forward_memory, backward_memory_bytes=backward_memory,
         forward_bytes_moved=forward_memory, backward_bytes_moved=backward_memory,
         im2col_workspace_bytes=im2col.workspace_bytes if im2col.applicable else None,
-        workspace_limit=limit, plans=plans,
+        workspace_limit=limit, channels_last=channels_last, plans=plans,
     )

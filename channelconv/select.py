@@ -21,7 +21,7 @@ import torch
 
 from . import measured, timemodel
 from ._ops import backward_passes, is_plain
-from ._shapes import ALGORITHMS, is_1x1, pair
+from ._shapes import ALGORITHMS, is_1x1, is_channels_last, pair
 from .cost import BACKWARD, Cost, cost
 from .timemodel import FEATURE_NAMES, predict
 from .workspace import get_workspace_limit
@@ -80,34 +80,36 @@ _choice_cache: dict = {}  # the heuristic's decisions (a pure function of the ke
 
 
 def decide(input_shape, weight_shape, stride, padding, dilation, groups, device_type="cpu", dtype=torch.float32,
-           gradients=(), tensors=None, measure=True) -> Decision:
+           gradients=(), tensors=None, measure=True, memory_format=torch.contiguous_format) -> Decision:
     """The decision for explicit arguments (padding a pair of ints), for a forward pass and the
-    ``gradients`` (of cost.BACKWARD) that follow it. ``tensors=(input, weight, bias)``: in benchmark
-    mode, the tensors to time the candidates on (``measure=False``: only look the signature up)."""
+    ``gradients`` (of cost.BACKWARD) that follow it, on an input in ``memory_format``.
+    ``tensors=(input, weight, bias)``: in benchmark mode, the tensors to time the candidates on
+    (``measure=False``: only look the signature up)."""
     if torch.compiler.is_compiling() or not _concrete(input_shape, weight_shape, tensors):
         return _rule(weight_shape)  # traced sizes may be symbolic, and a trace must not time anything
     return _decide(input_shape, weight_shape, stride, padding, dilation, groups, device_type, dtype, gradients,
-                   tensors, measure)
+                   tensors, measure, memory_format)
 
 
 def _decide(input_shape, weight_shape, stride, padding, dilation, groups, device_type, dtype, gradients, tensors,
-            measure) -> Decision:
+            measure, memory_format=torch.contiguous_format) -> Decision:
     timed = tensors is not None and measured.get_benchmark_mode()
     if timed and all(t is None or measured.can_time(t) for t in tensors):
         key = measured.signature(*tensors, stride, padding, dilation, groups, gradients)
         entry = measured.lookup(key)
         if entry is None and measure:
             entry = measured.measure(key, tensors, (stride, padding, dilation, groups), gradients, lambda: ranked(
-                cost(input_shape, weight_shape, stride, padding, dilation, groups, dtype, device=device_type),
-                device_type, gradients))
+                cost(input_shape, weight_shape, stride, padding, dilation, groups, dtype, device=device_type,
+                     memory_format=memory_format), device_type, gradients))
         if entry is not None:
             return Decision(entry["choice"], "measured", entry)
     key = (tuple(input_shape), tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups,
-           device_type, dtype, gradients, get_workspace_limit(), torch.get_num_threads())
+           device_type, dtype, gradients, get_workspace_limit(), torch.get_num_threads(), memory_format)
     decision = _choice_cache.get(key)
     if decision is None:
         try:
-            c = cost(input_shape, weight_shape, stride, padding, dilation, groups, dtype, device=device_type)
+            c = cost(input_shape, weight_shape, stride, padding, dilation, groups, dtype, device=device_type,
+                     memory_format=memory_format)
         except ValueError:  # arguments the op will reject, with its own message: no cost to model
             return _rule(weight_shape)
         best = ranked(c, device_type, gradients)
@@ -129,7 +131,8 @@ def choose(input_shape, weight_shape, stride, padding, dilation, groups, *, tens
     input = tensors[0]
     return _decide(input_shape, weight_shape, stride, padding, dilation, groups,
                    "cpu" if input.is_cpu else input.device.type,  # (is_cpu: the cheaper attribute)
-                   input.dtype, backward_passes(input, tensors[1]), tensors, True).choice
+                   input.dtype, backward_passes(input, tensors[1]), tensors, True,
+                   torch.channels_last if is_channels_last(input) else torch.contiguous_format).choice
 
 
 def reload_calibration() -> None:
@@ -191,12 +194,15 @@ def _shape_of(value):
     return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
 
 
-def explain(input, weight, stride=1, padding=0, dilation=1, groups=1, *, bias=None, training=None) -> Explanation:
+def explain(input, weight, stride=1, padding=0, dilation=1, groups=1, *, bias=None, training=None,
+            memory_format=None) -> Explanation:
     """Why 'auto' picks what it picks for ``conv2d(input, weight, bias, stride, padding, dilation,
     groups)``: the choice, the reason in words, and each candidate's cost figures (predicted time
     and its terms, FLOPs, workspace, bytes moved; the measured time when benchmark mode has
     timed this signature). ``input`` and ``weight`` may be tensors or shapes; ``training`` (True:
-    both gradients follow) defaults to the gradients a call with these tensors would need."""
+    both gradients follow) defaults to the gradients a call with these tensors would need;
+    ``memory_format`` (``torch.channels_last`` or ``torch.contiguous_format``) to the input
+    tensor's, or NCHW for a shape."""
     in_shape, w_shape = _shape_of(input), _shape_of(weight)
     if len(in_shape) == 3:
         in_shape = (1, *in_shape)
@@ -210,15 +216,18 @@ def explain(input, weight, stride=1, padding=0, dilation=1, groups=1, *, bias=No
         gradients = BACKWARD if training else ()
     training = bool(gradients)
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    if memory_format is None:
+        memory_format = (torch.channels_last if isinstance(input, torch.Tensor) and is_channels_last(input)
+                         else torch.contiguous_format)
     c = cost(in_shape, w_shape, stride, padding, dilation, groups, dtype, bias=bias is not None and bias is not False,
-             device=device_type)
+             device=device_type, memory_format=memory_format)
     timed_on = None
     if tensors:
         x = input if input.dim() == 4 else input.unsqueeze(0)
         if c.input_shape == tuple(x.shape):  # not an even-kernel 'same' (its padded input is made later)
             timed_on = (x, weight, bias_t)
     decision = decide(c.input_shape, c.weight_shape, stride, c.padding, dilation, groups, device_type, dtype,
-                      gradients, timed_on, measure=False)
+                      gradients, timed_on, measure=False, memory_format=memory_format)
     best = ranked(c, device_type, gradients)
     seconds = decision.measured["seconds"] if decision.measured else {}
     candidates = {}

@@ -128,14 +128,21 @@ def forget_calibration() -> None:
     _model_cache.clear()
 
 
-def model_for(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-    """The time model for a device type and dtype: the calibration's entry for it, else its
-    device's float32 entry, else the built-in defaults; each missing piece from the defaults."""
-    key = (device_type, dtype)
+def calibration_key(device_type: str, dtype: torch.dtype, channels_last: bool = False) -> str:
+    """A calibration entry's name: 'cpu/float32', 'cpu/bfloat16/channels_last', ..."""
+    return f"{device_type}/{str(dtype).replace('torch.', '')}" + ("/channels_last" if channels_last else "")
+
+
+def model_for(device_type: str = "cpu", dtype: torch.dtype = torch.float32, channels_last: bool = False) -> dict:
+    """The time model for a device type, dtype and layout (channels_last: the kernels see NHWC data):
+    the calibration's entry for it, else the dtype's NCHW entry, else its device's float32 entry,
+    else the built-in defaults; each missing piece from the defaults."""
+    key = (device_type, dtype, channels_last)
     if key not in _model_cache:
         models = load_calibration().get("models", {})
-        name = str(dtype).replace("torch.", "")
-        found = models.get(f"{device_type}/{name}") or models.get(f"{device_type}/float32") or {}
+        names = [calibration_key(device_type, dtype, channels_last), calibration_key(device_type, dtype),
+                 calibration_key(device_type, torch.float32)]
+        found = next((models[name] for name in names if name in models), {})
         model = {"gemm": {**DEFAULT_MODEL["gemm"], **found.get("gemm", {})}, "source": found.get("source", "defaults"),
                  "direct_vector_bytes": found.get("direct_vector_bytes", DEFAULT_MODEL["direct_vector_bytes"]),
                  "threads": found.get("threads", DEFAULT_MODEL["threads"])}
@@ -154,7 +161,7 @@ def predict(algorithm: str, c: Cost, device_type: str = "cpu", gradients: tuple 
     pass and the ``gradients`` after it, from the training model when calibrated (else the forward
     model, once per pass). The parallel terms scale from the calibration's thread count to
     ``threads`` (default: torch's current count; CPU only)."""
-    model = model_for(device_type, c.dtype)
+    model = model_for(device_type, c.dtype, c.channels_last)
     trained = model["training"][algorithm] if gradients else None
     coefficients, scale = (trained, 1.0) if trained is not None else (model["forward"][algorithm], 1 + len(gradients))
     parallel = 1.0

@@ -38,7 +38,8 @@ TORCH_LIBRARY(channelconv, m) {
   m.def("reset_workspace_peak() -> ()", [] { channelconv::reset_workspace_peak(); });
   // The plan a kernel runs for given arguments, counted (plan_op.cpp): what cost() and 'auto' read.
   m.def("_plan(str algorithm, str which, int[] input_size, int[] weight_size, int[] stride, int[] padding, "
-        "int[] dilation, int groups, ScalarType dtype, Device device, int workspace_limit, int threads) "
+        "int[] dilation, int groups, ScalarType dtype, Device device, int workspace_limit, int threads, "
+        "bool channels_last=False) "
         "-> Dict(str, int)",
         &channelconv::plan_summary);
 }

@@ -5,18 +5,45 @@
 namespace channelconv {
 namespace {
 
-// channels_last data of a 1x1, stride-1, unpadded, single-group convolution is already a row-major
-// (N*H*W, C) matrix: one GEMM over the whole batch, no copy in or out, the output channels_last.
-bool nhwc_gemm(const ConvShape& s, std::initializer_list<at::Tensor> operands) {
-  if (!input_is_columns(s) || s.groups != 1) return false;
-  for (const at::Tensor& t : operands) {
-    if (!t.is_contiguous(at::MemoryFormat::ChannelsLast) || t.is_contiguous()) return false;
-  }
-  return true;
+// Whether a lowered op runs the NHWC driver (plan.h) on the operand `t`: on a backend with NHWC band
+// kernels, for channels_last data. (With one channel both layouts are the same memory, which the
+// NCHW driver reads as it lies.)
+bool runs_nhwc(const BandKernels& kernels, const at::Tensor& t) {
+  return kernels.im2col_nhwc != nullptr && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
 }
 
-// (N, C, H, W) channels_last as its (N*H*W, C) matrix (a view).
+// (N, C, H, W) channels_last as its (N*H*W, C) matrix, one row per pixel (a view).
 at::Tensor nhwc_rows(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
+
+// Of such a matrix, the rows of output rows [row0, row0+rows) of images [n0, n0+images): consecutive
+// rows, since a band of several images holds them whole.
+at::Tensor band_rows(const at::Tensor& rows_matrix, const ConvShape& s, int64_t n0, int64_t images, int64_t row0,
+                     int64_t rows) {
+  return rows_matrix.narrow(0, (n0 * s.out_h + row0) * s.out_w, images * rows * s.out_w);
+}
+
+// The weight (K, C/G, k_h, k_w) as (K, k_h*k_w*C/G) rows in the NHWC columns' (r, t, channel) order:
+// a view of a channels_last weight, a copy of another.
+at::Tensor nhwc_weight_rows(const at::Tensor& weight) {
+  return weight.permute({0, 2, 3, 1}).reshape({weight.size(0), -1});
+}
+
+// For each group g: out_g = a_g . right(g) (+ bias_g), where out_g and a_g are the group's blocks
+// of columns of `out` and `a`, which the GEMM reads and writes in place at their row strides.
+template <typename Right>
+void grouped_mm(const at::Tensor& out, const at::Tensor& a, int64_t groups, Right right,
+                const at::Tensor& bias = at::Tensor()) {
+  const int64_t out_width = out.size(1) / groups, a_width = a.size(1) / groups;
+  for (int64_t g = 0; g < groups; ++g) {
+    at::Tensor out_g = out.narrow(1, g * out_width, out_width);
+    const at::Tensor a_g = a.narrow(1, g * a_width, a_width);
+    if (bias.defined()) {
+      at::addmm_out(out_g, bias.narrow(0, g * out_width, out_width), a_g, right(g));
+    } else {
+      at::mm_out(out_g, a_g, right(g));
+    }
+  }
+}
 
 // One column buffer, reused for every band of the plan (plan.h, LoweredPlan: rows of one image,
 // or whole images; on the CPU possibly side by side, with a scratch for the band's output or
@@ -42,7 +69,8 @@ class ColumnBands {
 
   // Calls fn(n0, images, row0, rows, columns) for each band: output rows [row0, row0+rows) of
   // images [n0, n0+images); columns is (images, C*k_h*k_w, rows*W_o), each image's matrix with
-  // unit-stride rows: contiguous, or side by side (then columns.transpose(0, 1) is contiguous).
+  // unit-stride rows: contiguous, or side by side (then columns.transpose(0, 1) is contiguous);
+  // NHWC: (images*rows*W_o, C*k_h*k_w), contiguous, a row per output pixel.
   template <typename Fn>
   void for_each(Fn fn) const {
     const int64_t column_rows = plan_.column_rows;
@@ -53,8 +81,9 @@ class ColumnBands {
         const int64_t pixels = rows * shape_.out_w;
         const at::Tensor columns = buffer_.narrow(0, 0, images * column_rows * pixels);
         fn(n0, images, row0, rows,
-           plan_.side_by_side ? columns.view({column_rows, images, pixels}).transpose(0, 1)
-                              : columns.view({images, column_rows, pixels}));
+           plan_.nhwc           ? columns.view({images * pixels, column_rows})
+           : plan_.side_by_side ? columns.view({column_rows, images, pixels}).transpose(0, 1)
+                                : columns.view({images, column_rows, pixels}));
       }
     }
   }
@@ -107,8 +136,109 @@ void for_each_image_run(const ConvShape& s, const LoweredPlan& plan, Fn fn) {
   for (int64_t n0 = 0; n0 < s.batch; n0 += plan.images) fn(n0, std::min(plan.images, s.batch - n0));
 }
 
-LoweredPlan plan_for(const ConvShape& s, Lowering lowering, const at::Tensor& t, int64_t workspace_limit) {
-  return plan_lowered(s, lowering, t.element_size(), workspace_limit, t.is_cpu());
+LoweredPlan plan_for(const ConvShape& s, Lowering lowering, const at::Tensor& t, int64_t workspace_limit,
+                     bool nhwc) {
+  return plan_lowered(s, lowering, t.element_size(), workspace_limit, t.is_cpu(), nhwc);
+}
+
+// ---- the NHWC driver (plan.h): channels_last operands and results, no layout copies ----------
+
+at::Tensor nhwc_forward(const BandKernels& kernels, const ConvShape& s, const LoweredPlan& plan,
+                        const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                        int64_t workspace_limit) {
+  at::Tensor y = at::empty(s.output_sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const at::Tensor y_rows = nhwc_rows(y), w_rows = nhwc_weight_rows(weight);
+  const int64_t k = s.out_per_group();
+  auto gemm_into = [&](const at::Tensor& out, const at::Tensor& columns) {
+    grouped_mm(out, columns, s.groups, [&](int64_t g) { return w_rows.narrow(0, g * k, k).t(); }, bias);
+  };
+  if (plan.input_is_columns) {  // the input's pixel rows are the columns: one GEMM per group, the whole batch
+    gemm_into(y_rows, nhwc_rows(input));
+  } else if (s.batch > 0) {
+    const ColumnBands bands(s, plan, input.options(), workspace_limit);
+    bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
+      const int64_t pixels = rows * s.out_w;
+      for (int64_t i = 0; i < images; ++i) {
+        kernels.im2col_nhwc(input[n0 + i], columns.narrow(0, i * pixels, pixels), s, row0, rows);
+      }
+      gemm_into(band_rows(y_rows, s, n0, images, row0, rows), columns);
+    });
+  }
+  return y;
+}
+
+at::Tensor nhwc_backward_input(const BandKernels& kernels, const ConvShape& s, const LoweredPlan& plan,
+                               const at::Tensor& grad_output, const at::Tensor& weight, int64_t workspace_limit) {
+  const at::Tensor dy_rows = nhwc_rows(grad_output), w_rows = nhwc_weight_rows(weight);
+  const int64_t k = s.out_per_group();
+  auto weight_of = [&](int64_t g) { return w_rows.narrow(0, g * k, k); };
+  const auto channels_last = grad_output.options().memory_format(at::MemoryFormat::ChannelsLast);
+  if (plan.input_is_columns) {
+    at::Tensor dx = at::empty(s.input_sizes(), channels_last);
+    grouped_mm(nhwc_rows(dx), dy_rows, s.groups, weight_of);
+    return dx;
+  }
+  // col2im adds band after band into dx: accumulate in the op-math type (float for halves).
+  at::Tensor dx = at::empty(s.input_sizes(), channels_last.dtype(at::toOpMathType(grad_output.scalar_type())));
+  dx.zero_();  // (at::zeros takes no memory format)
+  if (s.batch > 0) {
+    const ColumnBands bands(s, plan, grad_output.options(), workspace_limit);
+    bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
+      grouped_mm(columns, band_rows(dy_rows, s, n0, images, row0, rows), s.groups, weight_of);
+      const int64_t pixels = rows * s.out_w;
+      for (int64_t i = 0; i < images; ++i) {
+        kernels.col2im_nhwc(columns.narrow(0, i * pixels, pixels), dx[n0 + i], s, row0, rows);
+      }
+    });
+  }
+  return dx.to(grad_output.scalar_type());
+}
+
+at::Tensor nhwc_backward_weight(const BandKernels& kernels, const ConvShape& s, const LoweredPlan& plan,
+                                const at::Tensor& grad_output, const at::Tensor& input, int64_t workspace_limit) {
+  const at::Tensor dy_rows = nhwc_rows(grad_output.contiguous(at::MemoryFormat::ChannelsLast));
+  const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
+  const int64_t k = s.out_per_group(), columns_per_group = s.column_rows();
+  // dW as (K, k_h*k_w*C/G) rows, the weight's NHWC order: dW_g = sum over bands of dy_g^T . columns_g,
+  // the first product written, the later ones added (no zero fill). A band's pixels, of all its
+  // images, are the GEMM's inner dimension, which the GEMM sums in float32 also for halves. When
+  // the input is the columns, one GEMM sums the whole batch, rounded once; otherwise a band's
+  // operands are widened first, as the NCHW driver's are, so that the sum over bands is float32 too.
+  const bool one_gemm = plan.input_is_columns;
+  at::Tensor dw_rows = at::empty({s.out_channels, columns_per_group},
+                                 input.options().dtype(one_gemm ? input.scalar_type() : acc_type));
+  bool written = false;
+  auto accumulate = [&](const at::Tensor& dy_pixels, const at::Tensor& columns, bool widen) {
+    for (int64_t g = 0; g < s.groups; ++g) {
+      at::Tensor a = dy_pixels.narrow(1, g * k, k).t(), b = columns.narrow(1, g * columns_per_group,
+                                                                               columns_per_group);
+      if (widen) a = a.to(acc_type), b = b.to(acc_type);
+      at::Tensor out = dw_rows.narrow(0, g * k, k);
+      if (written) {
+        out.addmm_(a, b);
+      } else {
+        at::mm_out(out, a, b);
+      }
+    }
+    written = true;
+  };
+  if (one_gemm) {
+    if (s.batch > 0) accumulate(dy_rows, nhwc_rows(input), false);
+  } else if (s.batch > 0) {
+    const ColumnBands bands(s, plan, input.options(), workspace_limit);
+    bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
+      const int64_t pixels = rows * s.out_w;
+      for (int64_t i = 0; i < images; ++i) {
+        kernels.im2col_nhwc(input[n0 + i], columns.narrow(0, i * pixels, pixels), s, row0, rows);
+      }
+      accumulate(band_rows(dy_rows, s, n0, images, row0, rows), columns, acc_type != input.scalar_type());
+    });
+  }
+  if (!written) dw_rows.zero_();  // no images, or no output pixels: nothing was summed
+  // (K, k_h, k_w, C/G) rows are a channels_last (K, C/G, k_h, k_w) weight.
+  return dw_rows.view({s.out_channels, s.kernel_h, s.kernel_w, s.in_per_group()})
+      .permute({0, 3, 1, 2})
+      .to(input.scalar_type());
 }
 
 }  // namespace
@@ -117,19 +247,10 @@ at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const 
                            const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t workspace_limit) {
   const ConvShape s = check_forward(input, weight, bias, stride, padding, dilation, groups);
-  const LoweredPlan plan = plan_for(s, lowering, input, workspace_limit);
+  const bool nhwc = runs_nhwc(kernels, input);
+  const LoweredPlan plan = plan_for(s, lowering, input, workspace_limit, nhwc);
   const bool has_bias = bias.has_value() && bias->defined();
-  if (nhwc_gemm(s, {input})) {
-    at::Tensor y = at::empty(s.output_sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
-    at::Tensor y_rows = nhwc_rows(y);
-    const at::Tensor w_t = weight.reshape({s.out_channels, s.in_channels}).t();
-    if (has_bias) {
-      at::addmm_out(y_rows, *bias, nhwc_rows(input), w_t);
-    } else {
-      at::mm_out(y_rows, nhwc_rows(input), w_t);
-    }
-    return y;
-  }
+  if (nhwc) return nhwc_forward(kernels, s, plan, input, weight, has_bias ? *bias : at::Tensor(), workspace_limit);
   const at::Tensor x = as_nchw(input);
   const at::Tensor w = weight.contiguous().view({s.groups, s.out_per_group(), s.column_rows()});
   const at::Tensor b = has_bias ? bias->view({s.groups, s.out_per_group(), 1}) : at::Tensor();
@@ -176,17 +297,13 @@ at::Tensor lowered_backward_input(const BandKernels& kernels, Lowering lowering,
                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                   int64_t workspace_limit) {
   const ConvShape s = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
-  const LoweredPlan plan = plan_for(s, lowering, grad_output, workspace_limit);
+  const bool nhwc = runs_nhwc(kernels, grad_output);
+  const LoweredPlan plan = plan_for(s, lowering, grad_output, workspace_limit, nhwc);
+  if (nhwc) return nhwc_backward_input(kernels, s, plan, grad_output, weight, workspace_limit);
   const at::Tensor dy = as_nchw(grad_output);
   // (G, C/G*k_h*k_w, K/G): the transposed weight, a view (the GEMM reads it transposed).
   const at::Tensor w_t = weight.contiguous().view({s.groups, s.out_per_group(), s.column_rows()}).transpose(1, 2);
   at::Tensor dx;
-  if (nhwc_gemm(s, {grad_output})) {
-    dx = at::empty(s.input_sizes(), grad_output.options().memory_format(at::MemoryFormat::ChannelsLast));
-    at::Tensor dx_rows = nhwc_rows(dx);
-    at::mm_out(dx_rows, nhwc_rows(grad_output), weight.reshape({s.out_channels, s.in_channels}));
-    return dx;
-  }
   if (plan.input_is_columns) {
     dx = at::empty(s.input_sizes(), grad_output.options());
     for_each_image_run(s, plan, [&](int64_t n0, int64_t images) {
@@ -220,10 +337,9 @@ at::Tensor lowered_backward_weight(const BandKernels& kernels, Lowering lowering
                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                    int64_t workspace_limit) {
   const ConvShape s = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
-  const LoweredPlan plan = plan_for(s, lowering, input, workspace_limit);
-  if (nhwc_gemm(s, {input, grad_output})) {  // dW (K, C) = dy_rows^T . x_rows over the whole batch
-    return at::mm(nhwc_rows(grad_output).t(), nhwc_rows(input)).view(s.weight_sizes());
-  }
+  const bool nhwc = runs_nhwc(kernels, input);
+  const LoweredPlan plan = plan_for(s, lowering, input, workspace_limit, nhwc);
+  if (nhwc) return nhwc_backward_weight(kernels, s, plan, grad_output, input, workspace_limit);
   const at::Tensor x = as_nchw(input), dy = as_nchw(grad_output);
   const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
   // dW (G, K/G, C/G*k_h*k_w) = sum over images and bands of dy_band . columns_band^T. The first

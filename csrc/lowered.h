@@ -22,6 +22,13 @@ struct BandKernels {
   // grad_image may have a wider (accumulation) dtype than columns.
   void (*col2im)(const at::Tensor& columns, const at::Tensor& grad_image, const ConvShape& s, int64_t row0,
                  int64_t rows);
+  // The same for channels_last data (plan.h, NHWC): columns (rows*W_o, C*k_h*k_w), contiguous, one
+  // row per output pixel, laid out (group, r, t, channel of the group)  <-  one image, NHWC. A
+  // backend without them (nullptr) runs channels_last operands through the NCHW kernels.
+  void (*im2col_nhwc)(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0,
+                      int64_t rows) = nullptr;
+  void (*col2im_nhwc)(const at::Tensor& columns, const at::Tensor& grad_image, const ConvShape& s, int64_t row0,
+                      int64_t rows) = nullptr;
 };
 
 at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const at::Tensor& input,

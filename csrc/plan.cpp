@@ -56,8 +56,10 @@ void plan_bands(const ConvShape& s, int64_t element_size, int64_t limit_bytes, b
   const int64_t budget = std::min(limit_bytes, preferred);
   plan.rows = std::max<int64_t>(1, std::min(s.out_h, budget / bytes_per_row));
   const int64_t image_bytes = product({bytes_per_row, s.out_h});
-  const bool whole_images = plan.rows == s.out_h && s.groups == 1;
-  if (whole_images && cpu && side_by_side_pays(s.out_h * s.out_w)) {
+  // NCHW bands of several images run one batched GEMM over images and groups; NHWC ones one GEMM
+  // per group over the band's pixels, whose rows are the output's own.
+  const bool whole_images = plan.rows == s.out_h && (s.groups == 1 || plan.nhwc);
+  if (whole_images && cpu && !plan.nhwc && side_by_side_pays(s.out_h * s.out_w)) {
     const int64_t scratch_bytes = product({s.out_channels, s.out_h, s.out_w, element_size});
     const int64_t images = std::min(s.batch, budget / std::max(image_bytes, image_bytes + scratch_bytes));
     if (images >= kSideBySideImages) {
@@ -263,17 +265,18 @@ void check_workspace_fits(const LoweredPlan& plan, const ConvShape& s, int64_t w
 }
 
 LoweredPlan plan_lowered(const ConvShape& s, Lowering lowering, int64_t element_size, int64_t workspace_limit,
-                         bool cpu) {
+                         bool cpu, bool nhwc) {
   check_lowering(lowering, s, workspace_limit);
   LoweredPlan plan;
+  plan.nhwc = cpu && nhwc;
   plan.column_rows = s.in_channels * s.kernel_h * s.kernel_w;
   plan.gemm_m = s.out_per_group();
   plan.gemm_k = s.column_rows();
-  if (input_is_columns(s)) {  // runs of images share one batched GEMM: the whole batch with one group
+  if (input_is_columns(s)) {  // runs of images share one GEMM: the whole batch with one group, or in NHWC
     plan.input_is_columns = true;
-    plan.images = s.groups == 1 ? std::max<int64_t>(s.batch, 1) : 1;
+    plan.images = s.groups == 1 || plan.nhwc ? std::max<int64_t>(s.batch, 1) : 1;
     plan.rows = s.out_h;
-    plan.gemm_n = product({s.out_h, s.out_w});
+    plan.gemm_n = product({s.out_h, s.out_w, plan.nhwc ? plan.images : 1});  // NHWC: the batch is one matrix
     plan.gemm_calls = ceil_div(s.batch, plan.images);
     return plan;
   }
@@ -282,7 +285,7 @@ LoweredPlan plan_lowered(const ConvShape& s, Lowering lowering, int64_t element_
   plan.scratch_numel = plan.side_by_side ? product({plan.images, s.out_channels, s.out_h, s.out_w}) : 0;
   // (Side by side only where both fit the buffer budget: the sum cannot overflow.)
   plan.workspace_bytes = s.batch > 0 ? product({plan.column_numel + plan.scratch_numel, element_size}) : 0;
-  plan.gemm_n = product({plan.rows, s.out_w, plan.side_by_side ? plan.images : 1});
+  plan.gemm_n = product({plan.rows, s.out_w, plan.side_by_side || plan.nhwc ? plan.images : 1});
   plan.gemm_calls = product({ceil_div(s.batch, plan.images), ceil_div(s.out_h, plan.rows)});
   plan.column_elements = product({s.batch, plan.column_rows, s.out_h, s.out_w});
   return plan;

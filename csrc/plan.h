@@ -54,11 +54,17 @@ bool input_is_columns(const ConvShape& s);
 // (C_o, images*H_o*W_o) in the same workspace: the forward pass's output, copied out to each
 // image, or the gradients' output gradient, copied in. Chosen where the per-image GEMM wastes
 // MKL's 16-pixel vector rows (a 7x7 map: 49 pixels in 64 lanes) and enough images fit.
+//
+// NHWC (CPU, a channels_last operand): the columns are (pixels, C*k_h*k_w) rows, one per output
+// pixel, each tap's C channels one contiguous run of the input (groups side by side in a row), and
+// a band's pixels are consecutive rows of the NHWC output: whole images stack with no scratch and
+// no copy, and every band, of any number of groups, is one GEMM per group over all its pixels.
 struct LoweredPlan {
   bool input_is_columns = false;
   int64_t images = 1;  // images per batched GEMM: per band, or per run when the input is the columns
   int64_t rows = 1;    // output rows per band (the last band may be shorter)
   bool side_by_side = false;
+  bool nhwc = false;
   int64_t column_rows = 0;    // C * k_h * k_w: every group's column rows
   int64_t row_bytes = 0;      // one output row's columns: the least workspace a band needs
   int64_t column_numel = 0;   // elements of one band's columns
@@ -71,8 +77,9 @@ struct LoweredPlan {
 
 // Throws, with the op's own message, what the lowering refuses: '1x1' on another kernel, a
 // non-positive workspace limit.
+// `nhwc`: the CPU's channels_last driver (above).
 LoweredPlan plan_lowered(const ConvShape& s, Lowering lowering, int64_t element_size, int64_t workspace_limit,
-                         bool cpu);
+                         bool cpu, bool nhwc);
 // Throws when the plan's column buffer needs more than the limit (one output row's columns do not
 // fit): checked where the buffer is made, after the op's result is allocated.
 void check_workspace_fits(const LoweredPlan& plan, const ConvShape& s, int64_t workspace_limit);
@@ -240,6 +247,7 @@ c10::Dict<std::string, int64_t> plan_summary(const std::string& algorithm, const
                                              at::IntArrayRef input_size, at::IntArrayRef weight_size,
                                              at::IntArrayRef stride, at::IntArrayRef padding,
                                              at::IntArrayRef dilation, int64_t groups, at::ScalarType dtype,
-                                             c10::Device device, int64_t workspace_limit, int64_t threads);
+                                             c10::Device device, int64_t workspace_limit, int64_t threads,
+                                             bool channels_last);
 
 }  // namespace channelconv

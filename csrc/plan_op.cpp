@@ -3,15 +3,16 @@
 // counts what that plan does, so Python never restates a kernel's rule or constant.
 //
 //   _plan(algorithm, which, input_size, weight_size, stride, padding, dilation, groups, dtype,
-//         device, workspace_limit, threads) -> Dict(str, int)
+//         device, workspace_limit, threads, channels_last) -> Dict(str, int)
 //
 // algorithm: 'direct', 'im2col' or '1x1'; which: 'forward', 'input_grad' or 'weight_grad'
 // (direct plans each pass apart; im2col and 1x1 run one band plan in all three). It throws what
 // the op would throw for these arguments: F.conv2d's shape errors, '1x1' on another kernel, a
-// workspace limit below one output row of columns.
+// workspace limit below one output row of columns. channels_last: the input's layout (the CPU's
+// lowered algorithms then run their NHWC driver).
 //
 // Keys, im2col and 1x1 (the forward pass's GEMMs, per group):
-//   input_is_columns, images, rows, side_by_side, workspace_bytes, gemm_m, gemm_k, gemm_n,
+//   input_is_columns, images, rows, side_by_side, nhwc, workspace_bytes, gemm_m, gemm_k, gemm_n,
 //   gemm_calls, column_elements
 // Keys, direct (what one pass does):
 //   blocked      1: register-blocked tiles (CPU) or the tiled CUDA kernel; 0: the plain loops
@@ -46,6 +47,7 @@ Summary describe(const LoweredPlan& p) {
   d.insert("images", p.images);
   d.insert("rows", p.rows);
   d.insert("side_by_side", p.side_by_side);
+  d.insert("nhwc", p.nhwc);
   d.insert("workspace_bytes", p.workspace_bytes);
   d.insert("gemm_m", p.gemm_m);
   d.insert("gemm_k", p.gemm_k);
@@ -265,7 +267,8 @@ c10::Dict<std::string, int64_t> plan_summary(const std::string& algorithm, const
                                              at::IntArrayRef input_size, at::IntArrayRef weight_size,
                                              at::IntArrayRef stride, at::IntArrayRef padding,
                                              at::IntArrayRef dilation, int64_t groups, at::ScalarType dtype,
-                                             c10::Device device, int64_t workspace_limit, int64_t threads) {
+                                             c10::Device device, int64_t workspace_limit, int64_t threads,
+                                             bool channels_last) {
   const ConvShape s = make_shape(input_size, weight_size, stride, padding, dilation, groups);
   const DirectPass pass = pass_named(which);
   if (algorithm == "direct") {
@@ -274,7 +277,8 @@ c10::Dict<std::string, int64_t> plan_summary(const std::string& algorithm, const
   TORCH_CHECK_VALUE(algorithm == "im2col" || algorithm == "1x1", "channelconv::_plan: expected algorithm to be ",
                     "'direct', 'im2col' or '1x1', but got algorithm='", algorithm, "'");
   const Lowering lowering = algorithm == "im2col" ? Lowering::Im2col : Lowering::OneByOne;
-  const LoweredPlan plan = plan_lowered(s, lowering, c10::elementSize(dtype), workspace_limit, device.is_cpu());
+  const LoweredPlan plan = plan_lowered(s, lowering, c10::elementSize(dtype), workspace_limit, device.is_cpu(),
+                                          channels_last);
   if (!plan.input_is_columns) check_workspace_fits(plan, s, workspace_limit);
   return describe(plan);
 }

@@ -268,7 +268,7 @@ def test_cli_memory_format_and_autocast_rules(capsys):
                           (["--shape", "1,2,5,5,2,3,3", "--autocast", "bfloat16"], "with --suite models only"),
                           (["--suite", "models", "--autocast", "bfloat16", "--dtype", "bfloat16"], "float32"),
                           (["--suite", "models", "--autocast", "bfloat16", "--modes", "per-sample"], "per-sample"),
-                          (["--calibrate", "--memory-format", "channels_last"], "contiguous"),
+                          (["--suite", "models", "--calibrate", "--autocast", "bfloat16"], "drop --autocast"),
                           (["--memory-format", "nhwc"], "invalid choice")):
         with pytest.raises(SystemExit) as exit_:
             parse_args(args)

@@ -1,8 +1,5 @@
 """channels_last: correct values, and the memory formats F.conv2d / nn.Conv2d give, for outputs
-and gradients; a converted model moved to channels_last.
-
-(The issue also asks for a native NHWC path for the 1x1 algorithm where the benchmark suite shows it
-faster; that is a kernel-speed change, not covered here.)"""
+and gradients; a converted model moved to channels_last; the lowered algorithms' NHWC driver."""
 
 from __future__ import annotations
 
@@ -15,6 +12,7 @@ import torch.nn.functional as F
 from conftest import assert_close, oracle
 
 import channelconv
+from channelconv._shapes import pair
 
 CL = torch.channels_last
 # float64 where it can be: on CUDA F.conv2d computes float64 in NCHW whatever the operands' formats
@@ -123,24 +121,54 @@ def test_grad_input_format_with_a_contiguous_incoming_gradient(algorithm):
     assert formats_seen[0] == formats_seen[1]
 
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_1x1_channels_last_runs_as_one_gemm_over_the_batch(dtype, bias):
-    """channels_last 1x1 (stride 1, no padding, one group): the NHWC data is the GEMM's matrix as it
-    lies; forward and both gradients stay channels_last and match F.conv2d."""
+# (c_in, c_out, (H, W), kernel, stride, padding, dilation, groups, algorithm) for the NHWC driver.
+NHWC_LAYERS = [
+    (12, 10, (5, 7), 1, 1, 0, 1, 1, "1x1"),  # the input's pixel rows are the columns
+    (12, 10, (5, 7), 1, 1, 0, 1, 2, "1x1"),  # grouped: each group's block of the rows, in place
+    (12, 10, (7, 9), 1, 2, 0, 1, 1, "1x1"),  # strided: a gather of whole pixel rows
+    (12, 9, (7, 8), 1, (2, 1), 1, 1, 3, "im2col"),  # strided, padded, grouped 1x1
+    (6, 8, (7, 9), 3, 1, 1, 1, 1, "im2col"),
+    (6, 8, (9, 8), (3, 2), (2, 1), (2, 0), (2, 1), 2, "im2col"),
+    (5, 4, (6, 6), 5, 2, 2, 1, 1, "im2col"),
+]
+
+
+@pytest.mark.parametrize("bands", ["whole images", "two rows"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layer", NHWC_LAYERS, ids=lambda layer: f"{layer[8]}-{layer[3]}-s{layer[4]}-g{layer[7]}")
+def test_lowered_algorithms_run_nhwc_on_channels_last_data(layer, dtype, bands, limit):
+    """im2col and 1x1 on channels_last data run the NHWC driver (the plan says so): columns of
+    contiguous channel runs, GEMMs into the NHWC output, col2im into an NHWC gradient. Forward and
+    both gradients match F.conv2d in float64, in F.conv2d's memory formats, with bands of whole
+    images (several per GEMM) or of two output rows."""
+    c_in, c_out, size, k, stride, padding, dilation, groups, algorithm = layer
+    k, stride, padding, dilation = (pair(v, "size") for v in (k, stride, padding, dilation))
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 12, 5, 7, generator=g, dtype=torch.float64).to(dtype).contiguous(memory_format=CL)
-    w = torch.randn(10, 12, 1, 1, generator=g, dtype=torch.float64).to(dtype)
-    b = torch.randn(10, generator=g, dtype=torch.float64).to(dtype) if bias else None
-    leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
-    out = channelconv.conv2d(*leaves, algorithm="1x1")
-    assert out.is_contiguous(memory_format=CL) and not out.is_contiguous()
+    x = torch.randn(3, c_in, *size, generator=g, dtype=torch.float64).to(dtype).contiguous(memory_format=CL)
+    w = torch.randn(c_out, c_in // groups, *k, generator=g, dtype=torch.float64).to(dtype)
+    w = w.contiguous(memory_format=CL)
+    b = torch.randn(c_out, generator=g, dtype=torch.float64).to(dtype)
+    args = (stride, padding, dilation, groups)
+    c = channelconv.cost(x.shape, w.shape, *args, dtype=dtype, memory_format=CL)
+    plan = c.plans[algorithm]
+    assert plan.nhwc and not plan.side_by_side
+    if bands == "two rows":
+        if plan.column_elements == 0:
+            pytest.skip("the input is the columns: no bands")
+        limit(2 * c_in * k[0] * k[1] * c.output_shape[3] * dtype.itemsize)
+        plan = channelconv.cost(x.shape, w.shape, *args, dtype=dtype, memory_format=CL).plans[algorithm]
+        assert (plan.band_rows, plan.band_images) == (2, 1)
+    elif plan.column_elements:
+        assert plan.band_images == 3
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    out = channelconv.conv2d(*leaves, *args, algorithm=algorithm)
     gy = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype).contiguous(memory_format=CL)
     grads = torch.autograd.grad(out, leaves, gy)
-    assert grads[0].is_contiguous(memory_format=CL)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref = oracle(ref_leaves[0], ref_leaves[1], ref_leaves[2] if bias else None, 1, 0, 1, 1)
+    ref = oracle(*ref_leaves, *args)
     ref_grads = torch.autograd.grad(ref, ref_leaves, gy.double())
     assert_close(out, ref, dtype)
     for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads):
         assert_close(got, want, dtype, f"grad {name}")
+    for t in (out, *grads[:2]):  # (a 1x1 weight gradient is both formats at once)
+        assert t.is_contiguous(memory_format=CL) and (t is grads[1] or not t.is_contiguous())

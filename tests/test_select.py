@@ -135,16 +135,18 @@ def test_a_near_tie_between_candidates_without_workspace_keeps_the_faster(monkey
     assert select.choose(x, w, (1, 1), (0, 0), (1, 1), 1) == "1x1"
 
 
-def write_calibration(path, fast: str):
-    """A calibration whose model makes ``fast`` 1000x cheaper per unit of work than the others."""
+def calibration_entry(fast: str) -> dict:
+    """A calibration entry whose model makes ``fast`` 1000x cheaper per unit of work than the others."""
     forward = {}
     for a in channelconv.ALGORITHMS:
         names = timemodel.DIRECT_FEATURES if a == "direct" else timemodel.LOWERED_FEATURES
         scale = 1e-3 if a == fast else 1.0
         forward[a] = {n: scale * (1e-9 if n != "call" else 1e-5) for n in names}
-    data = {"version": 1, "models": {"cpu/float32": {"source": f"test ({fast})", "gemm": {"m0": 1, "n0": 1, "k0": 1},
-                                                     "forward": forward}}}
-    path.write_text(json.dumps(data))
+    return {"source": f"test ({fast})", "gemm": {"m0": 1, "n0": 1, "k0": 1}, "forward": forward}
+
+
+def write_calibration(path, fast: str, **more):
+    path.write_text(json.dumps({"version": 1, "models": {"cpu/float32": calibration_entry(fast), **more}}))
 
 
 @pytest.mark.parametrize("fast", ["direct", "im2col"])
@@ -164,6 +166,29 @@ def test_calibration_file_drives_the_choice(tmp_path, monkeypatch, fast):
     assert e.training and e.choice == fast
 
 
+def test_calibration_is_per_layout(tmp_path, monkeypatch):
+    """A channels_last input reads its layout's entry ('cpu/<dtype>/channels_last'), else its dtype's
+    NCHW entry; cost() and explain() take the layout from memory_format or the tensor."""
+    path = tmp_path / "calibration.json"
+    write_calibration(path, "direct", **{"cpu/float32/channels_last": calibration_entry("im2col")})
+    monkeypatch.setenv("CHANNELCONV_CALIBRATION", str(path))
+    select.reload_calibration()
+    assert timemodel.model_for("cpu", torch.float32, channels_last=True)["source"] == "test (im2col)"
+    assert timemodel.model_for("cpu", torch.bfloat16, channels_last=True)["source"] == "test (direct)"
+    x_shape, w_shape, *args = SHAPES[0]
+    x, w = make(SHAPES[0])
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert select.choose(x_shape, w_shape, *args, tensors=(x, w, None)) == "direct"
+    assert select.choose(x_shape, w_shape, *args, tensors=(x_cl, w, None)) == "im2col"
+    assert channelconv.explain(x_cl, w, padding=1).choice == "im2col"
+    assert channelconv.explain(x_shape, w_shape, padding=1, memory_format=torch.channels_last).choice == "im2col"
+    assert channelconv.cost(x_shape, w_shape, padding=1, memory_format=torch.channels_last).channels_last
+    # one channel: channels_last is the same memory as NCHW, and NCHW it is to the kernels
+    assert not channelconv.cost((2, 1, 8, 8), (4, 1, 3, 3), memory_format=torch.channels_last).channels_last
+    with pytest.raises(ValueError, match="memory_format"):
+        channelconv.cost(x_shape, w_shape, memory_format=torch.preserve_format)
+
+
 def test_missing_or_broken_calibration_falls_back_to_defaults(tmp_path, monkeypatch):
     path = tmp_path / "broken.json"
     path.write_text("{not json")
@@ -180,7 +205,13 @@ def test_shipped_calibration_is_well_formed():
     if not timemodel.CALIBRATION_FILE.exists():
         pytest.skip("no calibration file shipped")
     data = json.loads(timemodel.CALIBRATION_FILE.read_text())
-    entry = data["models"]["cpu/float32"]
+    assert "cpu/float32" in data["models"]
+    for key, entry in data["models"].items():
+        if key.startswith("cpu/"):
+            check_calibration_entry(entry)
+
+
+def check_calibration_entry(entry):
     for pass_ in ("forward", "training"):
         for a in channelconv.ALGORITHMS:
             names = timemodel.DIRECT_FEATURES if a == "direct" else timemodel.LOWERED_FEATURES

@@ -1,5 +1,5 @@
 // CPU data movement for the GEMM-lowered algorithms (im2col, 1x1): im2col by contiguous row
-// copies, col2im as a gather. The GEMM driver they plug into is csrc/lowered.cpp.
+// copies (NCHW) or channel runs (NHWC), col2im as a gather. The GEMM driver they plug into is csrc/lowered.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -83,6 +83,65 @@ void col2im_band(const scalar_t* columns, acc_t* grad_image, const ConvShape& s,
   });
 }
 
+// NHWC (plan.h): column row p, output pixel (row0 + p / W_o, p % W_o), holds for each group and
+// tap (r, t) the group's channels of the input pixel the tap reads, one contiguous run, or zeros
+// in the padding.
+template <typename scalar_t>
+void im2col_nhwc_band(const scalar_t* image, scalar_t* columns, const ConvShape& s, int64_t row0, int64_t rows) {
+  const Geometry<int64_t> g = s.geometry<int64_t>();
+  const int64_t per_group = s.in_per_group(), taps = g.kernel_area(), row_length = s.in_channels * taps;
+  at::parallel_for(0, rows * g.w.out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t ho = row0 + p / g.w.out, wo = p % g.w.out;
+      scalar_t* dst = columns + p * row_length;
+      for (int64_t r = 0; r < g.h.taps; ++r) {
+        const int64_t hi = g.h.input_at(ho, r);
+        for (int64_t t = 0; t < g.w.taps; ++t) {
+          const int64_t wi = g.w.input_at(wo, t), tap = r * g.w.taps + t;
+          const bool inside = hi >= 0 && hi < g.h.in && wi >= 0 && wi < g.w.in;
+          for (int64_t group = 0; group < s.groups; ++group) {
+            scalar_t* run = dst + (group * taps + tap) * per_group;
+            if (inside) {
+              const scalar_t* src = image + (hi * g.w.in + wi) * s.in_channels + group * per_group;
+              std::copy(src, src + per_group, run);
+            } else {
+              std::fill(run, run + per_group, scalar_t(0));
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// grad_image[hi, wi, c] += every NHWC column entry that read it, for the band. Each task owns whole
+// input rows (a gather: no atomics, a fixed (r, t) order); each entry is a contiguous channel run.
+template <typename scalar_t, typename acc_t>
+void col2im_nhwc_band(const scalar_t* columns, acc_t* grad_image, const ConvShape& s, int64_t row0, int64_t rows) {
+  const Geometry<int64_t> g = s.geometry<int64_t>();
+  const int64_t per_group = s.in_per_group(), taps = g.kernel_area(), row_length = s.in_channels * taps;
+  at::parallel_for(0, g.h.in, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t hi = begin; hi < end; ++hi) {
+      for (int64_t r = 0; r < g.h.taps; ++r) {
+        const int64_t ho = g.h.output_reading(hi, r);
+        if (ho < row0 || ho >= row0 + rows) continue;  // also rejects -1
+        for (int64_t t = 0; t < g.w.taps; ++t) {
+          const int64_t tap = r * g.w.taps + t, wi0 = g.w.input_at(0, t), wo_end = g.w.last_valid(t);
+          for (int64_t wo = g.w.first_valid(t); wo < wo_end; ++wo) {
+            acc_t* dst = grad_image + (hi * g.w.in + wi0 + wo * g.w.stride) * s.in_channels;
+            const scalar_t* src = columns + ((ho - row0) * g.w.out + wo) * row_length + tap * per_group;
+            for (int64_t group = 0; group < s.groups; ++group) {
+              acc_t* dst_run = dst + group * per_group;
+              const scalar_t* src_run = src + group * taps * per_group;
+              for (int64_t c = 0; c < per_group; ++c) dst_run[c] += static_cast<acc_t>(src_run[c]);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
 // The band's columns: (C*k_h*k_w, rows*W_o) with unit-stride rows, `pitch` elements apart.
 int64_t band_pitch(const at::Tensor& columns, const ConvShape& s, int64_t rows) {
   TORCH_INTERNAL_ASSERT(columns.dim() == 2 && columns.size(1) == rows * s.out_w && columns.stride(1) == 1);
@@ -107,7 +166,33 @@ void col2im_cpu(const at::Tensor& columns, const at::Tensor& grad_image, const C
   });
 }
 
-constexpr BandKernels kCpuBands{&im2col_cpu, &col2im_cpu};
+// An NHWC band's columns (rows*W_o, C*k_h*k_w), contiguous, and one image, channels_last.
+void check_nhwc_band(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t rows) {
+  TORCH_INTERNAL_ASSERT(columns.dim() == 2 && columns.is_contiguous() && columns.size(0) == rows * s.out_w &&
+                        columns.size(1) == s.in_channels * s.kernel_h * s.kernel_w);
+  TORCH_INTERNAL_ASSERT(image.dim() == 3 && image.unsqueeze(0).is_contiguous(at::MemoryFormat::ChannelsLast));
+}
+
+void im2col_nhwc_cpu(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0,
+                     int64_t rows) {
+  check_nhwc_band(image, columns, s, rows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, image.scalar_type(), "channelconv::im2col_nhwc", [&] {
+    im2col_nhwc_band<scalar_t>(image.const_data_ptr<scalar_t>(), columns.mutable_data_ptr<scalar_t>(), s, row0,
+                               rows);
+  });
+}
+
+void col2im_nhwc_cpu(const at::Tensor& columns, const at::Tensor& grad_image, const ConvShape& s, int64_t row0,
+                     int64_t rows) {
+  check_nhwc_band(grad_image, columns, s, rows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, columns.scalar_type(), "channelconv::col2im_nhwc", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    col2im_nhwc_band<scalar_t, acc_t>(columns.const_data_ptr<scalar_t>(), grad_image.mutable_data_ptr<acc_t>(), s,
+                                      row0, rows);
+  });
+}
+
+constexpr BandKernels kCpuBands{&im2col_cpu, &col2im_cpu, &im2col_nhwc_cpu, &col2im_nhwc_cpu};
 
 }  // namespace
 }  // namespace channelconv
