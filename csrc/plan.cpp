@@ -91,10 +91,11 @@ bool runs_blocked(at::ScalarType dtype, int64_t out_per_group) {
 // group: each unit copies its input plane, st times the output's columns, in phases, which a tile
 // of many input channels amortises better (32 -> 12 3x3/s2 @56 ran at 0.3x against its 1.1x;
 // 1 -> 6 5x5/s2 and stride-2 depthwise layers gained: benchmarks/NOTES.md v10).
-// float32 only: the engine reads NCHW float32, and a widened copy of a half-precision input would
-// double its memory (tests/test_large.py: a 4.6 GB bfloat16 input).
+// Any layout and engine dtype: a unit reads its input plane and dy block into float32 rows (a
+// widened copy of a whole half-precision input would double its memory: tests/test_large.py's
+// 4.6 GB bfloat16 input ran CI out of memory).
 bool runs_row_weight_grad(const ConvShape& s, at::ScalarType dtype) {
-  return dtype == at::kFloat && s.out_per_group() < kNarrowBlockChannels && s.kernel_w <= kMaxGradTaps &&
+  return engine_dtype(dtype) && s.out_per_group() < kNarrowBlockChannels && s.kernel_w <= kMaxGradTaps &&
          (s.stride[1] == 1 || s.in_per_group() <= kRowStridedInChannels) &&
          s.out_w * kNarrowBlockChannels >= s.out_per_group() * row_lanes(s.out_w) && blocked_kernel_available();
 }

@@ -235,6 +235,25 @@ def test_row_weight_grad_plans(device, out_w, in_channels, out_channels, groups,
         assert weight_grad["output"] == out_channels * (in_channels // groups) * kernel[0] * kernel[1]
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_channels, out_channels, kernel, stride, padding", [
+    (1, 6, (5, 5), (1, 1), 2), (3, 8, (3, 3), (2, 2), 1), (6, 15, (3, 3), (1, 1), 1)])
+def test_row_weight_grad_layouts_and_dtypes(device, layout, dtype, in_channels, out_channels, kernel, stride,
+                                            padding):
+    """The row engine reads each unit's input plane and dy block in either layout and dtype into
+    float32 rows (no whole copy): a stride-1 and a stride-2 row, one and 15 output channels'
+    blocks; forward and both gradients against F.conv2d, and the plan runs the row engine."""
+    case = Case(batch=3, in_channels=in_channels, out_channels=out_channels, size=(9, 16), kernel=kernel,
+                stride=stride, padding=padding, dilation=(1, 1), groups=1, bias=False, unbatched=False,
+                layout=layout)
+    check_case(case, "direct", dtype, device)
+    weight_grad = channelconv.cost((3, in_channels, 9, 16), (out_channels, in_channels, *kernel), stride, padding,
+                                   dtype=dtype).plans["direct"].passes["weight_grad"]
+    if device == "cpu" and weight_grad["blocked"]:  # AVX-512: the row engine (no chunks)
+        assert weight_grad["chunks"] == 0 and weight_grad["tasks"] % in_channels == 0
+
+
 # Whether this CPU runs bfloat16 in channel pairs (vdpbf16ps; csrc/plan.h, channel_pack).
 BF16_DOT = "avx512_bf16" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
 
@@ -298,7 +317,8 @@ def test_half_precision_weight_grad_sums_images_in_float(device, algorithm):
 def test_side_by_side_bands(algorithm, size, kernel, stride, padding, dtype, layout, limit):
     """Small maps on the CPU: whole images side by side in one column matrix, one GEMM per band and
     pass with a scratch of outputs or output gradients (csrc/conv_params.h, BandPlan). Nine images
-    of 7x7 outputs with a limit that holds four: bands of 4, 4 and a ragged 1; with a bias."""
+    of 7x7 outputs with a limit that holds four: bands of 4, 4 and a ragged 1; with a bias.
+    channels_last data runs the NHWC driver instead, whose bands stack whole images with no scratch."""
     case = Case(batch=9, in_channels=12, out_channels=20, size=(size, size), kernel=(kernel, kernel),
                 stride=(stride, stride), padding=padding, dilation=(1, 1), groups=1, bias=True, unbatched=False,
                 layout=layout)
@@ -308,6 +328,15 @@ def test_side_by_side_bands(algorithm, size, kernel, stride, padding, dtype, lay
     plan = channelconv.cost(*shapes, dtype=dtype).plans[algorithm]
     assert plan.side_by_side and plan.band_images == 4 and plan.workspace_bytes == 4 * image_bytes
     assert not channelconv.cost(*shapes, dtype=dtype, device="cuda").plans[algorithm].side_by_side
+    if layout == "channels_last":
+        plan = channelconv.cost(*shapes, dtype=dtype, memory_format=torch.channels_last).plans[algorithm]
+        columns_bytes = 12 * kernel * kernel * 49 * dtype.itemsize  # an image's columns, no scratch
+        assert plan.nhwc and not plan.side_by_side and plan.band_images == min(9, (4 * image_bytes + 1) // columns_bytes)
+        assert plan.workspace_bytes == plan.band_images * columns_bytes
     torch.ops.channelconv.reset_workspace_peak()
     check_case(case, algorithm, dtype)
-    assert torch.ops.channelconv.workspace_peak() == 4 * image_bytes
+    if layout == "channels_last":  # (check_case's grad_output is NCHW: its input gradient runs the NCHW driver)
+        x, w, b = make_tensors(case, dtype, "cpu")
+        torch.ops.channelconv.reset_workspace_peak()
+        channelconv.conv2d(x, w, b, case.stride, case.padding, algorithm=algorithm)
+    assert torch.ops.channelconv.workspace_peak() == plan.workspace_bytes

@@ -356,14 +356,12 @@ at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tenso
   // The engines sum dW in float32 across the whole batch and round it to the dtype once.
   if (plan.kernel == DirectKernel::BlockedWeightGrad || plan.kernel == DirectKernel::RowWeightGrad) {
     at::Tensor dw = at::empty(s.weight_sizes(), input.options().dtype(at::kFloat));
+    at::Tensor dy_source, x_source;
+    const Activations dy = activations_of(grad_output, dy_source), x = activations_of(input, x_source);
     if (plan.kernel == DirectKernel::BlockedWeightGrad) {
-      at::Tensor dy_source, x_source;
-      blocked_weight_grad(plan.grad_problem, plan.chunks, activations_of(grad_output, dy_source),
-                          activations_of(input, x_source), dw.mutable_data_ptr<float>());
+      blocked_weight_grad(plan.grad_problem, plan.chunks, dy, x, dw.mutable_data_ptr<float>());
     } else {
-      const at::Tensor dy = as_nchw(grad_output), x = as_nchw(input);
-      row_weight_grad(s, plan.row_block, dy.const_data_ptr<float>(), x.const_data_ptr<float>(),
-                      dw.mutable_data_ptr<float>());
+      row_weight_grad(s, plan.row_block, dy, x, dw.mutable_data_ptr<float>());
     }
     return dw.to(input.scalar_type()).contiguous(format);
   }

@@ -8,7 +8,8 @@
 // row is copied as its st phases (columns j, j + st, ...) one after the other, so that every tap
 // reads 16 consecutive floats of one phase. Each unit (group, input channel, block of output
 // channels) owns its slice of dW and sums images, rows and lanes in a fixed order: the result does
-// not depend on the thread count.
+// not depend on the thread count. Operands in either layout and dtype are read per unit and image
+// into float32 NCHW rows (the input plane it copies anyway, and the block's dy), never copied whole.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -84,50 +85,59 @@ struct RowTiles {
 };
 constexpr auto kRowTiles = RowTiles::make(std::make_integer_sequence<int, kMaxGradTaps>{});
 
-// Column j of the zero-padded row i (x_plane[i * in_w + j - pad_w], zero in the padding) at
-// plane[i * row + (j % st) * phase + j / st]: the row's st phases one after the other.
-void pad_plane(const ConvShape& s, const float* x_plane, int64_t phase, float* plane) {
+// Column j of the zero-padded row i of x[n, channel] (x[n, channel, i, j - pad_w], zero in the
+// padding) at plane[i * row + (j % st) * phase + j / st]: the row's st phases one after the other.
+// `row_buffer`: in_w floats, for a strided row before it is split into phases.
+void pad_plane(const ConvShape& s, const Activations& x, int64_t n, int64_t channel, int64_t phase, float* plane,
+               float* row_buffer) {
   const int64_t st = s.stride[1], pad = s.padding[1], row = st * phase;
   for (int64_t i = 0; i < s.in_h; ++i) {
     float* dst = plane + i * row;
-    const float* src = x_plane + i * s.in_w;
     if (st == 1) {
       std::fill(dst, dst + pad, 0.0f);
-      std::copy(src, src + s.in_w, dst + pad);
+      read_channel_major(x, n, channel, 1, i * s.in_w, s.in_w, dst + pad, 0);
       std::fill(dst + pad + s.in_w, dst + row, 0.0f);
       continue;
     }
+    read_channel_major(x, n, channel, 1, i * s.in_w, s.in_w, row_buffer, 0);
     for (int64_t p = 0; p < st; ++p)
       for (int64_t q = 0; q < phase; ++q) {
         const int64_t iw = q * st + p - pad;
-        dst[p * phase + q] = iw >= 0 && iw < s.in_w ? src[iw] : 0.0f;
+        dst[p * phase + q] = iw >= 0 && iw < s.in_w ? row_buffer[iw] : 0.0f;
       }
   }
 }
 
 }  // namespace
 
-void row_weight_grad(const ConvShape& s, int64_t block, const float* dy, const float* x, float* dw) {
+void row_weight_grad(const ConvShape& s, int64_t block, const Activations& dy, const Activations& x, float* dw) {
   const int64_t C = s.in_per_group(), K = s.out_per_group(), R = s.kernel_h, S = s.kernel_w;
   const int64_t blocks = (K + block - 1) / block, units = s.groups * C * blocks;
   const int64_t st = s.stride[1], row = row_copy_width(s), phase = row / st;
-  const int64_t out_area = s.out_h * s.out_w, in_area = s.in_h * s.in_w;
+  const int64_t out_area = s.out_h * s.out_w;
   std::array<int64_t, kMaxGradTaps> tap_offset{};
   for (int64_t tap = 0; tap < S; ++tap) {
     const int64_t j = tap * s.dilation[1];  // the padded column of output pixel 0
     tap_offset[tap] = (j % st) * phase + j / st;
   }
+  // A float32 NCHW dy is read where it lies; another is read per unit and image (few channels).
+  const bool dy_as_is = dy.dtype == at::kFloat && !dy.channels_last;
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> plane(s.in_h * row), lanes(block * R * S * kRowLanes);
+    std::vector<float> plane(s.in_h * row), lanes(block * R * S * kRowLanes), row_buffer(s.in_w);
+    std::vector<float> dy_block(dy_as_is ? 0 : block * out_area);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit % blocks, c = (unit / blocks) % C, g = unit / (blocks * C);
       const int64_t k0 = b * block, channels = std::min(block, K - k0);
       const RowTileFn tile = kRowTiles[S - 1][channels - 1];
       std::fill(lanes.begin(), lanes.end(), 0.0f);
       for (int64_t n = 0; n < s.batch; ++n) {
-        pad_plane(s, x + (n * s.in_channels + g * C + c) * in_area, phase, plane.data());
-        tile({dy + (n * s.out_channels + g * K + k0) * out_area, out_area, plane.data(), row, tap_offset, &s,
-              lanes.data()});
+        pad_plane(s, x, n, g * C + c, phase, plane.data(), row_buffer.data());
+        const float* dy_rows = static_cast<const float*>(dy.data) + dy.offset(n, g * K + k0, 0);
+        if (!dy_as_is) {
+          read_channel_major(dy, n, g * K + k0, channels, 0, out_area, dy_block.data(), out_area);
+          dy_rows = dy_block.data();
+        }
+        tile({dy_rows, out_area, plane.data(), row, tap_offset, &s, lanes.data()});
       }
       for (int64_t k = 0; k < channels; ++k)
         for (int64_t tap = 0; tap < R * S; ++tap) {
@@ -142,7 +152,7 @@ void row_weight_grad(const ConvShape& s, int64_t block, const float* dy, const f
 
 #else  // not x86-64 with GCC/Clang: never called (blocked_kernel_available is false)
 
-void row_weight_grad(const ConvShape&, int64_t, const float*, const float*, float*) {}
+void row_weight_grad(const ConvShape&, int64_t, const Activations&, const Activations&, float*) {}
 
 #endif
 
