@@ -250,6 +250,19 @@ GradChunks grad_chunks(const BlockedProblem& p, int64_t threads) {
 
 }  // namespace
 
+std::vector<int64_t> row_copy_slots(const ConvShape& s, int64_t& rows_read) {
+  std::vector<int64_t> slot(s.in_h, -1);
+  for (int64_t oh = 0; oh < s.out_h; ++oh)
+    for (int64_t r = 0; r < s.kernel_h; ++r) {
+      const int64_t ih = oh * s.stride[0] + r * s.dilation[0] - s.padding[0];
+      if (ih >= 0 && ih < s.in_h) slot[ih] = 0;
+    }
+  rows_read = 0;
+  for (int64_t& v : slot)
+    if (v == 0) v = rows_read++;
+  return slot;
+}
+
 int64_t BlockedProblem::strip_width() const { return input_span(out_w, taps_w, stride_w, dil_w); }
 int64_t BlockedProblem::input_rows(int64_t out_rows) const { return input_span(out_rows, taps_h, stride_h, dil_h); }
 

@@ -115,6 +115,9 @@ inline int64_t row_copy_width(const ConvShape& s) {
   const int64_t st = s.stride[1];
   return (s.in_w + 2 * s.padding[1] + st - 1) / st * st;
 }
+// The input rows it copies, those some tap reads, each given a row of its copy in order: slot[ih],
+// or -1 (a stride along the height skips rows: tests/test_large.py reads 178 of 34000).
+std::vector<int64_t> row_copy_slots(const ConvShape& s, int64_t& rows_read);
 
 // One blocked correlation, the forward pass and each stride phase of the input gradient alike:
 //   out[n, g*out_pg + k, oh, ow] = init[k] + sum_{c, r, s} packed(g, k, c, r, s)

@@ -160,7 +160,9 @@ void count_row_weight_grad(const ConvShape& s, int64_t block, Counts& c) {
   c.tasks = units;
   c.mac = double(s.batch) * s.groups * s.in_per_group() * s.out_per_group() * taps * s.out_h * lanes;
   c.inner_loop = double(s.batch) * units * s.kernel_h * s.out_h;
-  c.strip = double(s.batch) * units * s.in_h * row_copy_width(s);
+  int64_t rows_read = 0;
+  row_copy_slots(s, rows_read);
+  c.strip = double(s.batch) * units * rows_read * row_copy_width(s);
   c.output = double(s.out_channels) * s.in_per_group() * taps;
 }
 

@@ -32,8 +32,9 @@ namespace {
 struct RowTile {
   const float* dy;     // dy[n, k0, 0, 0]; channel k0 + k at k * dy_channel
   int64_t dy_channel;
-  const float* x;      // (n, c)'s input plane, zero-padded along the row (column j: iw = j - pad_w), in phases
+  const float* x;      // (n, c)'s input rows that some tap reads, zero-padded (column j: iw = j - pad_w), in phases
   int64_t x_row;       // floats per row
+  const int64_t* row_slot;  // input row ih is row row_slot[ih] of x (-1: no tap reads it)
   std::array<int64_t, kMaxGradTaps> tap_offset;  // where tap s's 16 pixels start in a row
   const ConvShape* s;
   float* lanes;        // [KB][R][S][16] partial sums
@@ -51,7 +52,7 @@ __attribute__((target("avx512f,fma"))) void row_tile(const RowTile& t) {
     for (int64_t oh = 0; oh < s.out_h; ++oh) {
       const int64_t ih = oh * s.stride[0] + r * s.dilation[0] - s.padding[0];
       if (ih < 0 || ih >= s.in_h) continue;  // a padding row: no terms
-      const float* x_row = t.x + ih * t.x_row;
+      const float* x_row = t.x + t.row_slot[ih] * t.x_row;
       const float* dy_row = t.dy + oh * s.out_w;
       for (int64_t v = 0; v < vectors; ++v) {
         const __mmask16 mask = v + 1 < vectors ? __mmask16(0xFFFF) : tail;  // (masked lanes load zeros)
@@ -86,13 +87,14 @@ struct RowTiles {
 constexpr auto kRowTiles = RowTiles::make(std::make_integer_sequence<int, kMaxGradTaps>{});
 
 // Column j of the zero-padded row i of x[n, channel] (x[n, channel, i, j - pad_w], zero in the
-// padding) at plane[i * row + (j % st) * phase + j / st]: the row's st phases one after the other.
-// `row_buffer`: in_w floats, for a strided row before it is split into phases.
-void pad_plane(const ConvShape& s, const Activations& x, int64_t n, int64_t channel, int64_t phase, float* plane,
-               float* row_buffer) {
+// padding) at plane[row_slot[i] * row + (j % st) * phase + j / st]: the row's st phases one after
+// the other. `row_buffer`: in_w floats, for a strided row before it is split into phases.
+void pad_plane(const ConvShape& s, const Activations& x, int64_t n, int64_t channel, int64_t phase,
+               const std::vector<int64_t>& row_slot, float* plane, float* row_buffer) {
   const int64_t st = s.stride[1], pad = s.padding[1], row = st * phase;
   for (int64_t i = 0; i < s.in_h; ++i) {
-    float* dst = plane + i * row;
+    if (row_slot[i] < 0) continue;
+    float* dst = plane + row_slot[i] * row;
     if (st == 1) {
       std::fill(dst, dst + pad, 0.0f);
       read_channel_major(x, n, channel, 1, i * s.in_w, s.in_w, dst + pad, 0);
@@ -122,8 +124,10 @@ void row_weight_grad(const ConvShape& s, int64_t block, const Activations& dy, c
   }
   // A float32 NCHW dy is read where it lies; another is read per unit and image (few channels).
   const bool dy_as_is = dy.dtype == at::kFloat && !dy.channels_last;
+  int64_t rows_read = 0;
+  const std::vector<int64_t> row_slot = row_copy_slots(s, rows_read);
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> plane(s.in_h * row), lanes(block * R * S * kRowLanes), row_buffer(s.in_w);
+    std::vector<float> plane(rows_read * row), lanes(block * R * S * kRowLanes), row_buffer(s.in_w);
     std::vector<float> dy_block(dy_as_is ? 0 : block * out_area);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit % blocks, c = (unit / blocks) % C, g = unit / (blocks * C);
@@ -131,13 +135,13 @@ void row_weight_grad(const ConvShape& s, int64_t block, const Activations& dy, c
       const RowTileFn tile = kRowTiles[S - 1][channels - 1];
       std::fill(lanes.begin(), lanes.end(), 0.0f);
       for (int64_t n = 0; n < s.batch; ++n) {
-        pad_plane(s, x, n, g * C + c, phase, plane.data(), row_buffer.data());
+        pad_plane(s, x, n, g * C + c, phase, row_slot, plane.data(), row_buffer.data());
         const float* dy_rows = static_cast<const float*>(dy.data) + dy.offset(n, g * K + k0, 0);
         if (!dy_as_is) {
           read_channel_major(dy, n, g * K + k0, channels, 0, out_area, dy_block.data(), out_area);
           dy_rows = dy_block.data();
         }
-        tile({dy_rows, out_area, plane.data(), row, tap_offset, &s, lanes.data()});
+        tile({dy_rows, out_area, plane.data(), row, row_slot.data(), tap_offset, &s, lanes.data()});
       }
       for (int64_t k = 0; k < channels; ++k)
         for (int64_t tap = 0; tap < R * S; ++tap) {
