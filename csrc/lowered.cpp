@@ -5,8 +5,8 @@
 namespace channelconv {
 namespace {
 
-// Whether a lowered op runs the NHWC driver (plan.h) on the operand `t`: on a backend with NHWC band
-// kernels, for channels_last data. (With one channel both layouts are the same memory, which the
+// Whether a lowered op may run the NHWC driver (plan.h; the plan has the last word) on the operand
+// `t`: on a backend with NHWC band kernels, for channels_last data. (With one channel both layouts are the same memory, which the
 // NCHW driver reads as it lies.)
 bool runs_nhwc(const BandKernels& kernels, const at::Tensor& t) {
   return kernels.im2col_nhwc != nullptr && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
@@ -247,10 +247,9 @@ at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const 
                            const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t workspace_limit) {
   const ConvShape s = check_forward(input, weight, bias, stride, padding, dilation, groups);
-  const bool nhwc = runs_nhwc(kernels, input);
-  const LoweredPlan plan = plan_for(s, lowering, input, workspace_limit, nhwc);
+  const LoweredPlan plan = plan_for(s, lowering, input, workspace_limit, runs_nhwc(kernels, input));
   const bool has_bias = bias.has_value() && bias->defined();
-  if (nhwc) return nhwc_forward(kernels, s, plan, input, weight, has_bias ? *bias : at::Tensor(), workspace_limit);
+  if (plan.nhwc) return nhwc_forward(kernels, s, plan, input, weight, has_bias ? *bias : at::Tensor(), workspace_limit);
   const at::Tensor x = as_nchw(input);
   const at::Tensor w = weight.contiguous().view({s.groups, s.out_per_group(), s.column_rows()});
   const at::Tensor b = has_bias ? bias->view({s.groups, s.out_per_group(), 1}) : at::Tensor();
@@ -297,9 +296,8 @@ at::Tensor lowered_backward_input(const BandKernels& kernels, Lowering lowering,
                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                   int64_t workspace_limit) {
   const ConvShape s = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
-  const bool nhwc = runs_nhwc(kernels, grad_output);
-  const LoweredPlan plan = plan_for(s, lowering, grad_output, workspace_limit, nhwc);
-  if (nhwc) return nhwc_backward_input(kernels, s, plan, grad_output, weight, workspace_limit);
+  const LoweredPlan plan = plan_for(s, lowering, grad_output, workspace_limit, runs_nhwc(kernels, grad_output));
+  if (plan.nhwc) return nhwc_backward_input(kernels, s, plan, grad_output, weight, workspace_limit);
   const at::Tensor dy = as_nchw(grad_output);
   // (G, C/G*k_h*k_w, K/G): the transposed weight, a view (the GEMM reads it transposed).
   const at::Tensor w_t = weight.contiguous().view({s.groups, s.out_per_group(), s.column_rows()}).transpose(1, 2);
@@ -337,9 +335,8 @@ at::Tensor lowered_backward_weight(const BandKernels& kernels, Lowering lowering
                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                    int64_t workspace_limit) {
   const ConvShape s = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
-  const bool nhwc = runs_nhwc(kernels, input);
-  const LoweredPlan plan = plan_for(s, lowering, input, workspace_limit, nhwc);
-  if (nhwc) return nhwc_backward_weight(kernels, s, plan, grad_output, input, workspace_limit);
+  const LoweredPlan plan = plan_for(s, lowering, input, workspace_limit, runs_nhwc(kernels, input));
+  if (plan.nhwc) return nhwc_backward_weight(kernels, s, plan, grad_output, input, workspace_limit);
   const at::Tensor x = as_nchw(input), dy = as_nchw(grad_output);
   const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
   // dW (G, K/G, C/G*k_h*k_w) = sum over images and bands of dy_band . columns_band^T. The first

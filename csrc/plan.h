@@ -58,7 +58,8 @@ bool input_is_columns(const ConvShape& s);
 // NHWC (CPU, a channels_last operand): the columns are (pixels, C*k_h*k_w) rows, one per output
 // pixel, each tap's C channels one contiguous run of the input (groups side by side in a row), and
 // a band's pixels are consecutive rows of the NHWC output: whole images stack with no scratch and
-// no copy, and every band, of any number of groups, is one GEMM per group over all its pixels.
+// no copy, and every band, of any number of groups, is one GEMM per group over all its pixels
+// (groups of fewer than 4 output channels take the NCHW driver: plan.cpp, kNhwcGroupChannels).
 struct LoweredPlan {
   bool input_is_columns = false;
   int64_t images = 1;  // images per batched GEMM: per band, or per run when the input is the columns

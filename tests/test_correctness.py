@@ -284,17 +284,19 @@ def test_blocked_engines_layouts_and_dtypes(device, layout, dtype, in_channels, 
             assert passes[name]["blocked"] and passes[name]["pairs"] == int(dtype == torch.bfloat16 and BF16_DOT)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("channels", [16, 17, 40])
 @pytest.mark.parametrize("kernel, stride, padding, dilation", [
     ((3, 3), 1, 1, 1), ((5, 5), 2, 2, 1), ((7, 7), 1, 3, 1), ((3, 3), 2, 1, 1), ((3, 3), 1, 2, 2), ((1, 1), 1, 0, 1),
     ((2, 3), 2, 0, 1)])
-def test_depthwise_engine(device, channels, kernel, stride, padding, dilation):
+def test_depthwise_engine(device, layout, channels, kernel, stride, padding, dilation):
     """The depthwise engine (16 channels of an image at a time): full and partial channel blocks,
     kernels of 1 to 49 taps, stride-2 gradients by phase (taps 2x2, 2x1, 1x2, 1x1), dilation, small
-    maps; forward and both gradients."""
+    maps; forward and both gradients. channels_last float32 runs the forward and the stride-1 input
+    gradient straight from tensor to tensor (depthwise.cpp)."""
     case = Case(batch=3, in_channels=channels, out_channels=channels, size=(9, 7), kernel=kernel,
                 stride=(stride, stride), padding=padding, dilation=(dilation, dilation), groups=channels, bias=True,
-                unbatched=False, layout="contiguous")
+                unbatched=False, layout=layout)
     check_case(case, "direct", torch.float32, device)
     plan = channelconv.cost((3, channels, 9, 7), (channels, 1, *kernel), stride, padding, dilation, channels).plans
     if plan["direct"].passes["forward"]["blocked"]:  # AVX-512: the engine runs both correlations

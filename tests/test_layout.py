@@ -126,10 +126,11 @@ NHWC_LAYERS = [
     (12, 10, (5, 7), 1, 1, 0, 1, 1, "1x1"),  # the input's pixel rows are the columns
     (12, 10, (5, 7), 1, 1, 0, 1, 2, "1x1"),  # grouped: each group's block of the rows, in place
     (12, 10, (7, 9), 1, 2, 0, 1, 1, "1x1"),  # strided: a gather of whole pixel rows
-    (12, 9, (7, 8), 1, (2, 1), 1, 1, 3, "im2col"),  # strided, padded, grouped 1x1
+    (12, 12, (7, 8), 1, (2, 1), 1, 1, 3, "im2col"),  # strided, padded, grouped 1x1
     (6, 8, (7, 9), 3, 1, 1, 1, 1, "im2col"),
     (6, 8, (9, 8), (3, 2), (2, 1), (2, 0), (2, 1), 2, "im2col"),
     (5, 4, (6, 6), 5, 2, 2, 1, 1, "im2col"),
+    (8, 8, (6, 7), 3, 1, 1, 1, 8, "im2col"),  # depthwise: the NCHW driver (GEMMs of one column)
 ]
 
 
@@ -138,9 +139,10 @@ NHWC_LAYERS = [
 @pytest.mark.parametrize("layer", NHWC_LAYERS, ids=lambda layer: f"{layer[8]}-{layer[3]}-s{layer[4]}-g{layer[7]}")
 def test_lowered_algorithms_run_nhwc_on_channels_last_data(layer, dtype, bands, limit):
     """im2col and 1x1 on channels_last data run the NHWC driver (the plan says so): columns of
-    contiguous channel runs, GEMMs into the NHWC output, col2im into an NHWC gradient. Forward and
-    both gradients match F.conv2d in float64, in F.conv2d's memory formats, with bands of whole
-    images (several per GEMM) or of two output rows."""
+    contiguous channel runs, GEMMs into the NHWC output, col2im into an NHWC gradient; groups of
+    fewer than 4 output channels the NCHW driver. Forward and both gradients match F.conv2d in
+    float64, in F.conv2d's memory formats, with bands of whole images (several per GEMM) or of two
+    output rows."""
     c_in, c_out, size, k, stride, padding, dilation, groups, algorithm = layer
     k, stride, padding, dilation = (pair(v, "size") for v in (k, stride, padding, dilation))
     g = torch.Generator().manual_seed(5)
@@ -151,14 +153,14 @@ def test_lowered_algorithms_run_nhwc_on_channels_last_data(layer, dtype, bands, 
     args = (stride, padding, dilation, groups)
     c = channelconv.cost(x.shape, w.shape, *args, dtype=dtype, memory_format=CL)
     plan = c.plans[algorithm]
-    assert plan.nhwc and not plan.side_by_side
+    assert plan.nhwc == (c_out // groups >= 4) and not plan.side_by_side
     if bands == "two rows":
         if plan.column_elements == 0:
             pytest.skip("the input is the columns: no bands")
         limit(2 * c_in * k[0] * k[1] * c.output_shape[3] * dtype.itemsize)
         plan = channelconv.cost(x.shape, w.shape, *args, dtype=dtype, memory_format=CL).plans[algorithm]
         assert (plan.band_rows, plan.band_images) == (2, 1)
-    elif plan.column_elements:
+    elif plan.column_elements and plan.nhwc:  # (the NCHW driver batches images of one group only)
         assert plan.band_images == 3
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     out = channelconv.conv2d(*leaves, *args, algorithm=algorithm)

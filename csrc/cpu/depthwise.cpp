@@ -5,6 +5,7 @@
 // FMA per tap on 16 channels at once (the tap's 16 weights held in registers), and the
 // [pixel][16] result is written back. The buffers are channel-last, so channels_last operands are
 // read and written with plain copies, and any layout or dtype converts on the way (activations.h).
+// channels_last float32 runs without the buffers: straight from the input to the output.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -98,11 +99,85 @@ void scatter(const BlockedProblem& p, const float* out_t, const Activations& out
                       p.out_step_w, p.out_w, out_t + oh * p.out_w * kLanes, kLanes);
 }
 
+// channels_last float32 in and out, every output pixel stored in order (the forward pass, the
+// stride-1 input gradient): no window and no copies. One output row of one 16-channel block at a
+// time, the block's taps held in registers; each output pixel is a chain of FMAs over the taps that
+// fall inside the input, each one masked vector load of the pixel's 16 channels where they lie.
+template <int TH, int TW>
+__attribute__((target("avx512f,fma"))) void correlate_nhwc_row(const BlockedProblem& p, const float* image,
+                                                               const float* w_t, const float* init, int64_t c0,
+                                                               int64_t oh, float* out_row) {
+  const int64_t taps_h = TH > 0 ? TH : p.taps_h, taps_w = TW > 0 ? TW : p.taps_w, C = p.groups;
+  const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(kLanes, C - c0)) - 1u);
+  const __m512 bias = _mm512_loadu_ps(init);
+  __m512 w[TH > 0 && TW > 0 ? TH * TW : 1];  // a fixed kernel's taps in registers (the stores cannot alias them)
+  if constexpr (TH > 0 && TW > 0) {
+    for (int tap = 0; tap < TH * TW; ++tap) w[tap] = _mm512_loadu_ps(w_t + tap * kLanes);
+  }
+  for (int64_t ow = 0; ow < p.out_w; ++ow) {
+    __m512 acc = bias;
+#pragma GCC unroll 7
+    for (int64_t r = 0; r < taps_h; ++r) {
+      const int64_t ih = p.offset_h + oh * p.stride_h + r * p.dil_h;
+      if (ih < 0 || ih >= p.in_h) continue;
+      const float* row = image + ih * p.in_w * C + c0;
+#pragma GCC unroll 7
+      for (int64_t s = 0; s < taps_w; ++s) {
+        const int64_t iw = p.offset_w + ow * p.stride_w + s * p.dil_w;
+        if (iw < 0 || iw >= p.in_w) continue;
+        const __m512 tap = TH > 0 && TW > 0 ? w[r * TW + s] : _mm512_loadu_ps(w_t + (r * taps_w + s) * kLanes);
+        acc = _mm512_fmadd_ps(tap, _mm512_maskz_loadu_ps(mask, row + iw * C), acc);
+      }
+    }
+    _mm512_mask_storeu_ps(out_row + ow * C + c0, mask, acc);
+  }
+}
+
+using NhwcRowFn = void (*)(const BlockedProblem&, const float*, const float*, const float*, int64_t, int64_t,
+                           float*);
+
+NhwcRowFn nhwc_row_for(const BlockedProblem& p) {
+  if (p.taps_h == 3 && p.taps_w == 3) return &correlate_nhwc_row<3, 3>;
+  if (p.taps_h == 5 && p.taps_w == 5) return &correlate_nhwc_row<5, 5>;
+  return &correlate_nhwc_row<0, 0>;
+}
+
+bool runs_in_place(const BlockedProblem& p, const Activations& in, const Activations& out) {
+  return in.channels_last && out.channels_last && in.dtype == at::kFloat && out.dtype == at::kFloat &&
+         p.out_step_h == 1 && p.out_step_w == 1 && p.out_origin_h == 0 && p.out_origin_w == 0 &&
+         p.plane_h() == p.out_h && p.plane_w() == p.out_w;
+}
+
+void depthwise_nhwc(const BlockedRun& run, const Activations& in, const float* w, const float* init,
+                    const Activations& out) {
+  const BlockedProblem& p = run.problem;
+  const int64_t blocks = (p.groups + kLanes - 1) / kLanes, taps = p.taps_h * p.taps_w;
+  std::vector<float> w_t(blocks * taps * kLanes), init_t(blocks * kLanes, 0.0f);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t c0 = b * kLanes, channels = std::min(kLanes, p.groups - c0);
+    pack_taps(p, w, run.taps, c0, channels, w_t.data() + b * taps * kLanes);
+    if (init != nullptr) std::copy(init + c0, init + c0 + channels, init_t.begin() + b * kLanes);
+  }
+  const float* x = static_cast<const float*>(in.data);
+  float* y = static_cast<float*>(out.data);
+  const NhwcRowFn fn = nhwc_row_for(p);
+  at::parallel_for(0, p.batch * p.out_h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / p.out_h, oh = task % p.out_h;
+      const float* image = x + n * p.in_h * p.in_w * p.groups;
+      float* out_row = y + (n * p.out_h + oh) * p.out_w * p.groups;
+      for (int64_t b = 0; b < blocks; ++b)
+        fn(p, image, w_t.data() + b * taps * kLanes, init_t.data() + b * kLanes, b * kLanes, oh, out_row);
+    }
+  });
+}
+
 }  // namespace
 
 void depthwise_correlation(const BlockedRun& run, const Activations& in, const float* w, const float* init,
                            const Activations& out) {
   const BlockedProblem& p = run.problem;
+  if (runs_in_place(p, in, out)) return depthwise_nhwc(run, in, w, init, out);
   const Window win = window_of(p);
   const int64_t blocks = (p.groups + kLanes - 1) / kLanes;
   at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
