@@ -45,6 +45,9 @@ void row_weight_grad(const ConvShape& s, int64_t block, const Activations& dy, c
 // in and out in either layout and dtype, like blocked_correlation's; w float32.
 void depthwise_correlation(const BlockedRun& run, const Activations& in, const float* w, const float* init,
                            const Activations& out);
+// A depthwise layer's weight gradient from channels_last float32 dy and x, read where they lie, 16
+// channels a vector (3x3 and 5x5 kernels; false, computing nothing, for anything else).
+bool depthwise_weight_grad_nhwc(const ConvShape& s, const Activations& dy, const Activations& x, float* dw);
 
 namespace blocked {
 

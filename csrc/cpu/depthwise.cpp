@@ -172,7 +172,61 @@ void depthwise_nhwc(const BlockedRun& run, const Activations& in, const float* w
   });
 }
 
+// dW[c, r, s] = sum over images and output pixels of dy[n, oh, ow, c] * x[n, ih, iw, c] for a
+// TH x TW kernel, channels_last float32: a block's 16 channels in one vector, read where they lie,
+// one accumulator register per tap. A task owns a block (its slice of dW) and sums images and
+// pixels in a fixed order.
+template <int TH, int TW>
+__attribute__((target("avx512f,fma"))) void weight_grad_nhwc_block(const ConvShape& s, const float* dy,
+                                                                   const float* x, int64_t c0, float* dw) {
+  const int64_t C = s.in_channels, channels = std::min(kLanes, C - c0);
+  const __mmask16 mask = static_cast<__mmask16>((1u << channels) - 1u);
+  __m512 acc[TH * TW];
+  for (int tap = 0; tap < TH * TW; ++tap) acc[tap] = _mm512_setzero_ps();
+  for (int64_t n = 0; n < s.batch; ++n)
+    for (int64_t oh = 0; oh < s.out_h; ++oh) {
+      const float* dy_row = dy + (n * s.out_h + oh) * s.out_w * C + c0;
+      for (int64_t ow = 0; ow < s.out_w; ++ow) {
+        const __m512 g = _mm512_maskz_loadu_ps(mask, dy_row + ow * C);
+#pragma GCC unroll 7
+        for (int r = 0; r < TH; ++r) {
+          const int64_t ih = oh * s.stride[0] - s.padding[0] + r * s.dilation[0];
+          if (ih < 0 || ih >= s.in_h) continue;
+          const float* x_row = x + (n * s.in_h + ih) * s.in_w * C + c0;
+#pragma GCC unroll 7
+          for (int t = 0; t < TW; ++t) {
+            const int64_t iw = ow * s.stride[1] - s.padding[1] + t * s.dilation[1];
+            if (iw < 0 || iw >= s.in_w) continue;
+            acc[r * TW + t] = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(mask, x_row + iw * C), acc[r * TW + t]);
+          }
+        }
+      }
+    }
+  alignas(64) float lanes[kLanes];
+  for (int tap = 0; tap < TH * TW; ++tap) {
+    _mm512_store_ps(lanes, acc[tap]);
+    for (int64_t c = 0; c < channels; ++c) dw[(c0 + c) * TH * TW + tap] = lanes[c];
+  }
+}
+
 }  // namespace
+
+bool depthwise_weight_grad_nhwc(const ConvShape& s, const Activations& dy, const Activations& x, float* dw) {
+  using BlockFn = void (*)(const ConvShape&, const float*, const float*, int64_t, float*);
+  const BlockFn fn = s.kernel_h == 3 && s.kernel_w == 3   ? &weight_grad_nhwc_block<3, 3>
+                     : s.kernel_h == 5 && s.kernel_w == 5 ? &weight_grad_nhwc_block<5, 5>
+                                                          : nullptr;
+  const bool depthwise = s.groups == s.in_channels && s.out_channels == s.in_channels;
+  if (fn == nullptr || !depthwise || !dy.channels_last || !x.channels_last || dy.dtype != at::kFloat ||
+      x.dtype != at::kFloat) {
+    return false;
+  }
+  const float *dy_data = static_cast<const float*>(dy.data), *x_data = static_cast<const float*>(x.data);
+  at::parallel_for(0, (s.in_channels + kLanes - 1) / kLanes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) fn(s, dy_data, x_data, b * kLanes, dw);
+  });
+  return true;
+}
 
 void depthwise_correlation(const BlockedRun& run, const Activations& in, const float* w, const float* init,
                            const Activations& out) {
@@ -200,6 +254,7 @@ void depthwise_correlation(const BlockedRun& run, const Activations& in, const f
 #else  // not x86-64 with GCC/Clang: never called (blocked_kernel_available is false)
 
 void depthwise_correlation(const BlockedRun&, const Activations&, const float*, const float*, const Activations&) {}
+bool depthwise_weight_grad_nhwc(const ConvShape&, const Activations&, const Activations&, float*) { return false; }
 
 #endif
 
