@@ -70,7 +70,7 @@ tests=(tests/test_errors.py tests/test_gradcheck.py tests/test_workspace.py test
        "tests/test_cost.py::test_workspace_of_a_sweep_is_the_plans" "tests/test_cost.py::test_plans_of_shapes_too_large_to_allocate"
        "tests/test_select.py::test_direct_plan_counts_what_its_tasks_and_chunks_do" "tests/test_correctness.py::test_depthwise_engine"
        "tests/test_correctness.py::test_direct_narrow_tile_plans"
-       "tests/test_correctness.py::test_row_weight_grad_plans"
+       "tests/test_correctness.py::test_row_weight_grad_plans" "tests/test_correctness.py::test_row_weight_grad_layouts_and_dtypes"
        "tests/test_correctness.py::test_blocked_engines_layouts_and_dtypes" tests/test_layout.py
        "tests/test_func.py::test_vmap_over_per_sample_weights_and_their_gradients")
 present=()

@@ -120,4 +120,3 @@ def is_channels_last(t: torch.Tensor) -> bool:
     """Whether a kernel sees ``t``'s data as NHWC: channels_last and not also NCHW-contiguous (with
     one channel or one pixel both layouts are the same memory; C++: runs_nhwc in lowered.cpp)."""
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-

@@ -143,6 +143,20 @@ LoweredPlan plan_for(const ConvShape& s, Lowering lowering, const at::Tensor& t,
 
 // ---- the NHWC driver (plan.h): channels_last operands and results, no layout copies ----------
 
+// For each band: its columns unrolled from the images of `input` (NHWC), then
+// fn(n0, images, row0, rows, columns).
+template <typename Fn>
+void unroll_nhwc_bands(const BandKernels& kernels, const ColumnBands& bands, const ConvShape& s,
+                       const at::Tensor& input, Fn fn) {
+  bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
+    const int64_t pixels = rows * s.out_w;
+    for (int64_t i = 0; i < images; ++i) {
+      kernels.im2col_nhwc(input[n0 + i], columns.narrow(0, i * pixels, pixels), s, row0, rows);
+    }
+    fn(n0, images, row0, rows, columns);
+  });
+}
+
 at::Tensor nhwc_forward(const BandKernels& kernels, const ConvShape& s, const LoweredPlan& plan,
                         const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                         int64_t workspace_limit) {
@@ -156,13 +170,10 @@ at::Tensor nhwc_forward(const BandKernels& kernels, const ConvShape& s, const Lo
     gemm_into(y_rows, nhwc_rows(input));
   } else if (s.batch > 0) {
     const ColumnBands bands(s, plan, input.options(), workspace_limit);
-    bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
-      const int64_t pixels = rows * s.out_w;
-      for (int64_t i = 0; i < images; ++i) {
-        kernels.im2col_nhwc(input[n0 + i], columns.narrow(0, i * pixels, pixels), s, row0, rows);
-      }
-      gemm_into(band_rows(y_rows, s, n0, images, row0, rows), columns);
-    });
+    unroll_nhwc_bands(kernels, bands, s, input,
+                      [&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
+                        gemm_into(band_rows(y_rows, s, n0, images, row0, rows), columns);
+                      });
   }
   return y;
 }
@@ -226,13 +237,11 @@ at::Tensor nhwc_backward_weight(const BandKernels& kernels, const ConvShape& s, 
     if (s.batch > 0) accumulate(dy_rows, nhwc_rows(input), false);
   } else if (s.batch > 0) {
     const ColumnBands bands(s, plan, input.options(), workspace_limit);
-    bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
-      const int64_t pixels = rows * s.out_w;
-      for (int64_t i = 0; i < images; ++i) {
-        kernels.im2col_nhwc(input[n0 + i], columns.narrow(0, i * pixels, pixels), s, row0, rows);
-      }
-      accumulate(band_rows(dy_rows, s, n0, images, row0, rows), columns, acc_type != input.scalar_type());
-    });
+    unroll_nhwc_bands(kernels, bands, s, input,
+                      [&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
+                        accumulate(band_rows(dy_rows, s, n0, images, row0, rows), columns,
+                                   acc_type != input.scalar_type());
+                      });
   }
   if (!written) dw_rows.zero_();  // no images, or no output pixels: nothing was summed
   // (K, k_h, k_w, C/G) rows are a channels_last (K, C/G, k_h, k_w) weight.
