@@ -116,7 +116,7 @@ def result_format(a: torch.Tensor, b: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def is_channels_last(t: torch.Tensor) -> bool:
-    """Whether a kernel sees ``t``'s data as NHWC: channels_last and not also NCHW-contiguous (with
-    one channel or one pixel both layouts are the same memory; C++: runs_nhwc in lowered.cpp)."""
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """The layout to price ``t`` in: channels_last when it is channels_last-contiguous (whether the
+    kernels then see NHWC data is the plan's word: csrc/plan.h, sees_nhwc)."""
+    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format

@@ -124,7 +124,7 @@ class Cost:
     backward_bytes_moved: int
     im2col_workspace_bytes: int | None  # None: im2col refuses (one output row exceeds the workspace limit)
     workspace_limit: int
-    channels_last: bool = False  # the kernels see the input as NHWC (is_channels_last)
+    channels_last: bool = False  # the kernels see the input as NHWC (the plan's word: csrc/plan.h, sees_nhwc)
     plans: dict = field(repr=False, default_factory=dict)
 
     @property
@@ -201,12 +201,8 @@ def cost(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, d
         raise ValueError(f"expected memory_format to be torch.contiguous_format or torch.channels_last, but got "
                          f"memory_format={memory_format}")
     limit = get_workspace_limit() if workspace_limit is None else int(workspace_limit)
-    # What a channels_last tensor of this shape is to the kernels (is_channels_last): with one
-    # channel or one pixel it is also NCHW-contiguous. (The op names a shape of another rank.)
-    channels_last = (memory_format == torch.channels_last and len(input_shape) == 4 and input_shape[1] > 1
-                     and input_shape[2] * input_shape[3] > 1)
     plans = _plans((input_shape, weight_shape, stride, padding, dilation, groups), dtype, torch.device(device), limit,
-                   threads or torch.get_num_threads(), channels_last)
+                   threads or torch.get_num_threads(), memory_format == torch.channels_last)
 
     n, c_in, h, w = input_shape
     c_out, c_per_group, kh, kw = weight_shape
@@ -228,5 +224,5 @@ def cost(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, d
         forward_memory_bytes=forward_memory, backward_memory_bytes=backward_memory,
         forward_bytes_moved=forward_memory, backward_bytes_moved=backward_memory,
         im2col_workspace_bytes=im2col.workspace_bytes if im2col.applicable else None,
-        workspace_limit=limit, channels_last=channels_last, plans=plans,
+        workspace_limit=limit, channels_last=bool(plans["direct"].passes["forward"]["channels_last"]), plans=plans,
     )

@@ -13,7 +13,6 @@ import threading
 import torch
 
 from ._ops import OPS, TAKES_WORKSPACE, is_plain
-from ._shapes import is_channels_last
 from .workspace import get_workspace_limit
 
 PRUNE_FACTOR = 10.0
@@ -52,7 +51,8 @@ def benchmark_cache() -> dict:
 
 
 def signature(input, weight, bias, stride, padding, dilation, groups, gradients) -> tuple:
-    fmt = ("channels_last" if is_channels_last(input) else "contiguous" if input.is_contiguous() else "strided")
+    fmt = ("channels_last" if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+           else "contiguous" if input.is_contiguous() else "strided")
     return (tuple(input.shape), tuple(weight.shape), bias is not None, tuple(stride), tuple(padding), tuple(dilation),
             groups, input.dtype, str(input.device), fmt, gradients, torch.get_num_threads(), get_workspace_limit())
 

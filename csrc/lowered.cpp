@@ -6,10 +6,10 @@ namespace channelconv {
 namespace {
 
 // Whether a lowered op may run the NHWC driver (plan.h; the plan has the last word) on the operand
-// `t`: on a backend with NHWC band kernels, for channels_last data. (With one channel both layouts are the same memory, which the
-// NCHW driver reads as it lies.)
+// `t`: on a backend with NHWC band kernels, for data the kernels see as NHWC.
 bool runs_nhwc(const BandKernels& kernels, const at::Tensor& t) {
-  return kernels.im2col_nhwc != nullptr && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+  return kernels.im2col_nhwc != nullptr &&
+         sees_nhwc(t.size(1), t.size(2) * t.size(3), t.is_contiguous(at::MemoryFormat::ChannelsLast));
 }
 
 // (N, C, H, W) channels_last as its (N*H*W, C) matrix, one row per pixel (a view).

@@ -78,6 +78,13 @@ struct LoweredPlan {
 
 // Throws, with the op's own message, what the lowering refuses: '1x1' on another kernel, a
 // non-positive workspace limit.
+// Whether channels_last data of `channels` x `pixels` per image is NHWC to the kernels: with one
+// channel or one pixel it is NCHW-contiguous as well, and the NCHW paths read it as it lies. The
+// one rule for the layout the lowered driver runs on an operand and the plan op reports for the
+// input (Python reads it from there).
+inline bool sees_nhwc(int64_t channels, int64_t pixels, bool channels_last) {
+  return channels_last && channels > 1 && pixels > 1;
+}
 // `nhwc`: the CPU's channels_last driver (above).
 LoweredPlan plan_lowered(const ConvShape& s, Lowering lowering, int64_t element_size, int64_t workspace_limit,
                          bool cpu, bool nhwc);

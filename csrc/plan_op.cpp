@@ -8,8 +8,9 @@
 // algorithm: 'direct', 'im2col' or '1x1'; which: 'forward', 'input_grad' or 'weight_grad'
 // (direct plans each pass apart; im2col and 1x1 run one band plan in all three). It throws what
 // the op would throw for these arguments: F.conv2d's shape errors, '1x1' on another kernel, a
-// workspace limit below one output row of columns. channels_last: the input's layout (the CPU's
-// lowered algorithms then run their NHWC driver).
+// workspace limit below one output row of columns. channels_last: whether the input is
+// channels_last-contiguous; every summary says, as channels_last, whether the kernels see it as
+// NHWC (plan.h, sees_nhwc), and the CPU's lowered algorithms then run their NHWC driver.
 //
 // Keys, im2col and 1x1 (the forward pass's GEMMs, per group):
 //   input_is_columns, images, rows, side_by_side, nhwc, workspace_bytes, gemm_m, gemm_k, gemm_n,
@@ -273,16 +274,21 @@ c10::Dict<std::string, int64_t> plan_summary(const std::string& algorithm, const
                                              bool channels_last) {
   const ConvShape s = make_shape(input_size, weight_size, stride, padding, dilation, groups);
   const DirectPass pass = pass_named(which);
+  const bool nhwc_data = sees_nhwc(s.in_channels, s.in_h * s.in_w, channels_last);
   if (algorithm == "direct") {
-    return device.is_cpu() ? describe_direct_cpu(s, pass, dtype, threads) : describe_direct_cuda(s, pass);
+    Summary d = device.is_cpu() ? describe_direct_cpu(s, pass, dtype, threads) : describe_direct_cuda(s, pass);
+    d.insert("channels_last", nhwc_data);
+    return d;
   }
   TORCH_CHECK_VALUE(algorithm == "im2col" || algorithm == "1x1", "channelconv::_plan: expected algorithm to be ",
                     "'direct', 'im2col' or '1x1', but got algorithm='", algorithm, "'");
   const Lowering lowering = algorithm == "im2col" ? Lowering::Im2col : Lowering::OneByOne;
   const LoweredPlan plan = plan_lowered(s, lowering, c10::elementSize(dtype), workspace_limit, device.is_cpu(),
-                                          channels_last);
+                                          nhwc_data);
   if (!plan.input_is_columns) check_workspace_fits(plan, s, workspace_limit);
-  return describe(plan);
+  Summary d = describe(plan);
+  d.insert("channels_last", nhwc_data);
+  return d;
 }
 
 }  // namespace channelconv

@@ -37,7 +37,7 @@ void blocked_weight_grad(const BlockedProblem& problem, const GradChunks& chunks
                          const Activations& x, float* dw);
 
 // The same weight gradient with 16 output pixels to a register (row_weight_grad.cpp), `block`
-// output channels of a group at a time: for few output channels. dy and x in either layout and dtype.
+// output channels of a group at a time: for few output channels. dy and x NCHW, in any engine dtype.
 void row_weight_grad(const ConvShape& s, int64_t block, const Activations& dy, const Activations& x, float* dw);
 
 // The same correlation for a depthwise problem (groups channels, one input channel each; the

@@ -357,17 +357,20 @@ at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tenso
   if (plan.kernel == DirectKernel::BlockedWeightGrad || plan.kernel == DirectKernel::RowWeightGrad) {
     at::Tensor dw = at::empty(s.weight_sizes(), input.options().dtype(at::kFloat));
     at::Tensor dy_source, x_source;
+    const Activations dy = activations_of(grad_output, dy_source), x = activations_of(input, x_source);
     if (plan.kernel == DirectKernel::BlockedWeightGrad) {
-      blocked_weight_grad(plan.grad_problem, plan.chunks, activations_of(grad_output, dy_source),
-                          activations_of(input, x_source), dw.mutable_data_ptr<float>());
-    } else if (!depthwise_weight_grad_nhwc(s, activations_of(grad_output, dy_source), activations_of(input, x_source),
-                                           dw.mutable_data_ptr<float>())) {
+      blocked_weight_grad(plan.grad_problem, plan.chunks, dy, x, dw.mutable_data_ptr<float>());
+    } else if (!depthwise_weight_grad_nhwc(s, dy, x, dw.mutable_data_ptr<float>())) {
       // The row engine reads one channel's plane at a time: from NHWC a gather at a stride of C
       // elements, C times the tensor's traffic (a depthwise 32-channel layer ran 40x slower), so
       // channels_last operands are copied to NCHW first, in their own dtype. (A channels_last
       // float32 depthwise 3x3 or 5x5 layer reads its vectors of 16 channels where they lie instead.)
-      row_weight_grad(s, plan.row_block, activations_of(as_nchw(grad_output), dy_source),
-                      activations_of(as_nchw(input), x_source), dw.mutable_data_ptr<float>());
+      auto nchw = [](const Activations& a, at::Tensor& source) {
+        if (!a.channels_last) return a;
+        source = source.contiguous();
+        return activations_of(source, source);
+      };
+      row_weight_grad(s, plan.row_block, nchw(dy, dy_source), nchw(x, x_source), dw.mutable_data_ptr<float>());
     }
     return dw.to(input.scalar_type()).contiguous(format);
   }

@@ -8,8 +8,8 @@
 // row is copied as its st phases (columns j, j + st, ...) one after the other, so that every tap
 // reads 16 consecutive floats of one phase. Each unit (group, input channel, block of output
 // channels) owns its slice of dW and sums images, rows and lanes in a fixed order: the result does
-// not depend on the thread count. Operands in either layout and dtype are read per unit and image
-// into float32 NCHW rows (the input plane it copies anyway, and the block's dy), never copied whole.
+// not depend on the thread count. NCHW operands of any engine dtype are read per unit and image into
+// float32 rows (the input plane it copies anyway, and the block's dy), never widened whole.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -122,8 +122,9 @@ void row_weight_grad(const ConvShape& s, int64_t block, const Activations& dy, c
     const int64_t j = tap * s.dilation[1];  // the padded column of output pixel 0
     tap_offset[tap] = (j % st) * phase + j / st;
   }
-  // A float32 NCHW dy is read where it lies; another is read per unit and image (few channels).
-  const bool dy_as_is = dy.dtype == at::kFloat && !dy.channels_last;
+  TORCH_INTERNAL_ASSERT(!dy.channels_last && !x.channels_last, "the row engine reads NCHW (direct.cpp)");
+  // A float32 dy is read where it lies; a half-precision one widened per unit and image (few channels).
+  const bool dy_as_is = dy.dtype == at::kFloat;
   int64_t rows_read = 0;
   const std::vector<int64_t> row_slot = row_copy_slots(s, rows_read);
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
