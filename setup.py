@@ -33,8 +33,11 @@ def extension():
                             extra_link_args=["-fopenmp"] + extra.get("extra_link_args", []))
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc = ["-O3", "--expt-relaxed-constexpr"]
+    if os.environ.get("CHANNELCONV_PTXAS_INFO") == "1":  # registers, spills, shared memory per kernel (CI)
+        nvcc += ["-Xptxas", "-v"]
     return CUDAExtension("channelconv._C", sources,
-                         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                          extra_link_args=["-fopenmp"] + extra.get("extra_link_args", []))
 
 

@@ -4,11 +4,13 @@
 #   1. .venv-cuda: a CUDA build of torch (torch==2.14.1, CUDA 13) and the test tools (once)
 #   2. a copy of the tree (tracked and untracked-but-not-ignored files) in build/cuda-tree, so the
 #      CUDA build never touches the CPU build in this tree (channelconv/_C*.so, build/temp*)
-#   3. FORCE_CUDA=1 build there, sm_80 and sm_90 + PTX (or $TORCH_CUDA_ARCH_LIST), no warnings allowed
-#      from our sources
-#   4. imports channelconv from that build and checks every op has a CUDA kernel registered
-#   5. the CPU test-suite (-m "not slow") against that build
-#   6. csrc/testing/emulate_kernels.py: the CUDA kernels' per-thread code run on the CPU, vs F.conv2d
+#   3. FORCE_CUDA=1 build there, sm_80 and sm_90 + PTX (or $TORCH_CUDA_ARCH_LIST), with -Xptxas -v,
+#      no warnings allowed from our sources
+#   4. scripts/check_cuda_kernels.py on the built binary: no register spills, register ceilings,
+#      and the implicit GEMM's main loop mostly FFMA from 128-bit shared loads and async copies
+#   5. imports channelconv from that build and checks every op has a CUDA kernel registered
+#   6. the CPU test-suite (-m "not slow") against that build
+#   7. csrc/testing/emulate_kernels.py: the CUDA kernels' per-thread code run on the CPU, vs F.conv2d
 #
 # Later runs rebuild only what changed (the copy keeps file times and its own build/ directory).
 set -euo pipefail
@@ -54,7 +56,7 @@ build_start=$SECONDS
 mkdir -p "$TREE/build"
 (
   cd "$TREE"
-  FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}" MAX_JOBS=${MAX_JOBS:-2} \
+  FORCE_CUDA=1 CHANNELCONV_PTXAS_INFO=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}" MAX_JOBS=${MAX_JOBS:-2} \
     "$PY" setup.py build_ext --inplace 2>&1 | tee "$TREE/build/cuda-build.log"
 )
 # Warnings from our own sources fail the check (torch's headers are not ours to fix).
@@ -63,6 +65,9 @@ if grep -E "csrc/.*(warning|error)" "$TREE/build/cuda-build.log"; then
   exit 1
 fi
 echo "== CUDA build took $((SECONDS - build_start)) s"
+
+echo "== the compiled kernels: spills, registers, the implicit GEMM's main loop (scripts/check_cuda_kernels.py)"
+"$PY" scripts/check_cuda_kernels.py --binary "$TREE/channelconv/_C*.so"
 
 echo "== import channelconv from the CUDA build; CUDA kernels registered"
 (

@@ -3,6 +3,7 @@ compute-sanitizer (memcheck, racecheck; see scripts/gpu_check.sh) that is also a
 
 Every op (forward, backward_input, backward_weight of direct, im2col and conv1x1) runs on shapes
 with stride, padding, dilation and groups, a depthwise layer, a channels_last input, ragged tiles,
+the float32 implicit GEMM's two tiles with its reduction split,
 and a workspace limit of one or two output rows so im2col works in several bands; in float32,
 float64, float16 and bfloat16; with 32-bit and (CHANNELCONV_FORCE_INT64_INDEX=1) 64-bit indexing.
 Results are compared with F.conv2d evaluated in float64 on the CPU (the oracle; no CUDA
@@ -38,6 +39,8 @@ SHAPES = [
     ((2, 5, 7, 6), (3, 5, 5, 4), (3, 1), (3, 2), (1, 2), 1),          # taps that read only padding
     ((2, 8, 6, 5), (12, 4, 1, 1), (2, 1), (1, 0), (1, 1), 2),         # 1x1 with stride / padding (bands)
     ((2, 8, 6, 5), (12, 8, 1, 1), (1, 1), (0, 0), (1, 1), 1),         # 1x1, the input is the column matrix
+    ((2, 64, 5, 5), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), 1),       # implicit GEMM, 64 rows, split-K
+    ((1, 16, 6, 6), (128, 16, 3, 3), (1, 1), (0, 1), (1, 1), 1),      # implicit GEMM, 128 rows, 2 splits
 ]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

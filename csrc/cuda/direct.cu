@@ -1,8 +1,12 @@
-// Direct convolution on CUDA: no column buffer, no workspace, no atomics.
+// Direct convolution on CUDA: no column buffer, no atomics.
 //
-//   forward          a tiled kernel: a block computes BK output channels x BP output pixels of one
-//                    (image, group), staging weight and input tiles in shared memory; each thread
-//                    accumulates a TM x TN register tile in at::opmath_type<scalar_t>.
+//   forward          float32: an implicit GEMM (implicit_gemm.h): batch folded into the GEMM's
+//                    columns, a 4-stage cp.async pipeline, 8 x 8 register tiles, and split-K with
+//                    a fixed-order reduction when the tiles alone do not fill the GPU.
+//                    Otherwise (other dtypes, 64-bit indices, fewer than 32 output channels per
+//                    group) a tiled kernel: a block computes BK output channels x BP output pixels
+//                    of one (image, group), staging weight and input tiles in shared memory; each
+//                    thread accumulates a TM x TN register tile in at::opmath_type<scalar_t>.
 //   backward_input   a gather: one thread per input element sums over (k, r, s) the outputs that
 //                    read it (Axis::output_reading).
 //   backward_weight  one block per weight element reduces over N x H_o x W_o: each thread a
@@ -17,12 +21,120 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cuda_runtime.h>
+
 #include "../conv_params.h"
+#include "implicit_gemm.h"
 #include "kernel_bodies.h"
 
 namespace channelconv {
 namespace gpu {
 namespace {
+
+// Global -> shared copies of 4 bytes, asynchronous on sm_80+ (cp.async, zero-filled when not
+// valid: a source size of 0 reads nothing); a plain load and store before that, where commit and
+// wait have nothing to do.
+struct AsyncCopy {
+  __device__ __forceinline__ void copy(float* dst, const float* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned shared = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared), "l"(src), "r"(valid ? 4 : 0));
+#else
+    *dst = valid ? __ldg(src) : 0.f;
+#endif
+  }
+  __device__ __forceinline__ void commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+  }
+  template <int kInFlight>
+  __device__ __forceinline__ void wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kInFlight));
+#endif
+  }
+};
+
+// One block per (tile, split): blockIdx.x the tile, blockIdx.y the split. The loop follows
+// pipeline_step; csrc/testing/emulate_kernels.cpp runs the same order.
+template <typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    igemm_forward_kernel(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+                         float* __restrict__ y, float* __restrict__ partial, IgemmParams p) {
+  __shared__ __align__(16) float smem[Cfg::kSharedFloats];
+  const int tid = threadIdx.x;
+  const IgemmTile t = igemm_tile<Cfg>(p, int32_t(blockIdx.x), int32_t(blockIdx.y));
+  const IgemmColumn col = igemm_column<Cfg>(p, t, tid);
+  AsyncCopy copier;
+  CC_UNROLL
+  for (int s = 0; s < Cfg::kStages - 1; ++s) {
+    if (s < t.kt_count) {
+      igemm_load_stage<Cfg>(copier, tid, p, t, col, x, w, t.kt_begin + s, smem + s * Cfg::kStageFloats);
+    }
+    copier.commit();
+  }
+  float acc[8][8] = {};
+  for (int step = 0; step < t.kt_count; ++step) {
+    copier.wait<pipeline_wait_groups<Cfg>()>();
+    __syncthreads();  // this step's buffer has landed for every thread; the last step's is free
+    const PipelineStep ps = pipeline_step<Cfg>(step);
+    if (ps.load_ktile < t.kt_count) {
+      igemm_load_stage<Cfg>(copier, tid, p, t, col, x, w, t.kt_begin + ps.load_ktile,
+                            smem + ps.load_buffer * Cfg::kStageFloats);
+    }
+    copier.commit();
+    igemm_multiply_stage<Cfg>(tid, smem + ps.read_buffer * Cfg::kStageFloats, acc);
+  }
+  igemm_store<Cfg>(tid, p, t, acc, bias, y, partial);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    splitk_reduce_kernel(const float* __restrict__ partial, const float* __restrict__ bias, float* __restrict__ y,
+                         IgemmParams p, int64_t total) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    splitk_reduce_element(p, partial, bias, y, e);
+  }
+}
+
+int multiprocessors(const at::Tensor& t) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, t.get_device()));
+  return count;
+}
+
+// Blocks of the kernel one SM holds, asked of the runtime once per process (the answer depends
+// on the kernel's registers and shared memory and on the architecture, the same for every GPU of
+// one build in practice).
+template <typename Cfg>
+int igemm_blocks_per_sm() {
+  static const int blocks = [] {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, igemm_forward_kernel<Cfg>, Cfg::kThreads, 0));
+    return std::max(n, 1);
+  }();
+  return blocks;
+}
+
+template <typename Cfg>
+void launch_igemm_forward(const at::Tensor& x, const at::Tensor& w, const float* bias, const at::Tensor& y,
+                          const ConvShape& s) {
+  const IgemmParams p = make_igemm_params<Cfg>(s, multiprocessors(x), igemm_blocks_per_sm<Cfg>(), 0);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor partial;
+  if (p.splits > 1) partial = at::empty({p.splits, p.K, p.gemm_n}, x.options().dtype(at::kFloat));
+  const dim3 grid(static_cast<unsigned int>(igemm_tiles<Cfg>(p)), static_cast<unsigned int>(p.splits));
+  igemm_forward_kernel<Cfg><<<grid, Cfg::kThreads, 0, stream>>>(
+      x.const_data_ptr<float>(), w.const_data_ptr<float>(), bias, y.mutable_data_ptr<float>(),
+      p.splits > 1 ? partial.mutable_data_ptr<float>() : nullptr, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.splits > 1) {
+    const int64_t total = y.numel();
+    splitk_reduce_kernel<<<grid_size(total), kThreads, 0, stream>>>(partial.const_data_ptr<float>(), bias,
+                                                                       y.mutable_data_ptr<float>(), p, total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
 
 // Blocks loop over tiles (grid-stride); every thread of a block takes the same trip count, so
 // the barriers inside are reached by all of them.
@@ -123,7 +235,18 @@ at::Tensor direct_forward(const at::Tensor& input, const at::Tensor& weight, con
   at::Tensor y = at::empty(s.output_sizes(), input.options());
   if (y.numel() > 0) {
     const bool int32 = indices_fit_int32(s, {x.numel(), w.numel(), y.numel()});
-    const bool wide = use_wide_tile(s);
+    const ForwardKernel kernel = choose_forward_kernel(s, int32, input.scalar_type() == at::kFloat);
+    const bool wide = kernel == ForwardKernel::WideTile;
+    const bool igemm = kernel == ForwardKernel::IgemmLarge || kernel == ForwardKernel::IgemmMedium;
+    if (igemm) {  // float32 only
+      const float* bias_ptr = has_bias ? b.const_data_ptr<float>() : nullptr;
+      if (kernel == ForwardKernel::IgemmLarge) {
+        launch_igemm_forward<IgemmLarge>(x, w, bias_ptr, y, s);
+      } else {
+        launch_igemm_forward<IgemmMedium>(x, w, bias_ptr, y, s);
+      }
+      return y.contiguous(result_format(input, weight));
+    }
     CHANNELCONV_DISPATCH(input.scalar_type(), "channelconv::direct_forward_cuda", [&] {
       const scalar_t* bias_ptr = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
       if (wide && int32) {

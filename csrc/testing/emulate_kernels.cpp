@@ -12,10 +12,12 @@
 
 #include <ATen/Dispatch.h>
 
+#include <deque>
 #include <limits>
 #include <vector>
 
 #include "../lowered.h"
+#include "../cuda/implicit_gemm.h"
 #include "../cuda/kernel_bodies.h"
 
 namespace channelconv {
@@ -107,6 +109,177 @@ at::Tensor direct_forward(const at::Tensor& input, const at::Tensor& weight, con
   }
   check_guards(y);
   return y.tensor.clone();
+}
+
+// ---- direct forward, implicit GEMM: cp.async modelled, the pipeline in pipeline_step's order ----
+
+// cp.async as the emulator sees it: a copy issued now lands only when a wait retires its commit
+// group; until then its destination holds NaN, so a multiply that reads a buffer before its
+// wait (or a buffer another stage is being copied into) poisons the result. All threads issue
+// and commit at the same program points, so one queue of groups stands for every thread's.
+struct EmulatedCopy {
+  struct Pending {
+    float* dst;
+    const float* src;
+    bool valid;
+  };
+  std::vector<Pending> open;
+  std::deque<std::vector<Pending>> committed;
+
+  void copy(float* dst, const float* src, bool valid) {
+    *dst = std::numeric_limits<float>::quiet_NaN();
+    open.push_back({dst, src, valid});
+  }
+  void commit() {
+    committed.push_back(std::move(open));
+    open.clear();
+  }
+  void wait(int in_flight) {
+    while (int(committed.size()) > in_flight) {
+      for (const Pending& c : committed.front()) *c.dst = c.valid ? *c.src : 0.f;
+      committed.pop_front();
+    }
+  }
+};
+
+// Planted bugs, to show this emulation catches each kind (emulate_kernels.py --planted):
+//   1 waits for one commit group too few (multiplies a buffer still in flight)
+//   2 multiplies the buffer being loaded instead of the one that landed
+//   3 leaves the last split out of the split-K reduction
+//   4 skips the zero-fill (a masked copy leaves the buffer as it was)
+int g_plant = 0;
+
+template <typename Cfg>
+void emulate_igemm_block(const IgemmParams& p, int32_t tile, int32_t split, const float* x, const float* w,
+                         const float* bias, float* y, float* partial) {
+  std::vector<float> smem(Cfg::kSharedFloats, std::numeric_limits<float>::quiet_NaN());
+  const IgemmTile t = igemm_tile<Cfg>(p, tile, split);
+  std::vector<IgemmColumn> cols(Cfg::kThreads);
+  for (int tid = 0; tid < Cfg::kThreads; ++tid) cols[tid] = igemm_column<Cfg>(p, t, tid);
+  struct Regs {
+    float acc[8][8] = {};
+  };
+  std::vector<Regs> regs(Cfg::kThreads);
+  EmulatedCopy copier;
+  struct PlantedCopy {  // plant 4: a masked copy issues nothing (no zero lands)
+    EmulatedCopy& inner;
+    void copy(float* dst, const float* src, bool valid) {
+      if (valid) inner.copy(dst, src, valid);
+    }
+  } planted{copier};
+  auto load = [&](int tid, int32_t ktile, int buffer) {
+    float* stage = smem.data() + buffer * Cfg::kStageFloats;
+    if (g_plant == 4) {
+      igemm_load_stage<Cfg>(planted, tid, p, t, cols[tid], x, w, ktile, stage);
+    } else {
+      igemm_load_stage<Cfg>(copier, tid, p, t, cols[tid], x, w, ktile, stage);
+    }
+  };
+  for (int s = 0; s < Cfg::kStages - 1; ++s) {
+    if (s < t.kt_count) {
+      for (int tid = 0; tid < Cfg::kThreads; ++tid) load(tid, t.kt_begin + s, s);
+    }
+    copier.commit();
+  }
+  for (int step = 0; step < t.kt_count; ++step) {
+    copier.wait(pipeline_wait_groups<Cfg>() + (g_plant == 1 ? 1 : 0));
+    // __syncthreads(): then every thread issues before any multiplies (the order that exposes a
+    // buffer read while it is being refilled)
+    const PipelineStep ps = pipeline_step<Cfg>(step);
+    if (ps.load_ktile < t.kt_count) {
+      for (int tid = 0; tid < Cfg::kThreads; ++tid) load(tid, t.kt_begin + ps.load_ktile, ps.load_buffer);
+    }
+    copier.commit();
+    const int read = g_plant == 2 ? ps.load_buffer : ps.read_buffer;
+    for (int tid = 0; tid < Cfg::kThreads; ++tid) {
+      igemm_multiply_stage<Cfg>(tid, smem.data() + read * Cfg::kStageFloats, regs[tid].acc);
+    }
+  }
+  for (int tid = 0; tid < Cfg::kThreads; ++tid) igemm_store<Cfg, float>(tid, p, t, regs[tid].acc, bias, y, partial);
+}
+
+// config: "large" or "medium"; splits: 0 for the wave model's choice on `sms` multiprocessors.
+template <typename Cfg>
+void emulate_igemm(const ConvShape& s, const float* x, const float* w, const float* bias, float* y, int64_t splits,
+                   int64_t sms) {
+  const IgemmParams p = make_igemm_params<Cfg>(s, int32_t(sms), igemm_blocks_per_sm_at_ceiling<Cfg>(), int32_t(splits));
+  std::vector<float> partial;
+  if (p.splits > 1) partial.assign(size_t(p.splits) * p.K * p.gemm_n, std::numeric_limits<float>::quiet_NaN());
+  const int32_t launched = p.splits - (g_plant == 3 && p.splits > 1 ? 1 : 0);
+  for (int32_t split = 0; split < launched; ++split) {
+    for (int32_t tile = 0; tile < int32_t(igemm_tiles<Cfg>(p)); ++tile) {
+      emulate_igemm_block<Cfg>(p, tile, split, x, w, bias, y, partial.data());
+    }
+  }
+  if (p.splits > 1) {
+    if (g_plant == 3) {  // the left-out split's partials stay 0 instead of NaN, so only the sum is wrong
+      std::fill(partial.begin() + int64_t(launched) * p.K * p.gemm_n, partial.end(), 0.f);
+    }
+    const int64_t total = s.batch * s.out_channels * s.out_h * s.out_w;
+    for (int64_t e = 0; e < total; ++e) splitk_reduce_element(p, partial.data(), bias, y, e);
+  }
+}
+
+at::Tensor igemm_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                         int64_t groups, const std::string& config, int64_t splits, int64_t sms) {
+  const ConvShape s = check_forward(input, weight, bias, stride, padding, dilation, groups);
+  TORCH_CHECK(input.scalar_type() == at::kFloat, "emulate: the implicit GEMM is float32");
+  TORCH_CHECK(indices_fit_int32(s, {input.numel(), weight.numel()}), "emulate: the implicit GEMM needs int32 indices");
+  TORCH_CHECK(config == "large" || config == "medium", "emulate: config is large or medium, not ", config);
+  const at::Tensor x = as_nchw(input), w = weight.contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  Guarded y = guarded_empty(s.output_sizes(), input.options());
+  if (y.tensor.numel() > 0) {
+    const float* bp = has_bias ? b.const_data_ptr<float>() : nullptr;
+    float* yp = y.tensor.mutable_data_ptr<float>();
+    if (config == "large") {
+      emulate_igemm<IgemmLarge>(s, x.const_data_ptr<float>(), w.const_data_ptr<float>(), bp, yp, splits, sms);
+    } else {
+      emulate_igemm<IgemmMedium>(s, x.const_data_ptr<float>(), w.const_data_ptr<float>(), bp, yp, splits, sms);
+    }
+  }
+  check_guards(y);
+  return y.tensor.clone();
+}
+
+// What direct.cu launches for this layer (and, for the implicit GEMM, the wave model's splits on
+// `sms` multiprocessors): "large/<splits>", "medium/<splits>", "wide" or "narrow".
+std::string forward_choice(std::vector<int64_t> input_size, std::vector<int64_t> weight_size,
+                           std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                           int64_t groups, const std::string& dtype, int64_t sms) {
+  const ConvShape s = make_shape(input_size, weight_size, stride, padding, dilation, groups);
+  const int64_t x_numel = s.batch * s.in_channels * s.in_h * s.in_w;
+  const int64_t y_numel = s.batch * s.out_channels * s.out_h * s.out_w;
+  const int64_t w_numel = s.out_channels * s.in_per_group() * s.kernel_h * s.kernel_w;
+  const bool int32 = indices_fit_int32(s, {x_numel, w_numel, y_numel});
+  switch (choose_forward_kernel(s, int32, dtype == "float32")) {
+    case ForwardKernel::IgemmLarge:
+      return "large/" + std::to_string(make_igemm_params<IgemmLarge>(s, int32_t(sms), igemm_blocks_per_sm_at_ceiling<IgemmLarge>(), 0).splits);
+    case ForwardKernel::IgemmMedium:
+      return "medium/" + std::to_string(make_igemm_params<IgemmMedium>(s, int32_t(sms), igemm_blocks_per_sm_at_ceiling<IgemmMedium>(), 0).splits);
+    case ForwardKernel::WideTile:
+      return "wide";
+    case ForwardKernel::NarrowTile:
+      return "narrow";
+  }
+  return "?";
+}
+
+// FastDivmod against / and % for the given divisors and numerators (< 2^31); returns the count of
+// mismatches.
+int64_t check_fast_divmod(std::vector<int64_t> divisors, std::vector<int64_t> numerators) {
+  int64_t wrong = 0;
+  for (int64_t d : divisors) {
+    const FastDivmod f{uint32_t(d)};
+    for (int64_t n : numerators) {
+      int32_t q = 0, r = 0;
+      f.divmod(int32_t(n), q, r);
+      wrong += (q != n / d || r != n % d) ? 1 : 0;
+    }
+  }
+  return wrong;
 }
 
 // ---- direct backward ----------------------------------------------------------------------------
@@ -260,7 +433,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     TORCH_CHECK(bits == 0 || bits == 32 || bits == 64, "index bits: 0 (auto), 32 or 64");
     g_index_bits = bits;
   });
+  m.def("set_plant", [](int plant) { g_plant = plant; });
   m.def("direct_forward", &direct_forward);
+  m.def("igemm_forward", &igemm_forward);
+  m.def("forward_choice", &forward_choice);
+  m.def("check_fast_divmod", &check_fast_divmod);
   m.def("direct_backward_input", &direct_backward_input);
   m.def("direct_backward_weight", &direct_backward_weight);
   m.def("lowered_forward", &lowered_forward_op);

@@ -1,9 +1,14 @@
 """Checks the CUDA kernels' logic on a machine without a GPU.
 
-Builds csrc/testing/emulate_kernels.cpp (the HOST_DEVICE bodies of kernel_bodies.h run thread by
-thread and stage by stage, see that file) as a throwaway CPU module and compares every emulated
-op with F.conv2d evaluated in float64, over random shapes (stride, padding, dilation, groups,
-ragged tiles, several workspace bands), both tile configurations, both index types and all dtypes.
+Builds csrc/testing/emulate_kernels.cpp (the HOST_DEVICE bodies of kernel_bodies.h and
+implicit_gemm.h run thread by thread and stage by stage, see that file) as a throwaway CPU module
+and compares every emulated op with F.conv2d evaluated in float64, over random shapes (stride,
+padding, dilation, groups, ragged tiles, several workspace bands), both tile configurations, both
+index types and all dtypes; the float32 implicit GEMM in both its configurations with 1 to 5
+splits of the reduction, its cp.async pipeline modelled (a copy lands only at its wait).
+Then each planted bug (a wait one group short, the wrong buffer, a split left out, no zero-fill)
+must make the implicit GEMM fail, FastDivmod must agree with / and %, and the host's choice of
+kernel and splits must follow the wave model.
 
     python csrc/testing/emulate_kernels.py [--cases 200] [--seed 0] [--asan]
 
@@ -168,6 +173,87 @@ def run_case(mod, case, rng: random.Random, check: Checker, dtypes):
                 check(f"{algorithm}_backward_weight/{tag}",
                       mod.lowered_backward_weight(algorithm, gdy, gx, list(w.shape), *largs), dw_ref, dtype, case)
         mod.set_index_bits(0)
+    igemm_case(mod, case, rng, check)
+
+
+def igemm_case(mod, case, rng: random.Random, check: Checker):
+    """The float32 implicit GEMM, both configurations, one split and a random 2-5."""
+    args = (case["stride"], case["padding"], case["dilation"], case["groups"])
+    x = guarded(torch.randn(case["input"]))
+    w = guarded(torch.randn(case["weight"]))
+    b = guarded(torch.randn(case["weight"][0])) if case["bias"] else None
+    y_ref, _, _ = oracle(case, x, w, b, None)
+    for config in ("large", "medium"):
+        for splits in (1, rng.randint(2, 5)):
+            check(f"igemm_forward/{config}/splits={splits}", mod.igemm_forward(x, w, b, *args, config, splits, 132),
+                  y_ref, torch.float32, case)
+
+
+# Cases each planted bug must break (several k-tiles per split, so the pipeline turns over).
+PLANT_CASES = [
+    dict(input=(2, 20, 9, 7), weight=(40, 20, 3, 3), stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1,
+         bias=True),
+    dict(input=(1, 12, 6, 6), weight=(70, 6, 3, 3), stride=[2, 1], padding=[2, 0], dilation=[1, 2], groups=2,
+         bias=False),
+]
+PLANTS = {1: "wait one group short", 2: "multiply the buffer being loaded", 3: "split left out of the reduction",
+          4: "no zero-fill"}
+
+
+def planted_bugs(mod) -> int:
+    """Each planted bug must fail some case; returns how many went unnoticed."""
+    missed = 0
+    for plant, what in PLANTS.items():
+        caught = 0
+        mod.set_plant(plant)
+        try:
+            for case in PLANT_CASES:
+                args = (case["stride"], case["padding"], case["dilation"], case["groups"])
+                x, w = torch.randn(case["input"]), torch.randn(case["weight"])
+                b = torch.randn(case["weight"][0]) if case["bias"] else None
+                y_ref, _, _ = oracle(case, x, w, b, None)
+                for config in ("large", "medium"):
+                    y = mod.igemm_forward(x, w, b, *args, config, 3, 132)
+                    caught += not rel_error(y, y_ref) <= TOLERANCE[torch.float32]
+        finally:
+            mod.set_plant(0)
+        print(f"planted bug {plant} ({what}): caught in {caught} of {2 * len(PLANT_CASES)} runs")
+        missed += caught == 0
+    return missed
+
+
+def host_choices(mod) -> int:
+    """FastDivmod and the host's kernel / split choice; returns the number of wrong answers."""
+    wrong = 0
+    divisors = list(range(1, 300)) + [641, 1000, 4095, 4096, 4097, 50176, 2**20 + 1, 2**30, 2**31 - 1]
+    numerators = list(range(0, 2000)) + [2**31 - 1, 2**31 - 2, 2**30, 2**30 - 1, 123456789, 2**24 + 1]
+    bad = mod.check_fast_divmod(divisors, numerators)
+    print(f"FastDivmod: {bad} wrong of {len(divisors) * len(numerators)}")
+    wrong += bad
+    rng = random.Random(1)
+    bad = mod.check_fast_divmod([rng.randint(1, 2**31 - 1) for _ in range(200)],
+                                [rng.randint(0, 2**31 - 1) for _ in range(500)])
+    wrong += bad
+    # (input, weight, stride, padding, expected on 132 SMs). A 7x7 map of 512 channels at batch 8
+    # makes 4 x 4 tiles: the wave model splits its 4608-long reduction 16 ways; 56x56 maps make
+    # 196 tiles, more than the SMs, and stay whole; conv1 at batch 1 (98 tiles) splits.
+    expectations = [
+        ((8, 512, 7, 7), (512, 512, 3, 3), [1, 1], [1, 1], "large/", lambda n: n == 16),
+        ((8, 64, 56, 56), (64, 64, 3, 3), [1, 1], [1, 1], "medium/", lambda n: n == 1),
+        ((8, 256, 56, 56), (128, 256, 1, 1), [1, 1], [0, 0], "large/", lambda n: n == 1),
+        ((1, 3, 224, 224), (64, 3, 7, 7), [2, 2], [3, 3], "medium/", lambda n: 1 < n <= 49 // 8),
+    ]
+    for x, w, stride, pad, prefix, ok in expectations:
+        choice = mod.forward_choice(list(x), list(w), stride, pad, [1, 1], 1, "float32", 132)
+        good = choice.startswith(prefix) and ok(int(choice.split("/")[1]))
+        print(f"host choice {x} {w}: {choice}{'' if good else '  WRONG'}")
+        wrong += not good
+    for dtype, want in (("float64", "wide"), ("bfloat16", "wide")):
+        choice = mod.forward_choice([8, 64, 56, 56], [64, 64, 3, 3], [1, 1], [1, 1], [1, 1], 1, dtype, 132)
+        wrong += choice != want
+    choice = mod.forward_choice([8, 32, 56, 56], [32, 1, 3, 3], [1, 1], [1, 1], [1, 1], 32, "float32", 132)
+    wrong += choice != "narrow"  # depthwise: one output channel per group
+    return wrong
 
 
 def edge_cases(mod, check: Checker):
@@ -210,8 +296,11 @@ def main() -> int:
     for i in range(options.cases):
         # float64 always (both index types); one other dtype per case keeps the run short.
         run_case(mod, random_case(rng), rng, check, [torch.float64, all_dtypes[1 + i % 3]])
-    print(f"{check.checks} checks, {check.failures} failures")
-    return 1 if check.failures else 0
+    missed = planted_bugs(mod)
+    wrong = host_choices(mod)
+    print(f"{check.checks} checks, {check.failures} failures; {missed} planted bugs missed; "
+          f"{wrong} wrong host answers")
+    return 1 if check.failures or missed or wrong else 0
 
 
 if __name__ == "__main__":
