@@ -1,11 +1,13 @@
-"""The CUDA direct forward's implicit GEMM on a GPU (skipped without one; the emulator checks the
-same per-thread code on the CPU in CI): the shapes that pick each of its tiles and split counts,
-against F.conv2d in float64, and split-K results that do not change from run to run."""
+"""The CUDA direct forward's and weight gradient's implicit GEMMs on a GPU (skipped without one;
+the emulator checks the same per-thread code on the CPU in CI): the shapes that pick each of their
+tiles and split counts, against F.conv2d in float64, and split-K results that do not change from
+run to run."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TOLERANCE, oracle, rel_error
 
 import channelconv
@@ -41,10 +43,32 @@ def test_implicit_gemm_forward(shape, bias):
     assert rel_error(y, y_ref) <= TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_implicit_gemm_weight_grad(shape):
+    n, c, k, size, kernel, stride, padding, dilation, groups = shape
+    x = torch.randn(n, c, size, size, device="cuda")
+    w = torch.randn(k, c // groups, kernel, kernel, device="cuda")
+    y_ref = oracle(x, w, None, stride, padding, dilation, groups)
+    dy = torch.randn(y_ref.shape, device="cuda")
+    dw = torch.ops.channelconv.direct_backward_weight(dy, x, list(w.shape), [stride] * 2, [padding] * 2,
+                                                      [dilation] * 2, groups)
+    w64 = w.double().requires_grad_()
+    y64 = F.conv2d(x.double(), w64, None, stride, padding, dilation, groups)
+    (dw_ref,) = torch.autograd.grad(y64, w64, dy.double())
+    assert rel_error(dw, dw_ref) <= TOLERANCE[torch.float32]
+
+
 def test_split_k_is_deterministic():
-    """512 -> 512 3x3 at 7x7 splits its reduction; the partials are added in split order."""
+    """512 -> 512 3x3 at 7x7 splits its forward reduction, 64 -> 64 3x3 at 56x56 its weight
+    gradient's; the partials are added in split order."""
     x = torch.randn(8, 512, 7, 7, device="cuda")
     w = torch.randn(512, 512, 3, 3, device="cuda")
     first = channelconv.conv2d(x, w, None, 1, 1, algorithm="direct")
     for _ in range(3):
         assert torch.equal(channelconv.conv2d(x, w, None, 1, 1, algorithm="direct"), first)
+    x = torch.randn(8, 64, 56, 56, device="cuda")
+    dy = torch.randn(8, 64, 56, 56, device="cuda")
+    args = ([64, 64, 3, 3], [1, 1], [1, 1], [1, 1], 1)
+    first = torch.ops.channelconv.direct_backward_weight(dy, x, *args)
+    for _ in range(3):
+        assert torch.equal(torch.ops.channelconv.direct_backward_weight(dy, x, *args), first)

@@ -1,15 +1,15 @@
 // Direct convolution on CUDA: no column buffer, no atomics.
 //
-//   forward          float32: an implicit GEMM (implicit_gemm.h): batch folded into the GEMM's
-//                    columns, a 4-stage cp.async pipeline, 8 x 8 register tiles, and split-K with
-//                    a fixed-order reduction when the tiles alone do not fill the GPU.
-//                    Otherwise (other dtypes, 64-bit indices, fewer than 32 output channels per
-//                    group) a tiled kernel: a block computes BK output channels x BP output pixels
+//   float32 forward and weight gradient: implicit GEMMs (implicit_gemm.h), the batch folded
+//                    into the GEMM, a 4-stage cp.async pipeline, 8 x 8 register tiles, and split-K
+//                    with a fixed-order reduction when the tiles alone do not fill the GPU.
+//   Otherwise (other dtypes, 64-bit indices, fewer than 32 output channels per group):
+//   forward          a tiled kernel: a block computes BK output channels x BP output pixels
 //                    of one (image, group), staging weight and input tiles in shared memory; each
 //                    thread accumulates a TM x TN register tile in at::opmath_type<scalar_t>.
 //   backward_input   a gather: one thread per input element sums over (k, r, s) the outputs that
 //                    read it (Axis::output_reading).
-//   backward_weight  one block per weight element reduces over N x H_o x W_o: each thread a
+//   backward_weight  (not float32) one block per weight element reduces over N x H_o x W_o: each thread a
 //                    strided partial sum, then a fixed-order tree in shared memory (deterministic).
 //
 // The per-thread work is in kernel_bodies.h (shared with the CPU emulation in csrc/testing/emulate_kernels.cpp).
@@ -58,20 +58,17 @@ struct AsyncCopy {
 
 // One block per (tile, split): blockIdx.x the tile, blockIdx.y the split. The loop follows
 // pipeline_step; csrc/testing/emulate_kernels.cpp runs the same order.
-template <typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads)
-    igemm_forward_kernel(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
-                         float* __restrict__ y, float* __restrict__ partial, IgemmParams p) {
+template <typename Problem>
+__global__ void __launch_bounds__(Problem::Cfg::kThreads) igemm_kernel(IgemmOperands o, IgemmParams p) {
+  using Cfg = typename Problem::Cfg;
   __shared__ __align__(16) float smem[Cfg::kSharedFloats];
   const int tid = threadIdx.x;
   const IgemmTile t = igemm_tile<Cfg>(p, int32_t(blockIdx.x), int32_t(blockIdx.y));
-  const IgemmColumn col = igemm_column<Cfg>(p, t, tid);
+  const typename Problem::Thread th = Problem::thread_state(p, t, tid);
   AsyncCopy copier;
   CC_UNROLL
   for (int s = 0; s < Cfg::kStages - 1; ++s) {
-    if (s < t.kt_count) {
-      igemm_load_stage<Cfg>(copier, tid, p, t, col, x, w, t.kt_begin + s, smem + s * Cfg::kStageFloats);
-    }
+    if (s < t.kt_count) Problem::load_stage(copier, tid, p, t, th, o, t.kt_begin + s, smem + s * Cfg::kStageFloats);
     copier.commit();
   }
   float acc[8][8] = {};
@@ -80,20 +77,18 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     __syncthreads();  // this step's buffer has landed for every thread; the last step's is free
     const PipelineStep ps = pipeline_step<Cfg>(step);
     if (ps.load_ktile < t.kt_count) {
-      igemm_load_stage<Cfg>(copier, tid, p, t, col, x, w, t.kt_begin + ps.load_ktile,
-                            smem + ps.load_buffer * Cfg::kStageFloats);
+      Problem::load_stage(copier, tid, p, t, th, o, t.kt_begin + ps.load_ktile, smem + ps.load_buffer * Cfg::kStageFloats);
     }
     copier.commit();
     igemm_multiply_stage<Cfg>(tid, smem + ps.read_buffer * Cfg::kStageFloats, acc);
   }
-  igemm_store<Cfg>(tid, p, t, acc, bias, y, partial);
+  igemm_store<Problem>(tid, p, t, acc, o);
 }
 
-__global__ void __launch_bounds__(kThreads)
-    splitk_reduce_kernel(const float* __restrict__ partial, const float* __restrict__ bias, float* __restrict__ y,
-                         IgemmParams p, int64_t total) {
+template <typename Problem>
+__global__ void __launch_bounds__(kThreads) splitk_reduce_kernel(IgemmOperands o, IgemmParams p, int64_t total) {
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    splitk_reduce_element(p, partial, bias, y, e);
+    Problem::reduce_element(p, o, e);
   }
 }
 
@@ -106,32 +101,32 @@ int multiprocessors(const at::Tensor& t) {
 // Blocks of the kernel one SM holds, asked of the runtime once per process (the answer depends
 // on the kernel's registers and shared memory and on the architecture, the same for every GPU of
 // one build in practice).
-template <typename Cfg>
+template <typename Problem>
 int igemm_blocks_per_sm() {
   static const int blocks = [] {
     int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, igemm_forward_kernel<Cfg>, Cfg::kThreads, 0));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, igemm_kernel<Problem>, Problem::Cfg::kThreads, 0));
     return std::max(n, 1);
   }();
   return blocks;
 }
 
-template <typename Cfg>
-void launch_igemm_forward(const at::Tensor& x, const at::Tensor& w, const float* bias, const at::Tensor& y,
-                          const ConvShape& s) {
-  const IgemmParams p = make_igemm_params<Cfg>(s, multiprocessors(x), igemm_blocks_per_sm<Cfg>(), 0);
+// out = the GEMM of operands a and b (see IgemmOperands), split as the wave model says.
+template <typename Problem>
+void launch_igemm(const at::Tensor& a, const at::Tensor& b, const float* bias, const at::Tensor& out,
+                  const ConvShape& s) {
+  const IgemmParams p = make_igemm_params<Problem>(s, multiprocessors(a), igemm_blocks_per_sm<Problem>(), 0);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor partial;
-  if (p.splits > 1) partial = at::empty({p.splits, p.K, p.gemm_n}, x.options().dtype(at::kFloat));
-  const dim3 grid(static_cast<unsigned int>(igemm_tiles<Cfg>(p)), static_cast<unsigned int>(p.splits));
-  igemm_forward_kernel<Cfg><<<grid, Cfg::kThreads, 0, stream>>>(
-      x.const_data_ptr<float>(), w.const_data_ptr<float>(), bias, y.mutable_data_ptr<float>(),
-      p.splits > 1 ? partial.mutable_data_ptr<float>() : nullptr, p);
+  if (p.splits > 1) partial = at::empty({p.splits, p.K, p.cols}, a.options().dtype(at::kFloat));
+  const IgemmOperands o{a.const_data_ptr<float>(), b.const_data_ptr<float>(), bias, out.mutable_data_ptr<float>(),
+                        p.splits > 1 ? partial.mutable_data_ptr<float>() : nullptr};
+  const dim3 grid(static_cast<unsigned int>(igemm_tiles<typename Problem::Cfg>(p)), static_cast<unsigned int>(p.splits));
+  igemm_kernel<Problem><<<grid, Problem::Cfg::kThreads, 0, stream>>>(o, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.splits > 1) {
-    const int64_t total = y.numel();
-    splitk_reduce_kernel<<<grid_size(total), kThreads, 0, stream>>>(partial.const_data_ptr<float>(), bias,
-                                                                       y.mutable_data_ptr<float>(), p, total);
+    const int64_t total = Problem::output_elements(p);
+    splitk_reduce_kernel<Problem><<<grid_size(total), kThreads, 0, stream>>>(o, p, total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -235,18 +230,17 @@ at::Tensor direct_forward(const at::Tensor& input, const at::Tensor& weight, con
   at::Tensor y = at::empty(s.output_sizes(), input.options());
   if (y.numel() > 0) {
     const bool int32 = indices_fit_int32(s, {x.numel(), w.numel(), y.numel()});
-    const ForwardKernel kernel = choose_forward_kernel(s, int32, input.scalar_type() == at::kFloat);
-    const bool wide = kernel == ForwardKernel::WideTile;
-    const bool igemm = kernel == ForwardKernel::IgemmLarge || kernel == ForwardKernel::IgemmMedium;
-    if (igemm) {  // float32 only
+    const IgemmChoice igemm = choose_igemm(s, int32, input.scalar_type() == at::kFloat, false);
+    if (igemm != IgemmChoice::None) {  // float32
       const float* bias_ptr = has_bias ? b.const_data_ptr<float>() : nullptr;
-      if (kernel == ForwardKernel::IgemmLarge) {
-        launch_igemm_forward<IgemmLarge>(x, w, bias_ptr, y, s);
+      if (igemm == IgemmChoice::Large) {
+        launch_igemm<ForwardProblem<IgemmLarge<0>>>(w, x, bias_ptr, y, s);
       } else {
-        launch_igemm_forward<IgemmMedium>(x, w, bias_ptr, y, s);
+        launch_igemm<ForwardProblem<IgemmMedium<0>>>(w, x, bias_ptr, y, s);
       }
       return y.contiguous(result_format(input, weight));
     }
+    const bool wide = use_wide_tile(s);
     CHANNELCONV_DISPATCH(input.scalar_type(), "channelconv::direct_forward_cuda", [&] {
       const scalar_t* bias_ptr = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
       if (wide && int32) {
@@ -292,6 +286,15 @@ at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tenso
   at::Tensor dw = at::empty(s.weight_sizes(), input.options());
   if (dw.numel() > 0) {
     const bool int32 = indices_fit_int32(s, {dy.numel(), x.numel(), dw.numel()});
+    const IgemmChoice igemm = choose_igemm(s, int32, input.scalar_type() == at::kFloat, true);
+    if (igemm != IgemmChoice::None) {  // float32
+      if (igemm == IgemmChoice::Large) {
+        launch_igemm<WeightGradProblem<IgemmLarge<4>>>(dy, x, nullptr, dw, s);
+      } else {
+        launch_igemm<WeightGradProblem<IgemmMedium<4>>>(dy, x, nullptr, dw, s);
+      }
+      return dw.contiguous(result_format(input, grad_output));
+    }
     CHANNELCONV_DISPATCH(input.scalar_type(), "channelconv::direct_backward_weight_cuda", [&] {
       if (int32) {
         launch_backward_weight<scalar_t, int32_t>(dy, x, dw, s);

@@ -149,13 +149,13 @@ struct EmulatedCopy {
 //   4 skips the zero-fill (a masked copy leaves the buffer as it was)
 int g_plant = 0;
 
-template <typename Cfg>
-void emulate_igemm_block(const IgemmParams& p, int32_t tile, int32_t split, const float* x, const float* w,
-                         const float* bias, float* y, float* partial) {
+template <typename Problem>
+void emulate_igemm_block(const IgemmParams& p, int32_t tile, int32_t split, const IgemmOperands& o) {
+  using Cfg = typename Problem::Cfg;
   std::vector<float> smem(Cfg::kSharedFloats, std::numeric_limits<float>::quiet_NaN());
   const IgemmTile t = igemm_tile<Cfg>(p, tile, split);
-  std::vector<IgemmColumn> cols(Cfg::kThreads);
-  for (int tid = 0; tid < Cfg::kThreads; ++tid) cols[tid] = igemm_column<Cfg>(p, t, tid);
+  std::vector<typename Problem::Thread> threads(Cfg::kThreads);
+  for (int tid = 0; tid < Cfg::kThreads; ++tid) threads[tid] = Problem::thread_state(p, t, tid);
   struct Regs {
     float acc[8][8] = {};
   };
@@ -170,9 +170,9 @@ void emulate_igemm_block(const IgemmParams& p, int32_t tile, int32_t split, cons
   auto load = [&](int tid, int32_t ktile, int buffer) {
     float* stage = smem.data() + buffer * Cfg::kStageFloats;
     if (g_plant == 4) {
-      igemm_load_stage<Cfg>(planted, tid, p, t, cols[tid], x, w, ktile, stage);
+      Problem::load_stage(planted, tid, p, t, threads[tid], o, ktile, stage);
     } else {
-      igemm_load_stage<Cfg>(copier, tid, p, t, cols[tid], x, w, ktile, stage);
+      Problem::load_stage(copier, tid, p, t, threads[tid], o, ktile, stage);
     }
   };
   for (int s = 0; s < Cfg::kStages - 1; ++s) {
@@ -195,29 +195,35 @@ void emulate_igemm_block(const IgemmParams& p, int32_t tile, int32_t split, cons
       igemm_multiply_stage<Cfg>(tid, smem.data() + read * Cfg::kStageFloats, regs[tid].acc);
     }
   }
-  for (int tid = 0; tid < Cfg::kThreads; ++tid) igemm_store<Cfg, float>(tid, p, t, regs[tid].acc, bias, y, partial);
+  for (int tid = 0; tid < Cfg::kThreads; ++tid) igemm_store<Problem>(tid, p, t, regs[tid].acc, o);
 }
 
-// config: "large" or "medium"; splits: 0 for the wave model's choice on `sms` multiprocessors.
-template <typename Cfg>
-void emulate_igemm(const ConvShape& s, const float* x, const float* w, const float* bias, float* y, int64_t splits,
-                   int64_t sms) {
-  const IgemmParams p = make_igemm_params<Cfg>(s, int32_t(sms), igemm_blocks_per_sm_at_ceiling<Cfg>(), int32_t(splits));
+// One launch of the implicit GEMM and, with splits, its reduce. splits: 0 for the wave model's
+// choice on `sms` multiprocessors.
+template <typename Problem>
+void emulate_igemm(const ConvShape& s, const float* a, const float* b, const float* bias, float* out,
+                   int64_t splits, int64_t sms) {
+  using Cfg = typename Problem::Cfg;
+  const IgemmParams p =
+      make_igemm_params<Problem>(s, int32_t(sms), igemm_blocks_per_sm_at_ceiling<Cfg>(), int32_t(splits));
   std::vector<float> partial;
-  if (p.splits > 1) partial.assign(size_t(p.splits) * p.K * p.gemm_n, std::numeric_limits<float>::quiet_NaN());
+  if (p.splits > 1) partial.assign(size_t(p.splits) * p.K * p.cols, std::numeric_limits<float>::quiet_NaN());
+  const IgemmOperands o{a, b, bias, out, partial.data()};
   const int32_t launched = p.splits - (g_plant == 3 && p.splits > 1 ? 1 : 0);
   for (int32_t split = 0; split < launched; ++split) {
-    for (int32_t tile = 0; tile < int32_t(igemm_tiles<Cfg>(p)); ++tile) {
-      emulate_igemm_block<Cfg>(p, tile, split, x, w, bias, y, partial.data());
-    }
+    for (int32_t tile = 0; tile < int32_t(igemm_tiles<Cfg>(p)); ++tile) emulate_igemm_block<Problem>(p, tile, split, o);
   }
   if (p.splits > 1) {
     if (g_plant == 3) {  // the left-out split's partials stay 0 instead of NaN, so only the sum is wrong
-      std::fill(partial.begin() + int64_t(launched) * p.K * p.gemm_n, partial.end(), 0.f);
+      std::fill(partial.begin() + int64_t(launched) * p.K * p.cols, partial.end(), 0.f);
     }
-    const int64_t total = s.batch * s.out_channels * s.out_h * s.out_w;
-    for (int64_t e = 0; e < total; ++e) splitk_reduce_element(p, partial.data(), bias, y, e);
+    for (int64_t e = 0; e < Problem::output_elements(p); ++e) Problem::reduce_element(p, o, e);
   }
+}
+
+IgemmChoice igemm_config(const std::string& config) {
+  TORCH_CHECK(config == "large" || config == "medium", "emulate: config is large or medium, not ", config);
+  return config == "large" ? IgemmChoice::Large : IgemmChoice::Medium;
 }
 
 at::Tensor igemm_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -226,7 +232,6 @@ at::Tensor igemm_forward(const at::Tensor& input, const at::Tensor& weight, cons
   const ConvShape s = check_forward(input, weight, bias, stride, padding, dilation, groups);
   TORCH_CHECK(input.scalar_type() == at::kFloat, "emulate: the implicit GEMM is float32");
   TORCH_CHECK(indices_fit_int32(s, {input.numel(), weight.numel()}), "emulate: the implicit GEMM needs int32 indices");
-  TORCH_CHECK(config == "large" || config == "medium", "emulate: config is large or medium, not ", config);
   const at::Tensor x = as_nchw(input), w = weight.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
@@ -234,37 +239,66 @@ at::Tensor igemm_forward(const at::Tensor& input, const at::Tensor& weight, cons
   if (y.tensor.numel() > 0) {
     const float* bp = has_bias ? b.const_data_ptr<float>() : nullptr;
     float* yp = y.tensor.mutable_data_ptr<float>();
-    if (config == "large") {
-      emulate_igemm<IgemmLarge>(s, x.const_data_ptr<float>(), w.const_data_ptr<float>(), bp, yp, splits, sms);
+    if (igemm_config(config) == IgemmChoice::Large) {
+      emulate_igemm<ForwardProblem<IgemmLarge<0>>>(s, w.const_data_ptr<float>(), x.const_data_ptr<float>(), bp, yp,
+                                                   splits, sms);
     } else {
-      emulate_igemm<IgemmMedium>(s, x.const_data_ptr<float>(), w.const_data_ptr<float>(), bp, yp, splits, sms);
+      emulate_igemm<ForwardProblem<IgemmMedium<0>>>(s, w.const_data_ptr<float>(), x.const_data_ptr<float>(), bp, yp,
+                                                    splits, sms);
     }
   }
   check_guards(y);
   return y.tensor.clone();
 }
 
-// What direct.cu launches for this layer (and, for the implicit GEMM, the wave model's splits on
-// `sms` multiprocessors): "large/<splits>", "medium/<splits>", "wide" or "narrow".
-std::string forward_choice(std::vector<int64_t> input_size, std::vector<int64_t> weight_size,
-                           std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                           int64_t groups, const std::string& dtype, int64_t sms) {
+at::Tensor igemm_weight_grad(const at::Tensor& grad_output, const at::Tensor& input, std::vector<int64_t> weight_size,
+                             std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                             int64_t groups, const std::string& config, int64_t splits, int64_t sms) {
+  const ConvShape s = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
+  TORCH_CHECK(input.scalar_type() == at::kFloat, "emulate: the implicit GEMM is float32");
+  TORCH_CHECK(indices_fit_int32(s, {input.numel(), grad_output.numel()}), "emulate: the implicit GEMM needs int32 indices");
+  const at::Tensor dy = as_nchw(grad_output), x = as_nchw(input);
+  Guarded dw = guarded_empty(s.weight_sizes(), input.options());
+  if (dw.tensor.numel() > 0) {
+    float* out = dw.tensor.mutable_data_ptr<float>();
+    if (igemm_config(config) == IgemmChoice::Large) {
+      emulate_igemm<WeightGradProblem<IgemmLarge<4>>>(s, dy.const_data_ptr<float>(), x.const_data_ptr<float>(),
+                                                      nullptr, out, splits, sms);
+    } else {
+      emulate_igemm<WeightGradProblem<IgemmMedium<4>>>(s, dy.const_data_ptr<float>(), x.const_data_ptr<float>(),
+                                                       nullptr, out, splits, sms);
+    }
+  }
+  check_guards(dw);
+  return dw.tensor.clone();
+}
+
+// What direct.cu launches for this layer's pass ("forward" or "weight_grad") and, for the implicit
+// GEMM, the wave model's splits on `sms` multiprocessors: "large/<splits>", "medium/<splits>",
+// or "tiled" (the forward's tiled kernel, the weight gradient's block per element).
+std::string igemm_choice(std::vector<int64_t> input_size, std::vector<int64_t> weight_size,
+                         std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                         int64_t groups, const std::string& dtype, const std::string& pass, int64_t sms) {
   const ConvShape s = make_shape(input_size, weight_size, stride, padding, dilation, groups);
   const int64_t x_numel = s.batch * s.in_channels * s.in_h * s.in_w;
   const int64_t y_numel = s.batch * s.out_channels * s.out_h * s.out_w;
   const int64_t w_numel = s.out_channels * s.in_per_group() * s.kernel_h * s.kernel_w;
   const bool int32 = indices_fit_int32(s, {x_numel, w_numel, y_numel});
-  switch (choose_forward_kernel(s, int32, dtype == "float32")) {
-    case ForwardKernel::IgemmLarge:
-      return "large/" + std::to_string(make_igemm_params<IgemmLarge>(s, int32_t(sms), igemm_blocks_per_sm_at_ceiling<IgemmLarge>(), 0).splits);
-    case ForwardKernel::IgemmMedium:
-      return "medium/" + std::to_string(make_igemm_params<IgemmMedium>(s, int32_t(sms), igemm_blocks_per_sm_at_ceiling<IgemmMedium>(), 0).splits);
-    case ForwardKernel::WideTile:
-      return "wide";
-    case ForwardKernel::NarrowTile:
-      return "narrow";
+  const bool weight_grad = pass == "weight_grad";
+  const IgemmChoice choice = choose_igemm(s, int32, dtype == "float32", weight_grad);
+  auto splits = [&](auto problem) {
+    using Problem = decltype(problem);
+    return std::to_string(
+        make_igemm_params<Problem>(s, int32_t(sms), igemm_blocks_per_sm_at_ceiling<typename Problem::Cfg>(), 0).splits);
+  };
+  if (choice == IgemmChoice::Large) {
+    return "large/" + (weight_grad ? splits(WeightGradProblem<IgemmLarge<4>>{}) : splits(ForwardProblem<IgemmLarge<0>>{}));
   }
-  return "?";
+  if (choice == IgemmChoice::Medium) {
+    return "medium/" +
+           (weight_grad ? splits(WeightGradProblem<IgemmMedium<4>>{}) : splits(ForwardProblem<IgemmMedium<0>>{}));
+  }
+  return "tiled";
 }
 
 // FastDivmod against / and % for the given divisors and numerators (< 2^31); returns the count of
@@ -436,7 +470,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_plant", [](int plant) { g_plant = plant; });
   m.def("direct_forward", &direct_forward);
   m.def("igemm_forward", &igemm_forward);
-  m.def("forward_choice", &forward_choice);
+  m.def("igemm_weight_grad", &igemm_weight_grad);
+  m.def("igemm_choice", &igemm_choice);
   m.def("check_fast_divmod", &check_fast_divmod);
   m.def("direct_backward_input", &direct_backward_input);
   m.def("direct_backward_weight", &direct_backward_weight);

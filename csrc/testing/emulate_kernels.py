@@ -4,10 +4,10 @@ Builds csrc/testing/emulate_kernels.cpp (the HOST_DEVICE bodies of kernel_bodies
 implicit_gemm.h run thread by thread and stage by stage, see that file) as a throwaway CPU module
 and compares every emulated op with F.conv2d evaluated in float64, over random shapes (stride,
 padding, dilation, groups, ragged tiles, several workspace bands), both tile configurations, both
-index types and all dtypes; the float32 implicit GEMM in both its configurations with 1 to 5
-splits of the reduction, its cp.async pipeline modelled (a copy lands only at its wait).
-Then each planted bug (a wait one group short, the wrong buffer, a split left out, no zero-fill)
-must make the implicit GEMM fail, FastDivmod must agree with / and %, and the host's choice of
+index types and all dtypes; the float32 implicit GEMMs (forward and weight gradient) in both
+configurations with 1 to 5 splits of the reduction, their cp.async pipeline modelled (a copy lands
+only at its wait). Then each planted bug (a wait one group short, the wrong buffer, a split left
+out, no zero-fill) must make each implicit GEMM fail, FastDivmod must agree with / and %, and the host's choice of
 kernel and splits must follow the wave model.
 
     python csrc/testing/emulate_kernels.py [--cases 200] [--seed 0] [--asan]
@@ -177,16 +177,21 @@ def run_case(mod, case, rng: random.Random, check: Checker, dtypes):
 
 
 def igemm_case(mod, case, rng: random.Random, check: Checker):
-    """The float32 implicit GEMM, both configurations, one split and a random 2-5."""
+    """The float32 implicit GEMMs (forward, weight gradient), both configurations, one split and a
+    random 2-5."""
     args = (case["stride"], case["padding"], case["dilation"], case["groups"])
     x = guarded(torch.randn(case["input"]))
     w = guarded(torch.randn(case["weight"]))
     b = guarded(torch.randn(case["weight"][0])) if case["bias"] else None
     y_ref, _, _ = oracle(case, x, w, b, None)
+    dy = guarded(torch.randn(y_ref.shape))
+    _, _, dw_ref = oracle(case, x, w, b, dy)
     for config in ("large", "medium"):
         for splits in (1, rng.randint(2, 5)):
             check(f"igemm_forward/{config}/splits={splits}", mod.igemm_forward(x, w, b, *args, config, splits, 132),
                   y_ref, torch.float32, case)
+            check(f"igemm_weight_grad/{config}/splits={splits}",
+                  mod.igemm_weight_grad(dy, x, list(w.shape), *args, config, splits, 132), dw_ref, torch.float32, case)
 
 
 # Cases each planted bug must break (several k-tiles per split, so the pipeline turns over).
@@ -201,10 +206,10 @@ PLANTS = {1: "wait one group short", 2: "multiply the buffer being loaded", 3: "
 
 
 def planted_bugs(mod) -> int:
-    """Each planted bug must fail some case; returns how many went unnoticed."""
+    """Each planted bug must fail some case of each implicit GEMM; returns how many went unnoticed."""
     missed = 0
     for plant, what in PLANTS.items():
-        caught = 0
+        caught = {"forward": 0, "weight_grad": 0}
         mod.set_plant(plant)
         try:
             for case in PLANT_CASES:
@@ -212,13 +217,19 @@ def planted_bugs(mod) -> int:
                 x, w = torch.randn(case["input"]), torch.randn(case["weight"])
                 b = torch.randn(case["weight"][0]) if case["bias"] else None
                 y_ref, _, _ = oracle(case, x, w, b, None)
+                dy = torch.randn(y_ref.shape)
+                _, _, dw_ref = oracle(case, x, w, b, dy)
                 for config in ("large", "medium"):
                     y = mod.igemm_forward(x, w, b, *args, config, 3, 132)
-                    caught += not rel_error(y, y_ref) <= TOLERANCE[torch.float32]
+                    caught["forward"] += not rel_error(y, y_ref) <= TOLERANCE[torch.float32]
+                    dw = mod.igemm_weight_grad(dy, x, list(w.shape), *args, config, 3, 132)
+                    caught["weight_grad"] += not rel_error(dw, dw_ref) <= TOLERANCE[torch.float32]
         finally:
             mod.set_plant(0)
-        print(f"planted bug {plant} ({what}): caught in {caught} of {2 * len(PLANT_CASES)} runs")
-        missed += caught == 0
+        runs = 2 * len(PLANT_CASES)
+        print(f"planted bug {plant} ({what}): caught in {caught['forward']} of {runs} forward runs, "
+              f"{caught['weight_grad']} of {runs} weight-gradient runs")
+        missed += sum(c == 0 for c in caught.values())
     return missed
 
 
@@ -234,25 +245,33 @@ def host_choices(mod) -> int:
     bad = mod.check_fast_divmod([rng.randint(1, 2**31 - 1) for _ in range(200)],
                                 [rng.randint(0, 2**31 - 1) for _ in range(500)])
     wrong += bad
-    # (input, weight, stride, padding, expected on 132 SMs). A 7x7 map of 512 channels at batch 8
-    # makes 4 x 4 tiles: the wave model splits its 4608-long reduction 16 ways; 56x56 maps make
-    # 196 tiles, more than the SMs, and stay whole; conv1 at batch 1 (98 tiles) splits.
+    # (input, weight, stride, padding, pass, expected on 132 SMs). A 7x7 map of 512 channels at
+    # batch 8 makes 4 x 4 forward tiles: the wave model splits its 4608-long reduction 16 ways;
+    # 56x56 maps make 196 tiles, more than the SMs, and stay whole; conv1 at batch 1 (98 tiles)
+    # splits. The weight gradient of 64 -> 64 3x3 has 5 tiles and 25088 pixels to reduce: 16
+    # splits; 512 -> 512 3x3 has 144 tiles: none.
     expectations = [
-        ((8, 512, 7, 7), (512, 512, 3, 3), [1, 1], [1, 1], "large/", lambda n: n == 16),
-        ((8, 64, 56, 56), (64, 64, 3, 3), [1, 1], [1, 1], "medium/", lambda n: n == 1),
-        ((8, 256, 56, 56), (128, 256, 1, 1), [1, 1], [0, 0], "large/", lambda n: n == 1),
-        ((1, 3, 224, 224), (64, 3, 7, 7), [2, 2], [3, 3], "medium/", lambda n: 1 < n <= 49 // 8),
+        ((8, 512, 7, 7), (512, 512, 3, 3), [1, 1], [1, 1], "forward", "large/", lambda n: n == 16),
+        ((8, 64, 56, 56), (64, 64, 3, 3), [1, 1], [1, 1], "forward", "medium/", lambda n: n == 1),
+        ((8, 256, 56, 56), (128, 256, 1, 1), [1, 1], [0, 0], "forward", "large/", lambda n: n == 1),
+        ((1, 3, 224, 224), (64, 3, 7, 7), [2, 2], [3, 3], "forward", "medium/", lambda n: 1 < n <= 49 // 8),
+        ((8, 64, 56, 56), (64, 64, 3, 3), [1, 1], [1, 1], "weight_grad", "medium/", lambda n: n == 16),
+        ((8, 512, 7, 7), (512, 512, 3, 3), [1, 1], [1, 1], "weight_grad", "large/", lambda n: n == 1),
     ]
-    for x, w, stride, pad, prefix, ok in expectations:
-        choice = mod.forward_choice(list(x), list(w), stride, pad, [1, 1], 1, "float32", 132)
+    for x, w, stride, pad, pass_, prefix, ok in expectations:
+        choice = mod.igemm_choice(list(x), list(w), stride, pad, [1, 1], 1, "float32", pass_, 132)
         good = choice.startswith(prefix) and ok(int(choice.split("/")[1]))
-        print(f"host choice {x} {w}: {choice}{'' if good else '  WRONG'}")
+        print(f"host choice {pass_} {x} {w}: {choice}{'' if good else '  WRONG'}")
         wrong += not good
-    for dtype, want in (("float64", "wide"), ("bfloat16", "wide")):
-        choice = mod.forward_choice([8, 64, 56, 56], [64, 64, 3, 3], [1, 1], [1, 1], [1, 1], 1, dtype, 132)
-        wrong += choice != want
-    choice = mod.forward_choice([8, 32, 56, 56], [32, 1, 3, 3], [1, 1], [1, 1], [1, 1], 32, "float32", 132)
-    wrong += choice != "narrow"  # depthwise: one output channel per group
+    for dtype in ("float64", "bfloat16"):  # the implicit GEMMs are float32
+        for pass_ in ("forward", "weight_grad"):
+            wrong += mod.igemm_choice([8, 64, 56, 56], [64, 64, 3, 3], [1, 1], [1, 1], [1, 1], 1, dtype, pass_,
+                                      132) != "tiled"
+    # depthwise (one output channel per group); a weight gradient of 8 positions per channel
+    wrong += mod.igemm_choice([8, 32, 56, 56], [32, 1, 3, 3], [1, 1], [1, 1], [1, 1], 32, "float32", "forward",
+                              132) != "tiled"
+    wrong += mod.igemm_choice([8, 8, 56, 56], [64, 8, 1, 1], [1, 1], [0, 0], [1, 1], 1, "float32", "weight_grad",
+                              132) != "tiled"
     return wrong
 
 
