@@ -13,7 +13,9 @@ kernel and splits must follow the wave model.
     python csrc/testing/emulate_kernels.py [--cases 200] [--seed 0] [--asan]
 
 --asan builds the module with AddressSanitizer (run python with libasan preloaded, e.g.
-LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0), so any out-of-bounds
+LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
+ASAN_OPTIONS=detect_leaks=0; without libstdc++ preloaded too, ASan's interceptor fails on the first
+C++ exception), so any out-of-bounds
 access to a tensor or an emulated shared-memory tile aborts the run. Exits non-zero on a mismatch.
 F.conv2d is the oracle here only; the emulated ops never call it.
 """
