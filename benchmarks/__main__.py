@@ -48,6 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--autocast", default=None, choices=list(AUTOCAST_DTYPES),
                    help="with --suite models (inference, training): forward and loss under torch.autocast on both "
                         "sides, the weights float32")
+    p.add_argument("--tf32", action="store_true",
+                   help="--device cuda: float32 convolutions may use TF32 on both sides, as PyTorch's default lets "
+                        "cuDNN (torch.backends.cudnn.allow_tf32; also cuda.matmul.allow_tf32, which the im2col and 1x1 "
+                        "GEMMs follow); without it both compute in full float32")
     p.add_argument("--batch", type=int, default=None, help="images per layer (default 8; 2 with --quick)")
     p.add_argument("--algorithms", default=",".join(channelconv.ALGORITHMS),
                    help="comma-separated subset of channelconv.ALGORITHMS ('1x1' runs on 1x1 kernels only)")
@@ -113,6 +117,8 @@ def parse_args(argv=None):
     for mode in args.modes:
         if mode not in model_suite.MODES:
             p.error(f"--modes: unknown mode {mode!r}; expected some of {', '.join(model_suite.MODES)}")
+    if args.tf32 and args.device != "cuda":
+        p.error("--tf32: with --device cuda only (TF32 is a GPU tensor-core format)")
     if args.autocast and args.suites != ["models"]:
         p.error("--autocast: with --suite models only (a layer suite times one dtype, see --dtype)")
     if args.autocast and "per-sample" in args.modes:
@@ -131,7 +137,7 @@ def settings_from(args) -> Settings:
     s = Settings(device=args.device, dtype=DTYPES[args.dtype], batch=args.batch or (2 if args.quick else 8),
                  threads=args.threads, measured_auto=args.measured, torch_im2col=args.torch_im2col,
                  check_errors=not args.no_errors, memory_format=args.memory_format,
-                 autocast=AUTOCAST_DTYPES.get(args.autocast))
+                 autocast=AUTOCAST_DTYPES.get(args.autocast), tf32=args.tf32)
     if args.quick:
         s.rounds, s.min_rounds, s.block_s, s.slow_s = 3, 2, 0.004, 0.05
     if args.rounds:

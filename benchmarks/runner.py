@@ -59,6 +59,7 @@ class Settings:
     cpu_clock: bool = False  # time with the calling thread's CPU clock instead of the wall clock
     memory_format: str = "contiguous"  # a key of MEMORY_FORMATS: inputs, conv weights and grad_outputs
     autocast: torch.dtype | None = None  # the model suite only: forward and loss under torch.autocast
+    tf32: bool = False  # CUDA: float32 convolutions and GEMMs may use TF32 (on both sides)
 
 
 def in_memory_format(t, settings: Settings):
@@ -72,9 +73,9 @@ def _name(dtype) -> str | None:
 
 
 def tensor_label(settings: Settings) -> str:
-    """'float32, channels_last[, autocast bfloat16]': for the header line and the table titles."""
+    """'float32, channels_last[, autocast bfloat16][, TF32]': for the header line and the table titles."""
     autocast = f", autocast {_name(settings.autocast)}" if settings.autocast else ""
-    return f"{_name(settings.dtype)}, {settings.memory_format}{autocast}"
+    return f"{_name(settings.dtype)}, {settings.memory_format}{autocast}{', TF32' if settings.tf32 else ''}"
 
 
 def algorithms_for(layer: Layer, wanted) -> list[str]:
@@ -133,13 +134,14 @@ def environment(settings: Settings) -> dict:
 
 
 def configure(settings: Settings) -> None:
-    """Process-wide settings for a fair comparison: threads; on CUDA, full-precision fp32 on both sides."""
+    """Process-wide settings for a fair comparison: threads; on CUDA, full-precision float32 on both
+    sides, or TF32 allowed on both (--tf32)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     settings.threads = torch.get_num_threads()
     if settings.device == "cuda":
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = settings.tf32
+        torch.backends.cuda.matmul.allow_tf32 = settings.tf32
 
 
 def gemm_rate(settings: Settings, size: int = 2048, min_run_time: float = 1.0) -> float:

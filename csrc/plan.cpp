@@ -135,12 +135,6 @@ TaskRows task_rows(const BlockedProblem& p, int64_t threads) {
   return plan;
 }
 
-BlockedProblem forward_problem(const ConvShape& s) {
-  return {s.batch, s.groups, s.in_per_group(), s.in_h, s.in_w, s.out_per_group(), s.out_h, s.out_w,
-          s.kernel_h, s.kernel_w, s.stride[0], s.stride[1], s.dilation[0], s.dilation[1],
-          -s.padding[0], -s.padding[1]};
-}
-
 // A problem with at most 16 output channels per group runs narrow tiles (plan.h).
 BlockedProblem with_tile_width(BlockedProblem p) {
   p.block = p.out_per_group <= kNarrowBlockChannels ? kNarrowBlockChannels : kBlockedChannels;
@@ -159,32 +153,34 @@ BlockedRun correlation_run(const BlockedProblem& problem, const WeightTaps& taps
 
 // With stride > 1 the input gradient splits into stride_h x stride_w phases (hi % stride_h,
 // wi % stride_w). Within a phase only the taps r with (hi + pad - r*dil) % stride == 0 reach it,
-// and they form a dense stride-1 correlation of grad_output with that sub-kernel, flipped. With
-// dilation > 1 as well those taps are not unit-spaced in grad_output, and the scatter loop serves.
+// and they form a dense stride-1 correlation of grad_output with that sub-kernel, flipped. The CPU
+// engines take the phases where those taps read unit-spaced grad_output rows along any strided axis
+// (stride 1 or dilation 1); elsewhere the scatter loop serves. The CUDA implicit GEMM takes any.
 bool input_grad_phases_apply(const ConvShape& s) {
   return (s.stride[0] == 1 || s.dilation[0] == 1) && (s.stride[1] == 1 || s.dilation[1] == 1);
 }
 
+int64_t gcd(int64_t a, int64_t b) { return b == 0 ? a : gcd(b, a % b); }
+
+}  // namespace
+
+// Tap r reaches hi = phase + i*stride from ho = i + (phase + pad - r*dil) / stride when the division
+// is exact: the reaching taps are stride/gcd(stride, dil) apart in the kernel, and their reads
+// dil/gcd apart in grad_output. (Stride 1: every tap, reads dil apart; dilation 1: taps stride apart,
+// reads consecutive.)
 PhaseAxis phase_axis(int64_t phase, int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dil) {
   PhaseAxis a;
   a.out = phase < in ? ceil_div(in - phase, stride) : 0;
-  if (stride == 1) {  // one phase, every tap, any dilation: the classic flipped correlation
-    a.first_tap = kernel - 1;
-    a.taps = kernel;
-    a.dilation = dil;
-    a.offset = pad - dil * (kernel - 1);
-    return a;
-  }
-  // Dilation is 1 here: tap r reaches hi = phase + i*stride from ho = i + (phase + pad - r) / stride
-  // when the division is exact, so the reaching taps are stride apart and read consecutive ho.
   for (int64_t r = kernel - 1; r >= 0; --r) {
-    if ((phase + pad - r) % stride == 0) {
+    if ((phase + pad - r * dil) % stride == 0) {
       if (a.first_tap < 0) a.first_tap = r;
       ++a.taps;
     }
   }
-  a.tap_step = stride;
-  a.offset = a.first_tap < 0 ? 0 : (phase + pad - a.first_tap) / stride;
+  const int64_t common = gcd(stride, dil);
+  a.tap_step = stride / common;
+  a.dilation = dil / common;
+  a.offset = a.first_tap < 0 ? 0 : (phase + pad - a.first_tap * dil) / stride;
   return a;
 }
 
@@ -202,16 +198,34 @@ std::vector<Phase> input_grad_phases(const ConvShape& s) {
   return phases;
 }
 
-// Each phase of the input gradient as a blocked correlation of grad_output (the problem's input,
-// K/G channels) with the flipped, transposed sub-kernel, into that phase's positions of dx.
-BlockedRun input_grad_run(const ConvShape& s, const Phase& ph, at::ScalarType dtype, int64_t threads) {
+bool input_grad_phases_cover(const ConvShape& s, const std::vector<Phase>& phases) {
+  return int64_t(phases.size()) == std::min(s.stride[0], s.in_h) * std::min(s.stride[1], s.in_w);
+}
+
+BlockedProblem forward_problem(const ConvShape& s) {
+  return {s.batch, s.groups, s.in_per_group(), s.in_h, s.in_w, s.out_per_group(), s.out_h, s.out_w,
+          s.kernel_h, s.kernel_w, s.stride[0], s.stride[1], s.dilation[0], s.dilation[1],
+          -s.padding[0], -s.padding[1]};
+}
+
+// A phase of the input gradient: grad_output (K/G channels a group) correlated with the flipped,
+// transposed sub-kernel of the taps that reach the phase, into the phase's positions of dx.
+BlockedProblem input_grad_problem(const ConvShape& s, const Phase& ph) {
   const PhaseAxis &a = ph.a, &b = ph.b;
   BlockedProblem p{s.batch, s.groups, s.out_per_group(), s.out_h, s.out_w, s.in_per_group(), a.out, b.out,
                    a.taps, b.taps, 1, 1, a.dilation, b.dilation, a.offset, b.offset};
   p.out_origin_h = ph.h, p.out_origin_w = ph.w, p.out_step_h = s.stride[0], p.out_step_w = s.stride[1];
   p.out_plane_h = s.in_h, p.out_plane_w = s.in_w;
-  const WeightTaps flipped{s.kernel_h, s.kernel_w, true, a.first_tap, -a.tap_step, b.first_tap, -b.tap_step};
-  return correlation_run(p, flipped, dtype, threads);
+  return p;
+}
+WeightTaps input_grad_taps(const ConvShape& s, const Phase& ph) {
+  return WeightTaps{s.kernel_h, s.kernel_w, true, ph.a.first_tap, -ph.a.tap_step, ph.b.first_tap, -ph.b.tap_step};
+}
+
+namespace {
+
+BlockedRun input_grad_run(const ConvShape& s, const Phase& ph, at::ScalarType dtype, int64_t threads) {
+  return correlation_run(input_grad_problem(s, ph), input_grad_taps(s, ph), dtype, threads);
 }
 
 // The weight gradient's chunks and work units. The chunking depends on the shape only, not on the

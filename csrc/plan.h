@@ -218,6 +218,17 @@ struct Phase {
   PhaseAxis a, b;
 };
 
+// The phases that hold input positions and taps (for any stride and dilation), and whether they
+// are all the phases holding input positions (otherwise dx is zero at the others' positions).
+std::vector<Phase> input_grad_phases(const ConvShape& s);
+bool input_grad_phases_cover(const ConvShape& s, const std::vector<Phase>& phases);
+
+// The forward pass, and one phase of the input gradient, as correlations: what the CPU's blocked
+// engines and the CUDA implicit GEMM (cuda/implicit_gemm.h) both run.
+BlockedProblem forward_problem(const ConvShape& s);
+BlockedProblem input_grad_problem(const ConvShape& s, const Phase& phase);
+WeightTaps input_grad_taps(const ConvShape& s, const Phase& phase);
+
 enum class DirectPass { Forward, InputGrad, WeightGrad };
 
 enum class DirectKernel {

@@ -11,10 +11,11 @@ From what ptxas recorded in the binary (cuobjdump -res-usage; the CI build also 
   * each kernel in REGISTER_CEILING stays under its register count (more would cost occupancy:
     the implicit GEMM's 256-thread block must fit twice in an SM's 64K registers).
 From the SASS (cuobjdump -sass), for each kernel in MAIN_LOOP, on every sm_80+ architecture:
-  * its main loop (the backward branch whose body holds the most FFMA) is mostly FFMA
-    (at least MIN_FFMA_FRACTION of its instructions), reads shared memory mostly with 128-bit
-    loads (LDS.128), and copies global to shared asynchronously (LDGSTS) with one wait (DEPBAR)
-    and one barrier per stage.
+  * its main loop (the backward branch whose body holds the most FFMA, or HMMA for the TF32
+    tensor-core kernels) copies global to shared asynchronously (LDGSTS) with one wait (DEPBAR)
+    and one barrier per stage; the float32 kernels' is mostly FFMA (at least MIN_FFMA_FRACTION of
+    its instructions) and reads shared memory mostly with 128-bit loads (LDS.128); the TF32
+    kernels' holds its 16 mma.sync (HMMA) per stage and no FFMA.
 Prints a table and exits non-zero when a check fails. cuobjdump comes from $CUDA_HOME/bin, PATH,
 or the copy the CUDA build of torch ships (triton's).
 """
@@ -30,19 +31,31 @@ import shutil
 import subprocess
 import sys
 
+HEADER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cuda", "implicit_gemm.h")
+
 # Kernel name fragment -> the most registers ptxas may use. The implicit GEMM's depends on its
-# block (igemm_register_ceiling in csrc/cuda/implicit_gemm.h, the same numbers): two 256-thread
-# blocks or three 128-thread blocks per SM.
+# block: igemm_register_ceiling in csrc/cuda/implicit_gemm.h, read from there (two 256-thread
+# blocks or three 128-thread blocks per SM).
 REGISTER_CEILING = {
     "igemm_kernel": None,          # by block size, igemm_ceiling()
     "splitk_reduce_kernel": 64,
 }
 
 
+def igemm_ceiling_rule() -> tuple[int, int, int]:
+    """(threads, ceiling at or above that many threads, ceiling below) from igemm_register_ceiling."""
+    with open(HEADER) as f:
+        m = re.search(r"igemm_register_ceiling\(\) \{ return Cfg::kThreads >= (\d+) \? (\d+) : (\d+); \}", f.read())
+    if not m:
+        raise SystemExit(f"igemm_register_ceiling not found in {HEADER} (its form changed: update this script)")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
 def igemm_ceiling(name: str) -> int:
     m = re.search(r"IgemmConfigILi(\d+)ELi(\d+)", name)
     threads = (int(m.group(1)) // 8) * (int(m.group(2)) // 8)
-    return 128 if threads >= 256 else 168
+    at_least, large, small = igemm_ceiling_rule()
+    return large if threads >= at_least else small
 
 
 # Spills accepted, at most this many bytes, in kernels whose mangled name matches (and why).
@@ -60,6 +73,7 @@ KNOWN_SPILLS = [
 INT64_INDEX = re.compile(r"lEEvP")
 MAIN_LOOP = ("igemm_kernel",)
 MIN_FFMA_FRACTION = 0.6
+TF32_MMA_PER_STAGE = 16
 
 
 def find_cuobjdump() -> str:
@@ -114,8 +128,8 @@ def sass_functions(sass: str):
     return out
 
 
-def main_loop(ins):
-    """The instructions of the backward branch whose body holds the most FFMA."""
+def main_loop(ins, math: str):
+    """The instructions of the backward branch whose body holds the most `math` (FFMA, HMMA)."""
     best = []
     for addr, op, args in ins:
         if not op.startswith("BRA"):
@@ -124,7 +138,7 @@ def main_loop(ins):
         if not t or int(t.group(1), 16) >= addr:
             continue
         body = [o for a, o, _ in ins if int(t.group(1), 16) <= a <= addr]
-        if sum(o.startswith("FFMA") for o in body) > sum(o.startswith("FFMA") for o in best):
+        if sum(o.startswith(math) for o in body) > sum(o.startswith(math) for o in best):
             best = body
     return best
 
@@ -166,15 +180,17 @@ def main() -> int:
     sass = dump("-sass")
     checked = 0
     print(f"\n{'main loop':40} {'arch':6} {'instr':>5} {'FFMA':>5} {'frac':>5} {'LDS.128':>7} {'LDS':>4} "
-          f"{'LDGSTS':>6} {'DEPBAR':>6} {'BAR':>4}")
+          f"{'LDGSTS':>6} {'DEPBAR':>6} {'BAR':>4} {'HMMA':>5}")
     for arch, name, ins in sass_functions(sass):
         frag = demangled_fragment(name, MAIN_LOOP)
         if not frag or arch is None or int(arch[3:]) < 80:
             continue
         checked += 1
-        body = main_loop(ins)
+        tensor_cores = "Tf32Math" in name
+        body = main_loop(ins, "HMMA" if tensor_cores else "FFMA")
         count = collections.Counter(body)
         ffma = sum(v for k, v in count.items() if k.startswith("FFMA"))
+        hmma = sum(v for k, v in count.items() if k.startswith("HMMA"))
         lds128 = count["LDS.128"]
         lds_narrow = sum(v for k, v in count.items() if k.startswith("LDS") and k != "LDS.128")
         ldgsts = sum(v for k, v in count.items() if k.startswith("LDGSTS"))
@@ -182,15 +198,21 @@ def main() -> int:
         bars = sum(v for k, v in count.items() if k.startswith("BAR.SYNC"))
         frac = ffma / len(body) if body else 0.0
         config = re.search(r"IgemmConfigILi(\d+)ELi(\d+)", name)
-        problem = "wgrad" if "WeightGradProblem" in name else "fwd"
-        label = f"{frag}<{problem} {config.group(1)}x{config.group(2)}>" if config else frag
+        problem = "wgrad" if "WeightGradProblem" in name else "corr"  # forward, input gradient
+        label = f"{frag}<{problem}{' tf32' if tensor_cores else ''} {config.group(1)}x{config.group(2)}>" if config else frag
         print(f"{label:40} {arch:6} {len(body):5} {ffma:5} {frac:5.2f} {lds128:7} {lds_narrow:4} {ldgsts:6} "
-              f"{depbar:6} {bars:4}")
+              f"{depbar:6} {bars:4} {hmma:5}")
         where = f"{label} ({arch})"
-        if frac < MIN_FFMA_FRACTION:
-            failures.append(f"{where}: main loop {frac:.2f} FFMA, want >= {MIN_FFMA_FRACTION}")
-        if lds128 == 0 or lds_narrow > lds128 // 4:
-            failures.append(f"{where}: main loop reads shared memory with {lds128} LDS.128 and {lds_narrow} narrower")
+        if tensor_cores:
+            # mma.sync m16n8k8: a thread's 64 accumulators are 16 tiles of 4, one HMMA each per
+            # k-step of 8; fragments come by 32-bit shared loads (the PTX layout), no FFMA.
+            if hmma < TF32_MMA_PER_STAGE or ffma:
+                failures.append(f"{where}: main loop has {hmma} HMMA (want >= {TF32_MMA_PER_STAGE}) and {ffma} FFMA")
+        else:
+            if frac < MIN_FFMA_FRACTION:
+                failures.append(f"{where}: main loop {frac:.2f} FFMA, want >= {MIN_FFMA_FRACTION}")
+            if lds128 == 0 or lds_narrow > lds128 // 4:
+                failures.append(f"{where}: main loop reads shared memory with {lds128} LDS.128 and {lds_narrow} narrower")
         if ldgsts == 0 or depbar != 1 or bars != 1:
             failures.append(f"{where}: {ldgsts} LDGSTS, {depbar} DEPBAR, {bars} BAR.SYNC in the main loop")
     if checked == 0:

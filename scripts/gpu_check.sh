@@ -15,6 +15,8 @@
 #      channelconv/calibration.json to ship it); CALIBRATE=0 skips it
 #   5. the benchmark suite on CUDA, `python -m benchmarks --device cuda --json ...` (more options
 #      in $BENCH_ARGS, e.g. BENCH_ARGS='--pass both')
+#   6. scripts/profile_passes.py (per pass: kernels, launches, device time against cuDNN's), TF32 off
+#      and on, and the suite again with --tf32 (TF32 allowed on both sides, PyTorch's cuDNN default)
 #
 # Each step has a time limit, so one that hangs still leaves the others their turn (seconds:
 # TEST_TIMEOUT, default 3600; SANITIZE_TIMEOUT per tool, default 1800; CALIBRATE_TIMEOUT, default 300;
@@ -162,6 +164,16 @@ fi
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
 step bench "$OUT/bench.log" timeout "${BENCH_TIMEOUT:-300}" "$PY" -m benchmarks --device cuda \
   --json "$OUT/bench-cuda.json" ${BENCH_ARGS:-}
+
+# 6. Where each pass's GPU time goes (kernels, launches, device time against cuDNN's), float32
+# with TF32 off and on; then the suite with TF32 allowed on both sides (PyTorch's default for cuDNN).
+step profile "$OUT/profile.log" timeout "${BENCH_TIMEOUT:-300}" "$PY" scripts/profile_passes.py \
+  --json "$OUT/profile-passes.json"
+step profile-tf32 "$OUT/profile-tf32.log" timeout "${BENCH_TIMEOUT:-300}" "$PY" scripts/profile_passes.py --tf32 \
+  --json "$OUT/profile-passes-tf32.json"
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+step bench-tf32 "$OUT/bench-tf32.log" timeout "${BENCH_TIMEOUT:-300}" "$PY" -m benchmarks --device cuda --tf32 \
+  --json "$OUT/bench-cuda-tf32.json" ${BENCH_ARGS:-}
 
 echo "== summary ($OUT/summary.txt)"
 cat "$SUMMARY"

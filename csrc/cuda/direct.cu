@@ -1,9 +1,11 @@
 // Direct convolution on CUDA: no column buffer, no atomics.
 //
-//   float32 forward and weight gradient: implicit GEMMs (implicit_gemm.h), the batch folded
-//                    into the GEMM, a 4-stage cp.async pipeline, 8 x 8 register tiles, and split-K
-//                    with a fixed-order reduction when the tiles alone do not fill the GPU.
-//   Otherwise (other dtypes, 64-bit indices, fewer than 32 output channels per group):
+//   float32 forward, input gradient and weight gradient: implicit GEMMs (implicit_gemm.h), the
+//                    batch folded into the GEMM, a 4-stage cp.async pipeline, 8 x 8 register
+//                    tiles, and split-K with a fixed-order reduction when the tiles alone do not
+//                    fill the GPU. The input gradient runs one correlation per stride phase (dy
+//                    with the phase's taps of the flipped, transposed weight), like the CPU's.
+//   Otherwise (other dtypes, 64-bit indices, fewer than 32 GEMM rows per group):
 //   forward          a tiled kernel: a block computes BK output channels x BP output pixels
 //                    of one (image, group), staging weight and input tiles in shared memory; each
 //                    thread accumulates a TM x TN register tile in at::opmath_type<scalar_t>.
@@ -14,6 +16,7 @@
 //
 // The per-thread work is in kernel_bodies.h (shared with the CPU emulation in csrc/testing/emulate_kernels.cpp).
 // Same op signatures, checks and result layout as csrc/cpu/direct.cpp.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -25,7 +28,6 @@
 
 #include "../conv_params.h"
 #include "implicit_gemm.h"
-#include "kernel_bodies.h"
 
 namespace channelconv {
 namespace gpu {
@@ -58,7 +60,7 @@ struct AsyncCopy {
 
 // One block per (tile, split): blockIdx.x the tile, blockIdx.y the split. The loop follows
 // pipeline_step; csrc/testing/emulate_kernels.cpp runs the same order.
-template <typename Problem>
+template <typename Problem, typename Math>
 __global__ void __launch_bounds__(Problem::Cfg::kThreads) igemm_kernel(IgemmOperands o, IgemmParams p) {
   using Cfg = typename Problem::Cfg;
   __shared__ __align__(16) float smem[Cfg::kSharedFloats];
@@ -71,7 +73,7 @@ __global__ void __launch_bounds__(Problem::Cfg::kThreads) igemm_kernel(IgemmOper
     if (s < t.kt_count) Problem::load_stage(copier, tid, p, t, th, o, t.kt_begin + s, smem + s * Cfg::kStageFloats);
     copier.commit();
   }
-  float acc[8][8] = {};
+  float acc[kAccumulators] = {};
   for (int step = 0; step < t.kt_count; ++step) {
     copier.wait<pipeline_wait_groups<Cfg>()>();
     __syncthreads();  // this step's buffer has landed for every thread; the last step's is free
@@ -80,9 +82,9 @@ __global__ void __launch_bounds__(Problem::Cfg::kThreads) igemm_kernel(IgemmOper
       Problem::load_stage(copier, tid, p, t, th, o, t.kt_begin + ps.load_ktile, smem + ps.load_buffer * Cfg::kStageFloats);
     }
     copier.commit();
-    igemm_multiply_stage<Cfg>(tid, smem + ps.read_buffer * Cfg::kStageFloats, acc);
+    Math::template multiply_stage<Cfg>(tid, smem + ps.read_buffer * Cfg::kStageFloats, acc);
   }
-  igemm_store<Problem>(tid, p, t, acc, o);
+  igemm_store<Problem, Math>(tid, p, t, acc, o);
 }
 
 template <typename Problem>
@@ -101,33 +103,63 @@ int multiprocessors(const at::Tensor& t) {
 // Blocks of the kernel one SM holds, asked of the runtime once per process (the answer depends
 // on the kernel's registers and shared memory and on the architecture, the same for every GPU of
 // one build in practice).
-template <typename Problem>
+template <typename Problem, typename Math>
 int igemm_blocks_per_sm() {
   static const int blocks = [] {
     int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, igemm_kernel<Problem>, Problem::Cfg::kThreads, 0));
+    C10_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, igemm_kernel<Problem, Math>, Problem::Cfg::kThreads, 0));
     return std::max(n, 1);
   }();
   return blocks;
 }
 
-// out = the GEMM of operands a and b (see IgemmOperands), split as the wave model says.
-template <typename Problem>
+// out = the GEMM of operands a and b (see IgemmOperands) for each correlation of the pass, split as
+// the wave model says.
+template <typename Problem, typename Math>
 void launch_igemm(const at::Tensor& a, const at::Tensor& b, const float* bias, const at::Tensor& out,
-                  const ConvShape& s) {
-  const IgemmParams p = make_igemm_params<Problem>(s, multiprocessors(a), igemm_blocks_per_sm<Problem>(), 0);
+                  const ConvShape& s, DirectPass pass) {
+  const IgemmPass launches = igemm_pass(s, pass);
+  if (launches.zero_first) out.zero_();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor partial;
-  if (p.splits > 1) partial = at::empty({p.splits, p.K, p.cols}, a.options().dtype(at::kFloat));
-  const IgemmOperands o{a.const_data_ptr<float>(), b.const_data_ptr<float>(), bias, out.mutable_data_ptr<float>(),
-                        p.splits > 1 ? partial.mutable_data_ptr<float>() : nullptr};
-  const dim3 grid(static_cast<unsigned int>(igemm_tiles<typename Problem::Cfg>(p)), static_cast<unsigned int>(p.splits));
-  igemm_kernel<Problem><<<grid, Problem::Cfg::kThreads, 0, stream>>>(o, p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (p.splits > 1) {
-    const int64_t total = Problem::output_elements(p);
-    splitk_reduce_kernel<Problem><<<grid_size(total), kThreads, 0, stream>>>(o, p, total);
+  for (const auto& [correlation, taps] : launches.correlations) {
+    const IgemmParams p =
+        make_igemm_params<Problem>(correlation, taps, multiprocessors(a), igemm_blocks_per_sm<Problem, Math>(), 0);
+    at::Tensor partial;
+    if (p.splits > 1) partial = at::empty({p.splits, Problem::output_elements(p)}, a.options().dtype(at::kFloat));
+    const IgemmOperands o{a.const_data_ptr<float>(), b.const_data_ptr<float>(), bias, out.mutable_data_ptr<float>(),
+                          p.splits > 1 ? partial.mutable_data_ptr<float>() : nullptr};
+    const dim3 grid(static_cast<unsigned int>(igemm_tiles<typename Problem::Cfg>(p)), static_cast<unsigned int>(p.splits));
+    igemm_kernel<Problem, Math><<<grid, Problem::Cfg::kThreads, 0, stream>>>(o, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (p.splits > 1) {
+      const int64_t total = Problem::output_elements(p);
+      splitk_reduce_kernel<Problem><<<grid_size(total), kThreads, 0, stream>>>(o, p, total);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+}
+
+// Whether float32 convolutions on this tensor's GPU run on TF32 tensor cores: where cuDNN's would
+// (torch.backends.cudnn.allow_tf32, on by default; F.conv2d reads the same flag), on sm_80+.
+bool use_tf32(const at::Tensor& t) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device()));
+  return major >= 8 && at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
+}
+
+// The pass on the implicit GEMM of `choice`'s tile, with TF32 tensor cores where use_tf32 says
+// (their B tiles padded for conflict-free fragment loads), otherwise float32 FFMA.
+template <template <typename> class Problem, int SimtBPad>
+void launch_igemm_tile(IgemmChoice choice, const at::Tensor& a, const at::Tensor& b, const float* bias,
+                       const at::Tensor& out, const ConvShape& s, DirectPass pass) {
+  const bool large = choice == IgemmChoice::Large;
+  if (use_tf32(a)) {
+    if (large) launch_igemm<Problem<IgemmLarge<4>>, Tf32Math>(a, b, bias, out, s, pass);
+    else launch_igemm<Problem<IgemmMedium<4>>, Tf32Math>(a, b, bias, out, s, pass);
+  } else {
+    if (large) launch_igemm<Problem<IgemmLarge<SimtBPad>>, SimtMath>(a, b, bias, out, s, pass);
+    else launch_igemm<Problem<IgemmMedium<SimtBPad>>, SimtMath>(a, b, bias, out, s, pass);
   }
 }
 
@@ -230,14 +262,10 @@ at::Tensor direct_forward(const at::Tensor& input, const at::Tensor& weight, con
   at::Tensor y = at::empty(s.output_sizes(), input.options());
   if (y.numel() > 0) {
     const bool int32 = indices_fit_int32(s, {x.numel(), w.numel(), y.numel()});
-    const IgemmChoice igemm = choose_igemm(s, int32, input.scalar_type() == at::kFloat, false);
+    const IgemmChoice igemm = choose_igemm(s, int32, input.scalar_type() == at::kFloat, DirectPass::Forward);
     if (igemm != IgemmChoice::None) {  // float32
-      const float* bias_ptr = has_bias ? b.const_data_ptr<float>() : nullptr;
-      if (igemm == IgemmChoice::Large) {
-        launch_igemm<ForwardProblem<IgemmLarge<0>>>(w, x, bias_ptr, y, s);
-      } else {
-        launch_igemm<ForwardProblem<IgemmMedium<0>>>(w, x, bias_ptr, y, s);
-      }
+      launch_igemm_tile<CorrelationProblem, 0>(igemm, w, x, has_bias ? b.const_data_ptr<float>() : nullptr, y, s,
+                                               DirectPass::Forward);
       return y.contiguous(result_format(input, weight));
     }
     const bool wide = use_wide_tile(s);
@@ -266,6 +294,11 @@ at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor
   at::Tensor dx = at::empty(s.input_sizes(), grad_output.options());
   if (dx.numel() > 0) {
     const bool int32 = indices_fit_int32(s, {dy.numel(), w.numel(), dx.numel()});
+    const IgemmChoice igemm = choose_igemm(s, int32, grad_output.scalar_type() == at::kFloat, DirectPass::InputGrad);
+    if (igemm != IgemmChoice::None) {  // float32
+      launch_igemm_tile<CorrelationProblem, 0>(igemm, w, dy, nullptr, dx, s, DirectPass::InputGrad);
+      return dx.contiguous(result_format(grad_output, weight));
+    }
     CHANNELCONV_DISPATCH(grad_output.scalar_type(), "channelconv::direct_backward_input_cuda", [&] {
       if (int32) {
         launch_backward_input<scalar_t, int32_t>(dy, w, dx, s);
@@ -286,13 +319,9 @@ at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tenso
   at::Tensor dw = at::empty(s.weight_sizes(), input.options());
   if (dw.numel() > 0) {
     const bool int32 = indices_fit_int32(s, {dy.numel(), x.numel(), dw.numel()});
-    const IgemmChoice igemm = choose_igemm(s, int32, input.scalar_type() == at::kFloat, true);
+    const IgemmChoice igemm = choose_igemm(s, int32, input.scalar_type() == at::kFloat, DirectPass::WeightGrad);
     if (igemm != IgemmChoice::None) {  // float32
-      if (igemm == IgemmChoice::Large) {
-        launch_igemm<WeightGradProblem<IgemmLarge<4>>>(dy, x, nullptr, dw, s);
-      } else {
-        launch_igemm<WeightGradProblem<IgemmMedium<4>>>(dy, x, nullptr, dw, s);
-      }
+      launch_igemm_tile<WeightGradProblem, 4>(igemm, dy, x, nullptr, dw, s, DirectPass::WeightGrad);
       return dw.contiguous(result_format(input, grad_output));
     }
     CHANNELCONV_DISPATCH(input.scalar_type(), "channelconv::direct_backward_weight_cuda", [&] {

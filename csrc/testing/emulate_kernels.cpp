@@ -12,8 +12,10 @@
 
 #include <ATen/Dispatch.h>
 
+#include <cstring>
 #include <deque>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../lowered.h"
@@ -111,7 +113,7 @@ at::Tensor direct_forward(const at::Tensor& input, const at::Tensor& weight, con
   return y.tensor.clone();
 }
 
-// ---- direct forward, implicit GEMM: cp.async modelled, the pipeline in pipeline_step's order ----
+// ---- implicit GEMMs: cp.async modelled, the pipeline in pipeline_step's order ----
 
 // cp.async as the emulator sees it: a copy issued now lands only when a wait retires its commit
 // group; until then its destination holds NaN, so a multiply that reads a buffer before its
@@ -147,9 +149,74 @@ struct EmulatedCopy {
 //   2 multiplies the buffer being loaded instead of the one that landed
 //   3 leaves the last split out of the split-K reduction
 //   4 skips the zero-fill (a masked copy leaves the buffer as it was)
+//   5 (TF32) loads the A fragment's a1 and a2 swapped (a layout that disagrees with the PTX table)
 int g_plant = 0;
 
-template <typename Problem>
+// mma.sync.m16n8k8 .tf32 as the PTX ISA's fragment table says (implicit_gemm.h, Tf32Math): the
+// warp's 32 lanes' fragments assembled into A (16 x 8), B (8 x 8) and C (16 x 8), D = A B + C in
+// float32, and D handed back to the lanes in C's layout.
+template <typename Cfg>
+void emulated_mma_tf32(const std::vector<Tf32Math::Fragments<Cfg>>& lanes, std::vector<float*>& acc, int mf,
+                       int nf) {
+  float A[16][8], B[8][8], C[16][8];
+  auto value = [](uint32_t bits) {
+    float x;
+    std::memcpy(&x, &bits, 4);
+    return x;
+  };
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    const uint32_t* a = lanes[lane].a[mf];
+    const bool swapped = g_plant == 5;
+    A[g][t] = value(a[0]);
+    A[g + 8][t] = value(a[swapped ? 2 : 1]);
+    A[g][t + 4] = value(a[swapped ? 1 : 2]);
+    A[g + 8][t + 4] = value(a[3]);
+    B[t][g] = value(lanes[lane].b[nf][0]);
+    B[t + 4][g] = value(lanes[lane].b[nf][1]);
+    const float* c = acc[lane] + (mf * Tf32Math::Shape<Cfg>::NF + nf) * 4;
+    C[g][2 * t] = c[0];
+    C[g][2 * t + 1] = c[1];
+    C[g + 8][2 * t] = c[2];
+    C[g + 8][2 * t + 1] = c[3];
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    float* d = acc[lane] + (mf * Tf32Math::Shape<Cfg>::NF + nf) * 4;
+    const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    for (int i = 0; i < 4; ++i) {
+      float sum = C[rows[i]][cols[i]];
+      for (int k = 0; k < 8; ++k) sum += A[rows[i]][k] * B[k][cols[i]];
+      d[i] = sum;
+    }
+  }
+}
+
+// One stage's multiply for every thread of the block: SimtMath thread by thread; Tf32Math warp by
+// warp, each lane loading its fragments with the kernel's code, then the mma stand-in.
+template <typename Cfg, typename Math, typename Regs>
+void emulate_multiply_stage(const float* stage, std::vector<Regs>& regs) {
+  if constexpr (std::is_same_v<Math, SimtMath>) {
+    for (int tid = 0; tid < Cfg::kThreads; ++tid) SimtMath::multiply_stage<Cfg>(tid, stage, regs[tid].acc);
+  } else {
+    using S = Tf32Math::Shape<Cfg>;
+    std::vector<Tf32Math::Fragments<Cfg>> lanes(32);
+    std::vector<float*> acc(32);
+    for (int warp = 0; warp < S::kWarps; ++warp) {
+      for (int k = 0; k < Cfg::BK; k += 8) {
+        for (int lane = 0; lane < 32; ++lane) {
+          Tf32Math::load_fragments<Cfg>(warp * 32 + lane, stage, k, lanes[lane]);
+          acc[lane] = regs[warp * 32 + lane].acc;
+        }
+        for (int mf = 0; mf < S::MF; ++mf) {
+          for (int nf = 0; nf < S::NF; ++nf) emulated_mma_tf32<Cfg>(lanes, acc, mf, nf);
+        }
+      }
+    }
+  }
+}
+
+template <typename Problem, typename Math>
 void emulate_igemm_block(const IgemmParams& p, int32_t tile, int32_t split, const IgemmOperands& o) {
   using Cfg = typename Problem::Cfg;
   std::vector<float> smem(Cfg::kSharedFloats, std::numeric_limits<float>::quiet_NaN());
@@ -157,7 +224,7 @@ void emulate_igemm_block(const IgemmParams& p, int32_t tile, int32_t split, cons
   std::vector<typename Problem::Thread> threads(Cfg::kThreads);
   for (int tid = 0; tid < Cfg::kThreads; ++tid) threads[tid] = Problem::thread_state(p, t, tid);
   struct Regs {
-    float acc[8][8] = {};
+    float acc[kAccumulators] = {};
   };
   std::vector<Regs> regs(Cfg::kThreads);
   EmulatedCopy copier;
@@ -191,33 +258,35 @@ void emulate_igemm_block(const IgemmParams& p, int32_t tile, int32_t split, cons
     }
     copier.commit();
     const int read = g_plant == 2 ? ps.load_buffer : ps.read_buffer;
-    for (int tid = 0; tid < Cfg::kThreads; ++tid) {
-      igemm_multiply_stage<Cfg>(tid, smem.data() + read * Cfg::kStageFloats, regs[tid].acc);
-    }
+    emulate_multiply_stage<Cfg, Math>(smem.data() + read * Cfg::kStageFloats, regs);
   }
-  for (int tid = 0; tid < Cfg::kThreads; ++tid) igemm_store<Problem>(tid, p, t, regs[tid].acc, o);
+  for (int tid = 0; tid < Cfg::kThreads; ++tid) igemm_store<Problem, Math>(tid, p, t, regs[tid].acc, o);
 }
 
-// One launch of the implicit GEMM and, with splits, its reduce. splits: 0 for the wave model's
-// choice on `sms` multiprocessors.
-template <typename Problem>
-void emulate_igemm(const ConvShape& s, const float* a, const float* b, const float* bias, float* out,
-                   int64_t splits, int64_t sms) {
+// A pass of the implicit GEMM, as launch_igemm in direct.cu runs it: each correlation's launch and,
+// with splits, its reduce. splits: 0 for the wave model's choice on `sms` multiprocessors.
+template <typename Problem, typename Math>
+void emulate_igemm(const ConvShape& s, DirectPass pass, const float* a, const float* b, const float* bias,
+                   const at::Tensor& out, int64_t splits, int64_t sms) {
   using Cfg = typename Problem::Cfg;
-  const IgemmParams p =
-      make_igemm_params<Problem>(s, int32_t(sms), igemm_blocks_per_sm_at_ceiling<Cfg>(), int32_t(splits));
-  std::vector<float> partial;
-  if (p.splits > 1) partial.assign(size_t(p.splits) * p.K * p.cols, std::numeric_limits<float>::quiet_NaN());
-  const IgemmOperands o{a, b, bias, out, partial.data()};
-  const int32_t launched = p.splits - (g_plant == 3 && p.splits > 1 ? 1 : 0);
-  for (int32_t split = 0; split < launched; ++split) {
-    for (int32_t tile = 0; tile < int32_t(igemm_tiles<Cfg>(p)); ++tile) emulate_igemm_block<Problem>(p, tile, split, o);
-  }
-  if (p.splits > 1) {
-    if (g_plant == 3) {  // the left-out split's partials stay 0 instead of NaN, so only the sum is wrong
-      std::fill(partial.begin() + int64_t(launched) * p.K * p.cols, partial.end(), 0.f);
+  const IgemmPass launches = igemm_pass(s, pass);
+  if (launches.zero_first) out.zero_();
+  for (const auto& [correlation, taps] : launches.correlations) {
+    const IgemmParams p = make_igemm_params<Problem>(correlation, taps, int32_t(sms),
+                                                     igemm_blocks_per_sm_at_ceiling<Cfg>(), int32_t(splits));
+    std::vector<float> partial;
+    if (p.splits > 1) partial.assign(size_t(p.splits * Problem::output_elements(p)), std::numeric_limits<float>::quiet_NaN());
+    const IgemmOperands o{a, b, bias, out.mutable_data_ptr<float>(), partial.data()};
+    const int32_t launched = p.splits - (g_plant == 3 && p.splits > 1 ? 1 : 0);
+    for (int32_t split = 0; split < launched; ++split) {
+      for (int32_t tile = 0; tile < int32_t(igemm_tiles<Cfg>(p)); ++tile) emulate_igemm_block<Problem, Math>(p, tile, split, o);
     }
-    for (int64_t e = 0; e < Problem::output_elements(p); ++e) Problem::reduce_element(p, o, e);
+    if (p.splits > 1) {
+      if (g_plant == 3) {  // the left-out split's partials stay 0 instead of NaN, so only the sum is wrong
+        std::fill(partial.begin() + launched * Problem::output_elements(p), partial.end(), 0.f);
+      }
+      for (int64_t e = 0; e < Problem::output_elements(p); ++e) Problem::reduce_element(p, o, e);
+    }
   }
 }
 
@@ -226,79 +295,98 @@ IgemmChoice igemm_config(const std::string& config) {
   return config == "large" ? IgemmChoice::Large : IgemmChoice::Medium;
 }
 
+// The pass on the implicit GEMM of `config`'s tile, as launch_igemm_tile in direct.cu ("large" or
+// "medium", then "/tf32" for the tensor-core multiply).
+template <template <typename> class Problem, int SimtBPad>
+void emulate_igemm_tile(const std::string& config, const ConvShape& s, DirectPass pass, const at::Tensor& a,
+                        const at::Tensor& b, const float* bias, const at::Tensor& out, int64_t splits, int64_t sms) {
+  TORCH_CHECK(a.scalar_type() == at::kFloat, "emulate: the implicit GEMM is float32");
+  TORCH_CHECK(indices_fit_int32(s, {a.numel(), b.numel(), out.numel()}), "emulate: the implicit GEMM needs int32 indices");
+  if (out.numel() == 0) return;
+  const bool tf32 = config.size() > 5 && config.substr(config.size() - 5) == "/tf32";
+  const bool large = igemm_config(tf32 ? config.substr(0, config.size() - 5) : config) == IgemmChoice::Large;
+  const float* ap = a.const_data_ptr<float>();
+  const float* bp = b.const_data_ptr<float>();
+  if (tf32) {
+    if (large) emulate_igemm<Problem<IgemmLarge<4>>, Tf32Math>(s, pass, ap, bp, bias, out, splits, sms);
+    else emulate_igemm<Problem<IgemmMedium<4>>, Tf32Math>(s, pass, ap, bp, bias, out, splits, sms);
+  } else {
+    if (large) emulate_igemm<Problem<IgemmLarge<SimtBPad>>, SimtMath>(s, pass, ap, bp, bias, out, splits, sms);
+    else emulate_igemm<Problem<IgemmMedium<SimtBPad>>, SimtMath>(s, pass, ap, bp, bias, out, splits, sms);
+  }
+}
+
 at::Tensor igemm_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
                          int64_t groups, const std::string& config, int64_t splits, int64_t sms) {
   const ConvShape s = check_forward(input, weight, bias, stride, padding, dilation, groups);
-  TORCH_CHECK(input.scalar_type() == at::kFloat, "emulate: the implicit GEMM is float32");
-  TORCH_CHECK(indices_fit_int32(s, {input.numel(), weight.numel()}), "emulate: the implicit GEMM needs int32 indices");
   const at::Tensor x = as_nchw(input), w = weight.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   Guarded y = guarded_empty(s.output_sizes(), input.options());
-  if (y.tensor.numel() > 0) {
-    const float* bp = has_bias ? b.const_data_ptr<float>() : nullptr;
-    float* yp = y.tensor.mutable_data_ptr<float>();
-    if (igemm_config(config) == IgemmChoice::Large) {
-      emulate_igemm<ForwardProblem<IgemmLarge<0>>>(s, w.const_data_ptr<float>(), x.const_data_ptr<float>(), bp, yp,
-                                                   splits, sms);
-    } else {
-      emulate_igemm<ForwardProblem<IgemmMedium<0>>>(s, w.const_data_ptr<float>(), x.const_data_ptr<float>(), bp, yp,
-                                                    splits, sms);
-    }
-  }
+  emulate_igemm_tile<CorrelationProblem, 0>(config, s, DirectPass::Forward, w, x,
+                                            has_bias ? b.const_data_ptr<float>() : nullptr, y.tensor, splits, sms);
   check_guards(y);
   return y.tensor.clone();
+}
+
+at::Tensor igemm_input_grad(const at::Tensor& grad_output, const at::Tensor& weight, std::vector<int64_t> input_size,
+                            std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                            int64_t groups, const std::string& config, int64_t splits, int64_t sms) {
+  const ConvShape s = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
+  const at::Tensor dy = as_nchw(grad_output), w = weight.contiguous();
+  Guarded dx = guarded_empty(s.input_sizes(), grad_output.options());
+  emulate_igemm_tile<CorrelationProblem, 0>(config, s, DirectPass::InputGrad, w, dy, nullptr, dx.tensor, splits, sms);
+  check_guards(dx);
+  return dx.tensor.clone();
 }
 
 at::Tensor igemm_weight_grad(const at::Tensor& grad_output, const at::Tensor& input, std::vector<int64_t> weight_size,
                              std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
                              int64_t groups, const std::string& config, int64_t splits, int64_t sms) {
   const ConvShape s = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
-  TORCH_CHECK(input.scalar_type() == at::kFloat, "emulate: the implicit GEMM is float32");
-  TORCH_CHECK(indices_fit_int32(s, {input.numel(), grad_output.numel()}), "emulate: the implicit GEMM needs int32 indices");
   const at::Tensor dy = as_nchw(grad_output), x = as_nchw(input);
   Guarded dw = guarded_empty(s.weight_sizes(), input.options());
-  if (dw.tensor.numel() > 0) {
-    float* out = dw.tensor.mutable_data_ptr<float>();
-    if (igemm_config(config) == IgemmChoice::Large) {
-      emulate_igemm<WeightGradProblem<IgemmLarge<4>>>(s, dy.const_data_ptr<float>(), x.const_data_ptr<float>(),
-                                                      nullptr, out, splits, sms);
-    } else {
-      emulate_igemm<WeightGradProblem<IgemmMedium<4>>>(s, dy.const_data_ptr<float>(), x.const_data_ptr<float>(),
-                                                       nullptr, out, splits, sms);
-    }
-  }
+  emulate_igemm_tile<WeightGradProblem, 4>(config, s, DirectPass::WeightGrad, dy, x, nullptr, dw.tensor, splits, sms);
   check_guards(dw);
   return dw.tensor.clone();
 }
 
-// What direct.cu launches for this layer's pass ("forward" or "weight_grad") and, for the implicit
-// GEMM, the wave model's splits on `sms` multiprocessors: "large/<splits>", "medium/<splits>",
-// or "tiled" (the forward's tiled kernel, the weight gradient's block per element).
+DirectPass pass_of(const std::string& pass) {
+  TORCH_CHECK(pass == "forward" || pass == "input_grad" || pass == "weight_grad", "emulate: unknown pass ", pass);
+  return pass == "forward" ? DirectPass::Forward : pass == "input_grad" ? DirectPass::InputGrad : DirectPass::WeightGrad;
+}
+
+// What direct.cu launches for this layer's pass ("forward", "input_grad" or "weight_grad") and,
+// for the implicit GEMM, the wave model's splits of each launch on `sms` multiprocessors:
+// "large/<splits>[,<splits>...]" (one per stride phase of the input gradient), "medium/...", or
+// "tiled" (the tiled kernel, the gather, or the block per weight element).
 std::string igemm_choice(std::vector<int64_t> input_size, std::vector<int64_t> weight_size,
                          std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                         int64_t groups, const std::string& dtype, const std::string& pass, int64_t sms) {
+                         int64_t groups, const std::string& dtype, const std::string& pass_name, int64_t sms) {
   const ConvShape s = make_shape(input_size, weight_size, stride, padding, dilation, groups);
   const int64_t x_numel = s.batch * s.in_channels * s.in_h * s.in_w;
   const int64_t y_numel = s.batch * s.out_channels * s.out_h * s.out_w;
   const int64_t w_numel = s.out_channels * s.in_per_group() * s.kernel_h * s.kernel_w;
   const bool int32 = indices_fit_int32(s, {x_numel, w_numel, y_numel});
-  const bool weight_grad = pass == "weight_grad";
-  const IgemmChoice choice = choose_igemm(s, int32, dtype == "float32", weight_grad);
+  const DirectPass pass = pass_of(pass_name);
+  const IgemmChoice choice = choose_igemm(s, int32, dtype == "float32", pass);
+  if (choice == IgemmChoice::None) return "tiled";
   auto splits = [&](auto problem) {
     using Problem = decltype(problem);
-    return std::to_string(
-        make_igemm_params<Problem>(s, int32_t(sms), igemm_blocks_per_sm_at_ceiling<typename Problem::Cfg>(), 0).splits);
+    std::string out;
+    for (const auto& [correlation, taps] : igemm_pass(s, pass).correlations) {
+      const IgemmParams p = make_igemm_params<Problem>(correlation, taps, int32_t(sms),
+                                                       igemm_blocks_per_sm_at_ceiling<typename Problem::Cfg>(), 0);
+      out += (out.empty() ? "" : ",") + std::to_string(p.splits);
+    }
+    return out;
   };
-  if (choice == IgemmChoice::Large) {
-    return "large/" + (weight_grad ? splits(WeightGradProblem<IgemmLarge<4>>{}) : splits(ForwardProblem<IgemmLarge<0>>{}));
+  const bool large = choice == IgemmChoice::Large;
+  if (pass == DirectPass::WeightGrad) {
+    return large ? "large/" + splits(WeightGradProblem<IgemmLarge<4>>{}) : "medium/" + splits(WeightGradProblem<IgemmMedium<4>>{});
   }
-  if (choice == IgemmChoice::Medium) {
-    return "medium/" +
-           (weight_grad ? splits(WeightGradProblem<IgemmMedium<4>>{}) : splits(ForwardProblem<IgemmMedium<0>>{}));
-  }
-  return "tiled";
+  return large ? "large/" + splits(CorrelationProblem<IgemmLarge<0>>{}) : "medium/" + splits(CorrelationProblem<IgemmMedium<0>>{});
 }
 
 // FastDivmod against / and % for the given divisors and numerators (< 2^31); returns the count of
@@ -470,6 +558,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_plant", [](int plant) { g_plant = plant; });
   m.def("direct_forward", &direct_forward);
   m.def("igemm_forward", &igemm_forward);
+  m.def("igemm_input_grad", &igemm_input_grad);
   m.def("igemm_weight_grad", &igemm_weight_grad);
   m.def("igemm_choice", &igemm_choice);
   m.def("check_fast_divmod", &check_fast_divmod);

@@ -4,11 +4,14 @@ Builds csrc/testing/emulate_kernels.cpp (the HOST_DEVICE bodies of kernel_bodies
 implicit_gemm.h run thread by thread and stage by stage, see that file) as a throwaway CPU module
 and compares every emulated op with F.conv2d evaluated in float64, over random shapes (stride,
 padding, dilation, groups, ragged tiles, several workspace bands), both tile configurations, both
-index types and all dtypes; the float32 implicit GEMMs (forward and weight gradient) in both
-configurations with 1 to 5 splits of the reduction, their cp.async pipeline modelled (a copy lands
-only at its wait). Then each planted bug (a wait one group short, the wrong buffer, a split left
-out, no zero-fill) must make each implicit GEMM fail, FastDivmod must agree with / and %, and the host's choice of
-kernel and splits must follow the wave model.
+index types and all dtypes; the float32 implicit GEMMs (forward, input gradient by stride phase,
+weight gradient) in both configurations, with the float32 and the TF32 (mma.sync stand-in)
+multiply, and 1 to 5 splits of the reduction, their cp.async
+pipeline modelled (a copy lands only at its wait). Then each planted bug (a wait one group short,
+the wrong buffer, a split left out, no zero-fill; a TF32 fragment out of the PTX table's layout)
+must make each implicit GEMM pass fail, the TF32 multiply must round as TF32 does,
+FastDivmod must agree with / and %, and the host's choice of kernel and splits must follow the
+wave model.
 
     python csrc/testing/emulate_kernels.py [--cases 200] [--seed 0] [--asan]
 
@@ -36,6 +39,10 @@ CSRC = os.path.dirname(HERE)
 ROOT = os.path.dirname(CSRC)
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+# The implicit GEMM's TF32 multiply rounds its operands to float16's 10 mantissa bits (float32's
+# exponent), so float32 results on it are held to float16's scale.
+TF32_TOLERANCE = TOLERANCE[torch.float16]
+IGEMM_CONFIGS = ("large", "medium", "large/tf32", "medium/tf32")
 
 
 def build(asan: bool):
@@ -130,13 +137,13 @@ class Checker:
         self.failures = 0
         self.checks = 0
 
-    def __call__(self, what: str, out: torch.Tensor, ref: torch.Tensor, dtype, case):
+    def __call__(self, what: str, out: torch.Tensor, ref: torch.Tensor, dtype, case, tolerance=None):
         self.checks += 1
         if out.shape != ref.shape:
             err = float("inf")
         else:
             err = rel_error(out, ref)
-        if not err <= TOLERANCE[dtype]:
+        if not err <= (tolerance or TOLERANCE[dtype]):
             self.failures += 1
             print(f"FAIL {what} {dtype} rel_error={err:.3g} case={case}", flush=True)
 
@@ -178,22 +185,28 @@ def run_case(mod, case, rng: random.Random, check: Checker, dtypes):
     igemm_case(mod, case, rng, check)
 
 
+def igemm_passes(mod, case, x, w, b, dy, config, splits):
+    """The three passes of the float32 implicit GEMM: (name, result)."""
+    args = (case["stride"], case["padding"], case["dilation"], case["groups"], config, splits, 132)
+    return [("forward", mod.igemm_forward(x, w, b, *args)),
+            ("input_grad", mod.igemm_input_grad(dy, w, list(x.shape), *args)),
+            ("weight_grad", mod.igemm_weight_grad(dy, x, list(w.shape), *args))]
+
+
 def igemm_case(mod, case, rng: random.Random, check: Checker):
-    """The float32 implicit GEMMs (forward, weight gradient), both configurations, one split and a
-    random 2-5."""
-    args = (case["stride"], case["padding"], case["dilation"], case["groups"])
+    """The float32 implicit GEMMs (forward, input gradient phase by phase, weight gradient), both
+    configurations with the float32 and the TF32 multiply, one split and a random 2-5."""
     x = guarded(torch.randn(case["input"]))
     w = guarded(torch.randn(case["weight"]))
     b = guarded(torch.randn(case["weight"][0])) if case["bias"] else None
     y_ref, _, _ = oracle(case, x, w, b, None)
     dy = guarded(torch.randn(y_ref.shape))
-    _, _, dw_ref = oracle(case, x, w, b, dy)
-    for config in ("large", "medium"):
+    refs = dict(zip(("forward", "input_grad", "weight_grad"), oracle(case, x, w, b, dy)))
+    for config in IGEMM_CONFIGS:
+        tolerance = TF32_TOLERANCE if config.endswith("tf32") else None
         for splits in (1, rng.randint(2, 5)):
-            check(f"igemm_forward/{config}/splits={splits}", mod.igemm_forward(x, w, b, *args, config, splits, 132),
-                  y_ref, torch.float32, case)
-            check(f"igemm_weight_grad/{config}/splits={splits}",
-                  mod.igemm_weight_grad(dy, x, list(w.shape), *args, config, splits, 132), dw_ref, torch.float32, case)
+            for name, out in igemm_passes(mod, case, x, w, b, dy, config, splits):
+                check(f"igemm_{name}/{config}/splits={splits}", out, refs[name], torch.float32, case, tolerance)
 
 
 # Cases each planted bug must break (several k-tiles per split, so the pipeline turns over).
@@ -204,35 +217,53 @@ PLANT_CASES = [
          bias=False),
 ]
 PLANTS = {1: "wait one group short", 2: "multiply the buffer being loaded", 3: "split left out of the reduction",
-          4: "no zero-fill"}
+          4: "no zero-fill", 5: "TF32 fragment a1/a2 swapped"}
 
 
 def planted_bugs(mod) -> int:
-    """Each planted bug must fail some case of each implicit GEMM; returns how many went unnoticed."""
+    """Each planted bug must fail some case of each implicit GEMM pass; returns how many went unnoticed."""
     missed = 0
     for plant, what in PLANTS.items():
-        caught = {"forward": 0, "weight_grad": 0}
+        caught = {"forward": 0, "input_grad": 0, "weight_grad": 0}
         mod.set_plant(plant)
         try:
             for case in PLANT_CASES:
-                args = (case["stride"], case["padding"], case["dilation"], case["groups"])
                 x, w = torch.randn(case["input"]), torch.randn(case["weight"])
                 b = torch.randn(case["weight"][0]) if case["bias"] else None
                 y_ref, _, _ = oracle(case, x, w, b, None)
                 dy = torch.randn(y_ref.shape)
-                _, _, dw_ref = oracle(case, x, w, b, dy)
-                for config in ("large", "medium"):
-                    y = mod.igemm_forward(x, w, b, *args, config, 3, 132)
-                    caught["forward"] += not rel_error(y, y_ref) <= TOLERANCE[torch.float32]
-                    dw = mod.igemm_weight_grad(dy, x, list(w.shape), *args, config, 3, 132)
-                    caught["weight_grad"] += not rel_error(dw, dw_ref) <= TOLERANCE[torch.float32]
+                refs = dict(zip(caught, oracle(case, x, w, b, dy)))
+                # The pipeline's bugs on both multiplies, the fragment bug on the TF32 one.
+                for config in IGEMM_CONFIGS if plant != 5 else IGEMM_CONFIGS[2:]:
+                    tolerance = TF32_TOLERANCE if config.endswith("tf32") else TOLERANCE[torch.float32]
+                    for name, out in igemm_passes(mod, case, x, w, b, dy, config, 3):
+                        caught[name] += not rel_error(out, refs[name]) <= tolerance
         finally:
             mod.set_plant(0)
-        runs = 2 * len(PLANT_CASES)
-        print(f"planted bug {plant} ({what}): caught in {caught['forward']} of {runs} forward runs, "
-              f"{caught['weight_grad']} of {runs} weight-gradient runs")
+        runs = (4 if plant != 5 else 2) * len(PLANT_CASES)
+        print(f"planted bug {plant} ({what}): caught in " + ", ".join(f"{c} of {runs} {name} runs"
+                                                                      for name, c in caught.items()))
         missed += sum(c == 0 for c in caught.values())
     return missed
+
+
+def tf32_engaged(mod) -> int:
+    """The TF32 multiply rounds (its error is above float32's, within TF32's) and the float32 one
+    does not; returns the number of passes where that fails."""
+    wrong = 0
+    case = PLANT_CASES[0]
+    x, w = torch.randn(case["input"]), torch.randn(case["weight"])
+    b = torch.randn(case["weight"][0])
+    y_ref, _, _ = oracle(case, x, w, b, None)
+    dy = torch.randn(y_ref.shape)
+    refs = dict(zip(("forward", "input_grad", "weight_grad"), oracle(case, x, w, b, dy)))
+    for (name, exact), (_, rounded) in zip(igemm_passes(mod, case, x, w, b, dy, "large", 1),
+                                           igemm_passes(mod, case, x, w, b, dy, "large/tf32", 1)):
+        e32, etf = rel_error(exact, refs[name]), rel_error(rounded, refs[name])
+        good = e32 <= 1e-6 and 1e-5 < etf <= TF32_TOLERANCE
+        print(f"TF32 {name}: float32 error {e32:.2e}, TF32 error {etf:.2e}{'' if good else '  WRONG'}")
+        wrong += not good
+    return wrong
 
 
 def host_choices(mod) -> int:
@@ -247,31 +278,37 @@ def host_choices(mod) -> int:
     bad = mod.check_fast_divmod([rng.randint(1, 2**31 - 1) for _ in range(200)],
                                 [rng.randint(0, 2**31 - 1) for _ in range(500)])
     wrong += bad
-    # (input, weight, stride, padding, pass, expected on 132 SMs). A 7x7 map of 512 channels at
-    # batch 8 makes 4 x 4 forward tiles: the wave model splits its 4608-long reduction 16 ways;
-    # 56x56 maps make 196 tiles, more than the SMs, and stay whole; conv1 at batch 1 (98 tiles)
-    # splits. The weight gradient of 64 -> 64 3x3 has 5 tiles and 25088 pixels to reduce: 16
-    # splits; 512 -> 512 3x3 has 144 tiles: none.
+    # (input, weight, stride, padding, pass, expected on 132 SMs: the tile, and the splits of each
+    # launch). A 7x7 map of 512 channels at batch 8 makes 4 x 4 forward tiles: the wave model
+    # splits its 4608-long reduction 16 ways; 56x56 maps make 196 tiles, more than the SMs, and
+    # stay whole; conv1 at batch 1 (98 tiles) splits. The weight gradient of 64 -> 64 3x3 has 5
+    # tiles and 25088 pixels to reduce: 16 splits; 512 -> 512 3x3 has 144 tiles: none. The input
+    # gradient of a stride-2 3x3 layer runs four phases of 1, 2, 2 and 4 taps (16 k-tiles a tap,
+    # 49 tiles each): 2, 4, 4 and 6 splits; a stride-2 1x1 layer's runs one phase.
     expectations = [
-        ((8, 512, 7, 7), (512, 512, 3, 3), [1, 1], [1, 1], "forward", "large/", lambda n: n == 16),
-        ((8, 64, 56, 56), (64, 64, 3, 3), [1, 1], [1, 1], "forward", "medium/", lambda n: n == 1),
-        ((8, 256, 56, 56), (128, 256, 1, 1), [1, 1], [0, 0], "forward", "large/", lambda n: n == 1),
-        ((1, 3, 224, 224), (64, 3, 7, 7), [2, 2], [3, 3], "forward", "medium/", lambda n: 1 < n <= 49 // 8),
-        ((8, 64, 56, 56), (64, 64, 3, 3), [1, 1], [1, 1], "weight_grad", "medium/", lambda n: n == 16),
-        ((8, 512, 7, 7), (512, 512, 3, 3), [1, 1], [1, 1], "weight_grad", "large/", lambda n: n == 1),
+        ((8, 512, 7, 7), (512, 512, 3, 3), [1, 1], [1, 1], "forward", "large/", lambda n: n == [16]),
+        ((8, 64, 56, 56), (64, 64, 3, 3), [1, 1], [1, 1], "forward", "medium/", lambda n: n == [1]),
+        ((8, 256, 56, 56), (128, 256, 1, 1), [1, 1], [0, 0], "forward", "large/", lambda n: n == [1]),
+        ((1, 3, 224, 224), (64, 3, 7, 7), [2, 2], [3, 3], "forward", "medium/", lambda n: 1 < n[0] <= 49 // 8),
+        ((8, 64, 56, 56), (64, 64, 3, 3), [1, 1], [1, 1], "weight_grad", "medium/", lambda n: n == [16]),
+        ((8, 512, 7, 7), (512, 512, 3, 3), [1, 1], [1, 1], "weight_grad", "large/", lambda n: n == [1]),
+        ((8, 512, 7, 7), (512, 512, 3, 3), [1, 1], [1, 1], "input_grad", "large/", lambda n: n == [16]),
+        ((8, 128, 56, 56), (128, 128, 3, 3), [2, 2], [1, 1], "input_grad", "large/", lambda n: n == [2, 4, 4, 6]),
+        ((8, 256, 56, 56), (512, 256, 1, 1), [2, 2], [0, 0], "input_grad", "large/", lambda n: len(n) == 1),
     ]
     for x, w, stride, pad, pass_, prefix, ok in expectations:
         choice = mod.igemm_choice(list(x), list(w), stride, pad, [1, 1], 1, "float32", pass_, 132)
-        good = choice.startswith(prefix) and ok(int(choice.split("/")[1]))
+        good = choice.startswith(prefix) and ok([int(n) for n in choice.split("/")[1].split(",")])
         print(f"host choice {pass_} {x} {w}: {choice}{'' if good else '  WRONG'}")
         wrong += not good
     for dtype in ("float64", "bfloat16"):  # the implicit GEMMs are float32
-        for pass_ in ("forward", "weight_grad"):
+        for pass_ in ("forward", "input_grad", "weight_grad"):
             wrong += mod.igemm_choice([8, 64, 56, 56], [64, 64, 3, 3], [1, 1], [1, 1], [1, 1], 1, dtype, pass_,
                                       132) != "tiled"
-    # depthwise (one output channel per group); a weight gradient of 8 positions per channel
-    wrong += mod.igemm_choice([8, 32, 56, 56], [32, 1, 3, 3], [1, 1], [1, 1], [1, 1], 32, "float32", "forward",
-                              132) != "tiled"
+    # depthwise (one channel per group); a weight gradient of 8 positions per channel
+    for pass_ in ("forward", "input_grad"):
+        wrong += mod.igemm_choice([8, 32, 56, 56], [32, 1, 3, 3], [1, 1], [1, 1], [1, 1], 32, "float32", pass_,
+                                  132) != "tiled"
     wrong += mod.igemm_choice([8, 8, 56, 56], [64, 8, 1, 1], [1, 1], [0, 0], [1, 1], 1, "float32", "weight_grad",
                               132) != "tiled"
     return wrong
@@ -318,7 +355,7 @@ def main() -> int:
         # float64 always (both index types); one other dtype per case keeps the run short.
         run_case(mod, random_case(rng), rng, check, [torch.float64, all_dtypes[1 + i % 3]])
     missed = planted_bugs(mod)
-    wrong = host_choices(mod)
+    wrong = host_choices(mod) + tf32_engaged(mod)
     print(f"{check.checks} checks, {check.failures} failures; {missed} planted bugs missed; "
           f"{wrong} wrong host answers")
     return 1 if check.failures or missed or wrong else 0
