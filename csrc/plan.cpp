@@ -162,8 +162,6 @@ bool input_grad_phases_apply(const ConvShape& s) {
 
 int64_t gcd(int64_t a, int64_t b) { return b == 0 ? a : gcd(b, a % b); }
 
-}  // namespace
-
 // Tap r reaches hi = phase + i*stride from ho = i + (phase + pad - r*dil) / stride when the division
 // is exact: the reaching taps are stride/gcd(stride, dil) apart in the kernel, and their reads
 // dil/gcd apart in grad_output. (Stride 1: every tap, reads dil apart; dilation 1: taps stride apart,
@@ -183,6 +181,8 @@ PhaseAxis phase_axis(int64_t phase, int64_t in, int64_t kernel, int64_t stride, 
   a.offset = a.first_tap < 0 ? 0 : (phase + pad - a.first_tap * dil) / stride;
   return a;
 }
+
+}  // namespace
 
 // The phases that hold input positions and taps. Phases exist only for positions that do, so at
 // most `in` per axis (a stride of 2^31 - 1 on a small image must not mean 2^31 phases to walk).

@@ -1,20 +1,25 @@
-// The direct forward and weight gradient as implicit GEMMs (float32, SIMT), written as
+// The direct passes as implicit GEMMs (float32: SIMT, or TF32 tensor cores), written as
 // HOST_DEVICE pieces in the style of kernel_bodies.h: direct.cu's __global__ kernel and
 // csrc/testing/emulate_kernels.cpp both run exactly these functions, the kernel with real
-// threads, barriers and cp.async, the emulator thread by thread with shared tiles poisoned until
-// their copies land.
+// threads, barriers and cp.async, the emulator thread by thread (warp by warp for mma.sync) with
+// shared tiles poisoned until their copies land.
 //
-// Per group, with cols the im2col matrix (rows q = (c, r, s), columns p = output pixels of the
-// whole batch), which is never built (blocks gather their tiles from x directly):
-//   forward          y[k, p]  = sum_q w[k, q] * cols[q, p]     M = K/G, N = batch*H_o*W_o, K = C/G*k_h*k_w
+// Per group, with cols the im2col matrix of a correlation's source (rows q = (c, tap), columns
+// p = its grid positions over the whole batch), which is never built (blocks gather their tiles
+// from the source directly):
+//   correlation      out[m, p] = sum_q w[m, q] * cols[q, p]    M = destination channels / G,
+//                    N = batch * grid positions, K = source channels / G * taps. The forward pass
+//                    (x -> y, every tap) and each stride phase of the input gradient (dy -> that
+//                    phase's positions of dx, through the taps that reach it, weight transposed
+//                    and flipped) are both this problem (CorrelationProblem).
 //   weight gradient  dw[k, q] = sum_p dy[k, p] * cols[q, p]    M = K/G, N = C/G*k_h*k_w,   K = batch*H_o*W_o
 //
-//   tiles      a block owns BM output channels x BN columns of one group; split z of `splits`
-//              walks k-tiles [z*per_split, (z+1)*per_split). Forward k-tiles are BK channels of one
-//              filter tap (igemm_stage_pos); weight-gradient k-tiles BK consecutive pixels.
+//   tiles      a block owns BM rows x BN columns of one group; split z of `splits` walks k-tiles
+//              [z*per_split, (z+1)*per_split). Correlation k-tiles are BK source channels of one
+//              tap (igemm_stage_pos); weight-gradient k-tiles BK consecutive pixels.
 //   loads      every element is one 4-byte cp.async with zero-fill (padding, ragged edges, and
 //              the rows or columns past the GEMM's end arrive as 0, so the multiply never tests).
-//              What a thread can decode once per block it does (the forward's pixel, the weight
+//              What a thread can decode once per block it does (the correlation's pixel, the weight
 //              gradient's columns (c, r, s)); the rest once per stage by fast divmod, never per
 //              element, and no division anywhere in the main loop.
 //   pipeline   kStages shared buffers; k-tile t+kStages-1 is issued while t is multiplied
@@ -23,7 +28,7 @@
 //              cuDNN would use TF32 (torch.backends.cudnn.allow_tf32), Tf32Math: mma.sync
 //              tensor-core tiles over the same shared buffers (see both below)
 //   epilogue   one split: the result directly (the forward adds its bias); several: float32
-//              partials [split][K][N], which the reduce adds in split order 0, 1, ...
+//              partials [split][G*M][N], which the reduce adds in split order 0, 1, ...
 //              (deterministic), then the bias
 //
 // The host uses these kernels only when every index fits int32 (indices_fit_int32).
@@ -122,7 +127,9 @@ struct IgemmConfig {
   static constexpr int kThreads = kThreadsM * kThreadsN;
   // A is stored transposed, As[i][m] at i * kAStride + m. The +4 keeps 128-bit rows aligned and
   // spreads a warp's stores (i = tid % BK varies fastest) over all 32 banks. B likewise when its
-  // copies run i fastest (BPad = 4, the weight gradient's); the forward's run j fastest (BPad = 0).
+  // copies run i fastest (BPad = 4, the weight gradient's); the correlation's run j fastest
+  // (BPad = 0), except under Tf32Math, whose B fragment loads (rows t and t + 4 of one column
+  // group) need the padding to spread over the banks (BPad = 4).
   static constexpr int kAStride = BM + 4;
   static constexpr int kBStride = BN + BPad_;
   static constexpr int kAFloats = BK * kAStride;
