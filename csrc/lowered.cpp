@@ -136,9 +136,9 @@ void for_each_image_run(const ConvShape& s, const LoweredPlan& plan, Fn fn) {
   for (int64_t n0 = 0; n0 < s.batch; n0 += plan.images) fn(n0, std::min(plan.images, s.batch - n0));
 }
 
-LoweredPlan plan_for(const ConvShape& s, Lowering lowering, const at::Tensor& t, int64_t workspace_limit,
-                     bool nhwc) {
-  return plan_lowered(s, lowering, t.element_size(), workspace_limit, t.is_cpu(), nhwc);
+LoweredPlan plan_for(const BandKernels& kernels, const ConvShape& s, Lowering lowering, const at::Tensor& t,
+                     int64_t workspace_limit, bool nhwc) {
+  return plan_lowered(s, lowering, t.element_size(), workspace_limit, !kernels.gpu, nhwc);
 }
 
 // ---- the NHWC driver (plan.h): channels_last operands and results, no layout copies ----------
@@ -256,7 +256,7 @@ at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const 
                            const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t workspace_limit) {
   const ConvShape s = check_forward(input, weight, bias, stride, padding, dilation, groups);
-  const LoweredPlan plan = plan_for(s, lowering, input, workspace_limit, runs_nhwc(kernels, input));
+  const LoweredPlan plan = plan_for(kernels, s, lowering, input, workspace_limit, runs_nhwc(kernels, input));
   const bool has_bias = bias.has_value() && bias->defined();
   if (plan.nhwc) return nhwc_forward(kernels, s, plan, input, weight, has_bias ? *bias : at::Tensor(), workspace_limit);
   const at::Tensor x = as_nchw(input);
@@ -305,7 +305,8 @@ at::Tensor lowered_backward_input(const BandKernels& kernels, Lowering lowering,
                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                   int64_t workspace_limit) {
   const ConvShape s = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
-  const LoweredPlan plan = plan_for(s, lowering, grad_output, workspace_limit, runs_nhwc(kernels, grad_output));
+  const LoweredPlan plan =
+      plan_for(kernels, s, lowering, grad_output, workspace_limit, runs_nhwc(kernels, grad_output));
   if (plan.nhwc) return nhwc_backward_input(kernels, s, plan, grad_output, weight, workspace_limit);
   const at::Tensor dy = as_nchw(grad_output);
   // (G, C/G*k_h*k_w, K/G): the transposed weight, a view (the GEMM reads it transposed).
@@ -344,7 +345,7 @@ at::Tensor lowered_backward_weight(const BandKernels& kernels, Lowering lowering
                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                    int64_t workspace_limit) {
   const ConvShape s = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
-  const LoweredPlan plan = plan_for(s, lowering, input, workspace_limit, runs_nhwc(kernels, input));
+  const LoweredPlan plan = plan_for(kernels, s, lowering, input, workspace_limit, runs_nhwc(kernels, input));
   if (plan.nhwc) return nhwc_backward_weight(kernels, s, plan, grad_output, input, workspace_limit);
   const at::Tensor x = as_nchw(input), dy = as_nchw(grad_output);
   const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());

@@ -29,6 +29,8 @@ struct BandKernels {
                       int64_t rows) = nullptr;
   void (*col2im_nhwc)(const at::Tensor& columns, const at::Tensor& grad_image, const ConvShape& s, int64_t row0,
                       int64_t rows) = nullptr;
+  // The GPU's kernels (or their emulation): the driver runs the GPU's plan (plan.h, plan_lowered).
+  bool gpu = false;
 };
 
 at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const at::Tensor& input,

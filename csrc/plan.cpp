@@ -56,7 +56,12 @@ void plan_bands(const ConvShape& s, int64_t element_size, int64_t limit_bytes, b
     return;
   }
   plan.row_bytes = bytes_per_row;
-  const int64_t preferred = s.out_per_group() < kWideGemmChannels ? kNarrowColumnBytes : kWideColumnBytes;
+  // A GPU reads its columns from memory at terabytes a second and pays per launch instead: its
+  // bands take all the workspace limit allows (whole batches where they fit, so a pass is one
+  // batched GEMM, not one per image).
+  const int64_t preferred = !cpu                                  ? limit_bytes
+                            : s.out_per_group() < kWideGemmChannels ? kNarrowColumnBytes
+                                                                    : kWideColumnBytes;
   const int64_t budget = std::min(limit_bytes, preferred);
   plan.rows = std::max<int64_t>(1, std::min(s.out_h, budget / bytes_per_row));
   const int64_t image_bytes = product({bytes_per_row, s.out_h});

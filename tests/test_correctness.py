@@ -344,3 +344,16 @@ def test_side_by_side_bands(algorithm, size, kernel, stride, padding, dtype, lay
         torch.ops.channelconv.reset_workspace_peak()
         channelconv.conv2d(x, w, b, case.stride, case.padding, algorithm=algorithm)
     assert torch.ops.channelconv.workspace_peak() == plan.workspace_bytes
+
+
+@pytest.mark.parametrize("shape", [((8, 64, 56, 56), (64, 64, 3, 3), 1, 1), ((8, 128, 28, 28), (128, 128, 3, 3), 1, 1),
+                                   ((8, 256, 14, 14), (256, 256, 3, 3), 1, 1)])
+def test_gpu_bands_take_whole_batches(shape):
+    """On the GPU, whose memory streams columns at terabytes a second and which pays per launch,
+    im2col's bands take all the workspace limit allows: ResNet-50's layers at batch 8 run each pass
+    as one batched GEMM (the CPU's bands stay near its L2 and run one per image or band of rows).
+    The CUDA band kernels' code runs on this plan in csrc/testing/emulate_kernels.py."""
+    gpu = channelconv.cost(*shape, dtype=torch.float32, device="cuda").plans["im2col"]
+    cpu = channelconv.cost(*shape, dtype=torch.float32).plans["im2col"]
+    assert gpu.band_images == 8 and gpu.gemm_calls == 1 and cpu.gemm_calls > 1
+    assert 0 < gpu.workspace_bytes <= channelconv.get_workspace_limit()

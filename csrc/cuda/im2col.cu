@@ -99,7 +99,7 @@ void col2im_cuda(const at::Tensor& columns, const at::Tensor& grad_image, const 
   });
 }
 
-constexpr BandKernels kCudaBands{&im2col_cuda, &col2im_cuda};
+constexpr BandKernels kCudaBands{&im2col_cuda, &col2im_cuda, nullptr, nullptr, /*gpu=*/true};
 
 }  // namespace
 }  // namespace gpu

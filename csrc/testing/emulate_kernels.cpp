@@ -507,7 +507,8 @@ void col2im_emulated(const at::Tensor& columns, const at::Tensor& grad_image, co
   });
 }
 
-constexpr BandKernels kEmulatedBands{&im2col_emulated, &col2im_emulated};
+// The CUDA band kernels' code, run by the driver on the GPU's plan.
+constexpr BandKernels kEmulatedBands{&im2col_emulated, &col2im_emulated, nullptr, nullptr, /*gpu=*/true};
 
 Lowering lowering_of(const std::string& algorithm) {
   TORCH_CHECK(algorithm == "im2col" || algorithm == "1x1", "emulate: unknown lowering ", algorithm);
