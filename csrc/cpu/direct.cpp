@@ -329,7 +329,7 @@ at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor
   const at::MemoryFormat format = result_format(grad_output, weight);
   if (plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::Depthwise) {
     at::Tensor dx = at::empty(s.input_sizes(), grad_output.options().memory_format(format));
-    if (s.stride[0] > 1 || s.stride[1] > 1) dx.zero_();  // phases no tap reaches stay zero
+    if (!input_grad_phases_cover(s, plan.phases)) dx.zero_();  // phases no tap reaches stay zero
     run_blocked(plan, grad_output, weight.to(at::kFloat).contiguous(), nullptr, dx);
     return dx;
   }

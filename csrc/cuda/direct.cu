@@ -122,9 +122,9 @@ void launch_igemm(const at::Tensor& a, const at::Tensor& b, const float* bias, c
   const IgemmPass launches = igemm_pass(s, pass);
   if (launches.zero_first) out.zero_();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = multiprocessors(a), blocks_per_sm = igemm_blocks_per_sm<Problem, Math>();
   for (const auto& [correlation, taps] : launches.correlations) {
-    const IgemmParams p =
-        make_igemm_params<Problem>(correlation, taps, multiprocessors(a), igemm_blocks_per_sm<Problem, Math>(), 0);
+    const IgemmParams p = make_igemm_params<Problem>(correlation, taps, sms, blocks_per_sm, 0);
     at::Tensor partial;
     if (p.splits > 1) partial = at::empty({p.splits, Problem::output_elements(p)}, a.options().dtype(at::kFloat));
     const IgemmOperands o{a.const_data_ptr<float>(), b.const_data_ptr<float>(), bias, out.mutable_data_ptr<float>(),

@@ -78,13 +78,13 @@ struct FastDivmod {
 // each stride phase of the input gradient are correlations, a BlockedProblem with its WeightTaps
 // (plan.h, the same description the CPU's blocked engines run): the source (x, or dy) is read at
 // grid position (i, j) through tap (t, u) at (i*stride_h + offset_h + t*dil_h, likewise w), and the
-// result goes to destination (y, or dx) position (origin_h + i*step_h, likewise w). The weight
+// result goes to destination (y, or dx) position (origin_h + i*step_h, likewise w), i and j running
+// over the problem's out_h x out_w grid (all of y, or one phase of dx). The weight
 // gradient reads the forward's correlation: its source x, its destination dy.
 struct IgemmParams {
   int32_t groups;
   int32_t src_channels, src_group_channels, src_h, src_w;  // x (C, H, W) or dy (K, H_o, W_o)
-  int32_t dst_channels, dst_group_channels, dst_h, dst_w;  // y or dy (K, H_o, W_o), or dx (C, H, W)
-  int32_t grid_h, grid_w;                                  // the positions computed, per image
+  int32_t dst_channels, dst_h, dst_w;                      // y or dy (K, H_o, W_o), or dx (C, H, W)
   int32_t stride_h, stride_w, dil_h, dil_w, offset_h, offset_w;
   int32_t origin_h, origin_w, step_h, step_w;
   int32_t taps_h, taps_w;
@@ -94,7 +94,7 @@ struct IgemmParams {
   int32_t kernel_w, first_r, step_r, first_s, step_s;
   int32_t w_group, w_row, w_channel;
   // The GEMM, per group: rows x cols, reduced over k_tiles of BK.
-  int32_t rows;                  // destination channels per group (correlation), K/G (weight gradient)
+  int32_t rows;                  // destination channels per group: y's or dx's (correlation), dy's K/G (weight gradient)
   int32_t pixels;                // grid positions of the whole batch
   int32_t cols;                  // pixels (correlation), src_group_channels * taps (weight gradient)
   int32_t channel_blocks;        // correlation: ceil(src_group_channels / BK), k-tiles per tap
@@ -655,12 +655,9 @@ IgemmParams make_igemm_params(const BlockedProblem& c, const WeightTaps& taps, i
   p.src_channels = int32_t(c.groups * c.in_per_group);
   p.src_h = int32_t(c.in_h);
   p.src_w = int32_t(c.in_w);
-  p.dst_group_channels = int32_t(c.out_per_group);
   p.dst_channels = int32_t(c.groups * c.out_per_group);
   p.dst_h = int32_t(c.plane_h());
   p.dst_w = int32_t(c.plane_w());
-  p.grid_h = int32_t(c.out_h);
-  p.grid_w = int32_t(c.out_w);
   p.stride_h = int32_t(c.stride_h);
   p.stride_w = int32_t(c.stride_w);
   p.dil_h = int32_t(c.dil_h);
@@ -685,7 +682,7 @@ IgemmParams make_igemm_params(const BlockedProblem& c, const WeightTaps& taps, i
   p.w_group = int32_t(w_k * w_c * kernel_area);
   p.w_row = int32_t(taps.transposed ? kernel_area : w_c * kernel_area);
   p.w_channel = int32_t(taps.transposed ? w_c * kernel_area : kernel_area);
-  p.rows = p.dst_group_channels;
+  p.rows = int32_t(c.out_per_group);
   p.pixels = int32_t(c.batch * c.out_h * c.out_w);
   const int32_t taps_count = p.taps_h * p.taps_w;
   p.channel_blocks = (p.src_group_channels + Cfg::BK - 1) / Cfg::BK;
@@ -700,8 +697,8 @@ IgemmParams make_igemm_params(const BlockedProblem& c, const WeightTaps& taps, i
   p.k_tiles_per_split = std::max(1, (p.k_tiles + p.splits - 1) / p.splits);
   // The wave model's splits never leave one empty (a forced count may, and must still be right).
   if (splits <= 0) p.splits = std::max(1, (p.k_tiles + p.k_tiles_per_split - 1) / p.k_tiles_per_split);
-  p.div_grid = FastDivmod(uint32_t(p.grid_h * p.grid_w));
-  p.div_grid_w = FastDivmod(uint32_t(p.grid_w));
+  p.div_grid = FastDivmod(uint32_t(c.out_h * c.out_w));
+  p.div_grid_w = FastDivmod(uint32_t(c.out_w));
   p.div_channel_blocks = FastDivmod(uint32_t(p.channel_blocks));
   p.div_taps_w = FastDivmod(uint32_t(p.taps_w));
   p.div_taps = FastDivmod(uint32_t(taps_count));
