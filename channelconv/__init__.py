@@ -2,7 +2,7 @@
 three ways — direct, im2col + GEMM, 1x1 as GEMM — with its own C++ (and CUDA) kernels."""
 
 from . import onnx, reference
-from . import _autograd, _vmap  # noqa: F401  (register autograd and the batching rules on the ops)
+from . import _vmap  # noqa: F401  (registers the batching rules on the ops; autograd is C++'s)
 from ._shapes import ALGORITHMS
 from .functional import conv2d
 from .modules import Conv2d, convert, revert

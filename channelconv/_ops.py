@@ -1,12 +1,11 @@
-"""The C++ ops as Python sees them: their handles, fake kernels (shapes for torch.compile / export),
-autocast, and call_op, which runs a call below the autograd key when there is nothing to record.
-Autograd (reverse and forward mode) is in _autograd.py, the batching rules for vmap in _vmap.py.
+"""The C++ ops as Python sees them: their handles, fake kernels (shapes for torch.compile / export)
+and autocast. Autograd (reverse and forward mode) is the ops' C++ Autograd kernel
+(csrc/autograd.cpp), the batching rules for vmap are in _vmap.py.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.autograd import forward_ad
 
 from . import _C  # noqa: F401  (loads the schemas and the kernels)
 from ._shapes import check_grad_output, check_shapes, output_shape, result_format
@@ -29,11 +28,6 @@ class AlgorithmOps:
 OPS = {algorithm: AlgorithmOps(prefix) for algorithm, prefix in OP_PREFIX.items()}
 
 
-def needs_grad(*args) -> bool:
-    """Whether a backward pass can follow a call on ``args``: grad mode is on and a tensor requires grad."""
-    return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
-
-
 def backward_passes(input, weight) -> tuple[str, ...]:
     """The gradient passes a backward through a call will run: the input's when it requires grad
     (not a network's first layer), the weight's when it does (not a frozen layer)."""
@@ -42,16 +36,8 @@ def backward_passes(input, weight) -> tuple[str, ...]:
     return ("input_grad",) * input.requires_grad + ("weight_grad",) * weight.requires_grad
 
 
-def records_autograd(*args) -> bool:
-    """Whether an op call on ``args`` has anything for autograd to record: a forward-AD dual level
-    is open (a tensor may carry a tangent), a backward pass can follow, or a torch.func transform runs."""
-    return forward_ad._current_level >= 0 or needs_grad(*args) or in_transform()
-
-
 def in_transform() -> bool:
-    """Whether a torch.func transform (grad, vjp, jvp, vmap, ...) is running: its tensors carry
-    their gradients and tangents at functorch's own levels, which requires_grad and forward_ad's
-    level do not see."""
+    """Whether a torch.func transform (grad, vjp, jvp, vmap, ...) is running."""
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
@@ -64,32 +50,12 @@ def is_plain(t) -> bool:
     return type(t) in _PLAIN_TENSOR_TYPES
 
 
-def call_op(op, *args):
-    """``op(*args)``; when there is nothing to record, below the autograd key. That skips the
-    Python autograd kernels registered below (microseconds a call, benchmarks/NOTES.md v7) and runs
-    just what they would run. A trace (torch.compile) sees the plain call."""
-    if torch.compiler.is_compiling() or records_autograd(*args):
-        return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
-
-
-# The kernels registered from Python besides register_fake: autocast here, autograd in _autograd.py.
+# The kernels registered from Python besides register_fake: autocast.
 LIB = torch.library.Library("channelconv", "FRAGMENT")
 
 
 def _empty(shape, like: torch.Tensor, memory_format) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device).contiguous(memory_format=memory_format)
-
-
-def bias_grad(grad: torch.Tensor) -> torch.Tensor:
-    """The bias gradient: a channel's sum over the batch and pixels. Each (image, channel) plane is
-    summed in float32 or wider (ATen's pairwise sum: its error is relative to the plane's terms),
-    the planes in float64, so that planes that nearly cancel across the batch keep their digits.
-    (Summing every element in float64 was 50-80x slower, and cost more than the convolution's
-    kernels on wide layers: benchmarks/NOTES.md v9.)"""
-    plane_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    return grad.sum((2, 3), dtype=plane_dtype).sum(0, dtype=torch.float64).to(grad.dtype)
 
 
 def _register(ops: AlgorithmOps) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._ops import OPS, TAKES_WORKSPACE, call_op, in_transform
+from ._ops import OPS, TAKES_WORKSPACE, in_transform
 from ._shapes import check_algorithm, pair, resolve_padding
 from ._vmap import samples_per_call
 from .select import choose
@@ -46,7 +46,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
             shape = (shape[0] * samples_per_call(), *shape[1:])
         algorithm = choose(shape, weight.shape, stride, padding, dilation, groups, tensors=(input, weight, bias))
     extra = (get_workspace_limit(),) if TAKES_WORKSPACE[algorithm] else ()
-    output = call_op(OPS[algorithm].forward, input, weight, bias, stride, padding, dilation, groups, *extra)
+    output = OPS[algorithm].forward(input, weight, bias, stride, padding, dilation, groups, *extra)
     return output.squeeze(0) if unbatched else output
 
 

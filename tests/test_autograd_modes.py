@@ -164,8 +164,8 @@ def test_gradient_penalty_training_matches_nn_conv2d(device):
     assert not torch.equal(critic.body[2].weight, initial.body[2].weight)  # it trained
 
 
-# Calls with nothing for autograd to record run below the autograd key (channelconv._ops.call_op),
-# skipping the Python autograd kernels; the modes that reach that path must still get F.conv2d's answer.
+# Calls with nothing for autograd to record pass straight through the Autograd kernel; the modes
+# that reach that path must still get F.conv2d's answer.
 
 
 @pytest.mark.parametrize("algorithm", channelconv.ALGORITHMS)
@@ -192,20 +192,39 @@ def test_vmap_matches_f_conv2d(device, algorithm):
     assert_close(got, torch.vmap(reference(shape))(xs, ws, bs), torch.float64, "vmap")
 
 
-def test_only_calls_with_something_to_record_enter_the_autograd_kernel(monkeypatch):
-    """The autograd-key kernel asks records_autograd; a conv2d call asks it once itself. So a call
-    with nothing to record asks once (the kernel was skipped) and one that records asks twice."""
-    import channelconv._autograd as autograd_module
-    import channelconv._ops as ops_module
+def _ops_run(fn) -> list[str]:
+    """The channelconv ops a call of ``fn`` runs, in order (the profiler's record of the dispatcher)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name.removeprefix("channelconv::") for e in prof.events() if e.name.startswith("channelconv::")]
 
-    asked = []
-    real = ops_module.records_autograd
-    for module in (ops_module, autograd_module):  # call_op's, and the autograd kernel's
-        monkeypatch.setattr(module, "records_autograd", lambda *args: asked.append(1) or real(*args))
+
+@pytest.mark.parametrize("x_grad, w_grad, b_grad", [(True, True, True), (False, True, True), (True, False, False),
+                                                    (False, False, True)])
+def test_backward_runs_only_the_gradients_asked_for(x_grad, w_grad, b_grad):
+    """The Autograd kernel (csrc/autograd.cpp) records one node per call; its backward runs the
+    backward_input op only when the input requires grad (not a network's first layer) and
+    backward_weight only when the weight does (not a frozen layer), as ATen's convolution does."""
     x, w, b = tensors(GENERAL, "cpu")
-    conv = ours("direct", GENERAL)
-    conv(x, w, b)
-    assert len(asked) == 1
-    asked.clear()
-    conv(x, w.requires_grad_(), b)
-    assert len(asked) == 2
+    x.requires_grad_(x_grad), w.requires_grad_(w_grad), b.requires_grad_(b_grad)
+    out = ours("direct", GENERAL)(x, w, b)
+    assert out.grad_fn.name() == "channelconv_direct_forwardBackward"
+    grad = torch.randn_like(out)
+    ran = _ops_run(lambda: out.backward(grad))
+    assert ran == ["direct_backward_input"] * x_grad + ["direct_backward_weight"] * w_grad
+    copies = [t.detach().requires_grad_(t.requires_grad) for t in (x, w, b)]
+    reference(GENERAL)(*copies).backward(grad)
+    for name, t, want in zip(("input", "weight", "bias"), (x, w, b), copies):
+        assert (t.grad is None) == (not t.requires_grad), name
+        if t.grad is not None:
+            assert_close(t.grad, want.grad, torch.float64, name)
+
+
+def test_calls_with_nothing_to_record_leave_no_graph():
+    """A call where nothing requires grad records no node and runs only its forward op (the
+    Autograd kernel passes straight through), under no_grad too with tensors that do."""
+    x, w, b = tensors(GENERAL, "cpu")
+    out = ours("direct", GENERAL)(x, w, b)
+    assert out.grad_fn is None and not out.requires_grad
+    with torch.no_grad():
+        assert _ops_run(lambda: ours("direct", GENERAL)(x, w.requires_grad_(), b)) == ["direct_forward"]
