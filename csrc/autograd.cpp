@@ -23,6 +23,8 @@
 #include <torch/library.h>
 
 #include <array>
+#include <memory>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -161,6 +163,18 @@ class ConvBackward : public Node {
   const Rest rest_;
 };
 
+// torch 2.13 hands graph nodes around as c10::intrusive_ptr, earlier releases as std::shared_ptr.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <class Ptr = NodePtr, class... Args>
+Ptr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<Ptr, std::shared_ptr<Node>>) {
+    return std::make_shared<ConvBackward>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<ConvBackward>(std::forward<Args>(args)...);
+  }
+}
+
 // The Autograd kernel of one op (boxed: one body for the nine ops).
 class AutogradKernel : public c10::OperatorKernel {
  public:
@@ -181,9 +195,9 @@ class AutogradKernel : public c10::OperatorKernel {
       rest.assign(args.begin() + 3, args.end());
       third = args[2];
     }
-    c10::intrusive_ptr<ConvBackward> node;
+    NodePtr node;
     if (records) {
-      node = c10::make_intrusive<ConvBackward>(ops_, kind_, node_name_, a, b, bias.defined(), rest);
+      node = make_node(ops_, kind_, node_name_, a, b, bias.defined(), rest);
       node->set_next_edges(torch::autograd::collect_next_edges(a, b, bias));
     }
     {
