@@ -141,6 +141,14 @@ LoweredPlan plan_for(const BandKernels& kernels, const ConvShape& s, Lowering lo
   return plan_lowered(s, lowering, t.element_size(), workspace_limit, !kernels.gpu, nhwc);
 }
 
+// The dtype col2im sums dx in: an image's first band of rows writes its dx (no zero fill), later
+// bands add to it, and a sum over bands is kept in the op-math type (float for halves) and rounded
+// once at the end. With one band per image (the GPU's plan, and small maps on the CPU) dx is
+// written once, in its own dtype, the sum still run in the op-math type.
+at::ScalarType col2im_dtype(const ConvShape& s, const LoweredPlan& plan, const at::Tensor& grad_output) {
+  return plan.rows >= s.out_h ? grad_output.scalar_type() : at::toOpMathType(grad_output.scalar_type());
+}
+
 // ---- the NHWC driver (plan.h): channels_last operands and results, no layout copies ----------
 
 // For each band: its columns unrolled from the images of `input` (NHWC), then
@@ -149,10 +157,7 @@ template <typename Fn>
 void unroll_nhwc_bands(const BandKernels& kernels, const ColumnBands& bands, const ConvShape& s,
                        const at::Tensor& input, Fn fn) {
   bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
-    const int64_t pixels = rows * s.out_w;
-    for (int64_t i = 0; i < images; ++i) {
-      kernels.im2col_nhwc(input[n0 + i], columns.narrow(0, i * pixels, pixels), s, row0, rows);
-    }
+    kernels.im2col_nhwc(input.narrow(0, n0, images), columns, s, row0, rows);
     fn(n0, images, row0, rows, columns);
   });
 }
@@ -189,17 +194,12 @@ at::Tensor nhwc_backward_input(const BandKernels& kernels, const ConvShape& s, c
     grouped_mm(nhwc_rows(dx), dy_rows, s.groups, weight_of);
     return dx;
   }
-  // col2im adds band after band into dx: accumulate in the op-math type (float for halves).
-  at::Tensor dx = at::empty(s.input_sizes(), channels_last.dtype(at::toOpMathType(grad_output.scalar_type())));
-  dx.zero_();  // (at::zeros takes no memory format)
+  at::Tensor dx = at::empty(s.input_sizes(), channels_last.dtype(col2im_dtype(s, plan, grad_output)));
   if (s.batch > 0) {
     const ColumnBands bands(s, plan, grad_output.options(), workspace_limit);
     bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
       grouped_mm(columns, band_rows(dy_rows, s, n0, images, row0, rows), s.groups, weight_of);
-      const int64_t pixels = rows * s.out_w;
-      for (int64_t i = 0; i < images; ++i) {
-        kernels.col2im_nhwc(columns.narrow(0, i * pixels, pixels), dx[n0 + i], s, row0, rows);
-      }
+      kernels.col2im_nhwc(columns, dx.narrow(0, n0, images), s, row0, rows, /*accumulate=*/row0 > 0);
     });
   }
   return dx.to(grad_output.scalar_type());
@@ -281,7 +281,7 @@ at::Tensor lowered_forward(const BandKernels& kernels, Lowering lowering, const 
   } else if (s.batch > 0) {
     const ColumnBands bands(s, plan, input.options(), workspace_limit);
     bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
-      for (int64_t i = 0; i < images; ++i) kernels.im2col(x[n0 + i], columns[i], s, row0, rows);
+      kernels.im2col(x.narrow(0, n0, images), columns, s, row0, rows);
       if (!bands.side_by_side()) {
         gemm_into(band_view(y, s, n0, images, row0, rows),
                   columns.view({images * s.groups, s.column_rows(), rows * s.out_w}), images);
@@ -319,8 +319,7 @@ at::Tensor lowered_backward_input(const BandKernels& kernels, Lowering lowering,
       at::bmm_out(dx_images, per_image(w_t, images), images_view(dy, s, n0, images));
     });
   } else {
-    // col2im adds band after band into dx: accumulate in the op-math type (float for halves).
-    dx = at::zeros(s.input_sizes(), grad_output.options().dtype(at::toOpMathType(grad_output.scalar_type())));
+    dx = at::empty(s.input_sizes(), grad_output.options().dtype(col2im_dtype(s, plan, grad_output)));
     if (s.batch > 0) {
       const ColumnBands bands(s, plan, grad_output.options(), workspace_limit);
       bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
@@ -332,7 +331,7 @@ at::Tensor lowered_backward_input(const BandKernels& kernels, Lowering lowering,
           at::Tensor grouped_columns = columns.view({images * s.groups, s.column_rows(), rows * s.out_w});
           at::bmm_out(grouped_columns, per_image(w_t, images), band_view(dy, s, n0, images, row0, rows));
         }
-        for (int64_t i = 0; i < images; ++i) kernels.col2im(columns[i], dx[n0 + i], s, row0, rows);
+        kernels.col2im(columns, dx.narrow(0, n0, images), s, row0, rows, /*accumulate=*/row0 > 0);
       });
     }
     dx = dx.to(grad_output.scalar_type());
@@ -371,14 +370,13 @@ at::Tensor lowered_backward_weight(const BandKernels& kernels, Lowering lowering
   } else if (s.batch > 0) {
     const ColumnBands bands(s, plan, input.options(), workspace_limit);
     bands.for_each([&](int64_t n0, int64_t images, int64_t row0, int64_t rows, const at::Tensor& columns) {
+      kernels.im2col(x.narrow(0, n0, images), columns, s, row0, rows);
       if (bands.side_by_side()) {  // one GEMM whose inner dimension runs over all the band's pixels
-        for (int64_t i = 0; i < images; ++i) kernels.im2col(x[n0 + i], columns[i], s, row0, rows);
         bands.scratch_by_image(images).copy_(images_view(dy, s, n0, images));
         accumulate(bands.scratch(images).unsqueeze(0), side_by_side_matrix(columns).unsqueeze(0));
         return;
       }
       for (int64_t i = 0; i < images; ++i) {
-        kernels.im2col(x[n0 + i], columns[i], s, row0, rows);
         accumulate(band_view(dy, s, n0 + i, 1, row0, rows),
                    columns[i].view({s.groups, s.column_rows(), rows * s.out_w}));
       }

@@ -12,23 +12,27 @@
 
 namespace channelconv {
 
+// Each kernel moves one band, output rows [row0, row0+rows), of a run of images at once: one
+// launch per band on the GPU.
 struct BandKernels {
-  // columns (C*k_h*k_w, rows*W_o), unit-stride rows  <-  one image (C, H, W), output rows
-  // [row0, row0+rows). Contiguous, except on the CPU, whose side-by-side bands space the rows
-  // further apart (plan.h, LoweredPlan).
-  void (*im2col)(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows);
-  // grad_image (C, H, W) += what each element of `columns` (laid out as above) contributed to, for the same band.
-  // A gather: every input element sums the column entries that read it (no atomics).
-  // grad_image may have a wider (accumulation) dtype than columns.
-  void (*col2im)(const at::Tensor& columns, const at::Tensor& grad_image, const ConvShape& s, int64_t row0,
-                 int64_t rows);
-  // The same for channels_last data (plan.h, NHWC): columns (rows*W_o, C*k_h*k_w), contiguous, one
-  // row per output pixel, laid out (group, r, t, channel of the group)  <-  one image, NHWC. A
-  // backend without them (nullptr) runs channels_last operands through the NCHW kernels.
-  void (*im2col_nhwc)(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0,
+  // columns (images, C*k_h*k_w, rows*W_o), each image's matrix with unit-stride rows  <-  images
+  // (images, C, H, W), NCHW-contiguous. Contiguous, except on the CPU, whose side-by-side bands
+  // space the rows further apart (plan.h, LoweredPlan).
+  void (*im2col)(const at::Tensor& images, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows);
+  // grad_images (images, C, H, W) = (grad_images if `accumulate`, else 0) + what each element of
+  // `columns` (laid out as above) contributed to. A gather: every input element sums the column
+  // entries that read it (no atomics), and is written even if none does, so a band that does not
+  // accumulate needs no zero fill before it. The sum runs in the op-math type; grad_images holds
+  // the columns' dtype or the op-math type (when several bands are summed into it).
+  void (*col2im)(const at::Tensor& columns, const at::Tensor& grad_images, const ConvShape& s, int64_t row0,
+                 int64_t rows, bool accumulate);
+  // The same for channels_last data (plan.h, NHWC): columns (images*rows*W_o, C*k_h*k_w),
+  // contiguous, one row per output pixel, laid out (group, r, t, channel of the group)  <-  images,
+  // channels_last. A backend without them (nullptr) runs channels_last operands through the NCHW kernels.
+  void (*im2col_nhwc)(const at::Tensor& images, const at::Tensor& columns, const ConvShape& s, int64_t row0,
                       int64_t rows) = nullptr;
-  void (*col2im_nhwc)(const at::Tensor& columns, const at::Tensor& grad_image, const ConvShape& s, int64_t row0,
-                      int64_t rows) = nullptr;
+  void (*col2im_nhwc)(const at::Tensor& columns, const at::Tensor& grad_images, const ConvShape& s, int64_t row0,
+                      int64_t rows, bool accumulate) = nullptr;
   // The GPU's kernels (or their emulation): the driver runs the GPU's plan (plan.h, plan_lowered).
   bool gpu = false;
 };

@@ -357,3 +357,34 @@ def test_gpu_bands_take_whole_batches(shape):
     cpu = channelconv.cost(*shape, dtype=torch.float32).plans["im2col"]
     assert gpu.band_images == 8 and gpu.gemm_calls == 1 and cpu.gemm_calls > 1
     assert 0 < gpu.workspace_bytes <= channelconv.get_workspace_limit()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("band_rows", [1, 2, 4])
+def test_col2im_writes_all_of_dx_without_a_zero_fill(layout, dtype, band_rows, limit):
+    """im2col's input gradient allocates dx uninitialised: an image's first band of rows writes all
+    of it, inputs no tap reads included (stride 3 > kernel 2 here), and later bands add to it; with
+    one band per image (4 rows) dx is written once, in its own dtype. Under
+    use_deterministic_algorithms torch fills uninitialised memory with NaN, so an element left
+    unwritten shows."""
+    x = torch.randn(3, 6, 11, 10, dtype=torch.float64)
+    w = torch.randn(5, 6, 2, 2, dtype=torch.float64)
+    dy = torch.randn(3, 5, 4, 4, dtype=torch.float64)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x_, w_, dy_ = (t.to(dtype).contiguous(memory_format=memory_format) for t in (x, w, dy))
+    column_row = 6 * 2 * 2 * 4 * dtype.itemsize  # an output row's columns, one image
+    limit(band_rows * column_row)
+    plan = channelconv.cost(x.shape, w.shape, 3, 1, dtype=dtype, memory_format=memory_format).plans["im2col"]
+    assert plan.band_rows == band_rows
+    x_ref = x.clone().requires_grad_()
+    f_conv2d(x_ref, w, None, 3, 1).backward(dy)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = torch.ops.channelconv.im2col_backward_input(dy_, w_, list(x.shape), [3, 3], [1, 1], [1, 1], 1,
+                                                          channelconv.get_workspace_limit())
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert got.dtype == dtype
+    assert_close(got, x_ref.grad, dtype, "grad_input")

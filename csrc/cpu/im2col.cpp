@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
+#include <vector>
 
 #include "../lowered.h"
 
@@ -47,17 +49,53 @@ void im2col_band(const scalar_t* image, scalar_t* columns, const ConvShape& s, i
   });
 }
 
-// grad_image[c, hi, wi] += sum over taps (r, t) whose output pixel lies in the band of
-// columns[(c, r, t), pixel]. Each task owns whole input rows: no atomics, fixed order.
-// `pitch` as for im2col_band.
-template <typename scalar_t, typename acc_t>
-void col2im_band(const scalar_t* columns, acc_t* grad_image, const ConvShape& s, int64_t row0, int64_t rows,
-                 int64_t pitch) {
+// The input row of grad_image a task sums into, in the op-math type acc_t: the row itself when
+// grad_image holds acc_t, else a buffer widened from it (or zeros when not accumulating), which
+// finish() writes back, rounded once.
+template <typename out_t, typename acc_t>
+class SumRow {
+ public:
+  explicit SumRow(int64_t length) : length_(length) {
+    if constexpr (!kInPlace) buffer_.resize(length);
+  }
+
+  acc_t* start(out_t* row, bool accumulate) {
+    row_ = row;
+    acc_t* sum;
+    if constexpr (kInPlace) {
+      sum = row;
+    } else {
+      sum = buffer_.data();
+      if (accumulate) std::copy(row, row + length_, sum);  // widened
+    }
+    if (!accumulate) std::fill(sum, sum + length_, acc_t(0));
+    return sum;
+  }
+
+  void finish() {
+    if constexpr (!kInPlace) std::copy(buffer_.begin(), buffer_.end(), row_);  // rounded
+  }
+
+ private:
+  static constexpr bool kInPlace = std::is_same_v<out_t, acc_t>;
+  int64_t length_;
+  std::vector<acc_t> buffer_;
+  out_t* row_ = nullptr;
+};
+
+// grad_image[c, hi, wi] = (itself if `accumulate`, else 0) + sum over taps (r, t) whose output
+// pixel lies in the band of columns[(c, r, t), pixel]. Each task owns whole input rows: no
+// atomics, fixed order, and every row is written. `pitch` as for im2col_band.
+template <typename scalar_t, typename out_t>
+void col2im_band(const scalar_t* columns, out_t* grad_image, const ConvShape& s, int64_t row0, int64_t rows,
+                 int64_t pitch, bool accumulate) {
+  using acc_t = at::opmath_type<scalar_t>;
   const Geometry<int64_t> g = s.geometry<int64_t>();
   at::parallel_for(0, s.in_channels * g.h.in, 16, [&](int64_t begin, int64_t end) {
+    SumRow<out_t, acc_t> sum_row(g.w.in);
     for (int64_t c_hi = begin; c_hi < end; ++c_hi) {
       const int64_t c = c_hi / g.h.in, hi = c_hi % g.h.in;
-      acc_t* grad_row = grad_image + c_hi * g.w.in;
+      acc_t* grad_row = sum_row.start(grad_image + c_hi * g.w.in, accumulate);
       for (int64_t r = 0; r < g.h.taps; ++r) {
         const int64_t ho = g.h.output_reading(hi, r);
         if (ho < row0 || ho >= row0 + rows) continue;  // also rejects -1
@@ -79,6 +117,7 @@ void col2im_band(const scalar_t* columns, acc_t* grad_image, const ConvShape& s,
           }
         }
       }
+      sum_row.finish();
     }
   });
 }
@@ -114,21 +153,27 @@ void im2col_nhwc_band(const scalar_t* image, scalar_t* columns, const ConvShape&
   });
 }
 
-// grad_image[hi, wi, c] += every NHWC column entry that read it, for the band. Each task owns whole
-// input rows (a gather: no atomics, a fixed (r, t) order); each entry is a contiguous channel run.
-template <typename scalar_t, typename acc_t>
-void col2im_nhwc_band(const scalar_t* columns, acc_t* grad_image, const ConvShape& s, int64_t row0, int64_t rows) {
+// grad_image[hi, wi, c] = (itself if `accumulate`, else 0) + every NHWC column entry that read it,
+// for the band. Each task owns whole input rows (a gather: no atomics, a fixed (r, t) order, every
+// row written); each entry is a contiguous channel run.
+template <typename scalar_t, typename out_t>
+void col2im_nhwc_band(const scalar_t* columns, out_t* grad_image, const ConvShape& s, int64_t row0, int64_t rows,
+                      bool accumulate) {
+  using acc_t = at::opmath_type<scalar_t>;
   const Geometry<int64_t> g = s.geometry<int64_t>();
   const int64_t per_group = s.in_per_group(), taps = g.kernel_area(), row_length = s.in_channels * taps;
+  const int64_t image_row = g.w.in * s.in_channels;
   at::parallel_for(0, g.h.in, 1, [&](int64_t begin, int64_t end) {
+    SumRow<out_t, acc_t> sum_row(image_row);
     for (int64_t hi = begin; hi < end; ++hi) {
+      acc_t* grad_row = sum_row.start(grad_image + hi * image_row, accumulate);
       for (int64_t r = 0; r < g.h.taps; ++r) {
         const int64_t ho = g.h.output_reading(hi, r);
         if (ho < row0 || ho >= row0 + rows) continue;  // also rejects -1
         for (int64_t t = 0; t < g.w.taps; ++t) {
           const int64_t tap = r * g.w.taps + t, wi0 = g.w.input_at(0, t), wo_end = g.w.last_valid(t);
           for (int64_t wo = g.w.first_valid(t); wo < wo_end; ++wo) {
-            acc_t* dst = grad_image + (hi * g.w.in + wi0 + wo * g.w.stride) * s.in_channels;
+            acc_t* dst = grad_row + (wi0 + wo * g.w.stride) * s.in_channels;
             const scalar_t* src = columns + ((ho - row0) * g.w.out + wo) * row_length + tap * per_group;
             for (int64_t group = 0; group < s.groups; ++group) {
               acc_t* dst_run = dst + group * per_group;
@@ -138,57 +183,84 @@ void col2im_nhwc_band(const scalar_t* columns, acc_t* grad_image, const ConvShap
           }
         }
       }
+      sum_row.finish();
     }
   });
 }
 
-// The band's columns: (C*k_h*k_w, rows*W_o) with unit-stride rows, `pitch` elements apart.
+// An image's band columns: (C*k_h*k_w, rows*W_o) with unit-stride rows, `pitch` elements apart.
 int64_t band_pitch(const at::Tensor& columns, const ConvShape& s, int64_t rows) {
   TORCH_INTERNAL_ASSERT(columns.dim() == 2 && columns.size(1) == rows * s.out_w && columns.stride(1) == 1);
   return columns.stride(0);
 }
 
-void im2col_cpu(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows) {
-  const int64_t pitch = band_pitch(columns, s, rows);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, image.scalar_type(), "channelconv::im2col", [&] {
-    im2col_band<scalar_t>(image.const_data_ptr<scalar_t>(), columns.mutable_data_ptr<scalar_t>(), s, row0, rows,
-                          pitch);
-  });
-}
-
-void col2im_cpu(const at::Tensor& columns, const at::Tensor& grad_image, const ConvShape& s, int64_t row0,
-                int64_t rows) {
-  const int64_t pitch = band_pitch(columns, s, rows);
+// Calls `fn` with the scalar type of `columns` and each image's out_t pointer into `images`, which
+// holds that type or its op-math type (lowered.h).
+template <typename Fn>
+void dispatch_col2im(const at::Tensor& columns, const at::Tensor& images, Fn fn) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, columns.scalar_type(), "channelconv::col2im", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    col2im_band<scalar_t, acc_t>(columns.const_data_ptr<scalar_t>(), grad_image.mutable_data_ptr<acc_t>(), s, row0,
-                                 rows, pitch);
+    if (images.scalar_type() == columns.scalar_type()) {
+      fn(scalar_t{}, images.mutable_data_ptr<scalar_t>());
+    } else {
+      TORCH_INTERNAL_ASSERT(images.scalar_type() == at::toOpMathType(columns.scalar_type()));
+      fn(scalar_t{}, images.mutable_data_ptr<at::opmath_type<scalar_t>>());
+    }
   });
 }
 
-// An NHWC band's columns (rows*W_o, C*k_h*k_w), contiguous, and one image, channels_last.
-void check_nhwc_band(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t rows) {
-  TORCH_INTERNAL_ASSERT(columns.dim() == 2 && columns.is_contiguous() && columns.size(0) == rows * s.out_w &&
+void im2col_cpu(const at::Tensor& images, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, images.scalar_type(), "channelconv::im2col", [&] {
+    for (int64_t i = 0; i < images.size(0); ++i) {
+      const at::Tensor image_columns = columns[i];
+      im2col_band<scalar_t>(images[i].const_data_ptr<scalar_t>(), image_columns.mutable_data_ptr<scalar_t>(), s, row0,
+                            rows, band_pitch(image_columns, s, rows));
+    }
+  });
+}
+
+void col2im_cpu(const at::Tensor& columns, const at::Tensor& grad_images, const ConvShape& s, int64_t row0,
+                int64_t rows, bool accumulate) {
+  const int64_t image_numel = s.in_channels * s.in_h * s.in_w;
+  dispatch_col2im(columns, grad_images, [&](auto scalar, auto* out) {
+    using scalar_t = decltype(scalar);
+    for (int64_t i = 0; i < grad_images.size(0); ++i) {
+      const at::Tensor image_columns = columns[i];
+      col2im_band<scalar_t>(image_columns.const_data_ptr<scalar_t>(), out + i * image_numel, s, row0, rows,
+                            band_pitch(image_columns, s, rows), accumulate);
+    }
+  });
+}
+
+// NHWC bands: columns (images*rows*W_o, C*k_h*k_w), contiguous, and the images, channels_last.
+void check_nhwc_band(const at::Tensor& images, const at::Tensor& columns, const ConvShape& s, int64_t rows) {
+  TORCH_INTERNAL_ASSERT(columns.dim() == 2 && columns.is_contiguous() &&
+                        columns.size(0) == images.size(0) * rows * s.out_w &&
                         columns.size(1) == s.in_channels * s.kernel_h * s.kernel_w);
-  TORCH_INTERNAL_ASSERT(image.dim() == 3 && image.unsqueeze(0).is_contiguous(at::MemoryFormat::ChannelsLast));
+  TORCH_INTERNAL_ASSERT(images.dim() == 4 && images.is_contiguous(at::MemoryFormat::ChannelsLast));
 }
 
-void im2col_nhwc_cpu(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0,
+void im2col_nhwc_cpu(const at::Tensor& images, const at::Tensor& columns, const ConvShape& s, int64_t row0,
                      int64_t rows) {
-  check_nhwc_band(image, columns, s, rows);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, image.scalar_type(), "channelconv::im2col_nhwc", [&] {
-    im2col_nhwc_band<scalar_t>(image.const_data_ptr<scalar_t>(), columns.mutable_data_ptr<scalar_t>(), s, row0,
-                               rows);
+  check_nhwc_band(images, columns, s, rows);
+  const int64_t image_numel = s.in_channels * s.in_h * s.in_w, column_numel = columns.numel() / images.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, images.scalar_type(), "channelconv::im2col_nhwc", [&] {
+    for (int64_t i = 0; i < images.size(0); ++i) {
+      im2col_nhwc_band<scalar_t>(images.const_data_ptr<scalar_t>() + i * image_numel,
+                                 columns.mutable_data_ptr<scalar_t>() + i * column_numel, s, row0, rows);
+    }
   });
 }
 
-void col2im_nhwc_cpu(const at::Tensor& columns, const at::Tensor& grad_image, const ConvShape& s, int64_t row0,
-                     int64_t rows) {
-  check_nhwc_band(grad_image, columns, s, rows);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, columns.scalar_type(), "channelconv::col2im_nhwc", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    col2im_nhwc_band<scalar_t, acc_t>(columns.const_data_ptr<scalar_t>(), grad_image.mutable_data_ptr<acc_t>(), s,
-                                      row0, rows);
+void col2im_nhwc_cpu(const at::Tensor& columns, const at::Tensor& grad_images, const ConvShape& s, int64_t row0,
+                     int64_t rows, bool accumulate) {
+  check_nhwc_band(grad_images, columns, s, rows);
+  const int64_t image_numel = s.in_channels * s.in_h * s.in_w, column_numel = columns.numel() / grad_images.size(0);
+  dispatch_col2im(columns, grad_images, [&](auto scalar, auto* out) {
+    using scalar_t = decltype(scalar);
+    for (int64_t i = 0; i < grad_images.size(0); ++i) {
+      col2im_nhwc_band<scalar_t>(columns.const_data_ptr<scalar_t>() + i * column_numel, out + i * image_numel, s,
+                                 row0, rows, accumulate);
+    }
   });
 }
 

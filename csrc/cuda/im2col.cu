@@ -1,9 +1,10 @@
 // CUDA data movement for the GEMM-lowered algorithms (im2col, 1x1): the two band kernels of
 // BandKernels (lowered.h). The GEMMs stay in csrc/lowered.cpp and run on cuBLAS through ATen.
 //
-//   im2col: one thread per column element (row, pixel) of the (C*k_h*k_w, rows*W_o) band.
-//   col2im: one thread per input element (c, hi, wi), gathering what the band's columns hold
-//           for it (no atomics, a fixed summation order, so the result is deterministic).
+//   im2col: one thread per column element (image, row, pixel) of a band's (C*k_h*k_w, rows*W_o)
+//           matrices, one launch for all the band's images.
+//   col2im: one thread per input element (image, c, hi, wi), gathering what the band's columns
+//           hold for it (no atomics, a fixed summation order, so the result is deterministic).
 //
 // The per-thread work is in kernel_bodies.h (shared with the CPU emulation in csrc/testing/emulate_kernels.cpp).
 #include <ATen/Dispatch.h>
@@ -11,6 +12,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <type_traits>
 
 #include "../lowered.h"
 #include "kernel_bodies.h"
@@ -21,80 +24,86 @@ namespace {
 
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-    im2col_kernel(const scalar_t* __restrict__ image, scalar_t* __restrict__ columns, Geometry<index_t> g,
-                  index_t row0, index_t band_pixels, int64_t total) {
+    im2col_kernel(const scalar_t* __restrict__ images, scalar_t* __restrict__ columns, Geometry<index_t> g,
+                  index_t row0, index_t band_pixels, index_t image_numel, int64_t total) {
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    im2col_element(image, columns, g, row0, band_pixels, index_t(e));
+    im2col_element(images, columns, g, row0, band_pixels, image_numel, index_t(e));
   }
 }
 
-template <typename scalar_t, typename acc_t, typename index_t>
+template <typename scalar_t, typename out_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-    col2im_kernel(const scalar_t* __restrict__ columns, acc_t* __restrict__ grad_image, Geometry<index_t> g,
-                  index_t row0, index_t rows, int64_t total) {
+    col2im_kernel(const scalar_t* __restrict__ columns, out_t* __restrict__ grad_images, Geometry<index_t> g,
+                  index_t row0, index_t rows, index_t image_numel, bool accumulate, int64_t total) {
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    col2im_element(columns, grad_image, g, row0, rows, index_t(e));
+    col2im_element(columns, grad_images, g, row0, rows, image_numel, accumulate, index_t(e));
   }
 }
 
-template <typename scalar_t, typename index_t>
-void launch_im2col(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0,
-                   int64_t rows) {
-  const int64_t total = columns.numel();
-  im2col_kernel<scalar_t, index_t><<<grid_size(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      image.const_data_ptr<scalar_t>(), columns.mutable_data_ptr<scalar_t>(), s.geometry<index_t>(), index_t(row0),
-      index_t(rows * s.out_w), total);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename scalar_t, typename acc_t, typename index_t>
-void launch_col2im(const at::Tensor& columns, const at::Tensor& grad_image, const ConvShape& s, int64_t row0,
-                   int64_t rows) {
-  const int64_t total = grad_image.numel();
-  col2im_kernel<scalar_t, acc_t, index_t><<<grid_size(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      columns.const_data_ptr<scalar_t>(), grad_image.mutable_data_ptr<acc_t>(), s.geometry<index_t>(), index_t(row0),
-      index_t(rows), total);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// The layouts lowered.cpp hands over: image / grad_image one contiguous (C, H, W) image,
-// columns the contiguous (C*k_h*k_w, rows*W_o) band.
-void check_band(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows) {
-  TORCH_INTERNAL_ASSERT(image.is_cuda() && columns.device() == image.device());
-  TORCH_INTERNAL_ASSERT(image.is_contiguous() && columns.is_contiguous());
-  TORCH_INTERNAL_ASSERT(image.numel() == s.in_channels * s.in_h * s.in_w);
-  TORCH_INTERNAL_ASSERT(columns.numel() == s.in_channels * s.kernel_h * s.kernel_w * rows * s.out_w);
+// The layouts lowered.cpp hands over: images / grad_images (images, C, H, W), contiguous; columns
+// (images, C*k_h*k_w, rows*W_o), contiguous.
+void check_band(const at::Tensor& images, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows) {
+  TORCH_INTERNAL_ASSERT(images.is_cuda() && columns.device() == images.device());
+  TORCH_INTERNAL_ASSERT(images.is_contiguous() && columns.is_contiguous());
+  TORCH_INTERNAL_ASSERT(images.dim() == 4 && images.size(1) == s.in_channels && images.size(2) == s.in_h &&
+                        images.size(3) == s.in_w);
+  TORCH_INTERNAL_ASSERT(columns.numel() ==
+                        images.size(0) * s.in_channels * s.kernel_h * s.kernel_w * rows * s.out_w);
   TORCH_INTERNAL_ASSERT(row0 >= 0 && rows > 0 && row0 + rows <= s.out_h);
 }
 
-void im2col_cuda(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows) {
-  check_band(image, columns, s, row0, rows);
-  TORCH_INTERNAL_ASSERT(columns.scalar_type() == image.scalar_type());
-  if (columns.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(image.device());
-  const bool int32 = indices_fit_int32(s, {image.numel(), columns.numel()});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, image.scalar_type(), "channelconv::im2col_cuda", [&] {
+void im2col_cuda(const at::Tensor& images, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows) {
+  check_band(images, columns, s, row0, rows);
+  TORCH_INTERNAL_ASSERT(columns.scalar_type() == images.scalar_type());
+  const int64_t total = columns.numel();
+  if (total == 0) return;
+  const c10::cuda::CUDAGuard guard(images.device());
+  const bool int32 = indices_fit_int32(s, {images.numel(), total});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, images.scalar_type(), "channelconv::im2col_cuda", [&] {
+    auto launch = [&](auto index_tag) {
+      using index_t = decltype(index_tag);
+      im2col_kernel<scalar_t, index_t><<<grid_size(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          images.const_data_ptr<scalar_t>(), columns.mutable_data_ptr<scalar_t>(), s.geometry<index_t>(),
+          index_t(row0), index_t(rows * s.out_w), index_t(s.in_channels * s.in_h * s.in_w), total);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
     if (int32) {
-      launch_im2col<scalar_t, int32_t>(image, columns, s, row0, rows);
+      launch(int32_t{0});
     } else {
-      launch_im2col<scalar_t, int64_t>(image, columns, s, row0, rows);
+      launch(int64_t{0});
     }
   });
 }
 
-void col2im_cuda(const at::Tensor& columns, const at::Tensor& grad_image, const ConvShape& s, int64_t row0,
-                 int64_t rows) {
-  check_band(grad_image, columns, s, row0, rows);
-  TORCH_INTERNAL_ASSERT(grad_image.scalar_type() == at::toOpMathType(columns.scalar_type()));
-  if (grad_image.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(grad_image.device());
-  const bool int32 = indices_fit_int32(s, {grad_image.numel(), columns.numel()});
+void col2im_cuda(const at::Tensor& columns, const at::Tensor& grad_images, const ConvShape& s, int64_t row0,
+                 int64_t rows, bool accumulate) {
+  check_band(grad_images, columns, s, row0, rows);
+  const int64_t total = grad_images.numel();
+  if (total == 0) return;
+  const c10::cuda::CUDAGuard guard(grad_images.device());
+  const bool int32 = indices_fit_int32(s, {total, columns.numel()});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, columns.scalar_type(), "channelconv::col2im_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    auto launch = [&](auto index_tag, auto* out) {
+      using index_t = decltype(index_tag);
+      using out_t = std::remove_pointer_t<decltype(out)>;
+      col2im_kernel<scalar_t, out_t, index_t><<<grid_size(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          columns.const_data_ptr<scalar_t>(), out, s.geometry<index_t>(), index_t(row0), index_t(rows),
+          index_t(s.in_channels * s.in_h * s.in_w), accumulate, total);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    // grad_images holds the columns' type or its op-math type (lowered.h).
+    auto with_output = [&](auto index_tag) {
+      if (grad_images.scalar_type() == columns.scalar_type()) {
+        launch(index_tag, grad_images.mutable_data_ptr<scalar_t>());
+      } else {
+        TORCH_INTERNAL_ASSERT(grad_images.scalar_type() == at::toOpMathType(columns.scalar_type()));
+        launch(index_tag, grad_images.mutable_data_ptr<at::opmath_type<scalar_t>>());
+      }
+    };
     if (int32) {
-      launch_col2im<scalar_t, acc_t, int32_t>(columns, grad_image, s, row0, rows);
+      with_output(int32_t{0});
     } else {
-      launch_col2im<scalar_t, acc_t, int64_t>(columns, grad_image, s, row0, rows);
+      with_output(int64_t{0});
     }
   });
 }

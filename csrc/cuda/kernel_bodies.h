@@ -42,32 +42,42 @@ struct ConvDims {
 };
 
 // ---------------------------------------------------------------------------------------------
-// im2col / col2im for one band of output rows [row0, row0 + rows) of one image (BandKernels).
+// im2col / col2im for one band of output rows [row0, row0 + rows) of a run of images (BandKernels):
+// one launch for all the band's images. Image i's input is `image_numel` elements after image
+// i-1's; its columns, (C*k_h*k_w, rows*W_o) row-major, follow image i-1's.
 // ---------------------------------------------------------------------------------------------
 
-// Column element e of the band (C*k_h*k_w rows, band_pixels = rows*W_o columns, row-major):
-// the input element that column row (c, r, s) reads at output pixel row0*W_o + col, or 0.
+// Column element e of the band: the input element that column row (c, r, s) of image e / (the
+// columns of one image) reads at output pixel row0*W_o + col, or 0.
 template <typename scalar_t, typename index_t>
-CC_HOST_DEVICE void im2col_element(const scalar_t* image, scalar_t* columns, const Geometry<index_t>& g,
-                                   index_t row0, index_t band_pixels, index_t e) {
-  const index_t row = e / band_pixels;
-  const index_t col = e % band_pixels;
+CC_HOST_DEVICE void im2col_element(const scalar_t* images, scalar_t* columns, const Geometry<index_t>& g,
+                                   index_t row0, index_t band_pixels, index_t image_numel, index_t e) {
+  const index_t column_numel = (image_numel / g.in_area()) * g.kernel_area() * band_pixels;
+  const index_t image = e / column_numel, in_image = e % column_numel;
+  const index_t row = in_image / band_pixels;
+  const index_t col = in_image % band_pixels;
   const index_t src = g.im2col_source(row, row0 * g.w.out + col);
-  columns[e] = src < 0 ? scalar_t(0) : image[src];
+  columns[e] = src < 0 ? scalar_t(0) : images[image * image_numel + src];
 }
 
-// Input element e = (c, hi, wi) of the image: grad_image[e] += every band column entry that
-// read it, i.e. for each tap (r, s) whose output pixel (ho, wo) lies in the band,
-// columns[(c, r, s), (ho - row0) * W_o + wo]. A gather: each thread writes only its own element.
-// The sum runs in tap order (r, then s) starting from grad_image[e], as the CPU kernel does.
-template <typename scalar_t, typename acc_t, typename index_t>
-CC_HOST_DEVICE void col2im_element(const scalar_t* columns, acc_t* grad_image, const Geometry<index_t>& g,
-                                   index_t row0, index_t rows, index_t e) {
-  const index_t wi = e % g.w.in;
-  const index_t hi = (e / g.w.in) % g.h.in;
-  const index_t c = e / g.in_area();
+// Input element e = (image, c, hi, wi): grad_images[e] = (grad_images[e] if `accumulate`, else 0)
+// + every band column entry of its image that read it, i.e. for each tap (r, s) whose output
+// pixel (ho, wo) lies in the band, columns[(c, r, s), (ho - row0) * W_o + wo]. A gather: each
+// thread writes only its own element, and writes it whether or not a tap reads it, so a band that
+// does not accumulate leaves nothing unwritten (no zero fill first). The sum runs in acc_t (the
+// op-math type), in tap order (r, then s), as the CPU kernel does; grad_images holds out_t (the
+// columns' type, or acc_t when bands must be summed).
+template <typename scalar_t, typename out_t, typename index_t>
+CC_HOST_DEVICE void col2im_element(const scalar_t* columns, out_t* grad_images, const Geometry<index_t>& g,
+                                   index_t row0, index_t rows, index_t image_numel, bool accumulate, index_t e) {
+  using acc_t = at::opmath_type<scalar_t>;
   const index_t band_pixels = rows * g.w.out;
-  acc_t acc = grad_image[e];
+  const index_t image = e / image_numel, in_image = e % image_numel;
+  const index_t wi = in_image % g.w.in;
+  const index_t hi = (in_image / g.w.in) % g.h.in;
+  const index_t c = in_image / g.in_area();
+  const scalar_t* image_columns = columns + image * (image_numel / g.in_area()) * g.kernel_area() * band_pixels;
+  acc_t acc = accumulate ? static_cast<acc_t>(grad_images[e]) : acc_t(0);
   for (index_t r = 0; r < g.h.taps; ++r) {
     const index_t ho = g.h.output_reading(hi, r);
     if (ho < row0 || ho >= row0 + rows) continue;  // also rejects -1 (no output reads hi via r)
@@ -75,10 +85,10 @@ CC_HOST_DEVICE void col2im_element(const scalar_t* columns, acc_t* grad_image, c
     const index_t base = (c * g.h.taps + r) * g.w.taps * band_pixels + (ho - row0) * g.w.out;
     for (index_t s = 0; s < g.w.taps; ++s) {
       const index_t wo = g.w.output_reading(wi, s);
-      if (wo >= 0) acc += static_cast<acc_t>(columns[base + s * band_pixels + wo]);
+      if (wo >= 0) acc += static_cast<acc_t>(image_columns[base + s * band_pixels + wo]);
     }
   }
-  grad_image[e] = acc;
+  grad_images[e] = static_cast<out_t>(acc);
 }
 
 // ---------------------------------------------------------------------------------------------

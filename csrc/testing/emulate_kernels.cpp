@@ -466,19 +466,19 @@ at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tenso
 }
 
 // ---- band kernels, plugged into the real GEMM driver (lowered.cpp) ------------------------------
-void im2col_emulated(const at::Tensor& image, const at::Tensor& columns, const ConvShape& s, int64_t row0,
+void im2col_emulated(const at::Tensor& images, const at::Tensor& columns, const ConvShape& s, int64_t row0,
                      int64_t rows) {
-  TORCH_CHECK(image.is_contiguous() && columns.is_contiguous());
-  TORCH_CHECK(columns.numel() == s.in_channels * s.kernel_h * s.kernel_w * rows * s.out_w);
+  TORCH_CHECK(images.is_contiguous() && columns.is_contiguous());
+  TORCH_CHECK(columns.numel() == images.size(0) * s.in_channels * s.kernel_h * s.kernel_w * rows * s.out_w);
   const int64_t total = columns.numel();
-  const bool int32 = pick_int32(indices_fit_int32(s, {image.numel(), total}));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, image.scalar_type(), "emulate_im2col", [&] {
+  const bool int32 = pick_int32(indices_fit_int32(s, {images.numel(), total}));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, images.scalar_type(), "emulate_im2col", [&] {
     auto run = [&](auto index_tag) {
       using index_t = decltype(index_tag);
       const Geometry<index_t> g = s.geometry<index_t>();
       for (int64_t e = 0; e < total; ++e) {
-        im2col_element(image.const_data_ptr<scalar_t>(), columns.mutable_data_ptr<scalar_t>(), g, index_t(row0),
-                       index_t(rows * s.out_w), index_t(e));
+        im2col_element(images.const_data_ptr<scalar_t>(), columns.mutable_data_ptr<scalar_t>(), g, index_t(row0),
+                       index_t(rows * s.out_w), index_t(s.in_channels * s.in_h * s.in_w), index_t(e));
       }
     };
     if (int32) run(int32_t{0});
@@ -486,24 +486,30 @@ void im2col_emulated(const at::Tensor& image, const at::Tensor& columns, const C
   });
 }
 
-void col2im_emulated(const at::Tensor& columns, const at::Tensor& grad_image, const ConvShape& s, int64_t row0,
-                     int64_t rows) {
-  TORCH_CHECK(grad_image.is_contiguous() && columns.is_contiguous());
-  TORCH_CHECK(grad_image.scalar_type() == at::toOpMathType(columns.scalar_type()));
-  const int64_t total = grad_image.numel();
+void col2im_emulated(const at::Tensor& columns, const at::Tensor& grad_images, const ConvShape& s, int64_t row0,
+                     int64_t rows, bool accumulate) {
+  TORCH_CHECK(grad_images.is_contiguous() && columns.is_contiguous());
+  const int64_t total = grad_images.numel();
   const bool int32 = pick_int32(indices_fit_int32(s, {total, columns.numel()}));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, columns.scalar_type(), "emulate_col2im", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto run = [&](auto index_tag) {
+    auto run = [&](auto index_tag, auto* out) {
       using index_t = decltype(index_tag);
       const Geometry<index_t> g = s.geometry<index_t>();
       for (int64_t e = 0; e < total; ++e) {
-        col2im_element(columns.const_data_ptr<scalar_t>(), grad_image.mutable_data_ptr<acc_t>(), g, index_t(row0),
-                       index_t(rows), index_t(e));
+        col2im_element(columns.const_data_ptr<scalar_t>(), out, g, index_t(row0), index_t(rows),
+                       index_t(s.in_channels * s.in_h * s.in_w), accumulate, index_t(e));
       }
     };
-    if (int32) run(int32_t{0});
-    else run(int64_t{0});
+    auto with_output = [&](auto index_tag) {  // the columns' type or its op-math type (lowered.h)
+      if (grad_images.scalar_type() == columns.scalar_type()) {
+        run(index_tag, grad_images.mutable_data_ptr<scalar_t>());
+      } else {
+        TORCH_CHECK(grad_images.scalar_type() == at::toOpMathType(columns.scalar_type()));
+        run(index_tag, grad_images.mutable_data_ptr<at::opmath_type<scalar_t>>());
+      }
+    };
+    if (int32) with_output(int32_t{0});
+    else with_output(int64_t{0});
   });
 }
 
