@@ -6,6 +6,10 @@ device time, from torch.profiler (needs a GPU).
 
 Layers: a few of ResNet-50's (3x3 at 56/14/7, a strided 3x3, 1x1 at 56 and 7). Each pass runs
 warm once, then `--repeats` times under the profiler; times are per call (microseconds).
+
+Then the host time per call (issue 19: at most about 15 µs): on a tiny layer, whose kernels take
+less time than their launch, the seconds the CPU spends issuing a forward call, and a training
+step's forward and backward, per call, against F.conv2d's.
 """
 
 from __future__ import annotations
@@ -61,6 +65,36 @@ def profile_call(fn, repeats: int) -> dict:
             "kernels": {k: {"launches": n / repeats, "us": t / repeats} for k, (n, t) in kernels.items()}}
 
 
+def host_times(calls_per_run: int = 2000, device: str = "cuda") -> list[dict]:
+    """Host microseconds per call on a 1x8x4x4 input, 8 output channels, 3x3: the time to issue
+    `calls_per_run` calls with no synchronisation inside (the GPU drains them faster than they come).
+    (device='cpu' runs the same code there, where it times the kernels too.)"""
+    import time
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    x = torch.randn(1, 8, 4, 4, device=device)
+    w = torch.randn(8, 8, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(8, device=device, requires_grad=True)
+    xg = x.clone().requires_grad_()
+    sides = {"F.conv2d": lambda a, **_: F.conv2d(a, w, b, 1, 1)}
+    for algorithm in ("auto", "direct", "im2col"):
+        sides[algorithm] = lambda a, algorithm=algorithm: channelconv.conv2d(a, w, b, 1, 1, algorithm=algorithm)
+    rows = []
+    for side, conv in sides.items():
+        for mode, fn in (("forward", lambda: conv(x.detach())),
+                         ("training step", lambda: conv(xg).sum().backward())):
+            for _ in range(50):
+                fn()
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls_per_run):
+                fn()
+            host_us = (time.perf_counter() - start) / calls_per_run * 1e6
+            sync()
+            rows.append(dict(side=side, mode=mode, host_us=host_us))
+            print(f"host time {side:9} {mode:14} {host_us:7.1f} us per call")
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json")
@@ -88,9 +122,11 @@ def main() -> int:
                       f"{ratio:8.2f}")
                 rows.append(dict(layer=layer, pass_=pass_, algorithm=algorithm, batch=options.batch,
                                  tf32=options.tf32, ratio_to_cudnn=ratio, **result))
+    host = host_times()
     if options.json:
         with open(options.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
+                       "host_us_per_call": host}, f, indent=1)
     return 0
 
 
