@@ -130,7 +130,7 @@ bool runs_depthwise(const ConvShape& s, at::ScalarType dtype) {
 TaskRows task_rows(const BlockedProblem& p, int64_t threads) {
   TaskRows plan;
   plan.rows_per_group = product({p.batch, p.out_h});
-  plan.unit = p.paired_rows() ? 2 : 1;
+  plan.unit = p.tile_rows();  // a task's rows fill its tiles
   plan.units = ceil_div(plan.rows_per_group, plan.unit);
   const int64_t strip_bytes = product({p.packs(), p.taps_h, p.strip_width(), int64_t(sizeof(float))});
   const int64_t rows_by_cache = std::max<int64_t>(1, kStripBytes / strip_bytes);
@@ -153,6 +153,11 @@ BlockedRun correlation_run(const BlockedProblem& problem, const WeightTaps& taps
                            int64_t threads) {
   BlockedProblem p = with_tile_width(problem);
   p.channel_pack = channel_pack_for(dtype);
+  // Tiles of fewer rows (down to pairs) where whole tiles would leave a thread without work: a
+  // 3x3 map at batch 1 has 3 rows, one tile of 4 but two of 2.
+  while (p.most_tile_rows > 2 && p.groups * ceil_div(product({p.batch, p.out_h}), p.tile_rows()) < 2 * threads) {
+    --p.most_tile_rows;
+  }
   return {p, taps, task_rows(p, threads)};
 }
 

@@ -5,6 +5,8 @@
 // and cost() never restate a rule or a constant of the kernels.
 #pragma once
 
+#include <algorithm>
+
 #include <ATen/ATen.h>
 
 #include <initializer_list>
@@ -97,13 +99,16 @@ void check_workspace_fits(const LoweredPlan& plan, const ConvShape& s, int64_t w
 // ---------------------------------------------------------------------------------------------
 
 // The register-blocked engine's tile: 32 output channels (two AVX-512 registers) x up to 14
-// output pixels, a piece of one row or the same columns of two rows of at most 7. A problem with at
+// output pixels, a piece of one row or the same columns of 2-4 rows of at most 7. A problem with at
 // most 16 output channels per group takes narrow tiles: 16 channels (one register) x up to 28
 // pixels, so that half the lanes do not multiply padding.
 constexpr int64_t kBlockedChannels = 32;
 constexpr int64_t kNarrowBlockChannels = 16;
 constexpr int kMaxPixels = 14;  // of a 32-channel tile
 constexpr int kMaxNarrowPixels = kMaxPixels * kBlockedChannels / kNarrowBlockChannels;
+// Rows per tile on small maps: a 3-pixel row's tile of 2 rows held 6 of 14 pixels, and streamed a
+// block's weights from L2 for 12 multiply-adds per tap; 4 rows hold 12 (benchmarks/NOTES.md v13).
+constexpr int kMaxTileRows = 4;
 // The weight-gradient tile: 32 output channels x G input channels x S taps of one kernel row,
 // G * S <= kGradTileValues (24 accumulators of the 32 registers), S <= kMaxGradTaps; a narrow
 // tile, 16 channels, holds twice the values.
@@ -149,16 +154,22 @@ struct BlockedProblem {
   // In the weight gradient, whose reduction runs over output pixels, 2 pairs a row's consecutive
   // output pixels instead (a row's odd last pixel runs in float32).
   int64_t channel_pack = 1;
+  // Rows a tile may take (kMaxTileRows, fewer where the tasks would not keep the threads busy).
+  int64_t most_tile_rows = kMaxTileRows;
 
   int64_t plane_h() const { return out_plane_h < 0 ? out_h : out_plane_h; }
   int64_t plane_w() const { return out_plane_w < 0 ? out_w : out_plane_w; }
   int64_t blocks() const { return (out_per_group + block - 1) / block; }
   int64_t packs() const { return (in_per_group + channel_pack - 1) / channel_pack; }
   int64_t max_pixels() const { return block == kBlockedChannels ? kMaxPixels : kMaxNarrowPixels; }
-  // Rows of at most half a tile go two to a tile; wider rows are cut into row_pieces() tiles.
-  bool paired_rows() const { return 2 * out_w <= max_pixels(); }
-  int64_t row_pieces() const { return paired_rows() ? 1 : (out_w + max_pixels() - 1) / max_pixels(); }
-  int64_t tiles(int64_t rows) const { return paired_rows() ? (rows + 1) / 2 : product({rows, row_pieces()}); }
+  // Rows of at most half a tile go several to a tile, as many as fit, up to kMaxTileRows; wider
+  // rows are cut into row_pieces() tiles.
+  int64_t tile_rows() const { return std::clamp<int64_t>(max_pixels() / std::max<int64_t>(out_w, 1), 1, most_tile_rows); }
+  bool grouped_rows() const { return tile_rows() > 1; }
+  int64_t row_pieces() const { return grouped_rows() ? 1 : (out_w + max_pixels() - 1) / max_pixels(); }
+  int64_t tiles(int64_t rows) const {
+    return grouped_rows() ? (rows + tile_rows() - 1) / tile_rows() : product({rows, row_pieces()});
+  }
   int64_t strip_width() const;                  // input columns one output row's strip holds
   int64_t input_rows(int64_t out_rows) const;  // input rows a band of out_rows output rows reads
 };

@@ -38,10 +38,10 @@ using blocked::v16;
 // prefetcher alone does not hide (benchmarks/NOTES.md).
 constexpr int64_t kWeightPrefetch = 512;
 
-// A tile: Rows (1 or 2) output rows of A consecutive pixels each, the same columns on each row.
-// Both rows read the same kernel rows [r_begin, r_end), so no multiply-add reads a zero row.
+// A tile: Rows (1 to kMaxTileRows) output rows of A consecutive pixels each, the same columns on
+// each row. All its rows read the same kernel rows [r_begin, r_end) (the union of theirs).
 struct Tile {
-  const float* x[2];      // each row's strip at (input channel 0, kernel row r_begin, the tile's first pixel)
+  const float* x[kMaxTileRows];  // each row's strip at (input channel 0, kernel row r_begin, the tile's first pixel)
   int64_t channel_step;   // floats from one input channel's (or pair's) strip rows to the next
   int64_t strip_width;    // floats from one kernel row to the next
   int64_t kernel_rows;    // r_end - r_begin
@@ -53,8 +53,8 @@ struct Tile {
 };
 
 // SW: the stride along the row as a constant (0: t.stride_w). With the stride known, every pixel's
-// input is a fixed displacement from one pointer per row, so the loop needs two address registers
-// instead of one per pixel (a pointer per pixel spilled to the stack: three reloads per tap).
+// input is a fixed displacement from one pointer per row, so the loop needs an address register per
+// row instead of one per pixel (a pointer per pixel spilled to the stack: three reloads per tap).
 // V: vectors of 16 channels per pixel (2: a 32-channel tile; 1: a narrow one).
 // Pack: input channels per step, 1 (float32 FMAs) or 2 (bfloat16 pairs, dot_pairs).
 template <int A, int Rows, int SW, int V, int Pack>
@@ -68,42 +68,50 @@ __attribute__((target("avx512f,fma"))) void tile_kernel(const Tile& t) {
 #pragma GCC unroll 28
     for (int p = 0; p < P; ++p) acc[v][p] = init;
   }
-  // One tap: the block's weights times each pixel's input at x0 (first row) or x1 (second row).
-  const auto tap = [&](const float* w, const float* x0, const float* x1) __attribute__((always_inline)) {
+  // One tap: the block's weights times each pixel's input, row r's at x[r] + offset.
+  const auto tap = [&](const float* w, const float* const* x, int64_t offset) __attribute__((always_inline)) {
     v16 wv[V];
 #pragma GCC unroll 2
     for (int v = 0; v < V; ++v) {
       wv[v] = *reinterpret_cast<const v16*>(w + 16 * v);
       __builtin_prefetch(w + kWeightPrefetch + 16 * v, 0, 3);
     }
-    // One row's pixels, its strip at this tap from x, into accumulators [first, first + A).
-    const auto pixels = [&](const float* x, int first) __attribute__((always_inline)) {
+#pragma GCC unroll 4
+    for (int r = 0; r < Rows; ++r) {
+      const float* row = x[r] + offset;
 #pragma GCC unroll 28
       for (int p = 0; p < A; ++p) {
         if constexpr (Pack == 2) {
 #pragma GCC unroll 2
-          for (int v = 0; v < V; ++v) blocked::dot_pairs(acc[v][first + p], wv[v], x + p * sw);
+          for (int v = 0; v < V; ++v) blocked::dot_pairs(acc[v][r * A + p], wv[v], row + p * sw);
         } else {
-          const float xv = x[p * sw];
+          const float xv = row[p * sw];
 #pragma GCC unroll 2
-          for (int v = 0; v < V; ++v) acc[v][first + p] += wv[v] * xv;
+          for (int v = 0; v < V; ++v) acc[v][r * A + p] += wv[v] * xv;
         }
       }
-    };
-    pixels(x0, 0);
-    if constexpr (Rows == 2) pixels(x1, A);
+    }
   };
+  const float* x[Rows];
   if (t.kernel_rows == 1 && t.taps_w == 1) {  // one tap per input channel (1x1): one loop
-    const float *x0 = t.x[0], *x1 = t.x[Rows - 1], *w = t.weights;
-    for (int64_t c = 0; c < t.packs; ++c, x0 += t.channel_step, x1 += t.channel_step, w += t.weight_channel_step)
-      tap(w, x0, x1);
+#pragma GCC unroll 4
+    for (int r = 0; r < Rows; ++r) x[r] = t.x[r];
+    const float* w = t.weights;
+    for (int64_t c = 0; c < t.packs; ++c, w += t.weight_channel_step) {
+      tap(w, x, 0);
+#pragma GCC unroll 4
+      for (int r = 0; r < Rows; ++r) x[r] += t.channel_step;
+    }
   } else {
     for (int64_t c = 0; c < t.packs; ++c) {
-      const float* x0 = t.x[0] + c * t.channel_step;
-      const float* x1 = t.x[Rows - 1] + c * t.channel_step;
+#pragma GCC unroll 4
+      for (int r = 0; r < Rows; ++r) x[r] = t.x[r] + c * t.channel_step;
       const float* w = t.weights + c * t.weight_channel_step;
-      for (int64_t r = 0; r < t.kernel_rows; ++r, x0 += t.strip_width, x1 += t.strip_width)
-        for (int64_t s = 0; s < t.taps_w; ++s, w += block) tap(w, x0 + s * t.dil_w, x1 + s * t.dil_w);
+      for (int64_t kr = 0; kr < t.kernel_rows; ++kr) {
+        for (int64_t s = 0; s < t.taps_w; ++s, w += block) tap(w, x, s * t.dil_w);
+#pragma GCC unroll 4
+        for (int r = 0; r < Rows; ++r) x[r] += t.strip_width;
+      }
     }
   }
 #pragma GCC unroll 28
@@ -119,24 +127,27 @@ constexpr std::array<TileFn, sizeof...(A)> make_tile_row(std::integer_sequence<i
   return {&tile_kernel<A + 1, Rows, SW, V, Pack>...};
 }
 // Tiles of V vectors of channels (pixels up to Pixels = 28 / V), by stride SW (0: any other):
-// one_row[SW][A - 1], A pixels of one row; two_row[SW][A - 1], A pixels on each of two rows.
+// rows<R>[SW][A - 1], A pixels on each of R rows.
 template <int V, int Pack, int Pixels = kMaxNarrowPixels / V>
 struct TileTable {
-  static constexpr std::array<std::array<TileFn, Pixels>, 3> one_row = {
-      make_tile_row<1, 0, V, Pack>(std::make_integer_sequence<int, Pixels>{}),
-      make_tile_row<1, 1, V, Pack>(std::make_integer_sequence<int, Pixels>{}),
-      make_tile_row<1, 2, V, Pack>(std::make_integer_sequence<int, Pixels>{})};
-  static constexpr std::array<std::array<TileFn, Pixels / 2>, 3> two_row = {
-      make_tile_row<2, 0, V, Pack>(std::make_integer_sequence<int, Pixels / 2>{}),
-      make_tile_row<2, 1, V, Pack>(std::make_integer_sequence<int, Pixels / 2>{}),
-      make_tile_row<2, 2, V, Pack>(std::make_integer_sequence<int, Pixels / 2>{})};
+  template <int Rows>
+  static constexpr std::array<std::array<TileFn, Pixels / Rows>, 3> rows = {
+      make_tile_row<Rows, 0, V, Pack>(std::make_integer_sequence<int, Pixels / Rows>{}),
+      make_tile_row<Rows, 1, V, Pack>(std::make_integer_sequence<int, Pixels / Rows>{}),
+      make_tile_row<Rows, 2, V, Pack>(std::make_integer_sequence<int, Pixels / Rows>{})};
 };
 static_assert(kMaxNarrowPixels / 2 == kMaxPixels, "a 32-channel tile holds half a narrow tile's pixels");
+static_assert(kMaxTileRows == 4, "tile_of covers 1 to 4 rows");
 
 template <int V, int Pack>
 TileFn tile_of(int stride_index, int rows, int64_t width) {
   using Table = TileTable<V, Pack>;
-  return rows == 2 ? Table::two_row[stride_index][width - 1] : Table::one_row[stride_index][width - 1];
+  switch (rows) {
+    case 1: return Table::template rows<1>[stride_index][width - 1];
+    case 2: return Table::template rows<2>[stride_index][width - 1];
+    case 3: return Table::template rows<3>[stride_index][width - 1];
+    default: return Table::template rows<4>[stride_index][width - 1];
+  }
 }
 
 TileFn tile_for(const BlockedProblem& p, int rows, int64_t width) {
@@ -146,40 +157,42 @@ TileFn tile_for(const BlockedProblem& p, int rows, int64_t width) {
   return wide ? tile_of<2, 1>(stride_index, rows, width) : tile_of<1, 1>(stride_index, rows, width);
 }
 
-// A tile of a task: `width` pixels from column `col` of the task's row `row[0]` (and of row[1]
-// when two rows share the tile).
+// A tile of a task: `width` pixels from column `col` of the task's rows row[0], ..., row[rows - 1].
 struct TilePlace {
-  int64_t row[2];
+  int64_t row[kMaxTileRows];
   int rows;
   int64_t col, width;
 };
 
 // The task's tiles. A row wider than a tile is cut into equal pieces (56 -> 4 x 14, 20 -> 2 x 10).
-// Rows of at most half a tile go two to a tile, paired among rows that read the same kernel rows
-// (sorted by [r_begin, r_end): on 7x7 maps the top rows of two images pair, and so do their bottom
-// rows), so that no tile runs a kernel row that one of its rows does not need; a row left without
-// a partner of its range pairs with the next row anyway (its tile runs the union of the ranges).
-// (BlockedProblem::tiles counts them.)
+// Rows of at most half a tile go tile_rows() to a tile, grouped among rows that read the same
+// kernel rows (sorted by [r_begin, r_end): on 7x7 maps the top rows of two images pair, and so do
+// their bottom rows), so that few tiles run a kernel row that one of their rows does not need; a
+// group left short of rows of its range fills up with the next range's (its tile runs the union
+// of the ranges), and the last tile may hold fewer rows. (BlockedProblem::tiles counts them.)
 void plan_tiles(const BlockedProblem& p, int64_t rows, const int64_t* r_begin, const int64_t* r_end,
                 std::vector<TilePlace>& tiles) {
   tiles.clear();
   const int64_t out_w = p.out_w;
-  if (p.paired_rows()) {
+  if (p.grouped_rows()) {
     std::vector<int64_t> order(rows);
     for (int64_t j = 0; j < rows; ++j) order[j] = j;
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
       return std::make_pair(r_begin[a], r_end[a]) < std::make_pair(r_begin[b], r_end[b]);
     });
-    for (int64_t i = 0; i < rows; i += 2)
-      tiles.push_back(i + 1 < rows ? TilePlace{{order[i], order[i + 1]}, 2, 0, out_w}
-                                   : TilePlace{{order[i], order[i]}, 1, 0, out_w});
+    const int64_t per_tile = p.tile_rows();
+    for (int64_t i = 0; i < rows; i += per_tile) {
+      TilePlace place{{}, static_cast<int>(std::min(per_tile, rows - i)), 0, out_w};
+      for (int k = 0; k < place.rows; ++k) place.row[k] = order[i + k];
+      tiles.push_back(place);
+    }
     return;
   }
   const int64_t pieces = p.row_pieces();
   for (int64_t j = 0; j < rows; ++j)
     for (int64_t i = 0, col = 0; i < pieces; ++i) {
       const int64_t width = out_w / pieces + (i < out_w % pieces ? 1 : 0);
-      tiles.push_back(TilePlace{{j, j}, 1, col, width});
+      tiles.push_back(TilePlace{{j}, 1, col, width});
       col += width;
     }
 }
@@ -253,14 +266,16 @@ void run_block(const BlockedProblem& p, int64_t g, int64_t b, const float* packe
   const int64_t first_channel = g * p.out_per_group + b * p.block;
   const float* block_weights = packed + (g * p.blocks() + b) * p.packs() * p.taps_h * p.taps_w * p.block;
   for (const TilePlace& place : st.tiles) {
-    const int64_t j0 = place.row[0], j1 = place.row[1];
-    const int64_t rb = std::min(st.r_begin[j0], st.r_begin[j1]), re = std::max(st.r_end[j0], st.r_end[j1]);
+    int64_t rb = st.r_begin[place.row[0]], re = st.r_end[place.row[0]];
+    for (int i = 1; i < place.rows; ++i) {
+      rb = std::min(rb, st.r_begin[place.row[i]]), re = std::max(re, st.r_end[place.row[i]]);
+    }
     const int64_t first = rb * strip_width + place.col * p.stride_w;
-    Tile t{{st.strips.data() + j0 * strip_floats + first, st.strips.data() + j1 * strip_floats + first},
-           p.taps_h * strip_width, strip_width, std::max<int64_t>(0, re - rb), p.taps_w, p.dil_w, p.stride_w,
+    Tile t{{}, p.taps_h * strip_width, strip_width, std::max<int64_t>(0, re - rb), p.taps_w, p.dil_w, p.stride_w,
            p.packs(), block_weights + rb * p.taps_w * p.block,
            p.taps_h * p.taps_w * p.block, init + (g * p.blocks() + b) * p.block,
            st.tile_acc.data()};
+    for (int i = 0; i < place.rows; ++i) t.x[i] = st.strips.data() + place.row[i] * strip_floats + first;
     tile_for(p, place.rows, place.width)(t);
     for (int i = 0; i < place.rows; ++i) {
       const int64_t j = place.row[i];
