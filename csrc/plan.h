@@ -154,7 +154,8 @@ struct BlockedProblem {
   // In the weight gradient, whose reduction runs over output pixels, 2 pairs a row's consecutive
   // output pixels instead (a row's odd last pixel runs in float32).
   int64_t channel_pack = 1;
-  // Rows a tile may take (kMaxTileRows, fewer where the tasks would not keep the threads busy).
+  // Rows a tile may take (kMaxTileRows; fewer where neither the tasks nor their channel blocks
+  // would keep the threads busy).
   int64_t most_tile_rows = kMaxTileRows;
 
   int64_t plane_h() const { return out_plane_h < 0 ? out_h : out_plane_h; }
@@ -188,10 +189,13 @@ struct WeightTaps {
 
 // How a group's output rows (which run on from one image into the next) are shared among its
 // tasks: task t takes units [t * units / tasks, (t + 1) * units / tasks), a unit being one row,
-// or two when rows pair into tiles. Each task runs every channel block over its rows, so a block's
-// packed weights are read once per task.
+// or a tile's rows when rows share tiles. Each task runs every channel block over its rows, so a
+// block's packed weights are read once per task. Where there are too few tasks to keep the
+// threads busy (small maps at batch 1), each task's channel blocks are split into block_parts
+// work items, which run on different threads over the same rows.
 struct TaskRows {
   int64_t rows_per_group, unit, units, group_tasks;
+  int64_t block_parts = 1;
   int64_t begin(int64_t t) const { return std::min(rows_per_group, t * units / group_tasks * unit); }
   int64_t end(int64_t t) const { return begin(t + 1); }
   int64_t max_rows() const { return (units + group_tasks - 1) / group_tasks * unit; }

@@ -192,6 +192,26 @@ def test_direct_tile_plans(device, out_w, kernel, stride, padding, dilation):
     check_case(case, "direct", torch.float32, device)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("size", [3, 4])
+def test_direct_splits_channel_blocks_when_tasks_are_few(device, threads, size):
+    """A small map at batch 1 fills one or two tiles' rows: fewer tasks than twice the threads,
+    which the blocked kernel makes up by splitting each task's channel blocks (70 output channels:
+    three blocks, a partial one; the parts differ by thread count), forward and both gradients
+    (the input gradient's 70 channels too)."""
+    case = Case(batch=1, in_channels=70, out_channels=70, size=(size, size), kernel=(3, 3), stride=(1, 1), padding=1,
+                dilation=(1, 1), groups=1, bias=True, unbatched=False, layout="contiguous")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        forward = channelconv.cost((1, 70, size, size), (70, 70, 3, 3), 1, 1).plans["direct"].passes["forward"]
+        if forward["blocked"]:
+            assert forward["tasks"] <= 2
+        check_case(case, "direct", torch.float32, device)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("out_w", [1, 7, 13, 14, 15, 27, 28, 29, 56])
 @pytest.mark.parametrize("out_channels, groups", [(6, 1), (16, 1), (12, 2)])
 def test_direct_narrow_tile_plans(device, out_w, out_channels, groups):

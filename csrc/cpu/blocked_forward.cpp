@@ -366,18 +366,26 @@ void blocked_correlation(const BlockedRun& run, const Activations& in, const flo
                 init_padded.begin() + g * p.blocks() * p.block);
   }
   const int64_t task_rows = tasks.max_rows();
-  at::parallel_for(0, p.groups * tasks.group_tasks, 1, [&](int64_t begin, int64_t end) {
+  // Work items: (task, part of its channel blocks); a thread's consecutive items of one task share its strips.
+  const int64_t parts = tasks.block_parts, blocks_per_part = (p.blocks() + parts - 1) / parts;
+  at::parallel_for(0, p.groups * tasks.group_tasks * parts, 1, [&](int64_t begin, int64_t end) {
     TaskState st;
     st.strips.resize(task_rows * p.packs() * p.taps_h * p.strip_width());
     st.r_begin.resize(task_rows), st.r_end.resize(task_rows);
     st.image.resize(task_rows), st.plane_row.resize(task_rows);
     st.tile_acc.resize(p.max_pixels() * p.block);
-    for (int64_t task = begin; task < end; ++task) {
+    int64_t filled = -1;  // the task whose strips st holds
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t task = item / parts, part = item % parts;
       const int64_t g = task / tasks.group_tasks, row0 = tasks.begin(task % tasks.group_tasks);
-      const int64_t rows = tasks.end(task % tasks.group_tasks) - row0;
-      fill_strips(p, in, g, row0, rows, st);
-      plan_tiles(p, rows, st.r_begin.data(), st.r_end.data(), st.tiles);
-      for (int64_t b = 0; b < p.blocks(); ++b) run_block(p, g, b, packed, init_padded.data(), out, st);
+      if (task != filled) {
+        const int64_t rows = tasks.end(task % tasks.group_tasks) - row0;
+        fill_strips(p, in, g, row0, rows, st);
+        plan_tiles(p, rows, st.r_begin.data(), st.r_end.data(), st.tiles);
+        filled = task;
+      }
+      const int64_t b_end = std::min(p.blocks(), (part + 1) * blocks_per_part);
+      for (int64_t b = part * blocks_per_part; b < b_end; ++b) run_block(p, g, b, packed, init_padded.data(), out, st);
     }
   });
 }
