@@ -24,8 +24,8 @@
 
 #include <array>
 #include <memory>
-#include <type_traits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "conv_params.h"
@@ -121,12 +121,6 @@ std::array<at::Tensor, 2> operand_grads(const AlgorithmOps& ops, Kind kind, cons
   return grads;
 }
 
-// The op's value on other operands, by kind: what the tangent rule of a bilinear op needs.
-at::Tensor apply_op(const AlgorithmOps& ops, Kind kind, const at::Tensor& a, const at::Tensor& b,
-                    const c10::IValue& third, const Rest& rest) {
-  return call(ops[kind], a, b, kind == kForward ? c10::IValue() : third, rest);
-}
-
 class ConvBackward : public Node {
  public:
   ConvBackward(const AlgorithmOps& ops, Kind kind, std::string name, const at::Tensor& a, const at::Tensor& b,
@@ -190,10 +184,10 @@ class AutogradKernel : public c10::OperatorKernel {
     const bool has_tangent = torch::autograd::isFwGradDefined(a) || torch::autograd::isFwGradDefined(b) ||
                              torch::autograd::isFwGradDefined(bias);
     Rest rest;
-    c10::IValue third;
+    c10::IValue size;  // a backward op's result size (the tangent's terms take no bias)
     if (records || has_tangent) {
       rest.assign(args.begin() + 3, args.end());
-      third = args[2];
+      if (kind_ != kForward) size = args[2];
     }
     NodePtr node;
     if (records) {
@@ -206,18 +200,18 @@ class AutogradKernel : public c10::OperatorKernel {
     }
     at::Tensor output = stack->back().toTensor();
     if (node) torch::autograd::set_history(output, node);
-    if (has_tangent) set_tangent(output, a, b, bias, third, rest);
+    if (has_tangent) set_tangent(output, a, b, bias, size, rest);
   }
 
  private:
   // Bilinear: the tangent is op(da, b) + op(a, db), plus the bias's tangent broadcast.
   void set_tangent(at::Tensor& output, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
-                   const c10::IValue& third, const Rest& rest) const {
+                   const c10::IValue& size, const Rest& rest) const {
     at::Tensor tangent;
     auto add = [&](at::Tensor term) { tangent = tangent.defined() ? tangent + term : std::move(term); };
     const at::Tensor da = a._fw_grad(0), db = b._fw_grad(0);
-    if (da.defined()) add(apply_op(ops_, kind_, da, b._fw_primal(0), third, rest));
-    if (db.defined()) add(apply_op(ops_, kind_, a._fw_primal(0), db, third, rest));
+    if (da.defined()) add(call(ops_[kind_], da, b._fw_primal(0), size, rest));
+    if (db.defined()) add(call(ops_[kind_], a._fw_primal(0), db, size, rest));
     if (bias.defined()) {
       const at::Tensor dbias = bias._fw_grad(0);
       if (dbias.defined()) add(dbias.reshape({1, -1, 1, 1}).expand(output.sizes()));
@@ -234,8 +228,8 @@ void register_kernels(torch::Library& m) {
   for (size_t algorithm = 0; algorithm < kPrefixes.size(); ++algorithm) {
     for (Kind kind : {kForward, kBackwardInput, kBackwardWeight}) {
       const std::string name = std::string(kPrefixes[algorithm]) + "_" + kKindNames[kind];
-      m.impl(name.c_str(), torch::CppFunction::makeFromBoxedFunctor(
-                               std::make_unique<AutogradKernel>(AlgorithmOps{algorithm}, kind, "channelconv_" + name + "Backward")));
+      auto kernel = std::make_unique<AutogradKernel>(AlgorithmOps{algorithm}, kind, "channelconv_" + name + "Backward");
+      m.impl(name.c_str(), torch::CppFunction::makeFromBoxedFunctor(std::move(kernel)));
     }
   }
 }

@@ -24,6 +24,7 @@ struct ConvShape {
   int64_t in_per_group() const { return in_channels / groups; }
   int64_t out_per_group() const { return out_channels / groups; }
   std::array<int64_t, 4> input_sizes() const { return {batch, in_channels, in_h, in_w}; }
+  int64_t image_numel() const { return in_channels * in_h * in_w; }  // elements of one input image
   std::array<int64_t, 4> weight_sizes() const { return {out_channels, in_per_group(), kernel_h, kernel_w}; }
   std::array<int64_t, 4> output_sizes() const { return {batch, out_channels, out_h, out_w}; }
   // Rows of one group's column matrix: (c, r, s) over the group's input channels.

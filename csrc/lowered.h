@@ -5,12 +5,25 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include "conv_params.h"
 #include "plan.h"
 
 namespace channelconv {
+
+// Calls fn(out) with col2im's output `grad_images` as a pointer to the columns' element type
+// scalar_t or to its op-math type: the two dtypes BandKernels::col2im may write.
+template <typename scalar_t, typename Fn>
+void with_col2im_output(const at::Tensor& grad_images, Fn fn) {
+  if (grad_images.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) {
+    fn(grad_images.mutable_data_ptr<scalar_t>());
+  } else {
+    TORCH_INTERNAL_ASSERT(grad_images.scalar_type() == c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value);
+    fn(grad_images.mutable_data_ptr<at::opmath_type<scalar_t>>());
+  }
+}
 
 // Each kernel moves one band, output rows [row0, row0+rows), of a run of images at once: one
 // launch per band on the GPU.

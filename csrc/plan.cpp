@@ -156,11 +156,11 @@ BlockedRun correlation_run(const BlockedProblem& problem, const WeightTaps& taps
   // Too few tasks for the threads (a 3x3 map at batch 1 has 3 rows, one tile of 4): split each
   // task's channel blocks among threads, which then read each block's weights once in all, not once
   // per thread; with one block, tiles of fewer rows (down to pairs) instead.
-  while (p.most_tile_rows > 2 && p.blocks() == 1 &&
-         p.groups * ceil_div(product({p.batch, p.out_h}), p.tile_rows()) < 2 * threads) {
-    --p.most_tile_rows;
-  }
   TaskRows tasks = task_rows(p, threads);
+  while (p.most_tile_rows > 2 && p.blocks() == 1 && p.groups * tasks.units < 2 * threads) {
+    --p.most_tile_rows;
+    tasks = task_rows(p, threads);
+  }
   tasks.block_parts = std::clamp<int64_t>(ceil_div(2 * threads, p.groups * tasks.group_tasks), 1, p.blocks());
   return {p, taps, tasks};
 }

@@ -5,10 +5,9 @@
 // and cost() never restate a rule or a constant of the kernels.
 #pragma once
 
-#include <algorithm>
-
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <limits>
 #include <string>
@@ -165,7 +164,9 @@ struct BlockedProblem {
   int64_t max_pixels() const { return block == kBlockedChannels ? kMaxPixels : kMaxNarrowPixels; }
   // Rows of at most half a tile go several to a tile, as many as fit, up to kMaxTileRows; wider
   // rows are cut into row_pieces() tiles.
-  int64_t tile_rows() const { return std::clamp<int64_t>(max_pixels() / std::max<int64_t>(out_w, 1), 1, most_tile_rows); }
+  int64_t tile_rows() const {
+    return std::clamp<int64_t>(max_pixels() / std::max<int64_t>(out_w, 1), 1, most_tile_rows);
+  }
   bool grouped_rows() const { return tile_rows() > 1; }
   int64_t row_pieces() const { return grouped_rows() ? 1 : (out_w + max_pixels() - 1) / max_pixels(); }
   int64_t tiles(int64_t rows) const {

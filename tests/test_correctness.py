@@ -183,7 +183,8 @@ def test_realistic_layer(device, algorithm):
 def test_direct_tile_plans(device, out_w, kernel, stride, padding, dilation):
     """Every way the blocked direct kernel tiles a task (csrc/cpu/blocked_forward.cpp, plan_tiles):
     rows cut into equal pieces of up to 14 pixels, or rows of at most 7 pixels grouped 2 to 4 to a
-    tile (same kernel-row range, or the union when a group is left short), at stride 1, 2 (constant-stride tiles)
+    tile (same kernel-row range, or the union when a group is left short), at stride 1, 2
+    (constant-stride tiles)
     and 3 (any stride), with border rows that read different kernel rows; 33 output channels (a
     full and a partial block), forward and both gradients (the input gradient runs the same kernel)."""
     in_w = (out_w - 1) * stride[1] + dilation[1] * (kernel[1] - 1) + 1 - 2 * padding

@@ -194,20 +194,6 @@ int64_t band_pitch(const at::Tensor& columns, const ConvShape& s, int64_t rows) 
   return columns.stride(0);
 }
 
-// Calls `fn` with the scalar type of `columns` and each image's out_t pointer into `images`, which
-// holds that type or its op-math type (lowered.h).
-template <typename Fn>
-void dispatch_col2im(const at::Tensor& columns, const at::Tensor& images, Fn fn) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, columns.scalar_type(), "channelconv::col2im", [&] {
-    if (images.scalar_type() == columns.scalar_type()) {
-      fn(scalar_t{}, images.mutable_data_ptr<scalar_t>());
-    } else {
-      TORCH_INTERNAL_ASSERT(images.scalar_type() == at::toOpMathType(columns.scalar_type()));
-      fn(scalar_t{}, images.mutable_data_ptr<at::opmath_type<scalar_t>>());
-    }
-  });
-}
-
 void im2col_cpu(const at::Tensor& images, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, images.scalar_type(), "channelconv::im2col", [&] {
     for (int64_t i = 0; i < images.size(0); ++i) {
@@ -220,14 +206,14 @@ void im2col_cpu(const at::Tensor& images, const at::Tensor& columns, const ConvS
 
 void col2im_cpu(const at::Tensor& columns, const at::Tensor& grad_images, const ConvShape& s, int64_t row0,
                 int64_t rows, bool accumulate) {
-  const int64_t image_numel = s.in_channels * s.in_h * s.in_w;
-  dispatch_col2im(columns, grad_images, [&](auto scalar, auto* out) {
-    using scalar_t = decltype(scalar);
-    for (int64_t i = 0; i < grad_images.size(0); ++i) {
-      const at::Tensor image_columns = columns[i];
-      col2im_band<scalar_t>(image_columns.const_data_ptr<scalar_t>(), out + i * image_numel, s, row0, rows,
-                            band_pitch(image_columns, s, rows), accumulate);
-    }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, columns.scalar_type(), "channelconv::col2im", [&] {
+    with_col2im_output<scalar_t>(grad_images, [&](auto* out) {
+      for (int64_t i = 0; i < grad_images.size(0); ++i) {
+        const at::Tensor image_columns = columns[i];
+        col2im_band<scalar_t>(image_columns.const_data_ptr<scalar_t>(), out + i * s.image_numel(), s, row0, rows,
+                              band_pitch(image_columns, s, rows), accumulate);
+      }
+    });
   });
 }
 
@@ -242,10 +228,10 @@ void check_nhwc_band(const at::Tensor& images, const at::Tensor& columns, const 
 void im2col_nhwc_cpu(const at::Tensor& images, const at::Tensor& columns, const ConvShape& s, int64_t row0,
                      int64_t rows) {
   check_nhwc_band(images, columns, s, rows);
-  const int64_t image_numel = s.in_channels * s.in_h * s.in_w, column_numel = columns.numel() / images.size(0);
+  const int64_t column_numel = columns.numel() / images.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, images.scalar_type(), "channelconv::im2col_nhwc", [&] {
     for (int64_t i = 0; i < images.size(0); ++i) {
-      im2col_nhwc_band<scalar_t>(images.const_data_ptr<scalar_t>() + i * image_numel,
+      im2col_nhwc_band<scalar_t>(images.const_data_ptr<scalar_t>() + i * s.image_numel(),
                                  columns.mutable_data_ptr<scalar_t>() + i * column_numel, s, row0, rows);
     }
   });
@@ -254,13 +240,14 @@ void im2col_nhwc_cpu(const at::Tensor& images, const at::Tensor& columns, const 
 void col2im_nhwc_cpu(const at::Tensor& columns, const at::Tensor& grad_images, const ConvShape& s, int64_t row0,
                      int64_t rows, bool accumulate) {
   check_nhwc_band(grad_images, columns, s, rows);
-  const int64_t image_numel = s.in_channels * s.in_h * s.in_w, column_numel = columns.numel() / grad_images.size(0);
-  dispatch_col2im(columns, grad_images, [&](auto scalar, auto* out) {
-    using scalar_t = decltype(scalar);
-    for (int64_t i = 0; i < grad_images.size(0); ++i) {
-      col2im_nhwc_band<scalar_t>(columns.const_data_ptr<scalar_t>() + i * column_numel, out + i * image_numel, s,
-                                 row0, rows, accumulate);
-    }
+  const int64_t column_numel = columns.numel() / grad_images.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, columns.scalar_type(), "channelconv::col2im_nhwc", [&] {
+    with_col2im_output<scalar_t>(grad_images, [&](auto* out) {
+      for (int64_t i = 0; i < grad_images.size(0); ++i) {
+        col2im_nhwc_band<scalar_t>(columns.const_data_ptr<scalar_t>() + i * column_numel, out + i * s.image_numel(),
+                                   s, row0, rows, accumulate);
+      }
+    });
   });
 }
 

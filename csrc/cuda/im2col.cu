@@ -64,7 +64,7 @@ void im2col_cuda(const at::Tensor& images, const at::Tensor& columns, const Conv
       using index_t = decltype(index_tag);
       im2col_kernel<scalar_t, index_t><<<grid_size(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           images.const_data_ptr<scalar_t>(), columns.mutable_data_ptr<scalar_t>(), s.geometry<index_t>(),
-          index_t(row0), index_t(rows * s.out_w), index_t(s.in_channels * s.in_h * s.in_w), total);
+          index_t(row0), index_t(rows * s.out_w), index_t(s.image_numel()), total);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (int32) {
@@ -83,27 +83,21 @@ void col2im_cuda(const at::Tensor& columns, const at::Tensor& grad_images, const
   const c10::cuda::CUDAGuard guard(grad_images.device());
   const bool int32 = indices_fit_int32(s, {total, columns.numel()});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, columns.scalar_type(), "channelconv::col2im_cuda", [&] {
-    auto launch = [&](auto index_tag, auto* out) {
+    auto launch = [&](auto index_tag) {
       using index_t = decltype(index_tag);
-      using out_t = std::remove_pointer_t<decltype(out)>;
-      col2im_kernel<scalar_t, out_t, index_t><<<grid_size(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          columns.const_data_ptr<scalar_t>(), out, s.geometry<index_t>(), index_t(row0), index_t(rows),
-          index_t(s.in_channels * s.in_h * s.in_w), accumulate, total);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    // grad_images holds the columns' type or its op-math type (lowered.h).
-    auto with_output = [&](auto index_tag) {
-      if (grad_images.scalar_type() == columns.scalar_type()) {
-        launch(index_tag, grad_images.mutable_data_ptr<scalar_t>());
-      } else {
-        TORCH_INTERNAL_ASSERT(grad_images.scalar_type() == at::toOpMathType(columns.scalar_type()));
-        launch(index_tag, grad_images.mutable_data_ptr<at::opmath_type<scalar_t>>());
-      }
+      with_col2im_output<scalar_t>(grad_images, [&](auto* out) {
+        using out_t = std::remove_pointer_t<decltype(out)>;
+        col2im_kernel<scalar_t, out_t, index_t>
+            <<<grid_size(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                columns.const_data_ptr<scalar_t>(), out, s.geometry<index_t>(), index_t(row0), index_t(rows),
+                index_t(s.image_numel()), accumulate, total);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     };
     if (int32) {
-      with_output(int32_t{0});
+      launch(int32_t{0});
     } else {
-      with_output(int64_t{0});
+      launch(int64_t{0});
     }
   });
 }

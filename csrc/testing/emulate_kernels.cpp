@@ -478,7 +478,7 @@ void im2col_emulated(const at::Tensor& images, const at::Tensor& columns, const 
       const Geometry<index_t> g = s.geometry<index_t>();
       for (int64_t e = 0; e < total; ++e) {
         im2col_element(images.const_data_ptr<scalar_t>(), columns.mutable_data_ptr<scalar_t>(), g, index_t(row0),
-                       index_t(rows * s.out_w), index_t(s.in_channels * s.in_h * s.in_w), index_t(e));
+                       index_t(rows * s.out_w), index_t(s.image_numel()), index_t(e));
       }
     };
     if (int32) run(int32_t{0});
@@ -492,24 +492,18 @@ void col2im_emulated(const at::Tensor& columns, const at::Tensor& grad_images, c
   const int64_t total = grad_images.numel();
   const bool int32 = pick_int32(indices_fit_int32(s, {total, columns.numel()}));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, columns.scalar_type(), "emulate_col2im", [&] {
-    auto run = [&](auto index_tag, auto* out) {
+    auto run = [&](auto index_tag) {
       using index_t = decltype(index_tag);
       const Geometry<index_t> g = s.geometry<index_t>();
-      for (int64_t e = 0; e < total; ++e) {
-        col2im_element(columns.const_data_ptr<scalar_t>(), out, g, index_t(row0), index_t(rows),
-                       index_t(s.in_channels * s.in_h * s.in_w), accumulate, index_t(e));
-      }
+      with_col2im_output<scalar_t>(grad_images, [&](auto* out) {
+        for (int64_t e = 0; e < total; ++e) {
+          col2im_element(columns.const_data_ptr<scalar_t>(), out, g, index_t(row0), index_t(rows),
+                         index_t(s.image_numel()), accumulate, index_t(e));
+        }
+      });
     };
-    auto with_output = [&](auto index_tag) {  // the columns' type or its op-math type (lowered.h)
-      if (grad_images.scalar_type() == columns.scalar_type()) {
-        run(index_tag, grad_images.mutable_data_ptr<scalar_t>());
-      } else {
-        TORCH_CHECK(grad_images.scalar_type() == at::toOpMathType(columns.scalar_type()));
-        run(index_tag, grad_images.mutable_data_ptr<at::opmath_type<scalar_t>>());
-      }
-    };
-    if (int32) with_output(int32_t{0});
-    else with_output(int64_t{0});
+    if (int32) run(int32_t{0});
+    else run(int64_t{0});
   });
 }
 
