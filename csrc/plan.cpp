@@ -103,8 +103,11 @@ bool runs_blocked(at::ScalarType dtype, int64_t out_per_group) {
 // Any layout and engine dtype: a unit reads its input plane and dy block into float32 rows (a
 // widened copy of a whole half-precision input would double its memory: tests/test_large.py's
 // 4.6 GB bfloat16 input ran CI out of memory).
+// Its row copy is the padded row rounded up to whole strides: only where that at most doubles it
+// (a stride of 2^31 - 1 on a 1-pixel row asked for an 8 GB row: std::bad_alloc, found by the fuzz).
 bool runs_row_weight_grad(const ConvShape& s, at::ScalarType dtype) {
   return engine_dtype(dtype) && s.out_per_group() < kNarrowBlockChannels && s.kernel_w <= kMaxGradTaps &&
+         s.stride[1] <= s.in_w + 2 * s.padding[1] &&
          (s.stride[1] == 1 || s.in_per_group() <= kRowStridedInChannels) &&
          s.out_w * kNarrowBlockChannels >= s.out_per_group() * row_lanes(s.out_w) && blocked_kernel_available();
 }

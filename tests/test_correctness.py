@@ -326,6 +326,23 @@ def test_depthwise_engine(device, layout, channels, kernel, stride, padding, dil
         assert plan["direct"].passes["forward"]["depthwise"] and plan["direct"].passes["input_grad"]["depthwise"]
 
 
+@pytest.mark.parametrize("batch", [0, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_direct_weight_grad_with_a_stride_past_the_row(batch, dtype):
+    """A fuzz draw: stride 2^31 - 1 along a 1-pixel row, 3 groups of one output channel. The row
+    weight-gradient engine copies each padded row rounded up to whole strides, and asked for an
+    8 GB row (std::bad_alloc); it takes such layers no more (csrc/plan.cpp, runs_row_weight_grad)."""
+    x = torch.randn(batch, 9, 4, 1, dtype=torch.float64)
+    w = torch.randn(3, 3, 2, 2, dtype=torch.float64)
+    args = ((1, 2**31 - 1), (3, 1), 1, 3)
+    dy = torch.randn(f_conv2d(x, w, None, *args).shape, dtype=torch.float64)
+    w_ref = w.clone().requires_grad_()
+    f_conv2d(x, w_ref, None, *args).backward(dy)
+    got = torch.ops.channelconv.direct_backward_weight(dy.to(dtype), x.to(dtype), list(w.shape), list(args[0]),
+                                                       list(args[1]), [1, 1], 3)
+    assert_close(got, w_ref.grad, dtype, "grad_weight")
+
+
 @pytest.mark.parametrize("algorithm", ["1x1", "im2col"])
 def test_half_precision_weight_grad_sums_images_in_float(device, algorithm):
     """A hypothesis draw whose two images' weight gradients nearly cancel: rounding each image's
