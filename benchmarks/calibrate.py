@@ -277,8 +277,8 @@ def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool
     settings.block_s, settings.slow_s = (0.005, 0.05) if quick else (0.01, 0.2)
     settings.batch = 2
     clock_name = "thread CPU time" if settings.cpu_clock else "wall time"
-    where = (f"{cpu_name()}, {settings.threads} thread(s)" if settings.device == "cpu"
-             else torch.cuda.get_device_name())
+    machine = timemodel.machine_id(settings.device)
+    where = (f"{cpu_name()} ({machine}), {settings.threads} thread(s)" if settings.device == "cpu" else machine)
     log(f"calibrating 'auto' on {where}, {settings.device} "
         f"{str(settings.dtype).replace('torch.', '')}, {settings.memory_format}, {clock_name}")
     try:
@@ -286,7 +286,7 @@ def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool
     except (OSError, ValueError):
         data = {}
     key = timemodel.calibration_key(settings.device, settings.dtype, settings.memory_format == "channels_last")
-    saved = data.get("models", {}).get(key)
+    saved = data.get("machines", {}).get(machine, {}).get(key)
     partial = saved is not None and set(passes) != {"forward", "training"}
     if partial and (saved.get("threads"), saved.get("clock")) != (settings.threads, clock_name):
         raise ValueError(f"refitting {', '.join(passes)} alone needs the saved entry's setting ({saved.get('threads')} "
@@ -330,11 +330,10 @@ def calibrate(settings: Settings, path=None, quick: bool = False, progress: bool
     entry["source"] = f"{saved['source']}; {', '.join(passes)} refitted {source[len('calibrated '):]}" if partial \
         else source
     data.setdefault("version", 1)
-    data.setdefault("models", {})
-    data["models"][key] = entry
+    data.setdefault("machines", {}).setdefault(machine, {})[key] = entry
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     select.reload_calibration()
-    log(f"saved {key} to {path} in {time.perf_counter() - start:.0f} s")
+    log(f"saved {key} for {machine} to {path} in {time.perf_counter() - start:.0f} s")
     return entry
 
 

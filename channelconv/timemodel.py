@@ -11,14 +11,20 @@ register-blocked tiles (channels padded to the tile) or of its plain loops (lane
 rows), the inner loops, the packed weights streamed, the input copied into strips and the outputs.
 The coefficients are seconds per unit (1/rate, 1/bandwidth, overhead), measured on a machine by
 ``python -m benchmarks --calibrate`` and saved in channelconv/calibration.json (or the file named
-by CHANNELCONV_CALIBRATION); built-in defaults apply when it is missing.
+by CHANNELCONV_CALIBRATION); built-in defaults apply when it is missing. The file holds entries per
+machine (``machines``, by ``machine_id``: the rates differ between CPUs more than the kernels'
+ranking rules do, e.g. MKL's float32 GEMM at 150 GFLOP/s on one AVX-512 CPU and 340 on another, and
+bfloat16 GEMMs 3x faster than float32 where the CPU has AMX) and shared ones (``models``) for
+machines without their own.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -133,16 +139,40 @@ def calibration_key(device_type: str, dtype: torch.dtype, channels_last: bool = 
     return f"{device_type}/{str(dtype).replace('torch.', '')}" + ("/channels_last" if channels_last else "")
 
 
+@functools.cache
+def machine_id(device_type: str = "cpu") -> str:
+    """The name this machine's calibration entries go under: for the CPU its vendor, family and
+    model ('GenuineIntel 6-167'; a hypervisor often hides the marketing name, never these), for
+    CUDA the device's name."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor's block is enough
+                fields.setdefault(name.strip(), value.strip())
+    except OSError:
+        pass
+    if "vendor_id" in fields:
+        return f"{fields['vendor_id']} {fields.get('cpu family', '?')}-{fields.get('model', '?')}"
+    return platform.processor() or platform.machine()
+
+
 def model_for(device_type: str = "cpu", dtype: torch.dtype = torch.float32, channels_last: bool = False) -> dict:
     """The time model for a device type, dtype and layout (channels_last: the kernels see NHWC data):
     the calibration's entry for it, else the dtype's NCHW entry, else its device's float32 entry,
-    else the built-in defaults; each missing piece from the defaults."""
+    else the built-in defaults; each missing piece from the defaults. At each step this machine's
+    own entry (``machines``) comes before the shared one (``models``)."""
     key = (device_type, dtype, channels_last)
     if key not in _model_cache:
-        models = load_calibration().get("models", {})
+        calibration = load_calibration()
+        own, shared = calibration.get("machines", {}).get(machine_id(device_type), {}), calibration.get("models", {})
         names = [calibration_key(device_type, dtype, channels_last), calibration_key(device_type, dtype),
                  calibration_key(device_type, torch.float32)]
-        found = next((models[name] for name in names if name in models), {})
+        found = next((entries[name] for name in names for entries in (own, shared) if name in entries), {})
         model = {"gemm": {**DEFAULT_MODEL["gemm"], **found.get("gemm", {})}, "source": found.get("source", "defaults"),
                  "direct_vector_bytes": found.get("direct_vector_bytes", DEFAULT_MODEL["direct_vector_bytes"]),
                  "threads": found.get("threads", DEFAULT_MODEL["threads"])}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import threading
 import time
 
@@ -189,6 +190,34 @@ def test_calibration_is_per_layout(tmp_path, monkeypatch):
         channelconv.cost(x_shape, w_shape, memory_format=torch.preserve_format)
 
 
+def test_this_machines_entries_come_before_the_shared_ones(tmp_path, monkeypatch):
+    """A machine's own entry (by machine_id) wins at each step of the fallback; another machine's
+    never applies."""
+    path = tmp_path / "calibration.json"
+    here = timemodel.machine_id("cpu")
+    path.write_text(json.dumps({"version": 1, "models": {"cpu/float32": calibration_entry("direct"),
+                                                           "cpu/bfloat16": calibration_entry("direct")},
+                                "machines": {here: {"cpu/float32": calibration_entry("im2col")},
+                                             "elsewhere 0-0": {"cpu/bfloat16": calibration_entry("1x1")}}}))
+    monkeypatch.setenv("CHANNELCONV_CALIBRATION", str(path))
+    select.reload_calibration()
+    assert timemodel.model_for("cpu", torch.float32)["source"] == "test (im2col)"
+    assert timemodel.model_for("cpu", torch.float32, channels_last=True)["source"] == "test (im2col)"
+    assert timemodel.model_for("cpu", torch.bfloat16)["source"] == "test (direct)"  # the dtype's shared entry first
+    x_shape, w_shape, *args = SHAPES[0]
+    assert select.choose(x_shape, w_shape, *args) == "im2col"
+
+
+def test_machine_id_names_the_cpu():
+    here = timemodel.machine_id("cpu")
+    assert here and here == timemodel.machine_id()
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "vendor_id" in cpuinfo.read_text():
+        vendor = next(line.split(":")[1].strip() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("vendor_id"))
+        assert here.startswith(vendor + " ")
+
+
 def test_missing_or_broken_calibration_falls_back_to_defaults(tmp_path, monkeypatch):
     path = tmp_path / "broken.json"
     path.write_text("{not json")
@@ -206,7 +235,8 @@ def test_shipped_calibration_is_well_formed():
         pytest.skip("no calibration file shipped")
     data = json.loads(timemodel.CALIBRATION_FILE.read_text())
     assert "cpu/float32" in data["models"]
-    for key, entry in data["models"].items():
+    entries = [*data["models"].items()] + [item for own in data.get("machines", {}).values() for item in own.items()]
+    for key, entry in entries:
         if key.startswith("cpu/"):
             check_calibration_entry(entry)
 
