@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -16,35 +17,107 @@ namespace {
 
 // Column row (c, r, t) holds, for each output pixel of the band, the input element that tap (r, t)
 // of channel c reads, or 0 in the padding. Filled one output row at a time: the valid stretch
-// [first_valid, last_valid) is a strided (contiguous for stride 1) run of one input row.
-// `pitch`: elements from one column row to the next (the band's pixels, or more when images sit
-// side by side in one column matrix).
+// [first_valid, last_valid) is a strided (contiguous for stride 1) run of one input row. One
+// parallel loop covers every image's column rows: on small maps an image has too few for a
+// parallel region of its own. `pitch`: elements from one column row to the next (the band's
+// pixels, or more when images sit side by side in one column matrix); `image_pitch`: from one
+// image's columns to the next's.
+// Along one axis, each tap's valid outputs [first, last) and the input coordinate output 0 reads:
+// computed once per call (each takes divisions; per column row they cost more than a small map's
+// few elements).
+struct TapSpan {
+  int64_t first, last, input_at_0;
+};
+
+std::vector<TapSpan> tap_spans(const Axis<int64_t>& axis) {
+  std::vector<TapSpan> spans(axis.taps);
+  for (int64_t t = 0; t < axis.taps; ++t) spans[t] = {axis.first_valid(t), axis.last_valid(t), axis.input_at(0, t)};
+  return spans;
+}
+
+// Small maps: each column row is a gather through a table, built once per call, of the offsets
+// within a channel plane that tap (r, t) reads for the band's pixels (-1 in the padding). A row of
+// a few pixels otherwise costs more in per-row work (bounds, three library calls) than in
+// elements moved: a 3x3 map's columns took 2x its GEMM.
 template <typename scalar_t>
-void im2col_band(const scalar_t* image, scalar_t* columns, const ConvShape& s, int64_t row0, int64_t rows,
-                 int64_t pitch) {
+void im2col_small_bands(const scalar_t* images, int64_t images_count, scalar_t* columns, int64_t image_pitch,
+                        int64_t pitch, const ConvShape& s, int64_t row0, int64_t rows) {
   const Geometry<int64_t> g = s.geometry<int64_t>();
-  at::parallel_for(0, s.in_channels * g.kernel_area(), 16, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t t = row % g.w.taps, r = (row / g.w.taps) % g.h.taps, c = row / g.kernel_area();
-      const scalar_t* x_c = image + c * g.in_area();
-      const int64_t wo_begin = g.w.first_valid(t), wo_end = g.w.last_valid(t);
-      const int64_t wi_offset = g.w.input_at(0, t);
-      scalar_t* dst = columns + row * pitch;
+  const int64_t band_pixels = rows * g.w.out, taps = g.kernel_area(), column_rows = s.in_channels * taps;
+  std::vector<int32_t> sources(taps * band_pixels);
+  for (int64_t tap = 0; tap < taps; ++tap) {
+    for (int64_t p = 0; p < band_pixels; ++p) {
+      const int64_t hi = g.h.input_at(row0 + p / g.w.out, tap / g.w.taps);
+      const int64_t wi = g.w.input_at(p % g.w.out, tap % g.w.taps);
+      const bool inside = hi >= 0 && hi < g.h.in && wi >= 0 && wi < g.w.in;
+      sources[tap * band_pixels + p] = inside ? static_cast<int32_t>(hi * g.w.in + wi) : -1;
+    }
+  }
+  at::parallel_for(0, images_count * column_rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t image = index / column_rows, row = index % column_rows;
+      const scalar_t* x_c = images + image * s.image_numel() + row / taps * g.in_area();
+      const int32_t* source = sources.data() + row % taps * band_pixels;
+      scalar_t* dst = columns + image * image_pitch + row * pitch;
+      for (int64_t p = 0; p < band_pixels; ++p) {  // branch-free: which taps pad follows no pattern
+        const int32_t at = source[p];
+        const scalar_t value = x_c[at < 0 ? 0 : at];
+        dst[p] = at < 0 ? scalar_t(0) : value;
+      }
+    }
+  });
+}
+
+// Column row (c, r, t) holds, for each output pixel of the band, the input element that tap (r, t)
+// of channel c reads, or 0 in the padding. Filled one output row at a time: the valid stretch
+// [first_valid, last_valid) is a strided (contiguous for stride 1) run of one input row. One
+// parallel loop covers every image's column rows. `pitch`: elements from one column row to the
+// next (the band's pixels, or more when images sit side by side in one column matrix);
+// `image_pitch`: from one image's columns to the next's.
+template <typename scalar_t>
+void im2col_bands(const scalar_t* images, int64_t images_count, scalar_t* columns, int64_t image_pitch,
+                  int64_t pitch, const ConvShape& s, int64_t row0, int64_t rows) {
+  const Geometry<int64_t> g = s.geometry<int64_t>();
+  // Rows shorter than this, in bands whose table stays small, take the gather through a table.
+  constexpr int64_t kShortRow = 16, kMaxTable = 1 << 16;
+  if (g.w.out < kShortRow && g.kernel_area() * rows * g.w.out <= kMaxTable && g.in_area() > 0 &&
+      g.in_area() <= INT32_MAX) {
+    im2col_small_bands(images, images_count, columns, image_pitch, pitch, s, row0, rows);
+    return;
+  }
+  const int64_t column_rows = s.in_channels * g.kernel_area();
+  const std::vector<TapSpan> spans = tap_spans(g.w);
+  at::parallel_for(0, images_count * column_rows, 16, [&](int64_t begin, int64_t end) {
+    // (image, c, r, t) of `begin`, then stepped with carries: no divisions per row.
+    int64_t image = begin / column_rows, t = begin % column_rows;
+    int64_t c = t / g.kernel_area(), r = t / g.w.taps % g.h.taps;
+    t %= g.w.taps;
+    for (int64_t index = begin; index < end; ++index) {
+      const scalar_t* x_c = images + image * s.image_numel() + c * g.in_area();
+      const TapSpan span = spans[t];
+      scalar_t* dst = columns + image * image_pitch + (index - image * column_rows) * pitch;
       for (int64_t ho = row0; ho < row0 + rows; ++ho, dst += g.w.out) {
         const int64_t hi = g.h.input_at(ho, r);
         if (hi < 0 || hi >= g.h.in) {
           std::fill(dst, dst + g.w.out, scalar_t(0));
           continue;
         }
-        std::fill(dst, dst + wo_begin, scalar_t(0));
-        const int64_t src = hi * g.w.in + wi_offset;
+        const scalar_t* src = x_c + hi * g.w.in + span.input_at_0;  // src[wo * stride] for valid wo
+        std::fill(dst, dst + span.first, scalar_t(0));
         if (g.w.stride == 1) {
-          std::copy(x_c + src + wo_begin, x_c + src + wo_end, dst + wo_begin);
+          std::copy(src + span.first, src + span.last, dst + span.first);
         } else {
-          for (int64_t wo = wo_begin; wo < wo_end; ++wo) dst[wo] = x_c[src + wo * g.w.stride];
+          for (int64_t wo = span.first; wo < span.last; ++wo) dst[wo] = src[wo * g.w.stride];
         }
-        std::fill(dst + wo_end, dst + g.w.out, scalar_t(0));
+        std::fill(dst + span.last, dst + g.w.out, scalar_t(0));
       }
+      if (++t < g.w.taps) continue;
+      t = 0;
+      if (++r < g.h.taps) continue;
+      r = 0;
+      if (++c < s.in_channels) continue;
+      c = 0;
+      ++image;
     }
   });
 }
@@ -85,34 +158,46 @@ class SumRow {
 
 // grad_image[c, hi, wi] = (itself if `accumulate`, else 0) + sum over taps (r, t) whose output
 // pixel lies in the band of columns[(c, r, t), pixel]. Each task owns whole input rows: no
-// atomics, fixed order, and every row is written. `pitch` as for im2col_band.
+// atomics, fixed order, and every row is written. One parallel loop covers every image's rows;
+// `pitch` and `image_pitch` as for im2col_bands, `image_numel` apart in grad_images.
 template <typename scalar_t, typename out_t>
-void col2im_band(const scalar_t* columns, out_t* grad_image, const ConvShape& s, int64_t row0, int64_t rows,
-                 int64_t pitch, bool accumulate) {
+void col2im_bands(const scalar_t* columns, int64_t images_count, int64_t image_pitch, int64_t pitch,
+                  out_t* grad_images, const ConvShape& s, int64_t row0, int64_t rows, bool accumulate) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry<int64_t> g = s.geometry<int64_t>();
-  at::parallel_for(0, s.in_channels * g.h.in, 16, [&](int64_t begin, int64_t end) {
+  const std::vector<TapSpan> spans = tap_spans(g.w);
+  std::vector<int64_t> band_row_reading(g.h.taps * g.h.in);  // [r][hi]: the band's output row reading hi, or -1
+  for (int64_t r = 0; r < g.h.taps; ++r) {
+    for (int64_t hi = 0; hi < g.h.in; ++hi) {
+      const int64_t ho = g.h.output_reading(hi, r);  // -1 when none
+      band_row_reading[r * g.h.in + hi] = ho >= row0 && ho < row0 + rows ? ho - row0 : -1;
+    }
+  }
+  const int64_t image_rows = s.in_channels * g.h.in;
+  at::parallel_for(0, images_count * image_rows, 16, [&](int64_t begin, int64_t end) {
     SumRow<out_t, acc_t> sum_row(g.w.in);
-    for (int64_t c_hi = begin; c_hi < end; ++c_hi) {
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t image = index / image_rows, c_hi = index % image_rows;
       const int64_t c = c_hi / g.h.in, hi = c_hi % g.h.in;
-      acc_t* grad_row = sum_row.start(grad_image + c_hi * g.w.in, accumulate);
+      acc_t* grad_row = sum_row.start(grad_images + index * g.w.in, accumulate);
       for (int64_t r = 0; r < g.h.taps; ++r) {
-        const int64_t ho = g.h.output_reading(hi, r);
-        if (ho < row0 || ho >= row0 + rows) continue;  // also rejects -1
-        const scalar_t* column_base = columns + (c * g.h.taps + r) * g.w.taps * pitch + (ho - row0) * g.w.out;
+        const int64_t band_row = band_row_reading[r * g.h.in + hi];
+        if (band_row < 0) continue;
+        const scalar_t* column_base =
+            columns + image * image_pitch + (c * g.h.taps + r) * g.w.taps * pitch + band_row * g.w.out;
         for (int64_t t = 0; t < g.w.taps; ++t) {
           // Tap t sends output wo to input wi = wi0 + wo*stride: one input per output, so walking
           // the valid outputs adds each input's term once, in the same (r, t) order as a gather
           // over wi would; at stride 1 it is a contiguous, vectorised add.
           const scalar_t* column_row = column_base + t * pitch;
-          const int64_t wi0 = g.w.input_at(0, t), wo_end = g.w.last_valid(t);
+          const TapSpan span = spans[t];
           if (g.w.stride == 1) {
-            for (int64_t wo = g.w.first_valid(t); wo < wo_end; ++wo) {
-              grad_row[wi0 + wo] += static_cast<acc_t>(column_row[wo]);
+            for (int64_t wo = span.first; wo < span.last; ++wo) {
+              grad_row[span.input_at_0 + wo] += static_cast<acc_t>(column_row[wo]);
             }
           } else {
-            for (int64_t wo = g.w.first_valid(t); wo < wo_end; ++wo) {
-              grad_row[wi0 + wo * g.w.stride] += static_cast<acc_t>(column_row[wo]);
+            for (int64_t wo = span.first; wo < span.last; ++wo) {
+              grad_row[span.input_at_0 + wo * g.w.stride] += static_cast<acc_t>(column_row[wo]);
             }
           }
         }
@@ -195,24 +280,24 @@ int64_t band_pitch(const at::Tensor& columns, const ConvShape& s, int64_t rows) 
 }
 
 void im2col_cpu(const at::Tensor& images, const at::Tensor& columns, const ConvShape& s, int64_t row0, int64_t rows) {
+  TORCH_INTERNAL_ASSERT(images.is_contiguous() && columns.dim() == 3);
+  if (images.size(0) == 0) return;
+  const int64_t pitch = band_pitch(columns[0], s, rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, images.scalar_type(), "channelconv::im2col", [&] {
-    for (int64_t i = 0; i < images.size(0); ++i) {
-      const at::Tensor image_columns = columns[i];
-      im2col_band<scalar_t>(images[i].const_data_ptr<scalar_t>(), image_columns.mutable_data_ptr<scalar_t>(), s, row0,
-                            rows, band_pitch(image_columns, s, rows));
-    }
+    im2col_bands<scalar_t>(images.const_data_ptr<scalar_t>(), images.size(0), columns.mutable_data_ptr<scalar_t>(),
+                           columns.stride(0), pitch, s, row0, rows);
   });
 }
 
 void col2im_cpu(const at::Tensor& columns, const at::Tensor& grad_images, const ConvShape& s, int64_t row0,
                 int64_t rows, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(grad_images.is_contiguous() && columns.dim() == 3);
+  if (grad_images.size(0) == 0) return;
+  const int64_t pitch = band_pitch(columns[0], s, rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, columns.scalar_type(), "channelconv::col2im", [&] {
     with_col2im_output<scalar_t>(grad_images, [&](auto* out) {
-      for (int64_t i = 0; i < grad_images.size(0); ++i) {
-        const at::Tensor image_columns = columns[i];
-        col2im_band<scalar_t>(image_columns.const_data_ptr<scalar_t>(), out + i * s.image_numel(), s, row0, rows,
-                              band_pitch(image_columns, s, rows), accumulate);
-      }
+      col2im_bands<scalar_t>(columns.const_data_ptr<scalar_t>(), grad_images.size(0), columns.stride(0), pitch, out,
+                             s, row0, rows, accumulate);
     });
   });
 }
