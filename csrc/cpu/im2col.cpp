@@ -54,8 +54,10 @@ void im2col_small_bands(const scalar_t* images, int64_t images_count, scalar_t* 
     }
   }
   at::parallel_for(0, images_count * column_rows, 16, [&](int64_t begin, int64_t end) {
+    // Images innermost: side by side, consecutive tasks then write consecutive pixels of a
+    // column row (the other order has the two threads writing alternating short pieces of each).
     for (int64_t index = begin; index < end; ++index) {
-      const int64_t image = index / column_rows, row = index % column_rows;
+      const int64_t row = index / images_count, image = index % images_count;
       const scalar_t* x_c = images + image * s.image_numel() + row / taps * g.in_area();
       const int32_t* source = sources.data() + row % taps * band_pixels;
       scalar_t* dst = columns + image * image_pitch + row * pitch;
