@@ -106,10 +106,14 @@ bool runs_blocked(at::ScalarType dtype, int64_t out_per_group) {
 // Its row copy is the padded row rounded up to whole strides: only where that at most doubles it
 // (a stride of 2^31 - 1 on a 1-pixel row asked for an 8 GB row: std::bad_alloc, found by the fuzz).
 bool runs_row_weight_grad(const ConvShape& s, at::ScalarType dtype) {
-  return engine_dtype(dtype) && s.out_per_group() < kNarrowBlockChannels && s.kernel_w <= kMaxGradTaps &&
-         s.stride[1] <= s.in_w + 2 * s.padding[1] &&
-         (s.stride[1] == 1 || s.in_per_group() <= kRowStridedInChannels) &&
-         s.out_w * kNarrowBlockChannels >= s.out_per_group() * row_lanes(s.out_w) && blocked_kernel_available();
+  const bool fills_more = s.out_per_group() < kNarrowBlockChannels &&
+                          s.out_w * kNarrowBlockChannels >= s.out_per_group() * row_lanes(s.out_w);
+  const bool copy_pays = s.stride[1] == 1 || s.in_per_group() <= kRowStridedInChannels;
+  // Kernel rows wider than the blocked tile holds (an AlexNet's 11x11) would otherwise run the
+  // plain loops (0.06x F.conv2d at 1 -> 24 11x11/s4): the row engine takes them at any channel count.
+  const bool only_engine = s.kernel_w > kMaxGradTaps;
+  return engine_dtype(dtype) && ((fills_more && copy_pays) || only_engine) && s.kernel_w <= kMaxRowTaps &&
+         s.stride[1] <= s.in_w + 2 * s.padding[1] && blocked_kernel_available();
 }
 
 // Output channels per unit: as few units as the registers allow, in even shares.
@@ -118,6 +122,16 @@ int64_t row_block(int64_t taps, int64_t out_per_group) {
   while (most > 1 && !row_tile_fits(most, taps)) --most;
   const int64_t units = ceil_div(out_per_group, most);
   return ceil_div(out_per_group, units);
+}
+
+// Blocks of a plane's output channels that one unit runs. A unit copies its input plane once per
+// image for all its blocks, so a plane's blocks are split among units only as far as the threads
+// need (1 -> 24 11x11/s4 as 24 units of one channel copied each 224-pixel plane 24 times: most of
+// its time).
+int64_t row_unit_blocks(const ConvShape& s, int64_t block, int64_t threads) {
+  const int64_t blocks = ceil_div(s.out_per_group(), block), planes = s.groups * s.in_per_group();
+  const int64_t splits = std::min(blocks, ceil_div(2 * std::max<int64_t>(threads, 1), planes));
+  return ceil_div(blocks, splits);
 }
 
 // One input channel per output channel (a channel multiplier of 1): the depthwise engine, which
@@ -394,6 +408,7 @@ DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype
       if (runs_row_weight_grad(s, dtype)) {
         plan.kernel = DirectKernel::RowWeightGrad;
         plan.row_block = row_block(s.kernel_w, s.out_per_group());
+        plan.row_unit_blocks = row_unit_blocks(s, plan.row_block, threads);
       } else if (runs_blocked(dtype, s.out_per_group()) && p.taps_w <= kMaxGradTaps) {
         plan.kernel = DirectKernel::BlockedWeightGrad;
         plan.grad_problem = p;

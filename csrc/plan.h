@@ -114,10 +114,14 @@ constexpr int kMaxTileRows = 4;
 constexpr int kMaxGradTaps = 7;
 constexpr int kGradTileValues = 12;
 // The row weight-gradient tile (few output channels per group): KB output channels x S taps of 16
-// pixel lanes, plus S input vectors and a dy vector, in the 32 registers.
+// pixel lanes, plus the S input vectors or the KB dy vectors (the fewer) and one of the others, in
+// the 32 registers.
 constexpr int kRowLanes = 16;
 constexpr int kMaxRowBlock = 8;
-constexpr bool row_tile_fits(int64_t kb, int64_t s) { return kb * s + s + 1 <= 32; }
+constexpr bool row_tile_fits(int64_t kb, int64_t s) { return kb * s + (s < kb ? s : kb) + 1 <= 32; }
+// Its widest kernel row (the tile's table is instantiated for each width up to it).
+constexpr int kMaxRowTaps = 15;
+static_assert(row_tile_fits(1, kMaxRowTaps));
 // At a stride along the row it runs for at most this many input channels per group (plan.cpp).
 constexpr int64_t kRowStridedInChannels = 4;
 // The lanes a row of output pixels takes: whole vectors, the last one masked.
@@ -251,7 +255,7 @@ enum class DirectKernel {
   Blocked,            // register-blocked correlations: `runs` (the forward pass, or one per phase)
   Depthwise,          // depthwise correlations, 16 channels at a time: `runs` (likewise)
   BlockedWeightGrad,  // the blocked weight-gradient reduction: `chunks`
-  RowWeightGrad,      // the weight gradient vectorised along output rows: `row_block` channels a unit
+  RowWeightGrad,      // the weight gradient vectorised along output rows: `row_block` channels a block
   Loops,              // the plain loops, vectorised along the row
   LoopPhases,         // the plain loops, input gradient phase by phase: `phases`
 };
@@ -261,7 +265,8 @@ struct DirectPlan {
   std::vector<BlockedRun> runs;
   BlockedProblem grad_problem{};  // BlockedWeightGrad: the forward problem (input x, output dy)
   GradChunks chunks{};            // and how its reduction runs
-  int64_t row_block = 0;          // RowWeightGrad: output channels per unit
+  int64_t row_block = 0;          // RowWeightGrad: output channels per block
+  int64_t row_unit_blocks = 1;    // and blocks per unit (which copies its input plane once for them all)
   std::vector<Phase> phases;      // the input gradient's phases that hold positions and taps
 };
 

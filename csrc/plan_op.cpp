@@ -155,12 +155,13 @@ void count_weight_grad(const BlockedProblem& p, const GradChunks& g, Counts& c) 
 
 // The row weight gradient, unit by unit as row_weight_grad runs it: every lane of a row's last
 // vector is counted (it runs masked).
-void count_row_weight_grad(const ConvShape& s, int64_t block, Counts& c) {
-  const int64_t blocks = ceil_div(s.out_per_group(), block), units = s.groups * s.in_per_group() * blocks;
+void count_row_weight_grad(const ConvShape& s, int64_t block, int64_t unit_blocks, Counts& c) {
+  const int64_t blocks = ceil_div(s.out_per_group(), block);
+  const int64_t units = s.groups * s.in_per_group() * ceil_div(blocks, unit_blocks);
   const double taps = double(s.kernel_h) * s.kernel_w, lanes = double(row_lanes(s.out_w));
   c.tasks = units;
   c.mac = double(s.batch) * s.groups * s.in_per_group() * s.out_per_group() * taps * s.out_h * lanes;
-  c.inner_loop = double(s.batch) * units * s.kernel_h * s.out_h;
+  c.inner_loop = double(s.batch) * s.groups * s.in_per_group() * blocks * s.kernel_h * s.out_h;
   int64_t rows_read = 0;
   row_copy_slots(s, rows_read);
   c.strip = double(s.batch) * units * rows_read * row_copy_width(s);
@@ -215,7 +216,7 @@ Summary describe_direct_cpu(const ConvShape& s, DirectPass pass, at::ScalarType 
   } else if (plan.kernel == DirectKernel::BlockedWeightGrad) {
     count_weight_grad(plan.grad_problem, plan.chunks, c);
   } else if (plan.kernel == DirectKernel::RowWeightGrad) {
-    count_row_weight_grad(s, plan.row_block, c);
+    count_row_weight_grad(s, plan.row_block, plan.row_unit_blocks, c);
   } else {
     count_loops(s, pass, plan, c);
   }

@@ -277,6 +277,27 @@ def test_row_weight_grad_layouts_and_dtypes(device, layout, dtype, in_channels, 
         assert weight_grad["chunks"] == 0 and weight_grad["tasks"] % in_channels == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_channels, out_channels, kernel, stride, padding", [
+    (1, 24, (11, 11), (4, 4), 1),   # AlexNet's first layer, narrowed: 24 channels in 2-channel blocks
+    (16, 17, (11, 9), (2, 2), 4),  # many input channels at a stride, a last block of one channel
+    (2, 40, (15, 8), (1, 3), 3),   # the widest row the engine takes; stride 3 along the row
+])
+def test_row_weight_grad_takes_rows_wider_than_the_blocked_tile(device, dtype, in_channels, out_channels, kernel,
+                                                                 stride, padding):
+    """Kernel rows wider than the blocked weight-gradient tile's 7 taps ran the plain loops; the row
+    engine takes them at any channel count, holding the dy vectors where they are fewer than the
+    taps, each unit running several blocks on one copy of its input plane."""
+    case = Case(batch=3, in_channels=in_channels, out_channels=out_channels, size=(30, 37), kernel=kernel,
+                stride=stride, padding=padding, dilation=(1, 1), groups=1, bias=False, unbatched=False,
+                layout="contiguous")
+    check_case(case, "direct", dtype, device)
+    weight_grad = channelconv.cost((3, in_channels, 30, 37), (out_channels, in_channels, *kernel), stride, padding,
+                                   dtype=dtype).plans["direct"].passes["weight_grad"]
+    if device == "cpu" and weight_grad["blocked"]:  # AVX-512: the row engine (no chunks)
+        assert weight_grad["chunks"] == 0 and weight_grad["mac"] > 0
+
+
 # Whether this CPU runs bfloat16 in channel pairs (vdpbf16ps; csrc/plan.h, channel_pack).
 BF16_DOT = "avx512_bf16" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
 

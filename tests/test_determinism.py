@@ -83,16 +83,19 @@ def test_training_runs_are_bitwise_identical(device):
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("out_channels", [24, 72])
-def test_direct_weight_grad_does_not_depend_on_the_thread_count(out_channels):
+@pytest.mark.parametrize("in_channels, out_channels, kernel, stride", [(64, 24, 3, 2), (64, 72, 3, 2), (1, 24, 11, 4)])
+def test_direct_weight_grad_does_not_depend_on_the_thread_count(in_channels, out_channels, kernel, stride):
     """The direct weight gradient sums each element over its chunks of output rows in order,
     whatever the thread count, so one and two threads give the same bits. On an AVX-512 CPU this
     shape takes the blocked kernel: 100 rows of 64 channels make two chunks per image, and 24 or
-    72 output channels (one or three 32-channel blocks) make it split input channels across threads."""
+    72 output channels (one or three 32-channel blocks) make it split input channels across threads.
+    The 11x11 layer takes the row engine, whose units run as many blocks of output channels on one
+    copy of an input plane as the thread count allows (12 at one thread, 6 at two)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 64, 100, 70, generator=g)
-    dy = torch.randn(2, out_channels, 50, 70, generator=g)
-    args = ([out_channels, 64, 3, 3], [2, 1], [1, 1], [1, 1], 1)
+    x = torch.randn(2, in_channels, 100, 70, generator=g)
+    y_h = (100 + 2 - kernel) // stride + 1
+    dy = torch.randn(2, out_channels, y_h, (70 + 2 - kernel) + 1, generator=g)
+    args = ([out_channels, in_channels, kernel, kernel], [stride, 1], [1, 1], [1, 1], 1)
     before = torch.get_num_threads()
     try:
         grads = []
@@ -103,6 +106,6 @@ def test_direct_weight_grad_does_not_depend_on_the_thread_count(out_channels):
         torch.set_num_threads(before)
     assert torch.equal(grads[0], grads[1])
     w = torch.zeros(args[0], dtype=torch.float64, requires_grad=True)
-    y = torch.nn.functional.conv2d(x.double(), w, None, (2, 1), 1)
+    y = torch.nn.functional.conv2d(x.double(), w, None, (stride, 1), 1)
     want, = torch.autograd.grad(y, w, dy.double())
     torch.testing.assert_close(grads[0].double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())

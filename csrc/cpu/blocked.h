@@ -38,7 +38,8 @@ void blocked_weight_grad(const BlockedProblem& problem, const GradChunks& chunks
 
 // The same weight gradient with 16 output pixels to a register (row_weight_grad.cpp), `block`
 // output channels of a group at a time: for few output channels. dy and x NCHW, in any engine dtype.
-void row_weight_grad(const ConvShape& s, int64_t block, const Activations& dy, const Activations& x, float* dw);
+void row_weight_grad(const ConvShape& s, int64_t block, int64_t unit_blocks, const Activations& dy,
+                     const Activations& x, float* dw);
 
 // The same correlation for a depthwise problem (groups channels, one input channel each; the
 // weight (groups, 1, kernel_h, kernel_w)), vectorised across 16 channels (depthwise.cpp).

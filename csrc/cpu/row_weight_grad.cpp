@@ -4,11 +4,12 @@
 //   dW[k, c, r, s] = sum over (n, oh, ow) of dy[n, k, oh, ow] * x[n, c, ih(oh, r), ow + s*dil_w - pad_w]
 // (at stride st along the row, x[..., ow*st + s*dil_w - pad_w]). A tile holds `KB` output channels x S
 // taps of one kernel row in KB*S registers of 16 pixel lanes; per 16 output pixels it loads S input
-// vectors (the row shifted by each tap) and KB dy vectors for KB*S FMAs. At stride st each input
+// vectors (the row shifted by each tap) and KB dy vectors for KB*S FMAs, holding the fewer of them. At stride st each input
 // row is copied as its st phases (columns j, j + st, ...) one after the other, so that every tap
-// reads 16 consecutive floats of one phase. Each unit (group, input channel, block of output
-// channels) owns its slice of dW and sums images, rows and lanes in a fixed order: the result does
-// not depend on the thread count. NCHW operands of any engine dtype are read per unit and image into
+// reads 16 consecutive floats of one phase. Each unit (group, input channel, blocks of output
+// channels) owns its slice of dW and sums each block's images, rows and lanes in a fixed order: the
+// result does not depend on the thread count, which only decides how many blocks a unit runs on
+// one copy of its input plane. NCHW operands of any engine dtype are read per unit and image into
 // float32 rows (the input plane it copies anyway, and the block's dy), never widened whole.
 #include <ATen/Parallel.h>
 
@@ -35,7 +36,7 @@ struct RowTile {
   const float* x;      // (n, c)'s input rows that some tap reads, zero-padded (column j: iw = j - pad_w), in phases
   int64_t x_row;       // floats per row
   const int64_t* row_slot;  // input row ih is row row_slot[ih] of x (-1: no tap reads it)
-  std::array<int64_t, kMaxGradTaps> tap_offset;  // where tap s's 16 pixels start in a row
+  std::array<int64_t, kMaxRowTaps> tap_offset;  // where tap s's 16 pixels start in a row
   const ConvShape* s;
   float* lanes;        // [KB][R][S][16] partial sums
 };
@@ -56,12 +57,22 @@ __attribute__((target("avx512f,fma"))) void row_tile(const RowTile& t) {
       const float* dy_row = t.dy + oh * s.out_w;
       for (int64_t v = 0; v < vectors; ++v) {
         const __mmask16 mask = v + 1 < vectors ? __mmask16(0xFFFF) : tail;  // (masked lanes load zeros)
-        __m512 xv[S];
-        for (int tap = 0; tap < S; ++tap)
-          xv[tap] = _mm512_maskz_loadu_ps(mask, x_row + t.tap_offset[tap] + v * kRowLanes);
-        for (int k = 0; k < KB; ++k) {
-          const __m512 dv = _mm512_maskz_loadu_ps(mask, dy_row + k * t.dy_channel + v * kRowLanes);
-          for (int tap = 0; tap < S; ++tap) acc[k][tap] = _mm512_fmadd_ps(dv, xv[tap], acc[k][tap]);
+        // The fewer of the S input vectors and the KB dy vectors are held; the others stream.
+        if constexpr (S <= KB) {
+          __m512 xv[S];
+          for (int tap = 0; tap < S; ++tap)
+            xv[tap] = _mm512_maskz_loadu_ps(mask, x_row + t.tap_offset[tap] + v * kRowLanes);
+          for (int k = 0; k < KB; ++k) {
+            const __m512 dv = _mm512_maskz_loadu_ps(mask, dy_row + k * t.dy_channel + v * kRowLanes);
+            for (int tap = 0; tap < S; ++tap) acc[k][tap] = _mm512_fmadd_ps(dv, xv[tap], acc[k][tap]);
+          }
+        } else {
+          __m512 dv[KB];
+          for (int k = 0; k < KB; ++k) dv[k] = _mm512_maskz_loadu_ps(mask, dy_row + k * t.dy_channel + v * kRowLanes);
+          for (int tap = 0; tap < S; ++tap) {
+            const __m512 xv = _mm512_maskz_loadu_ps(mask, x_row + t.tap_offset[tap] + v * kRowLanes);
+            for (int k = 0; k < KB; ++k) acc[k][tap] = _mm512_fmadd_ps(dv[k], xv, acc[k][tap]);
+          }
         }
       }
     }
@@ -84,7 +95,7 @@ struct RowTiles {
     return {row<S + 1>(std::make_integer_sequence<int, kMaxRowBlock>{})...};
   }
 };
-constexpr auto kRowTiles = RowTiles::make(std::make_integer_sequence<int, kMaxGradTaps>{});
+constexpr auto kRowTiles = RowTiles::make(std::make_integer_sequence<int, kMaxRowTaps>{});
 
 // Column j of the zero-padded row i of x[n, channel] (x[n, channel, i, j - pad_w], zero in the
 // padding) at plane[row_slot[i] * row + (j % st) * phase + j / st]: the row's st phases one after
@@ -112,52 +123,62 @@ void pad_plane(const ConvShape& s, const Activations& x, int64_t n, int64_t chan
 
 }  // namespace
 
-void row_weight_grad(const ConvShape& s, int64_t block, const Activations& dy, const Activations& x, float* dw) {
+void row_weight_grad(const ConvShape& s, int64_t block, int64_t unit_blocks, const Activations& dy,
+                     const Activations& x, float* dw) {
   const int64_t C = s.in_per_group(), K = s.out_per_group(), R = s.kernel_h, S = s.kernel_w;
-  const int64_t blocks = (K + block - 1) / block, units = s.groups * C * blocks;
+  const int64_t blocks = (K + block - 1) / block, splits = (blocks + unit_blocks - 1) / unit_blocks;
+  const int64_t units = s.groups * C * splits;
   const int64_t st = s.stride[1], row = row_copy_width(s), phase = row / st;
-  const int64_t out_area = s.out_h * s.out_w;
-  std::array<int64_t, kMaxGradTaps> tap_offset{};
+  const int64_t out_area = s.out_h * s.out_w, block_lanes = block * R * S * kRowLanes;
+  std::array<int64_t, kMaxRowTaps> tap_offset{};
   for (int64_t tap = 0; tap < S; ++tap) {
     const int64_t j = tap * s.dilation[1];  // the padded column of output pixel 0
     tap_offset[tap] = (j % st) * phase + j / st;
   }
   TORCH_INTERNAL_ASSERT(!dy.channels_last && !x.channels_last, "the row engine reads NCHW (direct.cpp)");
-  // A float32 dy is read where it lies; a half-precision one widened per unit and image (few channels).
+  // A float32 dy is read where it lies; a half-precision one widened per block and image (few channels).
   const bool dy_as_is = dy.dtype == at::kFloat;
   int64_t rows_read = 0;
   const std::vector<int64_t> row_slot = row_copy_slots(s, rows_read);
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> plane(rows_read * row), lanes(block * R * S * kRowLanes), row_buffer(s.in_w);
+    std::vector<float> plane(rows_read * row), lanes(unit_blocks * block_lanes), row_buffer(s.in_w);
     std::vector<float> dy_block(dy_as_is ? 0 : block * out_area);
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit % blocks, c = (unit / blocks) % C, g = unit / (blocks * C);
-      const int64_t k0 = b * block, channels = std::min(block, K - k0);
-      const RowTileFn tile = kRowTiles[S - 1][channels - 1];
+      // The unit's blocks [b0, b_end) of output channels of group g, input channel c.
+      const int64_t split = unit % splits, c = (unit / splits) % C, g = unit / (splits * C);
+      const int64_t b0 = split * unit_blocks, b_end = std::min(blocks, b0 + unit_blocks);
       std::fill(lanes.begin(), lanes.end(), 0.0f);
       for (int64_t n = 0; n < s.batch; ++n) {
         pad_plane(s, x, n, g * C + c, phase, row_slot, plane.data(), row_buffer.data());
-        const float* dy_rows = static_cast<const float*>(dy.data) + dy.offset(n, g * K + k0, 0);
-        if (!dy_as_is) {
-          read_channel_major(dy, n, g * K + k0, channels, 0, out_area, dy_block.data(), out_area);
-          dy_rows = dy_block.data();
+        for (int64_t b = b0; b < b_end; ++b) {
+          const int64_t k0 = b * block, channels = std::min(block, K - k0);
+          const float* dy_rows = static_cast<const float*>(dy.data) + dy.offset(n, g * K + k0, 0);
+          if (!dy_as_is) {
+            read_channel_major(dy, n, g * K + k0, channels, 0, out_area, dy_block.data(), out_area);
+            dy_rows = dy_block.data();
+          }
+          float* block_sums = lanes.data() + (b - b0) * block_lanes;
+          kRowTiles[S - 1][channels - 1]({dy_rows, out_area, plane.data(), row, row_slot.data(), tap_offset, &s,
+                                         block_sums});
         }
-        tile({dy_rows, out_area, plane.data(), row, row_slot.data(), tap_offset, &s, lanes.data()});
       }
-      for (int64_t k = 0; k < channels; ++k)
-        for (int64_t tap = 0; tap < R * S; ++tap) {
-          const float* l = lanes.data() + (k * R * S + tap) * kRowLanes;
-          float sum = 0.0f;
-          for (int j = 0; j < kRowLanes; ++j) sum += l[j];
-          dw[((g * K + k0 + k) * C + c) * R * S + tap] = sum;
-        }
+      for (int64_t b = b0; b < b_end; ++b) {
+        const int64_t k0 = b * block, channels = std::min(block, K - k0);
+        for (int64_t k = 0; k < channels; ++k)
+          for (int64_t tap = 0; tap < R * S; ++tap) {
+            const float* l = lanes.data() + (b - b0) * block_lanes + (k * R * S + tap) * kRowLanes;
+            float sum = 0.0f;
+            for (int j = 0; j < kRowLanes; ++j) sum += l[j];
+            dw[((g * K + k0 + k) * C + c) * R * S + tap] = sum;
+          }
+      }
     }
   });
 }
 
 #else  // not x86-64 with GCC/Clang: never called (blocked_kernel_available is false)
 
-void row_weight_grad(const ConvShape&, int64_t, const Activations&, const Activations&, float*) {}
+void row_weight_grad(const ConvShape&, int64_t, int64_t, const Activations&, const Activations&, float*) {}
 
 #endif
 
