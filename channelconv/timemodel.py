@@ -36,11 +36,11 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 _CALIBRATION_ENV = "CHANNELCONV_CALIBRATION"
 
 LOWERED_FEATURES = ("gemm", "column", "column_strided", "gemm_call", "call")
-DIRECT_FEATURES = ("mac", "mac_1x1", "mac_plain", "inner_loop", "weight_read", "strip", "output", "output_far",
-                   "call")
+DIRECT_FEATURES = ("mac", "mac_1x1", "mac_plain", "mac_amx", "inner_loop", "weight_read", "strip", "output",
+                   "output_far", "call")
 # Work that the kernels spread over threads; the rest (dispatch, per-GEMM setup) is serial.
-PARALLEL_FEATURES = frozenset({"gemm", "column", "column_strided", "mac", "mac_1x1", "mac_plain", "inner_loop",
-                               "weight_read", "strip", "output", "output_far"})
+PARALLEL_FEATURES = frozenset({"gemm", "column", "column_strided", "mac", "mac_1x1", "mac_plain", "mac_amx",
+                               "inner_loop", "weight_read", "strip", "output", "output_far"})
 # A pass's result larger than this is written to memory rather than to a core's cache (2 MiB of L2).
 CACHED_OUTPUT_BYTES = 2 << 20
 FEATURE_NAMES = {
@@ -52,6 +52,7 @@ FEATURE_NAMES = {
     "mac": "multiply-adds in register-blocked tiles (channels padded to the tile)",
     "mac_1x1": "of those, the ones of 1x1 kernels (no input reuse across taps: the tile streams its input)",
     "mac_plain": "multiply-adds in the plain loops (lanes wasted on short rows)",
+    "mac_amx": "multiply-adds on AMX tiles (bfloat16; channels padded to 32, the wide grid's dropped pixels)",
     "inner_loop": "inner loops started",
     "weight_read": "packed weights streamed (once per task of output rows)",
     "strip": "input elements copied into the blocked kernel's zero-padded strips",
@@ -68,7 +69,8 @@ DEFAULT_MODEL = {
     "direct_vector_bytes": 16,
     "threads": 1,  # the thread count the coefficients describe
     "forward": {
-        "direct": {"mac": 1.6e-11, "mac_plain": 1.1e-10, "inner_loop": 2e-8, "output": 3.2e-10, "call": 2.1e-5},
+        "direct": {"mac": 1.6e-11, "mac_plain": 1.1e-10, "mac_amx": 2e-12, "inner_loop": 2e-8, "output": 3.2e-10,
+                   "call": 2.1e-5},
         "im2col": dict(_LOWERED_DEFAULT),
         "1x1": dict(_LOWERED_DEFAULT),
     },
@@ -103,6 +105,9 @@ def _direct_pass(counts: dict, element_size: int, vector_bytes: int) -> dict:
     values.update(inner_loop=float(counts["inner_loop"]), output=float(counts["output"]), call=1.0)
     if counts["output"] * element_size > CACHED_OUTPUT_BYTES:
         values["output_far"] = float(counts["output"])
+    if counts["mac_amx"]:
+        values.update(mac_amx=float(counts["mac_amx"]), strip=float(counts["strip"]))
+        return values
     if counts["blocked"]:
         values.update(mac=float(counts["mac"]), mac_1x1=float(counts["mac_1x1"]),
                       weight_read=float(counts["weight_read"]), strip=float(counts["strip"]))

@@ -7,8 +7,6 @@ namespace channelconv {
 
 namespace {
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Input positions that a run of `outputs` consecutive outputs reads through `taps` taps, from the
 // first output's first tap to the last output's last: a strip's width, a chunk's input rows.
 int64_t input_span(int64_t outputs, int64_t taps, int64_t stride, int64_t dilation) {
@@ -376,12 +374,39 @@ bool bf16_dot_available() {
 #endif
 }
 
+// Its padded input copy and packed weight below 2^40 elements: no index of the kernel can overflow
+// (larger inputs take the blocked engine, which streams them).
+bool runs_amx(const ConvShape& s, at::ScalarType dtype) {
+  constexpr int64_t kMaxBuffer = int64_t(1) << 40;
+  const AmxGeometry g = amx_geometry(s);
+  return dtype == at::kBFloat16 && s.groups == 1 && s.stride[0] == 1 && s.stride[1] == 1 &&
+         product({s.batch + 1, g.image_pixels, g.channels}) < kMaxBuffer &&
+         product({s.kernel_h, s.kernel_w, g.channels, g.outputs}) < kMaxBuffer && blocked_kernel_available() &&
+         amx_available();
+}
+
+ConvShape transposed_correlation(const ConvShape& s) {
+  ConvShape t = s;
+  std::swap(t.in_channels, t.out_channels);
+  std::swap(t.in_h, t.out_h);
+  std::swap(t.in_w, t.out_w);
+  t.padding = {(s.kernel_h - 1) * s.dilation[0] - s.padding[0], (s.kernel_w - 1) * s.dilation[1] - s.padding[1]};
+  return t;
+}
+
+bool runs_amx_input_grad(const ConvShape& s, at::ScalarType dtype) {
+  const ConvShape t = transposed_correlation(s);
+  return s.stride[0] == 1 && s.stride[1] == 1 && t.padding[0] >= 0 && t.padding[1] >= 0 && runs_amx(t, dtype);
+}
+
 DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype, int64_t threads) {
   threads = std::max<int64_t>(1, threads);
   DirectPlan plan;
   switch (pass) {
     case DirectPass::Forward:
-      if (runs_depthwise(s, dtype)) {
+      if (runs_amx(s, dtype)) {
+        plan.kernel = DirectKernel::Amx;
+      } else if (runs_depthwise(s, dtype)) {
         plan.kernel = DirectKernel::Depthwise;
         plan.runs.push_back({forward_problem(s), WeightTaps{s.kernel_h, s.kernel_w}, TaskRows{}});
       } else if (runs_blocked(dtype, s.out_per_group())) {
@@ -391,6 +416,10 @@ DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype
       }
       return plan;
     case DirectPass::InputGrad:
+      if (runs_amx_input_grad(s, dtype)) {
+        plan.kernel = DirectKernel::Amx;
+        return plan;
+      }
       if (!input_grad_phases_apply(s)) return plan;  // the scatter loop
       plan.phases = input_grad_phases(s);
       if (runs_depthwise(s, dtype)) {

@@ -17,6 +17,8 @@
 
 namespace channelconv {
 
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // a * b * ..., or INT64_MAX where that does not fit. The plans size buffers and count work for any
 // shape the op accepts, also one whose buffers could never be allocated: a saturated size exceeds
 // every workspace limit, and the allocation of the op's result fails with the allocator's message.
@@ -256,6 +258,7 @@ enum class DirectKernel {
   Depthwise,          // depthwise correlations, 16 channels at a time: `runs` (likewise)
   BlockedWeightGrad,  // the blocked weight-gradient reduction: `chunks`
   RowWeightGrad,      // the weight gradient vectorised along output rows: `row_block` channels a block
+  Amx,                // the bfloat16 forward correlation on AMX tiles (cpu/amx.cpp)
   Loops,              // the plain loops, vectorised along the row
   LoopPhases,         // the plain loops, input gradient phase by phase: `phases`
 };
@@ -282,6 +285,36 @@ bool blocked_kernel_available();
 // Whether the blocked engines run bfloat16 in pairs (BlockedProblem::channel_pack): the CPU has
 // AVX512_BF16, and CHANNELCONV_DISABLE_BF16_DOT is unset (the tests use it to cover the widening path).
 bool bf16_dot_available();
+// Whether this CPU and OS run AMX tiles with bfloat16 (and CHANNELCONV_DISABLE_AMX is unset).
+bool amx_available();
+// The layers the AMX forward takes: bfloat16, stride 1, one group (cpu/amx.cpp).
+bool runs_amx(const ConvShape& s, at::ScalarType dtype);
+// A stride-1 layer's input gradient as a forward correlation: of grad_output (K channels) with the
+// weight flipped and transposed, at padding (k - 1) * dilation - pad; AMX runs it where that
+// padding is not negative (every 'same' or 'valid' layer).
+ConvShape transposed_correlation(const ConvShape& s);
+bool runs_amx_input_grad(const ConvShape& s, at::ScalarType dtype);
+
+// The AMX forward's blocks: 32 output pixels (two tiles of 16) x 32 output channels (two of 16),
+// reducing 32 input channels (a 64-byte tile row) a step; the pixels run over the padded width
+// (the "wide grid", cpu/amx.cpp), those past out_w computed and dropped.
+constexpr int64_t kAmxPixels = 32, kAmxOutputs = 32, kAmxChannels = 32;
+struct AmxGeometry {
+  int64_t channels, outputs;  // padded to kAmxChannels and kAmxOutputs
+  int64_t padded_h, padded_w, image_pixels;
+  int64_t grid, blocks;       // wide-grid pixels per image (out_h * padded_w), and their blocks
+};
+inline AmxGeometry amx_geometry(const ConvShape& s) {
+  AmxGeometry g;
+  g.channels = ceil_div(s.in_channels, kAmxChannels) * kAmxChannels;
+  g.outputs = ceil_div(s.out_channels, kAmxOutputs) * kAmxOutputs;
+  g.padded_h = s.in_h + 2 * s.padding[0];
+  g.padded_w = s.in_w + 2 * s.padding[1];
+  g.image_pixels = product({g.padded_h, g.padded_w});
+  g.grid = product({s.out_h, g.padded_w});
+  g.blocks = ceil_div(g.grid, kAmxPixels);
+  return g;
+}
 
 DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype, int64_t threads);
 

@@ -40,8 +40,6 @@ namespace {
 
 using Summary = c10::Dict<std::string, int64_t>;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 Summary describe(const LoweredPlan& p) {
   Summary d;
   d.insert("input_is_columns", p.input_is_columns);
@@ -62,13 +60,14 @@ Summary describe(const LoweredPlan& p) {
 // allocated (the op then fails with the allocator's message), and the time model reads them as
 // floats anyway. A count past int64 is reported as INT64_MAX.
 struct Counts {
-  double mac = 0, mac_1x1 = 0, inner_loop = 0, weight_read = 0, strip = 0, output = 0, tiles = 0;
+  double mac = 0, mac_1x1 = 0, mac_amx = 0, inner_loop = 0, weight_read = 0, strip = 0, output = 0, tiles = 0;
   int64_t blocked = 0, depthwise = 0, row = 0, strided = 0, runs = 0, tasks = 0, chunks = 0, parts = 0;
   int64_t pairs = 0;  // 1: bfloat16 channel pairs (plan.h, channel_pack)
 
   Summary summary() const {
     Summary d;
     for (const auto& [key, value] : {std::pair<const char*, double>{"mac", mac}, {"mac_1x1", mac_1x1},
+                                     {"mac_amx", mac_amx},
                                      {"inner_loop", inner_loop}, {"weight_read", weight_read}, {"strip", strip},
                                      {"output", output}, {"tiles", tiles}})
       d.insert(key, value < 9.2e18 ? static_cast<int64_t>(value) : std::numeric_limits<int64_t>::max());
@@ -217,6 +216,14 @@ Summary describe_direct_cpu(const ConvShape& s, DirectPass pass, at::ScalarType 
     count_weight_grad(plan.grad_problem, plan.chunks, c);
   } else if (plan.kernel == DirectKernel::RowWeightGrad) {
     count_row_weight_grad(s, plan.row_block, plan.row_unit_blocks, c);
+  } else if (plan.kernel == DirectKernel::Amx) {
+    // Padded channels and dropped pixels included; the copy is the zero-padded NHWC input.
+    const ConvShape a = pass == DirectPass::InputGrad ? transposed_correlation(s) : s;
+    const AmxGeometry g = amx_geometry(a);
+    c.mac_amx = double(a.batch) * g.blocks * kAmxPixels * g.outputs * g.channels * a.kernel_h * a.kernel_w;
+    c.strip = double(a.batch) * g.image_pixels * g.channels;
+    c.output = double(a.batch) * a.out_channels * a.out_h * a.out_w;
+    c.tasks = a.batch * g.blocks * (g.outputs / kAmxOutputs);
   } else {
     count_loops(s, pass, plan, c);
   }

@@ -298,6 +298,34 @@ def test_row_weight_grad_takes_rows_wider_than_the_blocked_tile(device, dtype, i
         assert weight_grad["chunks"] == 0 and weight_grad["mac"] > 0
 
 
+# Whether this CPU runs AMX tiles (the bfloat16 forward of stride-1 layers, csrc/cpu/amx.cpp).
+AMX = all(f in open("/proc/cpuinfo").read() for f in ("amx_tile", "amx_bf16", "avx512_bf16")) \
+    if os.path.exists("/proc/cpuinfo") else False
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("batch, in_channels, out_channels, size, kernel, padding, dilation", [
+    (2, 64, 64, (14, 14), (3, 3), 1, (1, 1)),    # whole 32-channel steps and blocks
+    (3, 5, 7, (9, 11), (3, 3), 1, (1, 1)),       # channels padded to 32, outputs to 32
+    (1, 40, 50, (7, 7), (5, 5), 2, (1, 1)),      # a second, partial step and block; a 7x7 map
+    (2, 33, 17, (8, 13), (3, 3), 2, (2, 2)),     # dilation; rows of 13 in the padded width's grid
+    (2, 3, 16, (20, 20), (7, 7), 3, (1, 1)),     # an RGB stem
+    (2, 16, 8, (6, 6), (1, 1), 0, (1, 1)),       # 1x1, no padding
+    (1, 8, 40, (1, 37), (1, 3), (0, 1), (1, 1)),  # one row: blocks of 32 pixels cross the row's end
+])
+def test_amx_forward(device, layout, batch, in_channels, out_channels, size, kernel, padding, dilation):
+    """The bfloat16 forward on AMX tiles (where the CPU has them; elsewhere these run the blocked
+    engine), and the input gradient as the same correlation with the weight flipped and transposed:
+    padded channels and outputs, the wide grid's dropped pixels, dilation, both layouts, a bias;
+    forward and both gradients against F.conv2d in float64, and the plan runs AMX for both."""
+    case = Case(batch=batch, in_channels=in_channels, out_channels=out_channels, size=size, kernel=kernel,
+                stride=(1, 1), padding=padding, dilation=dilation, groups=1, bias=True, unbatched=False, layout=layout)
+    check_case(case, "direct", torch.bfloat16, device)
+    passes = channelconv.cost((batch, in_channels, *size), (out_channels, in_channels, *kernel), 1, padding, dilation,
+                              dtype=torch.bfloat16).plans["direct"].passes
+    assert (passes["forward"]["mac_amx"] > 0) == AMX == (passes["input_grad"]["mac_amx"] > 0)  # (the CPU's plans)
+
+
 # Whether this CPU runs bfloat16 in channel pairs (vdpbf16ps; csrc/plan.h, channel_pack).
 BF16_DOT = "avx512_bf16" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
 

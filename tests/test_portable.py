@@ -1,7 +1,8 @@
 """The portable CPU loops that run where AVX-512 is missing, forced on this machine with
 CHANNELCONV_DISABLE_AVX512=1, and the blocked engines' bfloat16 widened to float32 where the CPU
-lacks AVX512_BF16, forced with CHANNELCONV_DISABLE_BF16_DOT=1 (in a subprocess: the choices are
-made once per process)."""
+lacks AVX512_BF16, forced with CHANNELCONV_DISABLE_BF16_DOT=1, and the blocked bfloat16 forward
+where AMX would take it, with CHANNELCONV_DISABLE_AMX=1 (in a subprocess: the choices are made once
+per process)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,22 @@ print("ok")
 """
 
 
+# Where the CPU has AMX, stride-1 bfloat16 layers run on its tiles; the blocked engine's bfloat16
+# forward (channel pairs) stays covered with AMX turned off.
+NO_AMX_SCRIPT = """
+import sys, torch, channelconv
+sys.path.insert(0, {tests!r})
+from test_correctness import Case, check_case
+for layout in ("contiguous", "channels_last"):
+    case = Case(batch=2, in_channels=20, out_channels=36, size=(9, 11), kernel=(3, 3), stride=(1, 1), padding=1,
+                dilation=(1, 1), groups=1, bias=True, unbatched=False, layout=layout)
+    check_case(case, "direct", torch.bfloat16)
+forward = channelconv.cost((2, 20, 9, 11), (36, 20, 3, 3), 1, 1, dtype=torch.bfloat16).plans["direct"].passes["forward"]
+assert forward["blocked"] and forward["mac_amx"] == 0, forward
+print("ok")
+"""
+
+
 def run_with(variable, script):
     tests = str(Path(__file__).parent)
     env = {**os.environ, variable: "1"}
@@ -47,6 +64,10 @@ def run_with(variable, script):
 
 def test_plain_loops_without_avx512():
     run_with("CHANNELCONV_DISABLE_AVX512", SCRIPT)
+
+
+def test_bfloat16_blocked_forward_without_amx():
+    run_with("CHANNELCONV_DISABLE_AMX", NO_AMX_SCRIPT)
 
 
 def test_bfloat16_widened_without_its_dot_product():

@@ -244,8 +244,9 @@ def test_shipped_calibration_is_well_formed():
 def check_calibration_entry(entry):
     for pass_ in ("forward", "training"):
         for a in channelconv.ALGORITHMS:
-            names = timemodel.DIRECT_FEATURES if a == "direct" else timemodel.LOWERED_FEATURES
-            assert set(entry[pass_][a]) == set(names)
+            names = set(timemodel.DIRECT_FEATURES if a == "direct" else timemodel.LOWERED_FEATURES)
+            # (entries fitted before the AMX kernel, on CPUs without AMX, lack its feature: the default applies)
+            assert names - {"mac_amx"} <= set(entry[pass_][a]) <= names
             assert all(v >= 0 for v in entry[pass_][a].values())
     assert all(entry["gemm"][k] >= 0 for k in ("m0", "n0", "k0"))
     assert entry["threads"] >= 1 and entry["direct_vector_bytes"] in (16, 32, 64)

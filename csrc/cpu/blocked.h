@@ -30,6 +30,11 @@ void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTa
 void blocked_correlation(const BlockedRun& run, const Activations& in, const float* packed, const float* init,
                          const Activations& out);
 
+// y = bias + the correlation of a bfloat16 input with its weight (stride 1, one group) on AMX
+// tiles (amx.cpp); y in `format`, bias float32 or undefined.
+at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const ConvShape& s,
+                       at::MemoryFormat format);
+
 // dw (K, C/groups, k_h, k_w) = sum over images and output pixels of dy[n, k, oh, ow] *
 // x[n, c, oh*stride_h + r*dil_h - pad_h, ow*stride_w + s*dil_w - pad_w]; `problem` is the
 // forward problem (input x, output dy); dw float32, dy and x in either layout and dtype.

@@ -305,6 +305,7 @@ at::Tensor direct_forward(const at::Tensor& input, const at::Tensor& weight, con
   const DirectPlan plan = plan_for(s, DirectPass::Forward, input);
   const at::MemoryFormat format = result_format(input, weight);
   const bool has_bias = bias.has_value() && bias->defined();
+  if (plan.kernel == DirectKernel::Amx) return amx_forward(input, weight, has_bias ? *bias : at::Tensor(), s, format);
   if (plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::Depthwise) {
     const at::Tensor b = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
     at::Tensor y = at::empty(s.output_sizes(), input.options().memory_format(format));
@@ -327,6 +328,10 @@ at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor
   const ConvShape s = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
   const DirectPlan plan = plan_for(s, DirectPass::InputGrad, grad_output);
   const at::MemoryFormat format = result_format(grad_output, weight);
+  if (plan.kernel == DirectKernel::Amx) {
+    return amx_forward(grad_output, weight.flip({2, 3}).transpose(0, 1), at::Tensor(), transposed_correlation(s),
+                       format);
+  }
   if (plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::Depthwise) {
     at::Tensor dx = at::empty(s.input_sizes(), grad_output.options().memory_format(format));
     if (!input_grad_phases_cover(s, plan.phases)) dx.zero_();  // phases no tap reaches stay zero
