@@ -24,41 +24,29 @@ print("ok")
 """
 
 
+# The blocked engine's bfloat16 forward, widened (CHANNELCONV_DISABLE_BF16_DOT) or in channel pairs
+# where AMX would take a stride-1 layer (CHANNELCONV_DISABLE_AMX).
 BF16_SCRIPT = """
 import sys, torch, channelconv
 sys.path.insert(0, {tests!r})
 from test_correctness import Case, check_case
 for layout in ("contiguous", "channels_last"):
-    case = Case(batch=2, in_channels=7, out_channels=20, size=(9, 11), kernel=(3, 3), stride=(2, 1), padding=1,
+    case = Case(batch=2, in_channels={c}, out_channels=20, size=(9, 11), kernel=(3, 3), stride={stride}, padding=1,
                 dilation=(1, 1), groups=1, bias=True, unbatched=False, layout=layout)
     check_case(case, "direct", torch.bfloat16)
-passes = channelconv.cost((2, 7, 9, 11), (20, 7, 3, 3), (2, 1), 1, dtype=torch.bfloat16).plans["direct"].passes
-assert passes["forward"]["blocked"] and not passes["forward"]["pairs"], passes["forward"]
+forward = channelconv.cost((2, {c}, 9, 11), (20, {c}, 3, 3), {stride}, 1, dtype=torch.bfloat16).plans["direct"].passes[
+    "forward"]
+assert forward["blocked"] and {check}, forward
 print("ok")
 """
 
 
-# Where the CPU has AMX, stride-1 bfloat16 layers run on its tiles; the blocked engine's bfloat16
-# forward (channel pairs) stays covered with AMX turned off.
-NO_AMX_SCRIPT = """
-import sys, torch, channelconv
-sys.path.insert(0, {tests!r})
-from test_correctness import Case, check_case
-for layout in ("contiguous", "channels_last"):
-    case = Case(batch=2, in_channels=20, out_channels=36, size=(9, 11), kernel=(3, 3), stride=(1, 1), padding=1,
-                dilation=(1, 1), groups=1, bias=True, unbatched=False, layout=layout)
-    check_case(case, "direct", torch.bfloat16)
-forward = channelconv.cost((2, 20, 9, 11), (36, 20, 3, 3), 1, 1, dtype=torch.bfloat16).plans["direct"].passes["forward"]
-assert forward["blocked"] and forward["mac_amx"] == 0, forward
-print("ok")
-"""
-
-
-def run_with(variable, script):
+def run_with(variable, script, **fields):
     tests = str(Path(__file__).parent)
     env = {**os.environ, variable: "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(tests).parent), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", script.format(tests=tests)], env=env, capture_output=True, text=True)
+    code = script.format(tests=tests, **fields)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
@@ -67,8 +55,8 @@ def test_plain_loops_without_avx512():
 
 
 def test_bfloat16_blocked_forward_without_amx():
-    run_with("CHANNELCONV_DISABLE_AMX", NO_AMX_SCRIPT)
+    run_with("CHANNELCONV_DISABLE_AMX", BF16_SCRIPT, c=20, stride=(1, 1), check='forward["mac_amx"] == 0')
 
 
 def test_bfloat16_widened_without_its_dot_product():
-    run_with("CHANNELCONV_DISABLE_BF16_DOT", BF16_SCRIPT)
+    run_with("CHANNELCONV_DISABLE_BF16_DOT", BF16_SCRIPT, c=7, stride=(2, 1), check='not forward["pairs"]')
