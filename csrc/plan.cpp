@@ -3,6 +3,11 @@
 #include <algorithm>
 #include <cstdlib>
 
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace channelconv {
 
 namespace {
@@ -397,6 +402,21 @@ ConvShape transposed_correlation(const ConvShape& s) {
 bool runs_amx_input_grad(const ConvShape& s, at::ScalarType dtype) {
   const ConvShape t = transposed_correlation(s);
   return s.stride[0] == 1 && s.stride[1] == 1 && t.padding[0] >= 0 && t.padding[1] >= 0 && runs_amx(t, dtype);
+}
+
+bool amx_available() {
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+  // Linux hands out the tile data registers to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM
+  // for XFEATURE_XTILEDATA); the vector conversions of cpu/amx.cpp's results need AVX512_BF16.
+  constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  static const bool available = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+                                __builtin_cpu_supports("avx512bf16") &&
+                                std::getenv("CHANNELCONV_DISABLE_AMX") == nullptr &&
+                                syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  return available;
+#else
+  return false;
+#endif
 }
 
 DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype, int64_t threads) {

@@ -24,8 +24,6 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #define CHANNELCONV_AMX 1
 #endif
 
@@ -38,12 +36,6 @@ namespace {
 constexpr int64_t kTilePixels = kAmxPixels / 2;    // rows of an A tile: output pixels
 constexpr int64_t kTileChannels = kAmxChannels;     // bfloat16 input channels per tile row (64 bytes)
 constexpr int64_t kTileOutputs = kAmxOutputs / 2;   // float32 output channels per accumulator row (64 bytes)
-
-// The permission Linux asks a process for before it uses the tile data registers.
-bool tile_data_permitted() {
-  constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-}
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -193,13 +185,6 @@ void pack_weight(const at::Tensor& weight, const ConvShape& s, const AmxGeometry
 
 }  // namespace
 
-bool amx_available() {
-  static const bool available = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
-                                __builtin_cpu_supports("avx512bf16") &&
-                                std::getenv("CHANNELCONV_DISABLE_AMX") == nullptr && tile_data_permitted();
-  return available;
-}
-
 at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const ConvShape& s,
                        at::MemoryFormat format) {
   TORCH_INTERNAL_ASSERT(input.scalar_type() == at::kBFloat16 && s.groups == 1 && s.stride[0] == 1 &&
@@ -261,8 +246,6 @@ at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const 
 }
 
 #else  // no AMX code on this compiler or system: never called (amx_available is false)
-
-bool amx_available() { return false; }
 
 at::Tensor amx_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const ConvShape&, at::MemoryFormat) {
   TORCH_INTERNAL_ASSERT(false, "AMX is not available");
