@@ -383,9 +383,12 @@ bool bf16_dot_available() {
 // (larger inputs take the blocked engine, which streams them).
 bool runs_amx(const ConvShape& s, at::ScalarType dtype) {
   constexpr int64_t kMaxBuffer = int64_t(1) << 40;
+  if (dtype != at::kBFloat16 || s.groups != 1 || s.stride[0] != 1 || s.stride[1] != 1 ||
+      std::max({s.in_h, s.in_w, s.padding[0], s.padding[1]}) >= kMaxBuffer) {
+    return false;
+  }
   const AmxGeometry g = amx_geometry(s);
-  return dtype == at::kBFloat16 && s.groups == 1 && s.stride[0] == 1 && s.stride[1] == 1 &&
-         product({s.batch + 1, g.image_pixels, g.channels}) < kMaxBuffer &&
+  return product({s.batch + 1, g.image_pixels, g.channels}) < kMaxBuffer &&
          product({s.kernel_h, s.kernel_w, g.channels, g.outputs}) < kMaxBuffer && blocked_kernel_available() &&
          amx_available();
 }

@@ -258,7 +258,7 @@ enum class DirectKernel {
   Depthwise,          // depthwise correlations, 16 channels at a time: `runs` (likewise)
   BlockedWeightGrad,  // the blocked weight-gradient reduction: `chunks`
   RowWeightGrad,      // the weight gradient vectorised along output rows: `row_block` channels a block
-  Amx,                // the bfloat16 forward correlation on AMX tiles (cpu/amx.cpp)
+  Amx,                // bfloat16 on AMX tiles (cpu/amx.cpp): the forward, or the input gradient as one
   Loops,              // the plain loops, vectorised along the row
   LoopPhases,         // the plain loops, input gradient phase by phase: `phases`
 };

@@ -375,7 +375,8 @@ at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tenso
         source = source.contiguous();
         return activations_of(source, source);
       };
-      row_weight_grad(s, plan.row_block, plan.row_unit_blocks, nchw(dy, dy_source), nchw(x, x_source), dw.mutable_data_ptr<float>());
+      row_weight_grad(s, plan.row_block, plan.row_unit_blocks, nchw(dy, dy_source), nchw(x, x_source),
+                      dw.mutable_data_ptr<float>());
     }
     return dw.to(input.scalar_type()).contiguous(format);
   }

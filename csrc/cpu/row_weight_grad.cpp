@@ -4,13 +4,15 @@
 //   dW[k, c, r, s] = sum over (n, oh, ow) of dy[n, k, oh, ow] * x[n, c, ih(oh, r), ow + s*dil_w - pad_w]
 // (at stride st along the row, x[..., ow*st + s*dil_w - pad_w]). A tile holds `KB` output channels x S
 // taps of one kernel row in KB*S registers of 16 pixel lanes; per 16 output pixels it loads S input
-// vectors (the row shifted by each tap) and KB dy vectors for KB*S FMAs, holding the fewer of them. At stride st each input
-// row is copied as its st phases (columns j, j + st, ...) one after the other, so that every tap
-// reads 16 consecutive floats of one phase. Each unit (group, input channel, blocks of output
-// channels) owns its slice of dW and sums each block's images, rows and lanes in a fixed order: the
-// result does not depend on the thread count, which only decides how many blocks a unit runs on
-// one copy of its input plane. NCHW operands of any engine dtype are read per unit and image into
-// float32 rows (the input plane it copies anyway, and the block's dy), never widened whole.
+// vectors (the row shifted by each tap) and KB dy vectors for KB*S FMAs, holding the fewer of them.
+// At stride st each input row is copied as its st phases (columns j, j + st, ...) one after the
+// other, so that every tap reads 16 consecutive floats of one phase. It also takes kernel rows wider
+// than the blocked weight-gradient tile's 7 taps, at any channel count (an AlexNet's 11x11).
+// Each unit (group, input channel, blocks of output channels) owns its slice of dW and sums each
+// block's images, rows and lanes in a fixed order: the result does not depend on the thread count,
+// which only decides how many blocks a unit runs on one copy of its input plane. NCHW operands of
+// any engine dtype are read per unit and image into float32 rows (the input plane it copies anyway,
+// and the block's dy), never widened whole.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
