@@ -15,13 +15,6 @@
 namespace channelconv {
 namespace {
 
-// Column row (c, r, t) holds, for each output pixel of the band, the input element that tap (r, t)
-// of channel c reads, or 0 in the padding. Filled one output row at a time: the valid stretch
-// [first_valid, last_valid) is a strided (contiguous for stride 1) run of one input row. One
-// parallel loop covers every image's column rows: on small maps an image has too few for a
-// parallel region of its own. `pitch`: elements from one column row to the next (the band's
-// pixels, or more when images sit side by side in one column matrix); `image_pitch`: from one
-// image's columns to the next's.
 // Along one axis, each tap's valid outputs [first, last) and the input coordinate output 0 reads:
 // computed once per call (each takes divisions; per column row they cost more than a small map's
 // few elements).
@@ -72,10 +65,11 @@ void im2col_small_bands(const scalar_t* images, int64_t images_count, scalar_t* 
 
 // Column row (c, r, t) holds, for each output pixel of the band, the input element that tap (r, t)
 // of channel c reads, or 0 in the padding. Filled one output row at a time: the valid stretch
-// [first_valid, last_valid) is a strided (contiguous for stride 1) run of one input row. One
-// parallel loop covers every image's column rows. `pitch`: elements from one column row to the
-// next (the band's pixels, or more when images sit side by side in one column matrix);
-// `image_pitch`: from one image's columns to the next's.
+// [first, last) of the tap's span is a strided (contiguous for stride 1) run of one input row. One
+// parallel loop covers every image's column rows: on small maps an image has too few for a
+// parallel region of its own. `pitch`: elements from one column row to the next (the band's
+// pixels, or more when images sit side by side in one column matrix); `image_pitch`: from one
+// image's columns to the next's.
 template <typename scalar_t>
 void im2col_bands(const scalar_t* images, int64_t images_count, scalar_t* columns, int64_t image_pitch,
                   int64_t pitch, const ConvShape& s, int64_t row0, int64_t rows) {
@@ -90,14 +84,12 @@ void im2col_bands(const scalar_t* images, int64_t images_count, scalar_t* column
   const int64_t column_rows = s.in_channels * g.kernel_area();
   const std::vector<TapSpan> spans = tap_spans(g.w);
   at::parallel_for(0, images_count * column_rows, 16, [&](int64_t begin, int64_t end) {
-    // (image, c, r, t) of `begin`, then stepped with carries: no divisions per row.
-    int64_t image = begin / column_rows, t = begin % column_rows;
-    int64_t c = t / g.kernel_area(), r = t / g.w.taps % g.h.taps;
-    t %= g.w.taps;
     for (int64_t index = begin; index < end; ++index) {
+      const int64_t image = index / column_rows, row = index % column_rows;
+      const int64_t c = row / g.kernel_area(), r = row / g.w.taps % g.h.taps, t = row % g.w.taps;
       const scalar_t* x_c = images + image * s.image_numel() + c * g.in_area();
       const TapSpan span = spans[t];
-      scalar_t* dst = columns + image * image_pitch + (index - image * column_rows) * pitch;
+      scalar_t* dst = columns + image * image_pitch + row * pitch;
       for (int64_t ho = row0; ho < row0 + rows; ++ho, dst += g.w.out) {
         const int64_t hi = g.h.input_at(ho, r);
         if (hi < 0 || hi >= g.h.in) {
@@ -113,13 +105,6 @@ void im2col_bands(const scalar_t* images, int64_t images_count, scalar_t* column
         }
         std::fill(dst + span.last, dst + g.w.out, scalar_t(0));
       }
-      if (++t < g.w.taps) continue;
-      t = 0;
-      if (++r < g.h.taps) continue;
-      r = 0;
-      if (++c < s.in_channels) continue;
-      c = 0;
-      ++image;
     }
   });
 }
