@@ -92,6 +92,20 @@ __attribute__((target("avx512f"))) void copy_pixels(const float* src, int64_t sr
     _mm512_mask_storeu_ps(dst + i * dst_step, mask, _mm512_maskz_loadu_ps(mask, src + i * src_step));
 }
 
+// dst[x] = lo <= x < hi ? src[x] : 0 for x < width, in masked vectors (no lane outside [lo, hi) is
+// read): a zero-padded strip row without the two fills and a copy, three library calls, that a
+// short row cost.
+__attribute__((target("avx512f"))) void pad_row(const float* src, int64_t lo, int64_t hi, int64_t width, float* dst) {
+  const auto lanes = [](int64_t from, int64_t to) {  // the mask of lanes [from, to) of a vector, clamped to 16
+    from = std::clamp<int64_t>(from, 0, 16), to = std::clamp<int64_t>(to, from, 16);
+    return static_cast<__mmask16>(((1u << to) - 1u) & ~((1u << from) - 1u));
+  };
+  for (int64_t x = 0; x < width; x += 16) {
+    const __m512 values = _mm512_maskz_loadu_ps(lanes(lo - x, hi - x), src + x);
+    _mm512_mask_storeu_ps(dst + x, lanes(0, width - x), values);
+  }
+}
+
 // A per-thread buffer for a half-precision run widened before it is transposed.
 float* scratch(int64_t floats) {
   thread_local std::vector<float> buffer;
@@ -203,6 +217,43 @@ void read_channel_pairs(const Activations& a, int64_t n, int64_t c0, int64_t cha
   }
 }
 
+void read_padded_rows(const Activations& a, int64_t n, int64_t c0, int64_t channels, bool pairs, int64_t ih0,
+                      int64_t rows, int64_t col0, int64_t width, float* dst, int64_t dst_stride) {
+  const int64_t planes = pairs ? (channels + 1) / 2 : channels;
+  const int64_t lo = std::clamp<int64_t>(-col0, 0, width), hi = std::clamp(a.w - col0, lo, width);
+  // Strip columns [lo, hi) of input rows [row_lo, row_hi) lie in the plane.
+  const int64_t row_lo = std::clamp<int64_t>(-ih0, 0, rows), row_hi = std::clamp(a.h - ih0, row_lo, rows);
+  const auto inside = [&](int64_t k) { return k >= row_lo && k < row_hi && hi > lo; };
+  if (a.dtype == at::kFloat && !a.channels_last && !pairs) {
+    // Plane by plane: a plane's rows lie one after the other in memory, which the prefetcher
+    // follows (row after row across the planes missed the cache on most rows of short maps).
+    for (int64_t c = 0; c < planes; ++c)
+      for (int64_t k = 0; k < rows; ++k) {
+        float* row = dst + c * dst_stride + k * width;
+        // (a row outside the plane reads no lane: its source is the destination, for a valid pointer)
+        const float* src =
+            inside(k) ? static_cast<const float*>(a.data) + a.offset(n, c0 + c, (ih0 + k) * a.w + col0) : row;
+        pad_row(src, lo, inside(k) ? hi : lo, width, row);
+      }
+    return;
+  }
+  for (int64_t k = 0; k < rows; ++k) {  // a channels_last row's channels lie together
+    float* rows_k = dst + k * width;
+    if (inside(k)) {
+      const int64_t pixel0 = (ih0 + k) * a.w + col0 + lo;
+      if (pairs) {
+        read_channel_pairs(a, n, c0, channels, pixel0, hi - lo, reinterpret_cast<uint32_t*>(rows_k + lo), dst_stride);
+      } else {
+        read_channel_major(a, n, c0, channels, pixel0, hi - lo, rows_k + lo, dst_stride);
+      }
+    }
+    for (int64_t c = 0; c < planes; ++c) {  // the padding: the copied columns pass through
+      float* row = rows_k + c * dst_stride;
+      pad_row(row, lo, inside(k) ? hi : lo, width, row);
+    }
+  }
+}
+
 void read_channel_major(const Activations& a, int64_t n, int64_t c0, int64_t channels, int64_t pixel0, int64_t count,
                         float* dst, int64_t dst_stride) {
   by_dtype(a.dtype, [&](auto tag) {
@@ -228,6 +279,8 @@ void write_pixel_major(const Activations& a, int64_t n, int64_t c0, int64_t chan
 
 void read_channel_pairs(const Activations&, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t) {}
 void read_channel_major(const Activations&, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int64_t) {}
+void read_padded_rows(const Activations&, int64_t, int64_t, int64_t, bool, int64_t, int64_t, int64_t, int64_t, float*,
+                      int64_t) {}
 void read_pixel_major(const Activations&, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int64_t) {}
 void write_pixel_major(const Activations&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const float*,
                        int64_t) {}

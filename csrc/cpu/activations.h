@@ -39,6 +39,12 @@ void read_channel_major(const Activations& a, int64_t n, int64_t c0, int64_t cha
 // dot-product tile reads them (plan.h, channel_pack).
 void read_channel_pairs(const Activations& a, int64_t n, int64_t c0, int64_t channels, int64_t pixel0, int64_t count,
                         uint32_t* dst, int64_t dst_stride);
+// dst[c * dst_stride + k * width + x] = a[n, c0 + c, ih0 + k, col0 + x] for k < rows, x < width, zero
+// where (ih0 + k, col0 + x) lies outside the plane: zero-padded input rows of each channel (the
+// forward engine's strips), or with `pairs` of each bfloat16 channel pair as read_channel_pairs
+// gives them.
+void read_padded_rows(const Activations& a, int64_t n, int64_t c0, int64_t channels, bool pairs, int64_t ih0,
+                      int64_t rows, int64_t col0, int64_t width, float* dst, int64_t dst_stride);
 // dst[i * dst_stride + c] = a[n, c0 + c, pixel0 + i]: pixel after pixel (the weight gradient's rows).
 void read_pixel_major(const Activations& a, int64_t n, int64_t c0, int64_t channels, int64_t pixel0, int64_t count,
                       float* dst, int64_t dst_stride);

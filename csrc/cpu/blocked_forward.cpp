@@ -43,7 +43,7 @@ constexpr int64_t kWeightPrefetch = 512;
 struct Tile {
   const float* x[kMaxTileRows];  // each row's strip at (input channel 0, kernel row r_begin, the tile's first pixel)
   int64_t channel_step;   // floats from one input channel's (or pair's) strip rows to the next
-  int64_t strip_width;    // floats from one kernel row to the next
+  int64_t kernel_row_step;  // floats from one kernel row's strip to the next
   int64_t kernel_rows;    // r_end - r_begin
   int64_t taps_w, dil_w, stride_w, packs;  // packs: input channels, or pairs of them
   const float* weights;   // this channel block's [c][r][s][block] at (0, r_begin, 0)
@@ -110,7 +110,7 @@ __attribute__((target("avx512f,fma"))) void tile_kernel(const Tile& t) {
       for (int64_t kr = 0; kr < t.kernel_rows; ++kr) {
         for (int64_t s = 0; s < t.taps_w; ++s, w += block) tap(w, x, s * t.dil_w);
 #pragma GCC unroll 4
-        for (int r = 0; r < Rows; ++r) x[r] += t.strip_width;
+        for (int r = 0; r < Rows; ++r) x[r] += t.kernel_row_step;
       }
     }
   }
@@ -199,61 +199,58 @@ void plan_tiles(const BlockedProblem& p, int64_t rows, const int64_t* r_begin, c
 
 // Where one task's rows are and what they read: task row j is output row plane_row[j] of image
 // image[j] (its plane position: origin + oh * step), and [r_begin[j], r_end[j]) are the kernel rows
-// whose input row lies in the plane.
+// whose input row lies in the plane. Row j's kernel row r reads strips[row_offset[j] + r * dil_h *
+// strip_width + c * channel_step + x] for input channel (or pair) c.
 struct TaskState {
   std::vector<float> strips;
-  std::vector<int64_t> r_begin, r_end, image, plane_row;
+  int64_t channel_step = 0;
+  std::vector<int64_t> r_begin, r_end, image, plane_row, row_offset;
   std::vector<TilePlace> tiles;
   std::vector<float> tile_acc;
 };
 
-// Row j's zero-padded strip: strip[c][r][x] = in[ih(r), offset_w + x] (0 outside the plane), for
-// the kernel rows inside the plane; a tile whose rows need different ranges runs the union, so the
-// rows outside read zeros too.
+// The task's input rows as zero-padded strips, strip[x] = in[ih, offset_w + x] (0 outside the
+// plane). Consecutive rows of one image whose input rows overlap (stride_h below the kernel's
+// height) share a segment, [channel][input row][x], that holds each input row once: a strip per
+// output row and kernel row copied a 3x3 layer's input three times over, as many small copies that
+// cost a fifth of the time on 8x8 maps (benchmarks/NOTES.md v15). Every segment is given the rows of
+// the longest, so one channel step serves all (a tile's rows may come from different images).
 void fill_strips(const BlockedProblem& p, const Activations& in, int64_t g, int64_t row0, int64_t rows,
                  TaskState& st) {
-  const int64_t strip_width = p.strip_width(), channel_floats = p.taps_h * strip_width;
-  const int64_t strip_floats = p.packs() * channel_floats;
-  // Strip columns [x_begin, x_end) hold input columns; the rest is padding.
-  const int64_t x_begin = std::max<int64_t>(0, -p.offset_w);
-  const int64_t x_end = std::min(strip_width, p.in_w - p.offset_w);
+  const int64_t strip_width = p.strip_width(), span_h = p.input_rows(1);
+  const bool share = p.stride_h < span_h;
+  std::vector<int64_t> segment_first;  // each segment's first task row
   for (int64_t j = 0; j < rows; ++j) {
     const int64_t n = (row0 + j) / p.out_h, oh = (row0 + j) % p.out_h;
     st.image[j] = n;
     st.plane_row[j] = p.out_origin_h + oh * p.out_step_h;
-    const auto input_row = [&](int64_t r) { return oh * p.stride_h + r * p.dil_h + p.offset_h; };
     st.r_begin[j] = p.taps_h;
     st.r_end[j] = 0;
     for (int64_t r = 0; r < p.taps_h; ++r) {
-      const int64_t ih = input_row(r);
+      const int64_t ih = oh * p.stride_h + r * p.dil_h + p.offset_h;
       if (ih >= 0 && ih < p.in_h) {
         st.r_begin[j] = std::min(st.r_begin[j], r);
         st.r_end[j] = r + 1;
       }
     }
-    float* strip = st.strips.data() + j * strip_floats;
-    for (int64_t r = 0; r < p.taps_h; ++r) {
-      const bool reads = r >= st.r_begin[j] && r < st.r_end[j] && x_end > x_begin;
-      for (int64_t c = 0; c < p.packs(); ++c) {
-        float* dst = strip + c * channel_floats + r * strip_width;
-        if (!reads) {
-          std::fill(dst, dst + strip_width, 0.0f);
-          continue;
-        }
-        std::fill(dst, dst + x_begin, 0.0f);
-        std::fill(dst + x_end, dst + strip_width, 0.0f);
-      }
-      if (reads) {
-        const int64_t pixel0 = input_row(r) * p.in_w + p.offset_w + x_begin;
-        float* dst = strip + r * strip_width + x_begin;
-        if (p.channel_pack == 2) {
-          read_channel_pairs(in, n, g * p.in_per_group, p.in_per_group, pixel0, x_end - x_begin,
-                             reinterpret_cast<uint32_t*>(dst), channel_floats);
-        } else {
-          read_channel_major(in, n, g * p.in_per_group, p.in_per_group, pixel0, x_end - x_begin, dst, channel_floats);
-        }
-      }
-    }
+    if (j == 0 || !share || n != st.image[j - 1]) segment_first.push_back(j);
+  }
+  const int64_t segments = static_cast<int64_t>(segment_first.size());
+  segment_first.push_back(rows);
+  int64_t segment_rows = 0;  // input rows of the longest segment
+  for (int64_t i = 0; i < segments; ++i)
+    segment_rows = std::max(segment_rows, p.input_rows(segment_first[i + 1] - segment_first[i]));
+  st.channel_step = segment_rows * strip_width;
+  const int64_t segment_floats = p.packs() * st.channel_step;
+  if (static_cast<int64_t>(st.strips.size()) < segments * segment_floats) st.strips.resize(segments * segment_floats);
+  for (int64_t i = 0; i < segments; ++i) {
+    const int64_t first = segment_first[i], oh_first = (row0 + first) % p.out_h;
+    float* segment = st.strips.data() + i * segment_floats;
+    for (int64_t j = first; j < segment_first[i + 1]; ++j)
+      st.row_offset[j] = i * segment_floats + ((row0 + j) % p.out_h - oh_first) * p.stride_h * strip_width;
+    read_padded_rows(in, st.image[first], g * p.in_per_group, p.in_per_group, p.channel_pack == 2,
+                     oh_first * p.stride_h + p.offset_h, p.input_rows(segment_first[i + 1] - first), p.offset_w,
+                     strip_width, segment, st.channel_step);
   }
 }
 
@@ -261,7 +258,7 @@ void fill_strips(const BlockedProblem& p, const Activations& in, int64_t g, int6
 // the output of the block's channels, row by row.
 void run_block(const BlockedProblem& p, int64_t g, int64_t b, const float* packed, const float* init,
                const Activations& out, TaskState& st) {
-  const int64_t strip_width = p.strip_width(), strip_floats = p.packs() * p.taps_h * strip_width;
+  const int64_t strip_width = p.strip_width();
   const int64_t channels = std::min(p.block, p.out_per_group - b * p.block);
   const int64_t first_channel = g * p.out_per_group + b * p.block;
   const float* block_weights = packed + (g * p.blocks() + b) * p.packs() * p.taps_h * p.taps_w * p.block;
@@ -270,12 +267,12 @@ void run_block(const BlockedProblem& p, int64_t g, int64_t b, const float* packe
     for (int i = 1; i < place.rows; ++i) {
       rb = std::min(rb, st.r_begin[place.row[i]]), re = std::max(re, st.r_end[place.row[i]]);
     }
-    const int64_t first = rb * strip_width + place.col * p.stride_w;
-    Tile t{{}, p.taps_h * strip_width, strip_width, std::max<int64_t>(0, re - rb), p.taps_w, p.dil_w, p.stride_w,
+    const int64_t first = rb * p.dil_h * strip_width + place.col * p.stride_w;
+    Tile t{{}, st.channel_step, p.dil_h * strip_width, std::max<int64_t>(0, re - rb), p.taps_w, p.dil_w, p.stride_w,
            p.packs(), block_weights + rb * p.taps_w * p.block,
            p.taps_h * p.taps_w * p.block, init + (g * p.blocks() + b) * p.block,
            st.tile_acc.data()};
-    for (int i = 0; i < place.rows; ++i) t.x[i] = st.strips.data() + place.row[i] * strip_floats + first;
+    for (int i = 0; i < place.rows; ++i) t.x[i] = st.strips.data() + st.row_offset[place.row[i]] + first;
     tile_for(p, place.rows, place.width)(t);
     for (int i = 0; i < place.rows; ++i) {
       const int64_t j = place.row[i];
@@ -370,8 +367,7 @@ void blocked_correlation(const BlockedRun& run, const Activations& in, const flo
   const int64_t parts = tasks.block_parts, blocks_per_part = (p.blocks() + parts - 1) / parts;
   at::parallel_for(0, p.groups * tasks.group_tasks * parts, 1, [&](int64_t begin, int64_t end) {
     TaskState st;
-    st.strips.resize(task_rows * p.packs() * p.taps_h * p.strip_width());
-    st.r_begin.resize(task_rows), st.r_end.resize(task_rows);
+    st.r_begin.resize(task_rows), st.r_end.resize(task_rows), st.row_offset.resize(task_rows);
     st.image.resize(task_rows), st.plane_row.resize(task_rows);
     st.tile_acc.resize(p.max_pixels() * p.block);
     int64_t filled = -1;  // the task whose strips st holds
