@@ -82,14 +82,19 @@ __attribute__((target("avx512f"))) void from_float(const float* src, int64_t n, 
 void to_float(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
 void from_float(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
 
-// dst[i * dst_step + c] = src[i * src_step + c] for c < channels <= 16: a pixel's channels, one
-// masked vector each, where a memcpy call per pixel (the depthwise engine's 16 channels) cost as
-// much as the copy.
+// dst[i * dst_step + c] = src[i * src_step + c] for c < channels: a pixel's channels, 16 to a vector
+// (the last masked), where a memcpy call per pixel (a tile's 16 or 32 channels) cost as much as the
+// copy: 16 % of a channels_last 1x1 layer's time.
 __attribute__((target("avx512f"))) void copy_pixels(const float* src, int64_t src_step, int64_t count,
                                                     int64_t channels, float* dst, int64_t dst_step) {
-  const __mmask16 mask = static_cast<__mmask16>((1u << channels) - 1u);
-  for (int64_t i = 0; i < count; ++i)
-    _mm512_mask_storeu_ps(dst + i * dst_step, mask, _mm512_maskz_loadu_ps(mask, src + i * src_step));
+  const __mmask16 last = static_cast<__mmask16>((1u << ((channels - 1) % 16 + 1)) - 1u);
+  for (int64_t i = 0; i < count; ++i) {
+    const float* from = src + i * src_step;
+    float* to = dst + i * dst_step;
+    int64_t c = 0;
+    for (; c + 16 < channels; c += 16) _mm512_storeu_ps(to + c, _mm512_loadu_ps(from + c));
+    _mm512_mask_storeu_ps(to + c, last, _mm512_maskz_loadu_ps(last, from + c));
+  }
 }
 
 // dst[x] = lo <= x < hi ? src[x] : 0 for x < width, in masked vectors (no lane outside [lo, hi) is
@@ -135,9 +140,7 @@ void read_pixel_major_as(const Activations& a, int64_t n, int64_t c0, int64_t ch
                          int64_t count, float* dst, int64_t dst_stride) {
   const T* src = static_cast<const T*>(a.data) + a.offset(n, c0, pixel0);
   if (a.channels_last) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (channels <= 16) return copy_pixels(src, a.channels, count, channels, dst, dst_stride);
-    }
+    if constexpr (std::is_same_v<T, float>) return copy_pixels(src, a.channels, count, channels, dst, dst_stride);
     for (int64_t i = 0; i < count; ++i) to_float(src + i * a.channels, channels, dst + i * dst_stride);
     return;
   }
@@ -156,7 +159,7 @@ void write_pixel_major_as(const Activations& a, int64_t n, int64_t c0, int64_t c
   T* dst = static_cast<T*>(a.data) + a.offset(n, c0, pixel0);
   if (a.channels_last) {
     if constexpr (std::is_same_v<T, float>) {
-      if (channels <= 16) return copy_pixels(src, src_stride, count, channels, dst, pixel_step * a.channels);
+      return copy_pixels(src, src_stride, count, channels, dst, pixel_step * a.channels);
     }
     for (int64_t i = 0; i < count; ++i) from_float(src + i * src_stride, channels, dst + i * pixel_step * a.channels);
     return;
@@ -247,6 +250,7 @@ void read_padded_rows(const Activations& a, int64_t n, int64_t c0, int64_t chann
         read_channel_major(a, n, c0, channels, pixel0, hi - lo, rows_k + lo, dst_stride);
       }
     }
+    if (inside(k) && lo == 0 && hi == width) continue;  // no padding
     for (int64_t c = 0; c < planes; ++c) {  // the padding: the copied columns pass through
       float* row = rows_k + c * dst_stride;
       pad_row(row, lo, inside(k) ? hi : lo, width, row);

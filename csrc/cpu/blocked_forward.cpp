@@ -49,7 +49,9 @@ struct Tile {
   const float* weights;   // this channel block's [c][r][s][block] at (0, r_begin, 0)
   int64_t weight_channel_step;
   const float* init;      // the block's initial values
-  float* acc;             // [pixel][block] result, row after row
+  float* acc;             // [pixel][block] result, row after row; or, where out[0] is set,
+  float* out[kMaxTileRows];  // each row's first pixel in a float32 channels_last output (its block
+  int64_t out_pixel_step;    // of channels whole), pixels out_pixel_step floats apart
 };
 
 // SW: the stride along the row as a constant (0: t.stride_w). With the stride known, every pixel's
@@ -113,6 +115,15 @@ __attribute__((target("avx512f,fma"))) void tile_kernel(const Tile& t) {
         for (int r = 0; r < Rows; ++r) x[r] += t.kernel_row_step;
       }
     }
+  }
+  if (t.out[0] != nullptr) {  // straight into the output, where a copy through acc cost a pass over it
+#pragma GCC unroll 4
+    for (int r = 0; r < Rows; ++r)
+#pragma GCC unroll 28
+      for (int p = 0; p < A; ++p)
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v) *reinterpret_cast<v16*>(t.out[r] + p * t.out_pixel_step + 16 * v) = acc[v][r * A + p];
+    return;
   }
 #pragma GCC unroll 28
   for (int p = 0; p < P; ++p)
@@ -262,22 +273,31 @@ void run_block(const BlockedProblem& p, int64_t g, int64_t b, const float* packe
   const int64_t channels = std::min(p.block, p.out_per_group - b * p.block);
   const int64_t first_channel = g * p.out_per_group + b * p.block;
   const float* block_weights = packed + (g * p.blocks() + b) * p.packs() * p.taps_h * p.taps_w * p.block;
+  const bool direct_out = out.dtype == at::kFloat && out.channels_last && channels == p.block;
+  // What every tile shares; each sets its rows, kernel rows and outputs.
+  Tile t{{}, st.channel_step, p.dil_h * strip_width, 0, p.taps_w, p.dil_w, p.stride_w, p.packs(), nullptr,
+         p.taps_h * p.taps_w * p.block, init + (g * p.blocks() + b) * p.block, st.tile_acc.data(), {},
+         out.channels * p.out_step_w};
   for (const TilePlace& place : st.tiles) {
     int64_t rb = st.r_begin[place.row[0]], re = st.r_end[place.row[0]];
     for (int i = 1; i < place.rows; ++i) {
       rb = std::min(rb, st.r_begin[place.row[i]]), re = std::max(re, st.r_end[place.row[i]]);
     }
     const int64_t first = rb * p.dil_h * strip_width + place.col * p.stride_w;
-    Tile t{{}, st.channel_step, p.dil_h * strip_width, std::max<int64_t>(0, re - rb), p.taps_w, p.dil_w, p.stride_w,
-           p.packs(), block_weights + rb * p.taps_w * p.block,
-           p.taps_h * p.taps_w * p.block, init + (g * p.blocks() + b) * p.block,
-           st.tile_acc.data()};
+    t.kernel_rows = std::max<int64_t>(0, re - rb);
+    t.weights = block_weights + rb * p.taps_w * p.block;
     for (int i = 0; i < place.rows; ++i) t.x[i] = st.strips.data() + st.row_offset[place.row[i]] + first;
+    const auto first_pixel = [&](int i) {
+      return st.plane_row[place.row[i]] * p.plane_w() + p.out_origin_w + place.col * p.out_step_w;
+    };
+    if (direct_out) {
+      for (int i = 0; i < place.rows; ++i)
+        t.out[i] = static_cast<float*>(out.data) + out.offset(st.image[place.row[i]], first_channel, first_pixel(i));
+    }
     tile_for(p, place.rows, place.width)(t);
+    if (direct_out) continue;
     for (int i = 0; i < place.rows; ++i) {
-      const int64_t j = place.row[i];
-      write_pixel_major(out, st.image[j], first_channel, channels,
-                        st.plane_row[j] * p.plane_w() + p.out_origin_w + place.col * p.out_step_w, p.out_step_w,
+      write_pixel_major(out, st.image[place.row[i]], first_channel, channels, first_pixel(i), p.out_step_w,
                         place.width, st.tile_acc.data() + i * place.width * p.block, p.block);
     }
   }
