@@ -87,13 +87,13 @@ void from_float(const float* src, int64_t n, float* dst) { std::memcpy(dst, src,
 // copy: 16 % of a channels_last 1x1 layer's time.
 __attribute__((target("avx512f"))) void copy_pixels(const float* src, int64_t src_step, int64_t count,
                                                     int64_t channels, float* dst, int64_t dst_step) {
-  const __mmask16 last = static_cast<__mmask16>((1u << ((channels - 1) % 16 + 1)) - 1u);
+  const int64_t whole = channels / 16 * 16;  // the rest masked (a masked store is slow on Zen 4: blocked_common.cpp)
+  const __mmask16 rest = static_cast<__mmask16>((1u << (channels - whole)) - 1u);
   for (int64_t i = 0; i < count; ++i) {
     const float* from = src + i * src_step;
     float* to = dst + i * dst_step;
-    int64_t c = 0;
-    for (; c + 16 < channels; c += 16) _mm512_storeu_ps(to + c, _mm512_loadu_ps(from + c));
-    _mm512_mask_storeu_ps(to + c, last, _mm512_maskz_loadu_ps(last, from + c));
+    for (int64_t c = 0; c < whole; c += 16) _mm512_storeu_ps(to + c, _mm512_loadu_ps(from + c));
+    if (rest != 0) _mm512_mask_storeu_ps(to + whole, rest, _mm512_maskz_loadu_ps(rest, from + whole));
   }
 }
 
@@ -107,7 +107,11 @@ __attribute__((target("avx512f"))) void pad_row(const float* src, int64_t lo, in
   };
   for (int64_t x = 0; x < width; x += 16) {
     const __m512 values = _mm512_maskz_loadu_ps(lanes(lo - x, hi - x), src + x);
-    _mm512_mask_storeu_ps(dst + x, lanes(0, width - x), values);
+    if (x + 16 <= width) {  // (a masked store is slow on Zen 4: blocked_common.cpp)
+      _mm512_storeu_ps(dst + x, values);
+    } else {
+      _mm512_mask_storeu_ps(dst + x, lanes(0, width - x), values);
+    }
   }
 }
 
