@@ -87,13 +87,21 @@ void from_float(const float* src, int64_t n, float* dst) { std::memcpy(dst, src,
 // copy: 16 % of a channels_last 1x1 layer's time.
 __attribute__((target("avx512f"))) void copy_pixels(const float* src, int64_t src_step, int64_t count,
                                                     int64_t channels, float* dst, int64_t dst_step) {
-  const int64_t whole = channels / 16 * 16;  // the rest masked (a masked store is slow on Zen 4: blocked_common.cpp)
-  const __mmask16 rest = static_cast<__mmask16>((1u << (channels - whole)) - 1u);
+  // Under 16 channels masked; else whole vectors, the last one overlapping the one before (a masked
+  // store is slow on Zen 4: blocked_common.cpp).
+  const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(channels, 16)) - 1u);
   for (int64_t i = 0; i < count; ++i) {
     const float* from = src + i * src_step;
     float* to = dst + i * dst_step;
-    for (int64_t c = 0; c < whole; c += 16) _mm512_storeu_ps(to + c, _mm512_loadu_ps(from + c));
-    if (rest != 0) _mm512_mask_storeu_ps(to + whole, rest, _mm512_maskz_loadu_ps(rest, from + whole));
+    if (channels < 16) {
+      _mm512_mask_storeu_ps(to, mask, _mm512_maskz_loadu_ps(mask, from));
+      continue;
+    }
+    for (int64_t c = 0;; c += 16) {
+      c = std::min(c, channels - 16);
+      _mm512_storeu_ps(to + c, _mm512_loadu_ps(from + c));
+      if (c + 16 == channels) break;
+    }
   }
 }
 
@@ -105,13 +113,17 @@ __attribute__((target("avx512f"))) void pad_row(const float* src, int64_t lo, in
     from = std::clamp<int64_t>(from, 0, 16), to = std::clamp<int64_t>(to, from, 16);
     return static_cast<__mmask16>(((1u << to) - 1u) & ~((1u << from) - 1u));
   };
-  for (int64_t x = 0; x < width; x += 16) {
-    const __m512 values = _mm512_maskz_loadu_ps(lanes(lo - x, hi - x), src + x);
-    if (x + 16 <= width) {  // (a masked store is slow on Zen 4: blocked_common.cpp)
-      _mm512_storeu_ps(dst + x, values);
-    } else {
-      _mm512_mask_storeu_ps(dst + x, lanes(0, width - x), values);
-    }
+  if (width < 16) {
+    _mm512_mask_storeu_ps(dst, lanes(0, width), _mm512_maskz_loadu_ps(lanes(lo, hi), src));
+    return;
+  }
+  // Whole vectors, the last one overlapping the one before (a masked store is slow on Zen 4:
+  // blocked_common.cpp); src + x is read only in the lanes of [lo, hi).
+  for (int64_t x = 0;; x += 16) {
+    x = std::min(x, width - 16);
+    const bool whole = x >= lo && x + 16 <= hi;  // (masked loads are slower too)
+    _mm512_storeu_ps(dst + x, whole ? _mm512_loadu_ps(src + x) : _mm512_maskz_loadu_ps(lanes(lo - x, hi - x), src + x));
+    if (x + 16 == width) return;
   }
 }
 
@@ -240,7 +252,11 @@ void read_padded_rows(const Activations& a, int64_t n, int64_t c0, int64_t chann
         // (a row outside the plane reads no lane: its source is the destination, for a valid pointer)
         const float* src =
             inside(k) ? static_cast<const float*>(a.data) + a.offset(n, c0 + c, (ih0 + k) * a.w + col0) : row;
-        pad_row(src, lo, inside(k) ? hi : lo, width, row);
+        if (inside(k) && lo == 0 && hi == width) {
+          std::memcpy(row, src, width * sizeof(float));
+        } else {
+          pad_row(src, lo, inside(k) ? hi : lo, width, row);
+        }
       }
     return;
   }
