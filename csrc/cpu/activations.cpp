@@ -94,7 +94,7 @@ __attribute__((target("avx512f"))) void copy_pixels(const float* src, int64_t sr
     const float* from = src + i * src_step;
     float* to = dst + i * dst_step;
     if (channels < 16) {
-      _mm512_mask_storeu_ps(to, mask, _mm512_maskz_loadu_ps(mask, from));
+      blocked::store_lanes(to, _mm512_maskz_loadu_ps(mask, from), channels);
       continue;
     }
     for (int64_t c = 0;; c += 16) {
@@ -113,10 +113,7 @@ __attribute__((target("avx512f"))) void pad_row(const float* src, int64_t lo, in
     from = std::clamp<int64_t>(from, 0, 16), to = std::clamp<int64_t>(to, from, 16);
     return static_cast<__mmask16>(((1u << to) - 1u) & ~((1u << from) - 1u));
   };
-  if (width < 16) {
-    _mm512_mask_storeu_ps(dst, lanes(0, width), _mm512_maskz_loadu_ps(lanes(lo, hi), src));
-    return;
-  }
+  if (width < 16) return blocked::store_lanes(dst, _mm512_maskz_loadu_ps(lanes(lo, hi), src), width);
   // Whole vectors, the last one overlapping the one before (a masked store is slow on Zen 4:
   // blocked_common.cpp); src + x is read only in the lanes of [lo, hi).
   for (int64_t x = 0;; x += 16) {

@@ -14,6 +14,10 @@
 
 #include <cstdint>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "../plan.h"
 #include "activations.h"
 
@@ -72,6 +76,36 @@ inline __attribute__((always_inline)) void dot_pairs(v16& acc, const v16& w, con
 inline uint32_t bf16_pair(float first, float second) {
   return uint32_t(c10::BFloat16(first).x) | uint32_t(c10::BFloat16(second).x) << 16;
 }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// dst[i] = v[i] for i < n <= 16, in unmasked stores of 8, 4, 2 and 1 lanes: a masked AVX-512 store
+// costs several cycles on AMD's Zen 4, and the blocked engines' copies and transposes ran a
+// fifth slower with them (benchmarks/NOTES.md v15). (GCC 12 takes the undefined pass-through
+// operand of the 512-to-256-bit cast for an uninitialised variable: a false -Wmaybe-uninitialized.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f"), always_inline)) inline void store_lanes(float* dst, __m512 v, int64_t n) {
+  if (n == 16) return _mm512_storeu_ps(dst, v);
+  const __m512 zero = _mm512_setzero_ps();
+  if (n & 8) {
+    _mm256_storeu_ps(dst, _mm512_castps512_ps256(v));
+    v = _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(zero), _mm512_castps_si512(v), 8));
+    dst += 8;
+  }
+  if (n & 4) {
+    _mm_storeu_ps(dst, _mm512_castps512_ps128(v));
+    v = _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(zero), _mm512_castps_si512(v), 4));
+    dst += 4;
+  }
+  if (n & 2) {
+    _mm_storel_pi(reinterpret_cast<__m64*>(dst), _mm512_castps512_ps128(v));
+    v = _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(zero), _mm512_castps_si512(v), 2));
+    dst += 2;
+  }
+  if (n & 1) _mm_store_ss(dst, _mm512_castps512_ps128(v));
+}
+#pragma GCC diagnostic pop
+#endif
 
 // dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols, 16 x 16 at a time in
 // AVX-512 registers (masked at the edges): the forward tile's [pixel][block] result into NCHW planes,

@@ -20,7 +20,6 @@ __attribute__((target("avx512f"))) void transpose(const float* src, int64_t src_
                                                   float* dst, int64_t dst_stride) {
   for (int64_t i0 = 0; i0 < rows; i0 += 16) {
     const int block_rows = static_cast<int>(std::min<int64_t>(16, rows - i0));
-    const __mmask16 row_mask = static_cast<__mmask16>((1u << block_rows) - 1);
     for (int64_t j0 = 0; j0 < cols; j0 += 16) {
       const int block_cols = static_cast<int>(std::min<int64_t>(16, cols - j0));
       const __mmask16 col_mask = static_cast<__mmask16>((1u << block_cols) - 1);
@@ -53,11 +52,7 @@ __attribute__((target("avx512f"))) void transpose(const float* src, int64_t src_
         a[i] = _mm512_shuffle_f32x4(b[i], b[i + 8], 0x88);
         a[i + 8] = _mm512_shuffle_f32x4(b[i], b[i + 8], 0xdd);
       }
-      if (block_rows == 16) {
-        for (int j = 0; j < block_cols; ++j) _mm512_storeu_ps(dst + (j0 + j) * dst_stride + i0, a[j]);
-      } else {
-        for (int j = 0; j < block_cols; ++j) _mm512_mask_storeu_ps(dst + (j0 + j) * dst_stride + i0, row_mask, a[j]);
-      }
+      for (int j = 0; j < block_cols; ++j) store_lanes(dst + (j0 + j) * dst_stride + i0, a[j], block_rows);
     }
   }
 }
