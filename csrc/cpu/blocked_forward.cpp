@@ -49,9 +49,9 @@ struct Tile {
   const float* weights;   // this channel block's [c][r][s][block] at (0, r_begin, 0)
   int64_t weight_channel_step;
   const float* init;      // the block's initial values
-  float* acc;             // [pixel][block] result, row after row; or, where out[0] is set,
-  float* out[kMaxTileRows];  // each row's first pixel in a float32 channels_last output (its block
-  int64_t out_pixel_step;    // of channels whole), pixels out_pixel_step floats apart
+  float* acc;             // [pixel][block] result, row after row; unless out[0] is set:
+  float* out[kMaxTileRows];  // each row's first pixel in a float32 channels_last output, the block
+  int64_t out_pixel_step;    // whole, its pixels out_pixel_step floats apart
 };
 
 // SW: the stride along the row as a constant (0: t.stride_w). With the stride known, every pixel's
@@ -122,7 +122,8 @@ __attribute__((target("avx512f,fma"))) void tile_kernel(const Tile& t) {
 #pragma GCC unroll 28
       for (int p = 0; p < A; ++p)
 #pragma GCC unroll 2
-        for (int v = 0; v < V; ++v) *reinterpret_cast<v16*>(t.out[r] + p * t.out_pixel_step + 16 * v) = acc[v][r * A + p];
+        for (int v = 0; v < V; ++v)
+          *reinterpret_cast<v16*>(t.out[r] + p * t.out_pixel_step + 16 * v) = acc[v][r * A + p];
     return;
   }
 #pragma GCC unroll 28
