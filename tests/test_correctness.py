@@ -193,6 +193,18 @@ def test_direct_tile_plans(device, out_w, kernel, stride, padding, dilation):
     check_case(case, "direct", torch.float32, device)
 
 
+@pytest.mark.parametrize("size", [3, 5, 8, 17])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_direct_tiles_write_channels_last_outputs_from_registers(device, size, stride):
+    """A float32 channels_last output takes each full 32-channel block straight from the tile's
+    registers (blocked_forward.cpp, run_block): the forward pass's 64 channels, and the input
+    gradient's 32, which at stride 2 writes every second pixel of each phase; on maps whose rows
+    share tiles (3, 5) and maps cut into pieces (17), with the strips' segments crossing images."""
+    case = Case(batch=3, in_channels=32, out_channels=64, size=(size, size), kernel=(3, 3), stride=(stride, stride),
+                padding=1, dilation=(1, 1), groups=1, bias=True, unbatched=False, layout="channels_last")
+    check_case(case, "direct", torch.float32, device)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("size", [3, 4])
 def test_direct_splits_channel_blocks_when_tasks_are_few(device, threads, size):
