@@ -56,6 +56,9 @@ def worker(rank, port, out_dir):
         model = nn.parallel.DistributedDataParallel(make_model())
         train(model, *make_data(), rank=rank, world=WORLD)
         torch.save(model.module.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks done before either tears its group down: one CI run saw rank 0 abort
+        # ("terminate called without an active exception") as its peer's connections closed.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
