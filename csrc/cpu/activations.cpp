@@ -82,29 +82,6 @@ __attribute__((target("avx512f"))) void from_float(const float* src, int64_t n, 
 void to_float(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
 void from_float(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
 
-// dst[i * dst_step + c] = src[i * src_step + c] for c < channels: a pixel's channels, 16 to a vector
-// (the last masked), where a memcpy call per pixel (a tile's 16 or 32 channels) cost as much as the
-// copy: 16 % of a channels_last 1x1 layer's time.
-__attribute__((target("avx512f"))) void copy_pixels(const float* src, int64_t src_step, int64_t count,
-                                                    int64_t channels, float* dst, int64_t dst_step) {
-  // Under 16 channels masked; else whole vectors, the last one overlapping the one before (a masked
-  // store is slow on Zen 4: blocked_common.cpp).
-  const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(channels, 16)) - 1u);
-  for (int64_t i = 0; i < count; ++i) {
-    const float* from = src + i * src_step;
-    float* to = dst + i * dst_step;
-    if (channels < 16) {
-      blocked::store_lanes(to, _mm512_maskz_loadu_ps(mask, from), channels);
-      continue;
-    }
-    for (int64_t c = 0;; c += 16) {
-      c = std::min(c, channels - 16);
-      _mm512_storeu_ps(to + c, _mm512_loadu_ps(from + c));
-      if (c + 16 == channels) break;
-    }
-  }
-}
-
 // dst[x] = lo <= x < hi ? src[x] : 0 for x < width, in masked vectors (no lane outside [lo, hi) is
 // read): a zero-padded strip row without the two fills and a copy, three library calls, that a
 // short row cost.
@@ -122,6 +99,14 @@ __attribute__((target("avx512f"))) void pad_row(const float* src, int64_t lo, in
     _mm512_storeu_ps(dst + x, whole ? _mm512_loadu_ps(src + x) : _mm512_maskz_loadu_ps(lanes(lo - x, hi - x), src + x));
     if (x + 16 == width) return;
   }
+}
+
+// dst[i * dst_step + c] = src[i * src_step + c] for c < channels: a pixel's channels as pad_row
+// copies a row, where a memcpy call per pixel (a tile's 16 or 32 channels) cost as much as the copy:
+// 16 % of a channels_last 1x1 layer's time.
+__attribute__((target("avx512f"))) void copy_pixels(const float* src, int64_t src_step, int64_t count,
+                                                    int64_t channels, float* dst, int64_t dst_step) {
+  for (int64_t i = 0; i < count; ++i) pad_row(src + i * src_step, 0, channels, channels, dst + i * dst_step);
 }
 
 // A per-thread buffer for a half-precision run widened before it is transposed.

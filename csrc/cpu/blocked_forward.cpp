@@ -217,6 +217,7 @@ struct TaskState {
   std::vector<float> strips;
   int64_t channel_step = 0;
   std::vector<int64_t> r_begin, r_end, image, plane_row, row_offset;
+  std::vector<int64_t> segment_first;  // each segment's first task row, then the task's row count
   std::vector<TilePlace> tiles;
   std::vector<float> tile_acc;
 };
@@ -231,7 +232,8 @@ void fill_strips(const BlockedProblem& p, const Activations& in, int64_t g, int6
                  TaskState& st) {
   const int64_t strip_width = p.strip_width(), span_h = p.input_rows(1);
   const bool share = p.stride_h < span_h;
-  std::vector<int64_t> segment_first;  // each segment's first task row
+  std::vector<int64_t>& segment_first = st.segment_first;
+  segment_first.clear();
   for (int64_t j = 0; j < rows; ++j) {
     const int64_t n = (row0 + j) / p.out_h, oh = (row0 + j) % p.out_h;
     st.image[j] = n;

@@ -129,11 +129,7 @@ __attribute__((target("avx512f,fma"))) void correlate_nhwc_row(const BlockedProb
         acc = _mm512_fmadd_ps(tap, _mm512_maskz_loadu_ps(mask, row + iw * C), acc);
       }
     }
-    if (mask == 0xffff) {  // (a masked store is slow on Zen 4: blocked_common.cpp)
-      _mm512_storeu_ps(out_row + ow * C + c0, acc);
-    } else {
-      _mm512_mask_storeu_ps(out_row + ow * C + c0, mask, acc);
-    }
+    blocked::store_lanes(out_row + ow * C + c0, acc, std::min<int64_t>(kLanes, C - c0));
   }
 }
 
