@@ -407,6 +407,14 @@ bool runs_amx_input_grad(const ConvShape& s, at::ScalarType dtype) {
   return s.stride[0] == 1 && s.stride[1] == 1 && t.padding[0] >= 0 && t.padding[1] >= 0 && runs_amx(t, dtype);
 }
 
+bool runs_amx_weight_grad(const ConvShape& s, at::ScalarType dtype) {
+  constexpr int64_t kMaxBuffer = int64_t(1) << 40;
+  if (!runs_amx(s, dtype)) return false;
+  const AmxGeometry g = amx_geometry(s);
+  return product({2, s.batch, g.channels, amx_grad_plane(s, g)}) < kMaxBuffer &&
+         product({s.batch, g.blocks, kAmxPixels, g.outputs}) < kMaxBuffer;
+}
+
 bool amx_available() {
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
   // Linux hands out the tile data registers to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM
@@ -455,20 +463,29 @@ DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype
         plan.kernel = DirectKernel::LoopPhases;
       }
       return plan;
-    case DirectPass::WeightGrad: {
-      const BlockedProblem p = with_tile_width(forward_problem(s));
-      if (runs_row_weight_grad(s, dtype)) {
-        plan.kernel = DirectKernel::RowWeightGrad;
-        plan.row_block = row_block(s.kernel_w, s.out_per_group());
-        plan.row_unit_blocks = row_unit_blocks(s, plan.row_block, threads);
-      } else if (runs_blocked(dtype, s.out_per_group()) && p.taps_w <= kMaxGradTaps) {
-        plan.kernel = DirectKernel::BlockedWeightGrad;
-        plan.grad_problem = p;
-        plan.grad_problem.channel_pack = channel_pack_for(dtype);  // (pairs of a row's output pixels)
-        plan.chunks = grad_chunks(p, threads);
+    case DirectPass::WeightGrad:
+      if (runs_amx_weight_grad(s, dtype)) {
+        plan.kernel = DirectKernel::Amx;
+        return plan;
       }
-      return plan;
-    }
+      return plan_weight_grad_engines(s, dtype, threads);
+  }
+  return plan;
+}
+
+DirectPlan plan_weight_grad_engines(const ConvShape& s, at::ScalarType dtype, int64_t threads) {
+  threads = std::max<int64_t>(1, threads);
+  DirectPlan plan;
+  const BlockedProblem p = with_tile_width(forward_problem(s));
+  if (runs_row_weight_grad(s, dtype)) {
+    plan.kernel = DirectKernel::RowWeightGrad;
+    plan.row_block = row_block(s.kernel_w, s.out_per_group());
+    plan.row_unit_blocks = row_unit_blocks(s, plan.row_block, threads);
+  } else if (runs_blocked(dtype, s.out_per_group()) && p.taps_w <= kMaxGradTaps) {
+    plan.kernel = DirectKernel::BlockedWeightGrad;
+    plan.grad_problem = p;
+    plan.grad_problem.channel_pack = channel_pack_for(dtype);  // (pairs of a row's output pixels)
+    plan.chunks = grad_chunks(p, threads);
   }
   return plan;
 }

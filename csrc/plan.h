@@ -258,7 +258,8 @@ enum class DirectKernel {
   Depthwise,          // depthwise correlations, 16 channels at a time: `runs` (likewise)
   BlockedWeightGrad,  // the blocked weight-gradient reduction: `chunks`
   RowWeightGrad,      // the weight gradient vectorised along output rows: `row_block` channels a block
-  Amx,                // bfloat16 on AMX tiles (cpu/amx.cpp): the forward, or the input gradient as one
+  Amx,                // bfloat16 on AMX tiles (cpu/amx.cpp): the forward, the weight gradient, or the input
+                      // gradient as one more forward correlation
   Loops,              // the plain loops, vectorised along the row
   LoopPhases,         // the plain loops, input gradient phase by phase: `phases`
 };
@@ -316,7 +317,31 @@ inline AmxGeometry amx_geometry(const ConvShape& s) {
   return g;
 }
 
+// The AMX weight gradient (cpu/amx.cpp) reads x as padded planes of this many pixels: a block of
+// 32 wide-grid pixels shifted by the last tap runs up to 31 + (k_w - 1) * dil_w pixels past the
+// padded image (those zero), rounded up to whole 64-byte lines.
+inline int64_t amx_grad_plane(const ConvShape& s, const AmxGeometry& g) {
+  return ceil_div(g.image_pixels + kAmxPixels + (s.kernel_w - 1) * s.dilation[1], kAmxChannels) * kAmxChannels;
+}
+// Its units of work: (input-channel block, output-channel block, group of taps), each summing its
+// dW elements over the whole batch in one fixed order (the result does not depend on the split).
+// Taps are split into groups only where the channel blocks are too few to keep the threads busy.
+struct AmxGradUnits {
+  int64_t channel_blocks, output_blocks, tap_groups;
+  int64_t count() const { return channel_blocks * output_blocks * tap_groups; }
+};
+inline AmxGradUnits amx_grad_units(const ConvShape& s, const AmxGeometry& g, int64_t threads) {
+  AmxGradUnits u{g.channels / kAmxChannels, g.outputs / kAmxOutputs, 1};
+  const int64_t taps = s.kernel_h * s.kernel_w, blocks = u.channel_blocks * u.output_blocks;
+  u.tap_groups = std::min(taps, ceil_div(4 * std::max<int64_t>(1, threads), blocks));
+  return u;
+}
+bool runs_amx_weight_grad(const ConvShape& s, at::ScalarType dtype);
+
 DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype, int64_t threads);
+// The weight gradient's plan on the AVX-512 engines or the plain loops: what plan_direct gives
+// where AMX does not run, and what runs where AMX's weight gradient declines (non-finite input).
+DirectPlan plan_weight_grad_engines(const ConvShape& s, at::ScalarType dtype, int64_t threads);
 
 // The channelconv::_plan op (plan_op.cpp): what these plans do, counted, for Python.
 c10::Dict<std::string, int64_t> plan_summary(const std::string& algorithm, const std::string& which,

@@ -327,15 +327,52 @@ AMX = all(f in open("/proc/cpuinfo").read() for f in ("amx_tile", "amx_bf16", "a
 ])
 def test_amx_forward(device, layout, batch, in_channels, out_channels, size, kernel, padding, dilation):
     """The bfloat16 forward on AMX tiles (where the CPU has them; elsewhere these run the blocked
-    engine), and the input gradient as the same correlation with the weight flipped and transposed:
-    padded channels and outputs, the wide grid's dropped pixels, dilation, both layouts, a bias;
-    forward and both gradients against F.conv2d in float64, and the plan runs AMX for both."""
+    engine), the input gradient as the same correlation with the weight flipped and transposed, and
+    the weight gradient as a GEMM over pixel pairs: padded channels and outputs, the wide grid's
+    dropped pixels, dilation, both layouts, a bias; forward and both gradients against F.conv2d in
+    float64, and the plan runs AMX for all three."""
     case = Case(batch=batch, in_channels=in_channels, out_channels=out_channels, size=size, kernel=kernel,
                 stride=(1, 1), padding=padding, dilation=dilation, groups=1, bias=True, unbatched=False, layout=layout)
     check_case(case, "direct", torch.bfloat16, device)
     passes = channelconv.cost((batch, in_channels, *size), (out_channels, in_channels, *kernel), 1, padding, dilation,
                               dtype=torch.bfloat16).plans["direct"].passes
-    assert (passes["forward"]["mac_amx"] > 0) == AMX == (passes["input_grad"]["mac_amx"] > 0)  # (the CPU's plans)
+    assert [passes[name]["mac_amx"] > 0 for name in ("forward", "input_grad", "weight_grad")] == [AMX] * 3
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_amx_weight_grad_is_exact_beside_non_finite_inputs_and_thread_independent(layout):
+    """The AMX weight gradient sums the wide grid's dropped pixels as dy = 0 times the x they meet,
+    an x no real product of that tap reads: an Inf there would make a NaN F.conv2d does not. Its
+    copy of x checks, and such inputs take the other engine: every dW element finite where float64
+    F.conv2d's is, and the same elsewhere. Its units split taps by thread count; each sum runs in
+    the same order whatever the split (1, 2 and 3 threads give the same bits)."""
+    g = torch.Generator().manual_seed(0)
+    memory_format = getattr(torch, layout + "_format", torch.channels_last)
+    x = torch.randn(2, 40, 12, 13, generator=g).to(torch.bfloat16).contiguous(memory_format=memory_format)
+    dy = torch.randn(2, 64, 12, 13, generator=g).to(torch.bfloat16).contiguous(memory_format=memory_format)
+    args = ([64, 40, 3, 3], [1, 1], [1, 1], [1, 1], 1)
+
+    def reference(x):
+        w = torch.zeros(args[0], dtype=torch.float64, requires_grad=True)
+        y = torch.nn.functional.conv2d(x.double(), w, None, 1, 1)
+        return torch.autograd.grad(y, w, dy.double())[0]
+
+    before = torch.get_num_threads()
+    try:
+        grads = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            grads.append(torch.ops.channelconv.direct_backward_weight(dy, x, *args))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+    assert_close(grads[0], reference(x), torch.bfloat16, "weight")
+
+    x[1, 5, 3, 12] = float("inf")  # the last column: tap column 0 never reads it, a dropped pixel does
+    got, want = torch.ops.channelconv.direct_backward_weight(dy, x, *args), reference(x)
+    assert torch.equal(got.isfinite(), want.isfinite()) and not want.isfinite().all()
+    finite = want.isfinite()
+    assert_close(got[finite], want[finite], torch.bfloat16, "weight")
 
 
 # Whether this CPU runs bfloat16 in channel pairs (vdpbf16ps; csrc/plan.h, channel_pack).

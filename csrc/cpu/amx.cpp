@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -183,7 +184,340 @@ void pack_weight(const at::Tensor& weight, const ConvShape& s, const AmxGeometry
   });
 }
 
+// ---- The weight gradient ----
+//
+// dW[k][c][r][t] = sum over images n and wide-grid pixels q of dy[n][k][q] * x[n][c][q + r * dil_h *
+// padded_w + t * dil_w], x over the flattened padded image: an implicit GEMM with M = output
+// channels, N = input channels and K = pixels, in tiles that keep every row on whole 64-byte lines.
+// - A tiles are dy in blocks of 32 outputs x 32 wide-grid pixels, 2 KB each in one run; zero at
+//   the grid's dropped pixels (wo >= out_w) and past its end, so that those add nothing.
+// - B tiles are x in pixel pairs, [pair][channel][2] as TDPBF16PS reads them. A tap shifts x by
+//   whole pairs, or by a pair and a half: x is kept twice, in pairs from even and from odd pixels.
+// A dropped pixel multiplies dy = 0 by whatever x it meets; exact while x is finite (0 * Inf would
+// add a NaN no real product makes), which the copy checks.
+
+constexpr int64_t kGradBlock = kAmxOutputs * kAmxPixels;  // bfloat16 elements of a dy block
+
+struct AmxGradProblem {
+  const at::BFloat16* dy;    // [n][output block][grid block][32 outputs][32 pixels]
+  const at::BFloat16* x[2];  // [n][channel block][pair][32 channels][2], pairs from even (x[0]) and odd (x[1]) pixels
+  int64_t channel_blocks, output_blocks, grid_blocks, plane_pairs;
+  int64_t padded_w, taps_w, dilation_h, dilation_w;
+};
+
+// One tap's 32 outputs (block k_block) x 32 input channels (block c_block), summed over the wide
+// grids of images [n_begin, n_end) onto the float32 sums in acc (32 x 32, row = output).
+__attribute__((target("amx-tile,amx-bf16"))) void grad_block(const AmxGradProblem& p, int64_t n_begin, int64_t n_end,
+                                                             int64_t k_block, int64_t c_block, int64_t tap,
+                                                             float* acc) {
+  constexpr int64_t row_bytes = kAmxChannels * sizeof(float), tile_half = kTilePixels * kAmxChannels;
+  constexpr int64_t b_stride = kAmxChannels * 2 * sizeof(at::BFloat16);
+  _tile_loadd(0, acc, row_bytes);
+  _tile_loadd(1, acc + kTileOutputs, row_bytes);
+  _tile_loadd(2, acc + tile_half, row_bytes);
+  _tile_loadd(3, acc + tile_half + kTileOutputs, row_bytes);
+  const int64_t offset = tap / p.taps_w * p.dilation_h * p.padded_w + tap % p.taps_w * p.dilation_w;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+  const at::BFloat16* a = p.dy + (n * p.output_blocks + k_block) * p.grid_blocks * kGradBlock;
+  const int64_t x_image = (n * p.channel_blocks + c_block) * p.plane_pairs;
+  for (int64_t block = 0; block < p.grid_blocks; ++block) {
+    const at::BFloat16* a_block = a + block * kGradBlock;
+    _tile_loadd(4, a_block, 64);
+    _tile_loadd(5, a_block + kGradBlock / 2, 64);
+    const int64_t first = block * kAmxPixels + offset;  // the first pixel of x this block meets
+    const at::BFloat16* b_block = p.x[first & 1] + (x_image + first / 2) * kAmxChannels * 2;
+    _tile_loadd(6, b_block, b_stride);
+    _tile_loadd(7, b_block + 2 * kTileOutputs, b_stride);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  }
+  _tile_stored(0, acc, row_bytes);
+  _tile_stored(1, acc + kTileOutputs, row_bytes);
+  _tile_stored(2, acc + tile_half, row_bytes);
+  _tile_stored(3, acc + tile_half + kTileOutputs, row_bytes);
+}
+
+// _mm512_permutex2var_epi16 picks lane i of its result from a (index < 32) or b (index >= 32):
+// these interleave lanes 0-15 (low) or 16-31 (high) of a and b.
+alignas(64) constexpr int16_t kInterleaveLow[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+
+// Lanes [0, count) of 32 (count may be 0 or negative: none).
+inline __mmask32 first_lanes(int64_t count) {
+  return count >= 32 ? ~__mmask32(0) : count > 0 ? (__mmask32(1) << count) - 1 : 0;
+}
+
+// dst[c / 32 * block_stride + 2 * (c % 32) + e] = source e's channel c (zero where source e is null
+// or c >= count), c < padded. Returns whether a value read is an Inf or a NaN (every exponent bit set).
+__attribute__((target("avx512f,avx512bw"))) bool interleave_pair(const at::BFloat16* even_source,
+                                                                 const at::BFloat16* odd_source, int64_t count,
+                                                                 int64_t padded, int64_t block_stride,
+                                                                 at::BFloat16* dst) {
+  const __m512i pick_low = _mm512_load_si512(kInterleaveLow);
+  const __m512i pick_high = _mm512_add_epi16(pick_low, _mm512_set1_epi16(16));
+  const __m512i exponent = _mm512_set1_epi16(0x7F80);
+  __mmask32 non_finite = 0;
+  for (int64_t c = 0; c < padded; c += 32) {
+    const __mmask32 lanes = first_lanes(count - c);
+    const __m512i even = even_source ? _mm512_maskz_loadu_epi16(lanes, even_source + c) : _mm512_setzero_si512();
+    const __m512i odd = odd_source ? _mm512_maskz_loadu_epi16(lanes, odd_source + c) : _mm512_setzero_si512();
+    non_finite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(even, exponent), exponent) |
+                  _mm512_cmpeq_epi16_mask(_mm512_and_si512(odd, exponent), exponent);
+    at::BFloat16* block = dst + c / 32 * block_stride;
+    _mm512_storeu_si512(block, _mm512_permutex2var_epi16(even, pick_low, odd));
+    _mm512_storeu_si512(block + 32, _mm512_permutex2var_epi16(even, pick_high, odd));
+  }
+  return non_finite != 0;
+}
+
+// rows[i] lane j <- rows[j] lane i, for 16 rows of 16 32-bit lanes: four butterfly stages, each
+// swapping one bit of the row and lane indices.
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline void transpose_lanes(__m512i* rows) {
+  for (int bit = 8; bit >= 1; bit /= 2) {
+    alignas(64) int32_t keep[16], swap[16];
+    for (int j = 0; j < 16; ++j) {
+      keep[j] = j & bit ? 16 + j - bit : j;  // row i (bit clear): its own lanes, and row i + bit's
+      swap[j] = j & bit ? 16 + j : j + bit;  // row i + bit: row i's lanes, and its own
+    }
+    const __m512i keep_index = _mm512_load_si512(keep), swap_index = _mm512_load_si512(swap);
+    for (int i = 0; i < 16; ++i) {
+      if (i & bit) continue;
+      const __m512i a = rows[i], b = rows[i + bit];
+      rows[i] = _mm512_permutex2var_epi32(a, keep_index, b);
+      rows[i + bit] = _mm512_permutex2var_epi32(a, swap_index, b);
+    }
+  }
+}
+
+// dst[c][q] = rows[q][k0 + c] for 32 pixel rows q (zero where rows[q] is null or c >= count) and
+// 32 channels c: pixel pairs interleaved as 32-bit lanes, then those lanes transposed.
+__attribute__((target("avx512f,avx512bw"))) void transpose_block(const at::BFloat16* const* rows, int64_t k0,
+                                                                 int64_t count, at::BFloat16* dst) {
+  const __m512i pick_low = _mm512_load_si512(kInterleaveLow);
+  const __m512i pick_high = _mm512_add_epi16(pick_low, _mm512_set1_epi16(16));
+  const __mmask32 lanes = first_lanes(count);
+  __m512i half[2][16];  // [channels 0-15 or 16-31][pixel pair j]: lane c holds pixels 2j, 2j + 1
+  for (int j = 0; j < 16; ++j) {
+    const __m512i even = rows[2 * j] ? _mm512_maskz_loadu_epi16(lanes, rows[2 * j] + k0) : _mm512_setzero_si512();
+    const __m512i odd =
+        rows[2 * j + 1] ? _mm512_maskz_loadu_epi16(lanes, rows[2 * j + 1] + k0) : _mm512_setzero_si512();
+    half[0][j] = _mm512_permutex2var_epi16(even, pick_low, odd);
+    half[1][j] = _mm512_permutex2var_epi16(even, pick_high, odd);
+  }
+  transpose_lanes(half[0]);
+  transpose_lanes(half[1]);
+  for (int c = 0; c < 16; ++c) {
+    _mm512_storeu_si512(dst + c * kAmxPixels, half[0][c]);
+    _mm512_storeu_si512(dst + (16 + c) * kAmxPixels, half[1][c]);
+  }
+}
+
+// dst[j][c][e] = planes[c][2 * j + e] for 16 pixel pairs j and 32 channels c (planes[c] at
+// c * plane_stride): each plane's pixel pairs as 32-bit lanes, those lanes transposed.
+__attribute__((target("avx512f,avx512bw"))) void pair_block(const at::BFloat16* planes, int64_t plane_stride,
+                                                            at::BFloat16* dst) {
+  __m512i half[2][16];  // [channels 0-15 or 16-31][channel]: lane j holds pixels 2j, 2j + 1
+  for (int c = 0; c < 32; ++c) half[c / 16][c % 16] = _mm512_loadu_si512(planes + c * plane_stride);
+  transpose_lanes(half[0]);
+  transpose_lanes(half[1]);
+  for (int j = 0; j < 16; ++j) {
+    _mm512_storeu_si512(dst + j * 2 * kAmxChannels, half[0][j]);
+    _mm512_storeu_si512(dst + j * 2 * kAmxChannels + 32, half[1][j]);
+  }
+}
+
+// Copies n bfloat16 values; returns whether any is an Inf or a NaN.
+__attribute__((target("avx512f,avx512bw"))) bool copy_checked(const at::BFloat16* src, int64_t n,
+                                                              at::BFloat16* dst) {
+  const __m512i exponent = _mm512_set1_epi16(0x7F80);
+  __mmask32 non_finite = 0;
+  for (int64_t j = 0; j < n; j += 32) {
+    const __mmask32 lanes = first_lanes(n - j);
+    const __m512i v = _mm512_maskz_loadu_epi16(lanes, src + j);
+    non_finite |= _mm512_mask_cmpeq_epi16_mask(lanes, _mm512_and_si512(v, exponent), exponent);
+    _mm512_mask_storeu_epi16(dst + j, lanes, v);
+  }
+  return non_finite != 0;
+}
+
+// dst[i] = dy_plane[q0 + i] over the wide grid (q = ho * padded_w + wo), zero where wo >= out_w or
+// q past the grid, for the 32 pixels of one block: a masked load for each output row it meets.
+__attribute__((target("avx512f,avx512bw"))) void wide_row(const at::BFloat16* dy_plane, const ConvShape& s,
+                                                          const AmxGeometry& g, int64_t q0, at::BFloat16* dst) {
+  __m512i v = _mm512_setzero_si512();
+  for (int64_t i = 0; i < kAmxPixels;) {
+    const int64_t q = q0 + i, ho = q / g.padded_w, wo = q % g.padded_w;
+    if (ho >= s.out_h) break;
+    const int64_t run = std::min(kAmxPixels - i, g.padded_w - wo);  // to the padded row's end
+    const int64_t valid = std::min(run, s.out_w - wo);
+    if (valid > 0) {  // lanes [i, i + valid) from dy row ho, columns [wo, wo + valid)
+      const __mmask32 lanes = first_lanes(valid) << i;
+      v = _mm512_mask_loadu_epi16(v, lanes, dy_plane + ho * s.out_w + wo - i);
+    }
+    i += run;
+  }
+  _mm512_storeu_si512(dst, v);
+}
+
+// x in pixel pairs over each flattened padded image, [n][channel block][pair][32 channels][2], in
+// both parities (paired[0]: pairs from even pixels, paired[1]: from odd), channels padded to 32,
+// zeros in the padding and past the image. Returns whether x holds an Inf or a NaN.
+bool pair_input(const at::Tensor& input, const ConvShape& s, const AmxGeometry& g, int64_t plane_pairs,
+                at::BFloat16* const* paired) {
+  const int64_t channel_blocks = g.channels / kAmxChannels, plane = 2 * plane_pairs;
+  std::atomic<bool> any_non_finite{false};
+  if (input.is_contiguous(at::MemoryFormat::ChannelsLast)) {  // interleave two pixels' channel runs
+    const at::BFloat16* x = input.const_data_ptr<at::BFloat16>();
+    auto pixel = [&](int64_t n, int64_t p) -> const at::BFloat16* {
+      const int64_t i = p / g.padded_w - s.padding[0], j = p % g.padded_w - s.padding[1];
+      const bool inside = p < g.image_pixels && i >= 0 && i < s.in_h && j >= 0 && j < s.in_w;
+      return inside ? x + ((n * s.in_h + i) * s.in_w + j) * s.in_channels : nullptr;
+    };
+    at::parallel_for(0, 2 * s.batch * plane_pairs, 16, [&](int64_t begin, int64_t end) {
+      bool non_finite = false;
+      for (int64_t index = begin; index < end; ++index) {
+        const int64_t parity = index / (s.batch * plane_pairs), pair = index % (s.batch * plane_pairs);
+        const int64_t n = pair / plane_pairs, p = pair % plane_pairs * 2 + parity;
+        at::BFloat16* dst = paired[parity] + (n * channel_blocks * plane_pairs + p / 2) * kAmxChannels * 2;
+        non_finite |= interleave_pair(pixel(n, p), pixel(n, p + 1), s.in_channels, g.channels,
+                                      plane_pairs * kAmxChannels * 2, dst);
+      }
+      if (non_finite) any_non_finite = true;
+    });
+    return any_non_finite;
+  }
+  // NCHW: a block's 32 channels padded into planes first (one past the end for the odd pairs),
+  // then 32 pixels at a time transposed into pairs.
+  const at::Tensor contiguous = input.contiguous();
+  const at::BFloat16* x = contiguous.const_data_ptr<at::BFloat16>();
+  const int64_t stride = plane + kAmxPixels;
+  at::parallel_for(0, s.batch * channel_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<at::BFloat16> planes(kAmxChannels * stride);
+    bool non_finite = false;
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t n = index / channel_blocks, c0 = index % channel_blocks * kAmxChannels;
+      std::fill(planes.begin(), planes.end(), at::BFloat16(0.0f));
+      for (int64_t c = c0; c < std::min(c0 + kAmxChannels, s.in_channels); ++c) {
+        const at::BFloat16* src = x + (n * s.in_channels + c) * s.in_h * s.in_w;
+        at::BFloat16* dst = planes.data() + (c - c0) * stride;
+        for (int64_t i = 0; i < s.in_h; ++i) {
+          non_finite |= copy_checked(src + i * s.in_w, s.in_w, dst + (i + s.padding[0]) * g.padded_w + s.padding[1]);
+        }
+      }
+      for (int64_t parity = 0; parity < 2; ++parity) {
+        at::BFloat16* dst = paired[parity] + index * plane_pairs * kAmxChannels * 2;
+        for (int64_t p0 = 0; p0 < plane; p0 += kAmxPixels) {
+          pair_block(planes.data() + p0 + parity, stride, dst + p0 / 2 * kAmxChannels * 2);
+        }
+      }
+    }
+    if (non_finite) any_non_finite = true;
+  });
+  return any_non_finite;
+}
+
+// dy in the A tiles' blocks, [n][output block][grid block][32 outputs][32 pixels]: pixel q of image
+// n is dy[n, :, q / padded_w, q % padded_w], or zero where that column is past out_w or q past the
+// grid. From channels_last dy a transpose of 32 pixels' channel runs; from NCHW, rows of the planes.
+void block_grad_output(const at::Tensor& grad_output, const ConvShape& s, const AmxGeometry& g, at::BFloat16* blocks) {
+  const int64_t output_blocks = g.outputs / kAmxOutputs;
+  if (grad_output.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    const at::BFloat16* dy = grad_output.const_data_ptr<at::BFloat16>();
+    at::parallel_for(0, s.batch * g.blocks, 1, [&](int64_t begin, int64_t end) {
+      const at::BFloat16* rows[kAmxPixels];
+      for (int64_t index = begin; index < end; ++index) {
+        const int64_t n = index / g.blocks, block = index % g.blocks;
+        for (int64_t i = 0; i < kAmxPixels; ++i) {
+          const int64_t q = block * kAmxPixels + i, ho = q / g.padded_w, wo = q % g.padded_w;
+          rows[i] =
+              ho < s.out_h && wo < s.out_w ? dy + ((n * s.out_h + ho) * s.out_w + wo) * s.out_channels : nullptr;
+        }
+        for (int64_t k_block = 0; k_block < output_blocks; ++k_block) {
+          transpose_block(rows, k_block * kAmxOutputs, s.out_channels - k_block * kAmxOutputs,
+                          blocks + ((n * output_blocks + k_block) * g.blocks + block) * kGradBlock);
+        }
+      }
+    });
+    return;
+  }
+  const at::Tensor contiguous = grad_output.contiguous();
+  const at::BFloat16* dy = contiguous.const_data_ptr<at::BFloat16>();
+  const int64_t out_plane = s.out_h * s.out_w;
+  at::parallel_for(0, s.batch * output_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t n = index / output_blocks, k0 = index % output_blocks * kAmxOutputs;
+      at::BFloat16* dst = blocks + index * g.blocks * kGradBlock;
+      for (int64_t block = 0; block < g.blocks; ++block, dst += kGradBlock) {
+        for (int64_t k = 0; k < kAmxOutputs; ++k) {
+          at::BFloat16* row = dst + k * kAmxPixels;
+          if (k0 + k < s.out_channels) {
+            wide_row(dy + (n * s.out_channels + k0 + k) * out_plane, s, g, block * kAmxPixels, row);
+          } else {
+            std::fill(row, row + kAmxPixels, at::BFloat16(0.0f));
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
+
+at::Tensor amx_weight_grad(const at::Tensor& grad_output, const at::Tensor& input, const ConvShape& s) {
+  TORCH_INTERNAL_ASSERT(input.scalar_type() == at::kBFloat16 && s.groups == 1 && s.stride[0] == 1 &&
+                        s.stride[1] == 1);
+  const AmxGeometry g = amx_geometry(s);
+  const int64_t plane_pairs = amx_grad_plane(s, g) / 2, x_numel = s.batch * plane_pairs * g.channels * 2;
+  at::BFloat16* x_buffer = amx_buffer(0, 2 * x_numel);
+  at::BFloat16* const x_pairs[2] = {x_buffer, x_buffer + x_numel};
+  at::BFloat16* dy_blocks = amx_buffer(1, s.batch * g.blocks * kGradBlock * (g.outputs / kAmxOutputs));
+  if (pair_input(input, s, g, plane_pairs, x_pairs)) return at::Tensor();
+  block_grad_output(grad_output, s, g, dy_blocks);
+
+  const AmxGradProblem p{dy_blocks, {x_pairs[0], x_pairs[1]}, g.channels / kAmxChannels, g.outputs / kAmxOutputs,
+                         g.blocks, plane_pairs, g.padded_w, s.kernel_w, s.dilation[0], s.dilation[1]};
+  const int64_t taps = s.kernel_h * s.kernel_w;
+  const AmxGradUnits units = amx_grad_units(s, g, at::get_num_threads());
+  const int64_t group_taps = ceil_div(taps, units.tap_groups);
+  const int64_t group_images = ceil_div(64, g.blocks);
+  at::Tensor dw = at::empty(s.weight_sizes(), input.options().dtype(at::kFloat));
+  float* dw_data = dw.mutable_data_ptr<float>();
+  at::parallel_for(0, units.count(), 1, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    std::vector<float> sums(group_taps * kAmxOutputs * kAmxChannels);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t tap_group = unit % units.tap_groups, block_pair = unit / units.tap_groups;
+      const int64_t k_block = block_pair / units.channel_blocks, c_block = block_pair % units.channel_blocks;
+      const int64_t tap0 = tap_group * group_taps, tap_end = std::min(taps, tap0 + group_taps);
+      std::fill(sums.begin(), sums.end(), 0.0f);
+      // A few images at a time (one, or enough of a small map's for 64 blocks), every tap of the
+      // group: their dy and x blocks are read from L2 once a tap; the sums stay in tiles across
+      // the images' blocks, and go through memory between taps.
+      for (int64_t n = 0; n < s.batch; n += group_images) {
+        for (int64_t tap = tap0; tap < tap_end; ++tap) {
+          grad_block(p, n, std::min(s.batch, n + group_images), k_block, c_block, tap,
+                     sums.data() + (tap - tap0) * kAmxOutputs * kAmxChannels);
+        }
+      }
+      const int64_t c0 = c_block * kAmxChannels;
+      // dw[k][c][tap] from sums[tap][k][c], inside the real channels.
+      const int64_t k0 = k_block * kAmxOutputs;
+      for (int64_t tap = tap0; tap < tap_end; ++tap) {
+        const float* tap_sums = sums.data() + (tap - tap0) * kAmxOutputs * kAmxChannels;
+        for (int64_t k = k0; k < std::min(k0 + kAmxOutputs, s.out_channels); ++k) {
+          for (int64_t c = c0; c < std::min(c0 + kAmxChannels, s.in_channels); ++c) {
+            dw_data[(k * s.in_channels + c) * taps + tap] = tap_sums[(k - k0) * kAmxChannels + c - c0];
+          }
+        }
+      }
+    }
+    release_tiles();
+  });
+  return dw;
+}
 
 at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const ConvShape& s,
                        at::MemoryFormat format) {
@@ -246,6 +580,10 @@ at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const 
 }
 
 #else  // no AMX code on this compiler or system: never called (amx_available is false)
+
+at::Tensor amx_weight_grad(const at::Tensor&, const at::Tensor&, const ConvShape&) {
+  TORCH_INTERNAL_ASSERT(false, "AMX is not available");
+}
 
 at::Tensor amx_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const ConvShape&, at::MemoryFormat) {
   TORCH_INTERNAL_ASSERT(false, "AMX is not available");

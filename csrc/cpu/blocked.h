@@ -39,6 +39,11 @@ void blocked_correlation(const BlockedRun& run, const Activations& in, const flo
 at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const ConvShape& s,
                        at::MemoryFormat format);
 
+// The weight gradient of the same layers on AMX tiles (amx.cpp), float32 (K, C, k_h, k_w) summed
+// over the batch in a fixed order; undefined where the input holds an Inf or a NaN (the wide grid's
+// dropped pixels would multiply it by zero), which the caller then runs on another engine.
+at::Tensor amx_weight_grad(const at::Tensor& grad_output, const at::Tensor& input, const ConvShape& s);
+
 // dw (K, C/groups, k_h, k_w) = sum over images and output pixels of dy[n, k, oh, ow] *
 // x[n, c, oh*stride_h + r*dil_h - pad_h, ow*stride_w + s*dil_w - pad_w]; `problem` is the
 // forward problem (input x, output dy); dw float32, dy and x in either layout and dtype.

@@ -356,8 +356,13 @@ at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tenso
                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                   int64_t groups) {
   const ConvShape s = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
-  const DirectPlan plan = plan_for(s, DirectPass::WeightGrad, input);
+  DirectPlan plan = plan_for(s, DirectPass::WeightGrad, input);
   const at::MemoryFormat format = result_format(input, grad_output);
+  if (plan.kernel == DirectKernel::Amx) {
+    const at::Tensor dw = amx_weight_grad(grad_output, input, s);
+    if (dw.defined()) return dw.to(input.scalar_type()).contiguous(format);
+    plan = plan_weight_grad_engines(s, input.scalar_type(), at::get_num_threads());
+  }
   // The engines sum dW in float32 across the whole batch and round it to the dtype once.
   if (plan.kernel == DirectKernel::BlockedWeightGrad || plan.kernel == DirectKernel::RowWeightGrad) {
     at::Tensor dw = at::empty(s.weight_sizes(), input.options().dtype(at::kFloat));
