@@ -388,7 +388,9 @@ bool runs_amx(const ConvShape& s, at::ScalarType dtype) {
     return false;
   }
   const AmxGeometry g = amx_geometry(s);
+  // (The weight's element offsets are 32-bit gather indices: cpu/amx.cpp, gather_row.)
   return product({s.batch + 1, g.image_pixels, g.channels}) < kMaxBuffer &&
+         product({s.out_channels, s.in_channels, s.kernel_h, s.kernel_w}) < (int64_t(1) << 31) &&
          product({s.kernel_h, s.kernel_w, g.channels, g.outputs}) < kMaxBuffer && blocked_kernel_available() &&
          amx_available();
 }

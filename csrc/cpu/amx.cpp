@@ -127,6 +127,35 @@ at::BFloat16* amx_buffer(int which, int64_t numel) {
   return buffers[which].data() + (-address % 64) / sizeof(at::BFloat16);
 }
 
+// _mm512_permutex2var_epi16 picks lane i of its result from a (index < 32) or b (index >= 32):
+// these interleave lanes 0-15 (low) or 16-31 (high) of a and b.
+alignas(64) constexpr int16_t kInterleaveLow[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+
+// Lanes [0, count) of 32 (count may be 0 or negative: none).
+inline __mmask32 first_lanes(int64_t count) {
+  return count >= 32 ? ~__mmask32(0) : count > 0 ? (__mmask32(1) << count) - 1 : 0;
+}
+
+// rows[i] lane j <- rows[j] lane i, for 16 rows of 16 32-bit lanes: four butterfly stages, each
+// swapping one bit of the row and lane indices.
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline void transpose_lanes(__m512i* rows) {
+  for (int bit = 8; bit >= 1; bit /= 2) {
+    alignas(64) int32_t keep[16], swap[16];
+    for (int j = 0; j < 16; ++j) {
+      keep[j] = j & bit ? 16 + j - bit : j;  // row i (bit clear): its own lanes, and row i + bit's
+      swap[j] = j & bit ? 16 + j : j + bit;  // row i + bit: row i's lanes, and its own
+    }
+    const __m512i keep_index = _mm512_load_si512(keep), swap_index = _mm512_load_si512(swap);
+    for (int i = 0; i < 16; ++i) {
+      if (i & bit) continue;
+      const __m512i a = rows[i], b = rows[i + bit];
+      rows[i] = _mm512_permutex2var_epi32(a, keep_index, b);
+      rows[i + bit] = _mm512_permutex2var_epi32(a, swap_index, b);
+    }
+  }
+}
+
 // padded[n][i][j][c] = input[n, c, i - pad_h, j - pad_w], zero in the padding and past in_channels;
 // every element written once (no fill first), from either layout.
 void pad_input(const at::Tensor& input, const ConvShape& s, const AmxGeometry& g, at::BFloat16* padded) {
@@ -158,35 +187,68 @@ void pad_input(const at::Tensor& input, const ConvShape& s, const AmxGeometry& g
   });
 }
 
+// v[i] = src[first + i * stride] for i < count (zero past it), 32 bfloat16 values: 32-bit gathers
+// of each element with its neighbour, the element's half then picked. The neighbour is the element
+// before it (after it for the first element of src), so nothing outside the tensor is read.
+__attribute__((target("avx512f,avx512bw"))) __m512i gather_row(const at::BFloat16* src, int64_t first,
+                                                                int64_t stride, int64_t count) {
+  if (stride == 1) return _mm512_maskz_loadu_epi16(first_lanes(count), src + first);
+  alignas(64) static constexpr int16_t kLowHalves[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20,
+                                                         22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42,
+                                                         44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i words[2];
+  for (int h = 0; h < 2; ++h) {
+    __m512i element = _mm512_add_epi32(_mm512_set1_epi32(int32_t(first + 16 * h * stride)),
+                                       _mm512_mullo_epi32(lane, _mm512_set1_epi32(int32_t(stride))));
+    const __mmask16 valid = __mmask16(first_lanes(count - 16 * h));
+    const __mmask16 later = _mm512_cmpgt_epi32_mask(element, _mm512_setzero_si512());
+    element = _mm512_mask_sub_epi32(element, later, element, _mm512_set1_epi32(1));
+    const __m512i pairs = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, element, src, 2);
+    words[h] = _mm512_mask_srli_epi32(pairs, later, pairs, 16);
+  }
+  return _mm512_permutex2var_epi16(words[0], _mm512_load_si512(kLowHalves), words[1]);
+}
+
 // packed[r][t][chunk][output tile][pair][k][e] = w[tile * 16 + k, chunk * 32 + 2 * pair + e, r, t]
-// (TDPBF16PS's B operand: pairs of input channels side by side), zero past the real channels.
-// From the weight as [r][t][c][k] (one ATen copy), each pair of input channels interleaves two
-// contiguous runs of outputs.
-void pack_weight(const at::Tensor& weight, const ConvShape& s, const AmxGeometry& g, at::BFloat16* packed) {
-  const at::Tensor by_tap = weight.permute({2, 3, 1, 0}).contiguous();  // [r][t][c][k]
-  const at::BFloat16* w = by_tap.const_data_ptr<at::BFloat16>();
+// (TDPBF16PS's B operand: pairs of input channels side by side), zero past the real channels; w
+// any strided view (numel < 2^31), read with its taps flipped (w[.., R - 1 - r, T - 1 - t]) where
+// `flip`. Each 16 outputs x 32 channels of a tap: one row of 32 channels an output, then their
+// 32-bit lanes (channel pairs) transposed.
+__attribute__((target("avx512f,avx512bw"))) void pack_block(const at::BFloat16* w, const int64_t* first,
+                                                            int64_t channel_stride, int64_t channels,
+                                                            at::BFloat16* dst) {
+  __m512i rows[16];
+  for (int j = 0; j < 16; ++j) rows[j] = first[j] < 0 ? _mm512_setzero_si512() : gather_row(w, first[j], channel_stride, channels);
+  transpose_lanes(rows);
+  for (int pair = 0; pair < 16; ++pair) _mm512_storeu_si512(dst + pair * 2 * kTileOutputs, rows[pair]);
+}
+
+void pack_weight(const at::Tensor& weight, const ConvShape& s, const AmxGeometry& g, bool flip,
+                 at::BFloat16* packed) {
+  const at::BFloat16* w = weight.const_data_ptr<at::BFloat16>();
   const int64_t taps = s.kernel_h * s.kernel_w, chunks = g.channels / kTileChannels;
   const int64_t tiles = g.outputs / kTileOutputs, b_tile = kTileChannels * kTileOutputs;
-  const at::BFloat16 zero(0.0f);
   at::parallel_for(0, taps * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) {
       const int64_t chunk = index % chunks, tap = index / chunks;
+      const int64_t r = flip ? s.kernel_h - 1 - tap / s.kernel_w : tap / s.kernel_w;
+      const int64_t t = flip ? s.kernel_w - 1 - tap % s.kernel_w : tap % s.kernel_w;
+      const int64_t c0 = chunk * kTileChannels;
       for (int64_t tile = 0; tile < tiles; ++tile) {
-        at::BFloat16* dst = packed + (index * tiles + tile) * b_tile;
-        const int64_t k0 = tile * kTileOutputs, k_count = std::clamp<int64_t>(s.out_channels - k0, 0, kTileOutputs);
-        for (int64_t pair = 0; pair < kTileChannels / 2; ++pair, dst += 2 * kTileOutputs) {
-          const int64_t c = chunk * kTileChannels + 2 * pair;
-          const at::BFloat16* even = c < s.in_channels ? w + (tap * s.in_channels + c) * s.out_channels + k0 : nullptr;
-          const at::BFloat16* odd = c + 1 < s.in_channels ? even + s.out_channels : nullptr;
-          for (int64_t j = 0; j < kTileOutputs; ++j) {
-            dst[2 * j] = even && j < k_count ? even[j] : zero;
-            dst[2 * j + 1] = odd && j < k_count ? odd[j] : zero;
-          }
+        int64_t first[16];  // each output's first element, or -1 past out_channels
+        for (int64_t j = 0; j < 16; ++j) {
+          const int64_t k = tile * kTileOutputs + j;
+          first[j] = k < s.out_channels ? k * weight.stride(0) + c0 * weight.stride(1) + r * weight.stride(2) +
+                                              t * weight.stride(3)
+                                        : -1;
         }
+        pack_block(w, first, weight.stride(1), s.in_channels - c0, packed + (index * tiles + tile) * b_tile);
       }
     }
   });
 }
+
 
 // ---- The weight gradient ----
 //
@@ -244,16 +306,6 @@ __attribute__((target("amx-tile,amx-bf16"))) void grad_block(const AmxGradProble
   _tile_stored(3, acc + tile_half + kTileOutputs, row_bytes);
 }
 
-// _mm512_permutex2var_epi16 picks lane i of its result from a (index < 32) or b (index >= 32):
-// these interleave lanes 0-15 (low) or 16-31 (high) of a and b.
-alignas(64) constexpr int16_t kInterleaveLow[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
-                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-
-// Lanes [0, count) of 32 (count may be 0 or negative: none).
-inline __mmask32 first_lanes(int64_t count) {
-  return count >= 32 ? ~__mmask32(0) : count > 0 ? (__mmask32(1) << count) - 1 : 0;
-}
-
 // dst[c / 32 * block_stride + 2 * (c % 32) + e] = source e's channel c (zero where source e is null
 // or c >= count), c < padded. Returns whether a value read is an Inf or a NaN (every exponent bit set).
 __attribute__((target("avx512f,avx512bw"))) bool interleave_pair(const at::BFloat16* even_source,
@@ -275,25 +327,6 @@ __attribute__((target("avx512f,avx512bw"))) bool interleave_pair(const at::BFloa
     _mm512_storeu_si512(block + 32, _mm512_permutex2var_epi16(even, pick_high, odd));
   }
   return non_finite != 0;
-}
-
-// rows[i] lane j <- rows[j] lane i, for 16 rows of 16 32-bit lanes: four butterfly stages, each
-// swapping one bit of the row and lane indices.
-__attribute__((target("avx512f,avx512bw"), always_inline)) inline void transpose_lanes(__m512i* rows) {
-  for (int bit = 8; bit >= 1; bit /= 2) {
-    alignas(64) int32_t keep[16], swap[16];
-    for (int j = 0; j < 16; ++j) {
-      keep[j] = j & bit ? 16 + j - bit : j;  // row i (bit clear): its own lanes, and row i + bit's
-      swap[j] = j & bit ? 16 + j : j + bit;  // row i + bit: row i's lanes, and its own
-    }
-    const __m512i keep_index = _mm512_load_si512(keep), swap_index = _mm512_load_si512(swap);
-    for (int i = 0; i < 16; ++i) {
-      if (i & bit) continue;
-      const __m512i a = rows[i], b = rows[i + bit];
-      rows[i] = _mm512_permutex2var_epi32(a, keep_index, b);
-      rows[i + bit] = _mm512_permutex2var_epi32(a, swap_index, b);
-    }
-  }
 }
 
 // dst[c][q] = rows[q][k0 + c] for 32 pixel rows q (zero where rows[q] is null or c >= count) and
@@ -526,7 +559,7 @@ at::Tensor amx_weight_grad(const at::Tensor& grad_output, const at::Tensor& inpu
 }
 
 at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const ConvShape& s,
-                       at::MemoryFormat format) {
+                       at::MemoryFormat format, bool flip) {
   TORCH_INTERNAL_ASSERT(input.scalar_type() == at::kBFloat16 && s.groups == 1 && s.stride[0] == 1 &&
                         s.stride[1] == 1);
   const AmxGeometry g = amx_geometry(s);
@@ -538,7 +571,7 @@ at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const 
   at::BFloat16* packed = amx_buffer(1, s.kernel_h * s.kernel_w * channels * outputs);
   pad_input(input, s, g, padded);
   std::fill(padded + padded_pixels * channels, padded + padded_numel, at::BFloat16(0.0f));
-  pack_weight(weight, s, g, packed);
+  pack_weight(weight, s, g, flip, packed);
   std::vector<float> bias_values(outputs, 0.0f);  // zero past out_channels, and without a bias
   if (bias.defined()) {
     const at::Tensor b = bias.to(at::kFloat).contiguous();
@@ -591,7 +624,8 @@ at::Tensor amx_weight_grad(const at::Tensor&, const at::Tensor&, const ConvShape
   TORCH_INTERNAL_ASSERT(false, "AMX is not available");
 }
 
-at::Tensor amx_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const ConvShape&, at::MemoryFormat) {
+at::Tensor amx_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const ConvShape&, at::MemoryFormat,
+                       bool) {
   TORCH_INTERNAL_ASSERT(false, "AMX is not available");
 }
 

@@ -35,9 +35,10 @@ void blocked_correlation(const BlockedRun& run, const Activations& in, const flo
                          const Activations& out);
 
 // y = bias + the correlation of a bfloat16 input with its weight (stride 1, one group) on AMX
-// tiles (amx.cpp); y in `format`, bias float32 or undefined.
+// tiles (amx.cpp); y in `format`, bias float32 or undefined. The weight is any strided view, its
+// taps read flipped where `flip` (the input gradient's correlation).
 at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const ConvShape& s,
-                       at::MemoryFormat format);
+                       at::MemoryFormat format, bool flip = false);
 
 // The weight gradient of the same layers on AMX tiles (amx.cpp), float32 (K, C, k_h, k_w) summed
 // over the batch in a fixed order; undefined where the input holds an Inf or a NaN (the wide grid's

@@ -329,8 +329,8 @@ at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor
   const DirectPlan plan = plan_for(s, DirectPass::InputGrad, grad_output);
   const at::MemoryFormat format = result_format(grad_output, weight);
   if (plan.kernel == DirectKernel::Amx) {
-    return amx_forward(grad_output, weight.flip({2, 3}).transpose(0, 1), at::Tensor(), transposed_correlation(s),
-                       format);
+    return amx_forward(grad_output, weight.transpose(0, 1), at::Tensor(), transposed_correlation(s), format,
+                       /*flip=*/true);
   }
   if (plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::Depthwise) {
     at::Tensor dx = at::empty(s.input_sizes(), grad_output.options().memory_format(format));
