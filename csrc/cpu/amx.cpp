@@ -83,12 +83,13 @@ __attribute__((target("amx-tile,amx-bf16"))) void tile_block(const AmxProblem& p
                                             p.channels;
       const at::BFloat16* b = p.packed + ((r * p.taps_w + t) * p.chunks * p.output_tiles + tile0) * b_tile;
       for (int64_t chunk = 0; chunk < p.chunks; ++chunk) {
-        _tile_loadd(4, a + chunk * kTileChannels, pixel_bytes);
-        _tile_loadd(5, a + kTilePixels * p.channels + chunk * kTileChannels, pixel_bytes);
+        // (oneDNN's order: the second A tile loads while the first product runs)
         const at::BFloat16* b_chunk = b + chunk * p.output_tiles * b_tile;
+        _tile_loadd(4, a + chunk * kTileChannels, pixel_bytes);
         _tile_loadd(6, b_chunk, 64);
         _tile_loadd(7, b_chunk + b_tile, 64);
         _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(5, a + kTilePixels * p.channels + chunk * kTileChannels, pixel_bytes);
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
@@ -288,13 +289,13 @@ __attribute__((target("amx-tile,amx-bf16"))) void grad_block(const AmxGradProble
   const int64_t x_image = (n * p.channel_blocks + c_block) * p.plane_pairs;
   for (int64_t block = 0; block < p.grid_blocks; ++block) {
     const at::BFloat16* a_block = a + block * kGradBlock;
-    _tile_loadd(4, a_block, 64);
-    _tile_loadd(5, a_block + kGradBlock / 2, 64);
     const int64_t first = block * kAmxPixels + offset;  // the first pixel of x this block meets
     const at::BFloat16* b_block = p.x[first & 1] + (x_image + first / 2) * kAmxChannels * 2;
+    _tile_loadd(4, a_block, 64);
     _tile_loadd(6, b_block, b_stride);
     _tile_loadd(7, b_block + 2 * kTileOutputs, b_stride);
     _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(5, a_block + kGradBlock / 2, 64);  // (as in tile_block)
     _tile_dpbf16ps(1, 4, 7);
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
