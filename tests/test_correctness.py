@@ -318,10 +318,10 @@ AMX = all(f in open("/proc/cpuinfo").read() for f in ("amx_tile", "amx_bf16", "a
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("batch, in_channels, out_channels, size, kernel, padding, dilation", [
     (2, 64, 64, (14, 14), (3, 3), 1, (1, 1)),    # whole 32-channel steps and blocks
-    (3, 5, 7, (9, 11), (3, 3), 1, (1, 1)),       # channels padded to 32, outputs to 32
+    (3, 12, 9, (9, 11), (3, 3), 1, (1, 1)),      # channels padded to 32, outputs to 32
     (1, 40, 50, (7, 7), (5, 5), 2, (1, 1)),      # a second, partial step and block; a 7x7 map
     (2, 33, 17, (8, 13), (3, 3), 2, (2, 2)),     # dilation; rows of 13 in the padded width's grid
-    (2, 3, 16, (20, 20), (7, 7), 3, (1, 1)),     # an RGB stem
+    (2, 3, 24, (20, 20), (7, 7), 3, (1, 1)),     # an RGB stem
     (2, 16, 8, (6, 6), (1, 1), 0, (1, 1)),       # 1x1, no padding
     (1, 8, 40, (1, 37), (1, 3), (0, 1), (1, 1)),  # one row: blocks of 32 pixels cross the row's end
 ])
@@ -330,13 +330,29 @@ def test_amx_forward(device, layout, batch, in_channels, out_channels, size, ker
     engine), the input gradient as the same correlation with the weight flipped and transposed, and
     the weight gradient as a GEMM over pixel pairs: padded channels and outputs, the wide grid's
     dropped pixels, dilation, both layouts, a bias; forward and both gradients against F.conv2d in
-    float64, and the plan runs AMX for all three."""
+    float64, and the plan runs AMX for all three (the weight gradient where the row engine does not
+    take it)."""
     case = Case(batch=batch, in_channels=in_channels, out_channels=out_channels, size=size, kernel=kernel,
                 stride=(1, 1), padding=padding, dilation=dilation, groups=1, bias=True, unbatched=False, layout=layout)
     check_case(case, "direct", torch.bfloat16, device)
     passes = channelconv.cost((batch, in_channels, *size), (out_channels, in_channels, *kernel), 1, padding, dilation,
                               dtype=torch.bfloat16).plans["direct"].passes
-    assert [passes[name]["mac_amx"] > 0 for name in ("forward", "input_grad", "weight_grad")] == [AMX] * 3
+    forward, input_grad, weight_grad = (passes[name] for name in ("forward", "input_grad", "weight_grad"))
+    # The weight gradient: AMX, or where it takes the layer (few output channels) the row engine.
+    row_engine = weight_grad["blocked"] and weight_grad["chunks"] == 0 and weight_grad["mac_amx"] == 0
+    if AMX:
+        assert forward["mac_amx"] > 0 and input_grad["mac_amx"] > 0 and (weight_grad["mac_amx"] > 0 or row_engine)
+    else:
+        assert forward["mac_amx"] == input_grad["mac_amx"] == weight_grad["mac_amx"] == 0
+
+
+def test_amx_declines_tiles_mostly_padding():
+    """Channels pad to 32 both ways on AMX tiles: where under 1/16 of the products are real (1 -> 6,
+    3 -> 16) the blocked engine runs; 6 -> 16 (9 %) takes AMX."""
+    def amx(in_channels, out_channels):
+        return channelconv.cost((2, in_channels, 10, 10), (out_channels, in_channels, 5, 5), 1, 2,
+                                dtype=torch.bfloat16).plans["direct"].passes["forward"]["mac_amx"] > 0
+    assert not amx(1, 6) and not amx(3, 16) and amx(6, 16) == AMX
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -351,6 +367,8 @@ def test_amx_weight_grad_is_exact_beside_non_finite_inputs_and_thread_independen
     x = torch.randn(2, 40, 12, 13, generator=g).to(torch.bfloat16).contiguous(memory_format=memory_format)
     dy = torch.randn(2, 64, 12, 13, generator=g).to(torch.bfloat16).contiguous(memory_format=memory_format)
     args = ([64, 40, 3, 3], [1, 1], [1, 1], [1, 1], 1)
+    plan = channelconv.cost((2, 40, 12, 13), (64, 40, 3, 3), 1, 1, dtype=torch.bfloat16).plans["direct"]
+    assert (plan.passes["weight_grad"]["mac_amx"] > 0) == AMX
 
     def reference(x):
         w = torch.zeros(args[0], dtype=torch.float64, requires_grad=True)
