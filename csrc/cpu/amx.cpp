@@ -143,6 +143,12 @@ inline __mmask32 first_lanes(int64_t count) {
   return count >= 32 ? ~__mmask32(0) : count > 0 ? (__mmask32(1) << count) - 1 : 0;
 }
 
+// The bfloat16 lanes of v that hold an Inf or a NaN (every exponent bit set).
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline __mmask32 non_finite_lanes(__m512i v) {
+  const __m512i exponent = _mm512_set1_epi16(0x7F80);
+  return _mm512_cmpeq_epi16_mask(_mm512_and_si512(v, exponent), exponent);
+}
+
 // rows[i] lane j <- rows[j] lane i, for 16 rows of 16 32-bit lanes: four butterfly stages, each
 // swapping one bit of the row and lane indices.
 __attribute__((target("avx512f,avx512bw"), always_inline)) inline void transpose_lanes(__m512i* rows) {
@@ -225,7 +231,9 @@ __attribute__((target("avx512f,avx512bw"))) void pack_block(const at::BFloat16* 
                                                             int64_t channel_stride, int64_t channels,
                                                             at::BFloat16* dst) {
   __m512i rows[16];
-  for (int j = 0; j < 16; ++j) rows[j] = first[j] < 0 ? _mm512_setzero_si512() : gather_row(w, first[j], channel_stride, channels);
+  for (int j = 0; j < 16; ++j) {
+    rows[j] = first[j] < 0 ? _mm512_setzero_si512() : gather_row(w, first[j], channel_stride, channels);
+  }
   transpose_lanes(rows);
   for (int pair = 0; pair < 16; ++pair) _mm512_storeu_si512(dst + pair * 2 * kTileOutputs, rows[pair]);
 }
@@ -255,7 +263,6 @@ void pack_weight(const at::Tensor& weight, const ConvShape& s, const AmxGeometry
   });
 }
 
-
 // ---- The weight gradient ----
 //
 // dW[k][c][r][t] = sum over images n and wide-grid pixels q of dy[n][k][q] * x[n][c][q + r * dil_h *
@@ -272,7 +279,7 @@ constexpr int64_t kGradBlock = kAmxOutputs * kAmxPixels;  // bfloat16 elements o
 
 struct AmxGradProblem {
   const at::BFloat16* dy;    // [n][output block][grid block][32 outputs][32 pixels]
-  const at::BFloat16* x[2];  // [n][channel block][pair][32 channels][2], pairs from even (x[0]) and odd (x[1]) pixels
+  const at::BFloat16* x[2];  // [n][channel block][pair][32 channels][2], pairs from even / odd pixels
   int64_t channel_blocks, output_blocks, grid_blocks, plane_pairs;
   int64_t padded_w, taps_w, dilation_h, dilation_w;
 };
@@ -290,21 +297,21 @@ __attribute__((target("amx-tile,amx-bf16"))) void grad_block(const AmxGradProble
   _tile_loadd(3, acc + tile_half + kTileOutputs, row_bytes);
   const int64_t offset = tap / p.taps_w * p.dilation_h * p.padded_w + tap % p.taps_w * p.dilation_w;
   for (int64_t n = n_begin; n < n_end; ++n) {
-  const at::BFloat16* a = p.dy + (n * p.output_blocks + k_block) * p.grid_blocks * kGradBlock;
-  const int64_t x_image = (n * p.channel_blocks + c_block) * p.plane_pairs;
-  for (int64_t block = 0; block < p.grid_blocks; ++block) {
-    const at::BFloat16* a_block = a + block * kGradBlock;
-    const int64_t first = block * kAmxPixels + offset;  // the first pixel of x this block meets
-    const at::BFloat16* b_block = p.x[first & 1] + (x_image + first / 2) * kAmxChannels * 2;
-    _tile_loadd(4, a_block, 64);
-    _tile_loadd(6, b_block, b_stride);
-    _tile_loadd(7, b_block + 2 * kTileOutputs, b_stride);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_loadd(5, a_block + kGradBlock / 2, 64);  // (as in tile_block)
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
-  }
+    const at::BFloat16* a = p.dy + (n * p.output_blocks + k_block) * p.grid_blocks * kGradBlock;
+    const int64_t x_image = (n * p.channel_blocks + c_block) * p.plane_pairs;
+    for (int64_t block = 0; block < p.grid_blocks; ++block) {
+      const at::BFloat16* a_block = a + block * kGradBlock;
+      const int64_t first = block * kAmxPixels + offset;  // the first pixel of x this block meets
+      const at::BFloat16* b_block = p.x[first & 1] + (x_image + first / 2) * kAmxChannels * 2;
+      _tile_loadd(4, a_block, 64);
+      _tile_loadd(6, b_block, b_stride);
+      _tile_loadd(7, b_block + 2 * kTileOutputs, b_stride);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_loadd(5, a_block + kGradBlock / 2, 64);  // (in tile_block's order)
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
   }
   _tile_stored(0, acc, row_bytes);
   _tile_stored(1, acc + kTileOutputs, row_bytes);
@@ -320,14 +327,12 @@ __attribute__((target("avx512f,avx512bw"))) bool interleave_pair(const at::BFloa
                                                                  at::BFloat16* dst) {
   const __m512i pick_low = _mm512_load_si512(kInterleaveLow);
   const __m512i pick_high = _mm512_add_epi16(pick_low, _mm512_set1_epi16(16));
-  const __m512i exponent = _mm512_set1_epi16(0x7F80);
   __mmask32 non_finite = 0;
   for (int64_t c = 0; c < padded; c += 32) {
     const __mmask32 lanes = first_lanes(count - c);
     const __m512i even = even_source ? _mm512_maskz_loadu_epi16(lanes, even_source + c) : _mm512_setzero_si512();
     const __m512i odd = odd_source ? _mm512_maskz_loadu_epi16(lanes, odd_source + c) : _mm512_setzero_si512();
-    non_finite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(even, exponent), exponent) |
-                  _mm512_cmpeq_epi16_mask(_mm512_and_si512(odd, exponent), exponent);
+    non_finite |= non_finite_lanes(even) | non_finite_lanes(odd);
     at::BFloat16* block = dst + c / 32 * block_stride;
     _mm512_storeu_si512(block, _mm512_permutex2var_epi16(even, pick_low, odd));
     _mm512_storeu_si512(block + 32, _mm512_permutex2var_epi16(even, pick_high, odd));
@@ -375,12 +380,11 @@ __attribute__((target("avx512f,avx512bw"))) void pair_block(const at::BFloat16* 
 // Copies n bfloat16 values; returns whether any is an Inf or a NaN.
 __attribute__((target("avx512f,avx512bw"))) bool copy_checked(const at::BFloat16* src, int64_t n,
                                                               at::BFloat16* dst) {
-  const __m512i exponent = _mm512_set1_epi16(0x7F80);
   __mmask32 non_finite = 0;
   for (int64_t j = 0; j < n; j += 32) {
     const __mmask32 lanes = first_lanes(n - j);
     const __m512i v = _mm512_maskz_loadu_epi16(lanes, src + j);
-    non_finite |= _mm512_mask_cmpeq_epi16_mask(lanes, _mm512_and_si512(v, exponent), exponent);
+    non_finite |= non_finite_lanes(v);  // (the masked-off lanes are zero)
     _mm512_mask_storeu_epi16(dst + j, lanes, v);
   }
   return non_finite != 0;
