@@ -220,10 +220,12 @@ Summary describe_direct_cpu(const ConvShape& s, DirectPass pass, at::ScalarType 
     // Padded channels and dropped pixels included; the copies are x in pixel pairs (twice, one
     // for each parity) and dy in blocks.
     const AmxGeometry g = amx_geometry(s);
-    c.mac_amx = double(s.batch) * g.blocks * kAmxPixels * g.outputs * g.channels * s.kernel_h * s.kernel_w;
+    const AmxGradUnits units = amx_grad_units(s, threads);
+    c.mac_amx = double(s.batch) * g.blocks * kAmxPixels * units.output_blocks * units.channel_blocks *
+                units.width() * units.width() * s.kernel_h * s.kernel_w;
     c.strip = double(s.batch) * (2 * amx_grad_plane(s, g) * g.channels + g.blocks * kAmxPixels * g.outputs);
     c.output = double(s.out_channels) * s.in_channels * s.kernel_h * s.kernel_w;
-    c.tasks = amx_grad_units(s, g, threads).count();
+    c.tasks = units.count();
   } else if (plan.kernel == DirectKernel::Amx) {
     // Padded channels and dropped pixels included; the copy is the zero-padded NHWC input.
     const ConvShape a = pass == DirectPass::InputGrad ? transposed_correlation(s) : s;

@@ -356,18 +356,22 @@ def test_amx_declines_tiles_mostly_padding():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_amx_weight_grad_is_exact_beside_non_finite_inputs_and_thread_independent(layout):
+@pytest.mark.parametrize("in_channels, out_channels", [(40, 64), (16, 32), (32, 16)])
+def test_amx_weight_grad_is_exact_beside_non_finite_inputs_and_thread_independent(layout, in_channels,
+                                                                                   out_channels):
     """The AMX weight gradient sums the wide grid's dropped pixels as dy = 0 times the x they meet,
     an x no real product of that tap reads: an Inf there would make a NaN F.conv2d does not. Its
     copy of x checks, and such inputs take the other engine: every dW element finite where float64
     F.conv2d's is, and the same elsewhere. Its units split taps by thread count; each sum runs in
-    the same order whatever the split (1, 2 and 3 threads give the same bits)."""
+    the same order whatever the split (1, 2 and 3 threads give the same bits). 40 -> 64 runs
+    32 x 32 blocks; 16 -> 32 and 32 -> 16 the narrow 16 x 16 tiles with up to four taps in the
+    accumulators (both halves of a 32-channel block on each side)."""
     g = torch.Generator().manual_seed(0)
     memory_format = getattr(torch, layout + "_format", torch.channels_last)
-    x = torch.randn(2, 40, 12, 13, generator=g).to(torch.bfloat16).contiguous(memory_format=memory_format)
-    dy = torch.randn(2, 64, 12, 13, generator=g).to(torch.bfloat16).contiguous(memory_format=memory_format)
-    args = ([64, 40, 3, 3], [1, 1], [1, 1], [1, 1], 1)
-    plan = channelconv.cost((2, 40, 12, 13), (64, 40, 3, 3), 1, 1, dtype=torch.bfloat16).plans["direct"]
+    x = torch.randn(2, in_channels, 12, 13, generator=g).to(torch.bfloat16).contiguous(memory_format=memory_format)
+    dy = torch.randn(2, out_channels, 12, 13, generator=g).to(torch.bfloat16).contiguous(memory_format=memory_format)
+    args = ([out_channels, in_channels, 3, 3], [1, 1], [1, 1], [1, 1], 1)
+    plan = channelconv.cost((2, in_channels, 12, 13), args[0], 1, 1, dtype=torch.bfloat16).plans["direct"]
     assert (plan.passes["weight_grad"]["mac_amx"] > 0) == AMX
 
     def reference(x):

@@ -319,6 +319,57 @@ __attribute__((target("amx-tile,amx-bf16"))) void grad_block(const AmxGradProble
   _tile_stored(3, acc + tile_half + kTileOutputs, row_bytes);
 }
 
+// Taps [tap0, tap0 + kTaps) of one 16-output x 16-channel tile (the halves k_tile and c_tile of
+// their 32-channel blocks), each tap's sums in its own accumulator (tiles 0-3, acc[i]: 16 x 16,
+// row = output): one dy tile serves every tap, for the narrow layers where a 32 x 32 block would
+// be half padding. The x tiles rotate through tiles 5-7.
+template <int kTaps>
+__attribute__((target("amx-tile,amx-bf16"))) void grad_taps(const AmxGradProblem& p, int64_t n_begin, int64_t n_end,
+                                                            int64_t k_tile, int64_t c_tile, int64_t tap0,
+                                                            float* const* acc) {
+  constexpr int64_t row_bytes = kTileOutputs * sizeof(float);
+  constexpr int64_t b_stride = kAmxChannels * 2 * sizeof(at::BFloat16);
+  int64_t offset[4] = {};
+  for (int i = 0; i < kTaps; ++i) {
+    const int64_t tap = tap0 + i;
+    offset[i] = tap / p.taps_w * p.dilation_h * p.padded_w + tap % p.taps_w * p.dilation_w;
+  }
+  _tile_loadd(0, acc[0], row_bytes);
+  if constexpr (kTaps > 1) _tile_loadd(1, acc[1], row_bytes);
+  if constexpr (kTaps > 2) _tile_loadd(2, acc[2], row_bytes);
+  if constexpr (kTaps > 3) _tile_loadd(3, acc[3], row_bytes);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const at::BFloat16* a = p.dy + (n * p.output_blocks + k_tile / 2) * p.grid_blocks * kGradBlock +
+                            k_tile % 2 * kGradBlock / 2;
+    const int64_t x_image = (n * p.channel_blocks + c_tile / 2) * p.plane_pairs, x_half = c_tile % 2 * 2 * kTileOutputs;
+    auto b_tile = [&](int64_t block, int i) {  // tap i's x for this block
+      const int64_t first = block * kAmxPixels + offset[i];
+      return p.x[first & 1] + (x_image + first / 2) * kAmxChannels * 2 + x_half;
+    };
+    for (int64_t block = 0; block < p.grid_blocks; ++block) {
+      _tile_loadd(4, a + block * kGradBlock, 64);
+      _tile_loadd(5, b_tile(block, 0), b_stride);
+      _tile_dpbf16ps(0, 4, 5);
+      if constexpr (kTaps > 1) {
+        _tile_loadd(6, b_tile(block, 1), b_stride);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+      if constexpr (kTaps > 2) {
+        _tile_loadd(7, b_tile(block, 2), b_stride);
+        _tile_dpbf16ps(2, 4, 7);
+      }
+      if constexpr (kTaps > 3) {
+        _tile_loadd(5, b_tile(block, 3), b_stride);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+  }
+  _tile_stored(0, acc[0], row_bytes);
+  if constexpr (kTaps > 1) _tile_stored(1, acc[1], row_bytes);
+  if constexpr (kTaps > 2) _tile_stored(2, acc[2], row_bytes);
+  if constexpr (kTaps > 3) _tile_stored(3, acc[3], row_bytes);
+}
+
 // dst[c / 32 * block_stride + 2 * (c % 32) + e] = source e's channel c (zero where source e is null
 // or c >= count), c < padded. Returns whether a value read is an Inf or a NaN (every exponent bit set).
 __attribute__((target("avx512f,avx512bw"))) bool interleave_pair(const at::BFloat16* even_source,
@@ -527,38 +578,49 @@ at::Tensor amx_weight_grad(const at::Tensor& grad_output, const at::Tensor& inpu
   const AmxGradProblem p{dy_blocks, {x_pairs[0], x_pairs[1]}, g.channels / kAmxChannels, g.outputs / kAmxOutputs,
                          g.blocks, plane_pairs, g.padded_w, s.kernel_w, s.dilation[0], s.dilation[1]};
   const int64_t taps = s.kernel_h * s.kernel_w;
-  const AmxGradUnits units = amx_grad_units(s, g, at::get_num_threads());
-  const int64_t group_taps = ceil_div(taps, units.tap_groups);
-  const int64_t group_images = ceil_div(64, g.blocks);
+  const AmxGradUnits units = amx_grad_units(s, at::get_num_threads());
+  const int64_t width = units.width(), group_images = ceil_div(64, g.blocks);
   at::Tensor dw = at::empty(s.weight_sizes(), input.options().dtype(at::kFloat));
   float* dw_data = dw.mutable_data_ptr<float>();
   at::parallel_for(0, units.count(), 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
-    struct alignas(64) TapSums {  // (tile rows on whole lines)
+    struct alignas(64) TapSums {  // a block's sums, [output][channel] (tile rows on whole lines)
       float values[kAmxOutputs * kAmxChannels];
     };
-    std::vector<TapSums> tap_sums(group_taps);
+    std::vector<TapSums> tap_sums(units.group_taps);
+    float* narrow_sums[4];
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t tap_group = unit % units.tap_groups, block_pair = unit / units.tap_groups;
       const int64_t k_block = block_pair / units.channel_blocks, c_block = block_pair % units.channel_blocks;
-      const int64_t tap0 = tap_group * group_taps, tap_end = std::min(taps, tap0 + group_taps);
+      const int64_t tap0 = tap_group * units.group_taps, tap_end = std::min(taps, tap0 + units.group_taps);
       for (TapSums& t : tap_sums) std::fill(std::begin(t.values), std::end(t.values), 0.0f);
+      if (units.narrow) std::transform(tap_sums.begin(), tap_sums.begin() + (tap_end - tap0), narrow_sums,
+                                       [](TapSums& t) { return t.values; });
       // A few images at a time (one, or enough of a small map's for 64 blocks), every tap of the
-      // group: their dy and x blocks are read from L2 once a tap; the sums stay in tiles across
-      // the images' blocks, and go through memory between taps.
+      // group: their dy and x blocks are read from L2 once a tap (a group of taps, narrow); the
+      // sums stay in tiles across the images' blocks, and go through memory between groups.
       for (int64_t n = 0; n < s.batch; n += group_images) {
-        for (int64_t tap = tap0; tap < tap_end; ++tap) {
-          grad_block(p, n, std::min(s.batch, n + group_images), k_block, c_block, tap, tap_sums[tap - tap0].values);
+        const int64_t n_end = std::min(s.batch, n + group_images);
+        if (!units.narrow) {
+          for (int64_t tap = tap0; tap < tap_end; ++tap) {
+            grad_block(p, n, n_end, k_block, c_block, tap, tap_sums[tap - tap0].values);
+          }
+          continue;
+        }
+        switch (tap_end - tap0) {
+          case 1: grad_taps<1>(p, n, n_end, k_block, c_block, tap0, narrow_sums); break;
+          case 2: grad_taps<2>(p, n, n_end, k_block, c_block, tap0, narrow_sums); break;
+          case 3: grad_taps<3>(p, n, n_end, k_block, c_block, tap0, narrow_sums); break;
+          default: grad_taps<4>(p, n, n_end, k_block, c_block, tap0, narrow_sums); break;
         }
       }
-      const int64_t c0 = c_block * kAmxChannels;
-      // dw[k][c][tap] from sums[tap][k][c], inside the real channels.
-      const int64_t k0 = k_block * kAmxOutputs;
+      // dw[k][c][tap] from the sums [tap][k][c] (width x width), inside the real channels.
+      const int64_t k0 = k_block * width, c0 = c_block * width;
       for (int64_t tap = tap0; tap < tap_end; ++tap) {
         const float* sums = tap_sums[tap - tap0].values;
-        for (int64_t k = k0; k < std::min(k0 + kAmxOutputs, s.out_channels); ++k) {
-          for (int64_t c = c0; c < std::min(c0 + kAmxChannels, s.in_channels); ++c) {
-            dw_data[(k * s.in_channels + c) * taps + tap] = sums[(k - k0) * kAmxChannels + c - c0];
+        for (int64_t k = k0; k < std::min(k0 + width, s.out_channels); ++k) {
+          for (int64_t c = c0; c < std::min(c0 + width, s.in_channels); ++c) {
+            dw_data[(k * s.in_channels + c) * taps + tap] = sums[(k - k0) * width + c - c0];
           }
         }
       }
