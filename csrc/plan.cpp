@@ -379,12 +379,14 @@ bool bf16_dot_available() {
 #endif
 }
 
-// Its padded input copy and packed weight below 2^40 elements: no index of the kernel can overflow
-// (larger inputs take the blocked engine, which streams them).
+// The AMX kernels' buffers (padded input, packed weight; the weight gradient's x pairs and dy
+// blocks) below 2^40 elements: no index of the kernels can overflow (larger inputs take the blocked
+// engines, which stream them).
+constexpr int64_t kMaxAmxBuffer = int64_t(1) << 40;
+
 bool runs_amx(const ConvShape& s, at::ScalarType dtype) {
-  constexpr int64_t kMaxBuffer = int64_t(1) << 40;
   if (dtype != at::kBFloat16 || s.groups != 1 || s.stride[0] != 1 || s.stride[1] != 1 ||
-      std::max({s.in_h, s.in_w, s.padding[0], s.padding[1]}) >= kMaxBuffer) {
+      std::max({s.in_h, s.in_w, s.padding[0], s.padding[1]}) >= kMaxAmxBuffer) {
     return false;
   }
   const AmxGeometry g = amx_geometry(s);
@@ -393,9 +395,9 @@ bool runs_amx(const ConvShape& s, at::ScalarType dtype) {
   // 6 -> 16: 9 %, AMX 0.49x against 0.40x).
   const bool fills_tiles = 16 * s.in_channels * s.out_channels >= g.channels * g.outputs;
   // (The weight's element offsets are 32-bit gather indices: cpu/amx.cpp, gather_row.)
-  return fills_tiles && product({s.batch + 1, g.image_pixels, g.channels}) < kMaxBuffer &&
+  return fills_tiles && product({s.batch + 1, g.image_pixels, g.channels}) < kMaxAmxBuffer &&
          product({s.out_channels, s.in_channels, s.kernel_h, s.kernel_w}) < (int64_t(1) << 31) &&
-         product({s.kernel_h, s.kernel_w, g.channels, g.outputs}) < kMaxBuffer && blocked_kernel_available() &&
+         product({s.kernel_h, s.kernel_w, g.channels, g.outputs}) < kMaxAmxBuffer && blocked_kernel_available() &&
          amx_available();
 }
 
@@ -414,11 +416,10 @@ bool runs_amx_input_grad(const ConvShape& s, at::ScalarType dtype) {
 }
 
 bool runs_amx_weight_grad(const ConvShape& s, at::ScalarType dtype) {
-  constexpr int64_t kMaxBuffer = int64_t(1) << 40;
   if (!runs_amx(s, dtype)) return false;
   const AmxGeometry g = amx_geometry(s);
-  return product({2, s.batch, g.channels, amx_grad_plane(s, g)}) < kMaxBuffer &&
-         product({s.batch, g.blocks, kAmxPixels, g.outputs}) < kMaxBuffer;
+  return product({2, s.batch, g.channels, amx_grad_plane(s, g)}) < kMaxAmxBuffer &&
+         product({s.batch, g.blocks, kAmxPixels, g.outputs}) < kMaxAmxBuffer;
 }
 
 bool amx_available() {
