@@ -282,6 +282,15 @@ struct AmxGradProblem {
   const at::BFloat16* x[2];  // [n][channel block][pair][32 channels][2], pairs from even / odd pixels
   int64_t channel_blocks, output_blocks, grid_blocks, plane_pairs;
   int64_t padded_w, taps_w, dilation_h, dilation_w;
+
+  // How far a tap shifts x along the flattened padded image.
+  int64_t tap_offset(int64_t tap) const { return tap / taps_w * dilation_h * padded_w + tap % taps_w * dilation_w; }
+  // The B tile of x for grid block `block` of image n, channel block c_block, shifted by `offset`:
+  // the pairs that start at the first pixel it meets, from whichever copy has them.
+  const at::BFloat16* x_tile(int64_t n, int64_t c_block, int64_t block, int64_t offset) const {
+    const int64_t first = block * kAmxPixels + offset;
+    return x[first & 1] + ((n * channel_blocks + c_block) * plane_pairs + first / 2) * kAmxChannels * 2;
+  }
 };
 
 // One tap's 32 outputs (block k_block) x 32 input channels (block c_block), summed over the wide
@@ -295,14 +304,12 @@ __attribute__((target("amx-tile,amx-bf16"))) void grad_block(const AmxGradProble
   _tile_loadd(1, acc + kTileOutputs, row_bytes);
   _tile_loadd(2, acc + tile_half, row_bytes);
   _tile_loadd(3, acc + tile_half + kTileOutputs, row_bytes);
-  const int64_t offset = tap / p.taps_w * p.dilation_h * p.padded_w + tap % p.taps_w * p.dilation_w;
+  const int64_t offset = p.tap_offset(tap);
   for (int64_t n = n_begin; n < n_end; ++n) {
     const at::BFloat16* a = p.dy + (n * p.output_blocks + k_block) * p.grid_blocks * kGradBlock;
-    const int64_t x_image = (n * p.channel_blocks + c_block) * p.plane_pairs;
     for (int64_t block = 0; block < p.grid_blocks; ++block) {
       const at::BFloat16* a_block = a + block * kGradBlock;
-      const int64_t first = block * kAmxPixels + offset;  // the first pixel of x this block meets
-      const at::BFloat16* b_block = p.x[first & 1] + (x_image + first / 2) * kAmxChannels * 2;
+      const at::BFloat16* b_block = p.x_tile(n, c_block, block, offset);
       _tile_loadd(4, a_block, 64);
       _tile_loadd(6, b_block, b_stride);
       _tile_loadd(7, b_block + 2 * kTileOutputs, b_stride);
@@ -330,10 +337,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void grad_taps(const AmxGradProblem
   constexpr int64_t row_bytes = kTileOutputs * sizeof(float);
   constexpr int64_t b_stride = kAmxChannels * 2 * sizeof(at::BFloat16);
   int64_t offset[4] = {};
-  for (int i = 0; i < kTaps; ++i) {
-    const int64_t tap = tap0 + i;
-    offset[i] = tap / p.taps_w * p.dilation_h * p.padded_w + tap % p.taps_w * p.dilation_w;
-  }
+  for (int i = 0; i < kTaps; ++i) offset[i] = p.tap_offset(tap0 + i);
   _tile_loadd(0, acc[0], row_bytes);
   if constexpr (kTaps > 1) _tile_loadd(1, acc[1], row_bytes);
   if constexpr (kTaps > 2) _tile_loadd(2, acc[2], row_bytes);
@@ -341,11 +345,8 @@ __attribute__((target("amx-tile,amx-bf16"))) void grad_taps(const AmxGradProblem
   for (int64_t n = n_begin; n < n_end; ++n) {
     const at::BFloat16* a = p.dy + (n * p.output_blocks + k_tile / 2) * p.grid_blocks * kGradBlock +
                             k_tile % 2 * kGradBlock / 2;
-    const int64_t x_image = (n * p.channel_blocks + c_tile / 2) * p.plane_pairs, x_half = c_tile % 2 * 2 * kTileOutputs;
-    auto b_tile = [&](int64_t block, int i) {  // tap i's x for this block
-      const int64_t first = block * kAmxPixels + offset[i];
-      return p.x[first & 1] + (x_image + first / 2) * kAmxChannels * 2 + x_half;
-    };
+    const int64_t x_half = c_tile % 2 * 2 * kTileOutputs;  // (the channel block's second 16)
+    auto b_tile = [&](int64_t block, int i) { return p.x_tile(n, c_tile / 2, block, offset[i]) + x_half; };
     for (int64_t block = 0; block < p.grid_blocks; ++block) {
       _tile_loadd(4, a + block * kGradBlock, 64);
       _tile_loadd(5, b_tile(block, 0), b_stride);
