@@ -385,20 +385,56 @@ bool bf16_dot_available() {
 constexpr int64_t kMaxAmxBuffer = int64_t(1) << 40;
 
 bool runs_amx(const ConvShape& s, at::ScalarType dtype) {
-  if (dtype != at::kBFloat16 || s.groups != 1 || s.stride[0] != 1 || s.stride[1] != 1 ||
-      std::max({s.in_h, s.in_w, s.padding[0], s.padding[1]}) >= kMaxAmxBuffer) {
+  const bool strided = s.stride[0] > 1 || s.stride[1] > 1;
+  if (dtype != at::kBFloat16 || s.groups != 1 ||
+      std::max({s.in_h, s.in_w, s.padding[0], s.padding[1]}) >= kMaxAmxBuffer ||
+      (strided && (s.dilation[0] > 1 || s.dilation[1] > 1 || s.kernel_h < s.stride[0] || s.kernel_w < s.stride[1]))) {
     return false;
   }
-  const AmxGeometry g = amx_geometry(s);
+  const ConvShape a = amx_shape(s);
+  const AmxGeometry g = amx_geometry(a);
   // Channels are padded to 32 both ways: under 1/16 of the tiles' products real (3 -> 16, 1 -> 6:
   // 5 %, 0.6 %), the blocked engine is faster (1 -> 6 5x5 @28: 0.37x F.conv2d against AMX's 0.17x;
-  // 6 -> 16: 9 %, AMX 0.49x against 0.40x).
-  const bool fills_tiles = 16 * s.in_channels * s.out_channels >= g.channels * g.outputs;
+  // 6 -> 16: 9 %, AMX 0.49x against 0.40x). Phantom taps count as padding.
+  const bool fills_tiles = 16 * product({s.in_channels, s.out_channels, s.kernel_h, s.kernel_w}) >=
+                           product({g.channels, g.outputs, a.kernel_h, a.kernel_w});
   // (The weight's element offsets are 32-bit gather indices: cpu/amx.cpp, gather_row.)
-  return fills_tiles && product({s.batch + 1, g.image_pixels, g.channels}) < kMaxAmxBuffer &&
-         product({s.out_channels, s.in_channels, s.kernel_h, s.kernel_w}) < (int64_t(1) << 31) &&
-         product({s.kernel_h, s.kernel_w, g.channels, g.outputs}) < kMaxAmxBuffer && blocked_kernel_available() &&
+  return fills_tiles && product({a.batch + 1, g.image_pixels, g.channels}) < kMaxAmxBuffer &&
+         product({a.out_channels, a.in_channels, a.kernel_h, a.kernel_w}) < (int64_t(1) << 31) &&
+         product({a.kernel_h, a.kernel_w, g.channels, g.outputs}) < kMaxAmxBuffer && blocked_kernel_available() &&
          amx_available();
+}
+
+ConvShape amx_shape(const ConvShape& s) {
+  if (s.stride[0] == 1 && s.stride[1] == 1) return s;
+  ConvShape a = s;
+  a.in_channels = product({s.in_channels, s.stride[0], s.stride[1]});
+  a.kernel_h = ceil_div(s.kernel_h, s.stride[0]);
+  a.kernel_w = ceil_div(s.kernel_w, s.stride[1]);
+  a.in_h = s.out_h + a.kernel_h - 1;  // the rows the output reaches (pixels past the padded input: zero)
+  a.in_w = s.out_w + a.kernel_w - 1;
+  a.stride = {1, 1};
+  a.padding = {0, 0};
+  a.dilation = {1, 1};
+  return a;
+}
+
+std::vector<uint8_t> amx_real_taps(const ConvShape& s) {
+  const ConvShape a = amx_shape(s);
+  const int64_t taps = a.kernel_h * a.kernel_w, blocks = ceil_div(a.in_channels, kAmxChannels);
+  std::vector<uint8_t> real(taps * blocks, 0);
+  for (int64_t tap = 0; tap < taps; ++tap) {
+    for (int64_t c = 0; c < a.in_channels; c += s.in_channels) {  // each phase's first channel
+      const int64_t phase = c / s.in_channels;
+      const bool inside = tap / a.kernel_w * s.stride[0] + phase / s.stride[1] < s.kernel_h &&
+                          tap % a.kernel_w * s.stride[1] + phase % s.stride[1] < s.kernel_w;
+      if (!inside) continue;
+      for (int64_t block = c / kAmxChannels; block * kAmxChannels < c + s.in_channels; ++block) {
+        real[tap * blocks + block] = 1;
+      }
+    }
+  }
+  return real;
 }
 
 ConvShape transposed_correlation(const ConvShape& s) {
@@ -411,15 +447,19 @@ ConvShape transposed_correlation(const ConvShape& s) {
 }
 
 bool runs_amx_input_grad(const ConvShape& s, at::ScalarType dtype) {
-  const ConvShape t = transposed_correlation(s);
-  return s.stride[0] == 1 && s.stride[1] == 1 && t.padding[0] >= 0 && t.padding[1] >= 0 && runs_amx(t, dtype);
+  if ((s.stride[0] > 1 || s.stride[1] > 1) && (s.in_channels % kAmxChannels != 0 || !runs_amx(s, dtype))) {
+    return false;
+  }
+  const ConvShape t = transposed_correlation(amx_shape(s));
+  return t.padding[0] >= 0 && t.padding[1] >= 0 && runs_amx(t, dtype);
 }
 
 bool runs_amx_weight_grad(const ConvShape& s, at::ScalarType dtype) {
   if (!runs_amx(s, dtype)) return false;
-  const AmxGeometry g = amx_geometry(s);
-  return product({2, s.batch, g.channels, amx_grad_plane(s, g)}) < kMaxAmxBuffer &&
-         product({s.batch, g.blocks, kAmxPixels, g.outputs}) < kMaxAmxBuffer;
+  const ConvShape a = amx_shape(s);
+  const AmxGeometry g = amx_geometry(a);
+  return product({2, a.batch, g.channels, amx_grad_plane(a, g)}) < kMaxAmxBuffer &&
+         product({a.batch, g.blocks, kAmxPixels, g.outputs}) < kMaxAmxBuffer;
 }
 
 bool amx_available() {
@@ -444,15 +484,9 @@ DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype
     case DirectPass::Forward:
       if (runs_amx(s, dtype)) {
         plan.kernel = DirectKernel::Amx;
-      } else if (runs_depthwise(s, dtype)) {
-        plan.kernel = DirectKernel::Depthwise;
-        plan.runs.push_back({forward_problem(s), WeightTaps{s.kernel_h, s.kernel_w}, TaskRows{}});
-      } else if (runs_blocked(dtype, s.out_per_group())) {
-        plan.kernel = DirectKernel::Blocked;
-        plan.runs.push_back(
-            correlation_run(forward_problem(s), WeightTaps{s.kernel_h, s.kernel_w}, dtype, threads));
+        return plan;
       }
-      return plan;
+      return plan_forward_engines(s, dtype, threads);
     case DirectPass::InputGrad:
       if (runs_amx_input_grad(s, dtype)) {
         plan.kernel = DirectKernel::Amx;
@@ -478,6 +512,19 @@ DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype
         return plan;
       }
       return plan_weight_grad_engines(s, dtype, threads);
+  }
+  return plan;
+}
+
+DirectPlan plan_forward_engines(const ConvShape& s, at::ScalarType dtype, int64_t threads) {
+  threads = std::max<int64_t>(1, threads);
+  DirectPlan plan;
+  if (runs_depthwise(s, dtype)) {
+    plan.kernel = DirectKernel::Depthwise;
+    plan.runs.push_back({forward_problem(s), WeightTaps{s.kernel_h, s.kernel_w}, TaskRows{}});
+  } else if (runs_blocked(dtype, s.out_per_group())) {
+    plan.kernel = DirectKernel::Blocked;
+    plan.runs.push_back(correlation_run(forward_problem(s), WeightTaps{s.kernel_h, s.kernel_w}, dtype, threads));
   }
   return plan;
 }

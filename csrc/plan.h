@@ -288,11 +288,24 @@ bool blocked_kernel_available();
 bool bf16_dot_available();
 // Whether this CPU and OS run AMX tiles with bfloat16 (and CHANNELCONV_DISABLE_AMX is unset).
 bool amx_available();
-// The layers the AMX forward takes: bfloat16, stride 1, one group (cpu/amx.cpp).
+// The layers the AMX forward takes (cpu/amx.cpp): bfloat16, one group; stride 1, or a strided
+// layer of dilation 1 whose kernel spans the stride both ways (every input phase meets a tap).
 bool runs_amx(const ConvShape& s, at::ScalarType dtype);
+// The stride-1 layer AMX runs for s: s itself at stride 1. A strided layer runs over its input split
+// into its stride_h x stride_w phases (space to depth), unpadded: channel p * C + c, pixel (i, j) of
+// the split input is the padded input's x[c][i * stride_h + a][j * stride_w + b], phase
+// p = a * stride_w + b. Its kernel is ceil(k / stride) taps each way, tap (i, j) of phase p being
+// w[.., c, i * stride_h + a, j * stride_w + b], or a phantom (zero) past the kernel: a 3x3/s2
+// layer has 4C channels and 2 x 2 taps, 16 products where 9 are real. The kernels skip a phantom
+// tap wherever a block of 32 channels is one phase (C a multiple of 32): amx_real_taps.
+ConvShape amx_shape(const ConvShape& s);
+// For each tap of amx_shape(s) and block of 32 of its input channels, [tap][block]: whether a
+// channel of the block has a real tap there (every one, at stride 1).
+std::vector<uint8_t> amx_real_taps(const ConvShape& s);
 // A stride-1 layer's input gradient as a forward correlation: of grad_output (K channels) with the
 // weight flipped and transposed, at padding (k - 1) * dilation - pad; AMX runs it where that
-// padding is not negative (every 'same' or 'valid' layer).
+// padding is not negative (every 'same' or 'valid' layer), and a strided layer's as that of its
+// amx_shape, where no block of 32 input channels mixes phases (its phantom taps skipped exactly).
 ConvShape transposed_correlation(const ConvShape& s);
 bool runs_amx_input_grad(const ConvShape& s, at::ScalarType dtype);
 
@@ -358,6 +371,9 @@ inline AmxGradUnits amx_grad_units(const ConvShape& s, int64_t threads) {
 bool runs_amx_weight_grad(const ConvShape& s, at::ScalarType dtype);
 
 DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype, int64_t threads);
+// The forward's plan on the AVX-512 engines or the plain loops: what plan_direct gives where AMX
+// does not run, and what runs where AMX's strided forward declines (non-finite input).
+DirectPlan plan_forward_engines(const ConvShape& s, at::ScalarType dtype, int64_t threads);
 // The weight gradient's plan on the AVX-512 engines or the plain loops: what plan_direct gives
 // where AMX does not run, and what runs where AMX's weight gradient declines (non-finite input).
 DirectPlan plan_weight_grad_engines(const ConvShape& s, at::ScalarType dtype, int64_t threads);

@@ -30,6 +30,7 @@
 //   gradient chunks and input-channel parts)
 #include <c10/core/ScalarType.h>
 
+#include <algorithm>
 #include <string>
 
 #include "cuda/kernel_bodies.h"
@@ -202,6 +203,33 @@ void count_loops(const ConvShape& s, DirectPass pass, const DirectPlan& plan, Co
   }
 }
 
+// Padded channels and dropped pixels included, phantom taps (a strided layer's, plan.h amx_shape)
+// where the kernels skip them not. The copies: the forward's zero-padded NHWC input; the weight
+// gradient's x in pixel pairs (twice, one for each parity) and dy in blocks; a strided layer's
+// split input (weight gradient) or its split input gradient, placed into dx.
+void count_amx(const ConvShape& s, DirectPass pass, int64_t threads, Counts& c) {
+  const ConvShape a = amx_shape(s);
+  const std::vector<uint8_t> real = amx_real_taps(s);
+  const double real_share = double(std::count(real.begin(), real.end(), 1)) / double(real.size());
+  const double split = a.stride == s.stride ? 0.0 : double(a.batch) * a.in_channels * a.in_h * a.in_w;
+  if (pass == DirectPass::WeightGrad) {
+    const AmxGeometry g = amx_geometry(a);
+    const AmxGradUnits units = amx_grad_units(a, threads);
+    c.mac_amx = double(a.batch) * g.blocks * kAmxPixels * units.output_blocks * units.channel_blocks *
+                units.width() * units.width() * a.kernel_h * a.kernel_w * (units.narrow ? 1.0 : real_share);
+    c.strip = double(a.batch) * (2 * amx_grad_plane(a, g) * g.channels + g.blocks * kAmxPixels * g.outputs) + split;
+    c.output = double(a.out_channels) * a.in_channels * a.kernel_h * a.kernel_w;
+    c.tasks = units.count();
+    return;
+  }
+  const ConvShape t = pass == DirectPass::InputGrad ? transposed_correlation(a) : a;
+  const AmxGeometry g = amx_geometry(t);
+  c.mac_amx = double(t.batch) * g.blocks * kAmxPixels * g.outputs * g.channels * t.kernel_h * t.kernel_w * real_share;
+  c.strip = double(t.batch) * g.image_pixels * g.channels + (pass == DirectPass::InputGrad ? split : 0.0);
+  c.output = double(t.batch) * t.out_channels * t.out_h * t.out_w;
+  c.tasks = t.batch * g.blocks * (g.outputs / kAmxOutputs);
+}
+
 Summary describe_direct_cpu(const ConvShape& s, DirectPass pass, at::ScalarType dtype, int64_t threads) {
   const DirectPlan plan = plan_direct(s, pass, dtype, threads);
   Counts c;
@@ -216,24 +244,8 @@ Summary describe_direct_cpu(const ConvShape& s, DirectPass pass, at::ScalarType 
     count_weight_grad(plan.grad_problem, plan.chunks, c);
   } else if (plan.kernel == DirectKernel::RowWeightGrad) {
     count_row_weight_grad(s, plan.row_block, plan.row_unit_blocks, c);
-  } else if (plan.kernel == DirectKernel::Amx && pass == DirectPass::WeightGrad) {
-    // Padded channels and dropped pixels included; the copies are x in pixel pairs (twice, one
-    // for each parity) and dy in blocks.
-    const AmxGeometry g = amx_geometry(s);
-    const AmxGradUnits units = amx_grad_units(s, threads);
-    c.mac_amx = double(s.batch) * g.blocks * kAmxPixels * units.output_blocks * units.channel_blocks *
-                units.width() * units.width() * s.kernel_h * s.kernel_w;
-    c.strip = double(s.batch) * (2 * amx_grad_plane(s, g) * g.channels + g.blocks * kAmxPixels * g.outputs);
-    c.output = double(s.out_channels) * s.in_channels * s.kernel_h * s.kernel_w;
-    c.tasks = units.count();
   } else if (plan.kernel == DirectKernel::Amx) {
-    // Padded channels and dropped pixels included; the copy is the zero-padded NHWC input.
-    const ConvShape a = pass == DirectPass::InputGrad ? transposed_correlation(s) : s;
-    const AmxGeometry g = amx_geometry(a);
-    c.mac_amx = double(a.batch) * g.blocks * kAmxPixels * g.outputs * g.channels * a.kernel_h * a.kernel_w;
-    c.strip = double(a.batch) * g.image_pixels * g.channels;
-    c.output = double(a.batch) * a.out_channels * a.out_h * a.out_w;
-    c.tasks = a.batch * g.blocks * (g.outputs / kAmxOutputs);
+    count_amx(s, pass, threads, c);
   } else {
     count_loops(s, pass, plan, c);
   }

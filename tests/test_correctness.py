@@ -310,40 +310,82 @@ def test_row_weight_grad_takes_rows_wider_than_the_blocked_tile(device, dtype, i
         assert weight_grad["chunks"] == 0 and weight_grad["mac"] > 0
 
 
-# Whether this CPU runs AMX tiles (the bfloat16 forward of stride-1 layers, csrc/cpu/amx.cpp).
+# Whether this CPU runs AMX tiles (bfloat16 layers of one group, csrc/cpu/amx.cpp).
 AMX = all(f in open("/proc/cpuinfo").read() for f in ("amx_tile", "amx_bf16", "avx512_bf16")) \
     if os.path.exists("/proc/cpuinfo") else False
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("batch, in_channels, out_channels, size, kernel, padding, dilation", [
-    (2, 64, 64, (14, 14), (3, 3), 1, (1, 1)),    # whole 32-channel steps and blocks
-    (3, 12, 9, (9, 11), (3, 3), 1, (1, 1)),      # channels padded to 32, outputs to 32
-    (1, 40, 50, (7, 7), (5, 5), 2, (1, 1)),      # a second, partial step and block; a 7x7 map
-    (2, 33, 17, (8, 13), (3, 3), 2, (2, 2)),     # dilation; rows of 13 in the padded width's grid
-    (2, 3, 24, (20, 20), (7, 7), 3, (1, 1)),     # an RGB stem
-    (2, 16, 8, (6, 6), (1, 1), 0, (1, 1)),       # 1x1, no padding
-    (1, 8, 40, (1, 37), (1, 3), (0, 1), (1, 1)),  # one row: blocks of 32 pixels cross the row's end
+@pytest.mark.parametrize("batch, in_channels, out_channels, size, kernel, stride, padding, dilation", [
+    (2, 64, 64, (14, 14), (3, 3), 1, 1, (1, 1)),     # whole 32-channel steps and blocks
+    (3, 12, 9, (9, 11), (3, 3), 1, 1, (1, 1)),       # channels padded to 32, outputs to 32
+    (1, 40, 50, (7, 7), (5, 5), 1, 2, (1, 1)),       # a second, partial step and block; a 7x7 map
+    (2, 33, 17, (8, 13), (3, 3), 1, 2, (2, 2)),      # dilation; rows of 13 in the padded width's grid
+    (2, 3, 24, (20, 20), (7, 7), 1, 3, (1, 1)),      # an RGB stem
+    (2, 16, 8, (6, 6), (1, 1), 1, 0, (1, 1)),        # 1x1, no padding
+    (1, 8, 40, (1, 37), (1, 3), 1, (0, 1), (1, 1)),  # one row: blocks of 32 pixels cross the row's end
+    # Strided, split into the input's phases:
+    (2, 64, 64, (14, 14), (3, 3), 2, 1, (1, 1)),     # 2 x 2 phases of whole blocks: phantom taps skipped
+    (2, 32, 40, (15, 13), (3, 3), 2, 1, (1, 1)),     # odd sizes: phases of unequal extent
+    (2, 3, 24, (21, 20), (7, 7), 2, 3, (1, 1)),      # the stem: four phases in one block of 32 channels
+    (1, 32, 16, (23, 23), (11, 11), 4, 2, (1, 1)),   # 16 phases (AlexNet's first layer)
+    (2, 16, 32, (9, 12), (3, 2), (2, 1), (1, 0), (1, 1)),  # strided one way only
+    (1, 32, 32, (9, 9), (4, 4), 2, 0, (1, 1)),       # the last input row and column reach no output
 ])
-def test_amx_forward(device, layout, batch, in_channels, out_channels, size, kernel, padding, dilation):
+def test_amx_forward(device, layout, batch, in_channels, out_channels, size, kernel, stride, padding, dilation):
     """The bfloat16 forward on AMX tiles (where the CPU has them; elsewhere these run the blocked
     engine), the input gradient as the same correlation with the weight flipped and transposed, and
     the weight gradient as a GEMM over pixel pairs: padded channels and outputs, the wide grid's
-    dropped pixels, dilation, both layouts, a bias; forward and both gradients against F.conv2d in
-    float64, and the plan runs AMX for all three (the weight gradient where the row engine does not
-    take it)."""
+    dropped pixels, dilation, strided layers over their input's phases, both layouts, a bias;
+    forward and both gradients against F.conv2d in float64, and the plan runs AMX for all three
+    (the weight gradient where the row engine does not take it; a strided input gradient where no
+    block of 32 channels mixes phases)."""
+    stride = (stride, stride) if isinstance(stride, int) else stride
     case = Case(batch=batch, in_channels=in_channels, out_channels=out_channels, size=size, kernel=kernel,
-                stride=(1, 1), padding=padding, dilation=dilation, groups=1, bias=True, unbatched=False, layout=layout)
+                stride=stride, padding=padding, dilation=dilation, groups=1, bias=True, unbatched=False,
+                layout=layout)
     check_case(case, "direct", torch.bfloat16, device)
-    passes = channelconv.cost((batch, in_channels, *size), (out_channels, in_channels, *kernel), 1, padding, dilation,
-                              dtype=torch.bfloat16).plans["direct"].passes
+    passes = channelconv.cost((batch, in_channels, *size), (out_channels, in_channels, *kernel), stride, padding,
+                              dilation, dtype=torch.bfloat16).plans["direct"].passes
     forward, input_grad, weight_grad = (passes[name] for name in ("forward", "input_grad", "weight_grad"))
     # The weight gradient: AMX, or where it takes the layer (few output channels) the row engine.
     row_engine = weight_grad["blocked"] and weight_grad["chunks"] == 0 and weight_grad["mac_amx"] == 0
+    mixed_phases = stride != (1, 1) and in_channels % 32 != 0
     if AMX:
-        assert forward["mac_amx"] > 0 and input_grad["mac_amx"] > 0 and (weight_grad["mac_amx"] > 0 or row_engine)
+        assert forward["mac_amx"] > 0 and (weight_grad["mac_amx"] > 0 or row_engine)
+        assert (input_grad["mac_amx"] > 0) == (not mixed_phases)
     else:
         assert forward["mac_amx"] == input_grad["mac_amx"] == weight_grad["mac_amx"] == 0
+
+
+def test_amx_strided_is_exact_beside_non_finite_values():
+    """A strided layer on AMX multiplies its split input by phantom taps' zero weights; where a block
+    of 32 channels mixes phases (3 channels, four phases) those products cannot be skipped, and an
+    Inf would make NaNs F.conv2d does not. Such inputs take the other engines: the same non-finite
+    outputs as float64 F.conv2d, and the same values elsewhere. With whole blocks of one phase the
+    phantom taps are skipped, on AMX, in the forward and in the input gradient (an Inf in dy)."""
+    g = torch.Generator().manual_seed(0)
+    for in_channels in (3, 32):
+        x = torch.randn(2, in_channels, 21, 20, generator=g).to(torch.bfloat16)
+        w = torch.randn(8, in_channels, 7, 7, generator=g).to(torch.bfloat16)
+        x[1, 2, 10, 9] = float("inf")
+        got = channelconv.conv2d(x, w, stride=2, padding=3, algorithm="direct")
+        want = torch.nn.functional.conv2d(x.double(), w.double(), stride=2, padding=3)
+        assert torch.equal(got.isfinite(), want.isfinite()) and not want.isfinite().all()
+        finite = want.isfinite()
+        assert_close(got[finite], want[finite], torch.bfloat16, "output")
+        passes = channelconv.cost(x.shape, w.shape, 2, 3, dtype=torch.bfloat16).plans["direct"].passes
+        assert (passes["forward"]["mac_amx"] > 0) == AMX
+    # The input gradient (blocks of one phase only): an Inf in dy meets no phantom tap.
+    assert (passes["input_grad"]["mac_amx"] > 0) == AMX
+    dy = torch.randn(2, 8, 11, 10, generator=g).to(torch.bfloat16)
+    dy[1, 3, 5, 4] = float("inf")
+    got = torch.ops.channelconv.direct_backward_input(dy, w, list(x.shape), [2, 2], [3, 3], [1, 1], 1)
+    x64 = torch.zeros(x.shape, dtype=torch.float64, requires_grad=True)
+    want = torch.autograd.grad(torch.nn.functional.conv2d(x64, w.double(), stride=2, padding=3), x64, dy.double())[0]
+    assert torch.equal(got.isfinite(), want.isfinite()) and not want.isfinite().all()
+    finite = want.isfinite()
+    assert_close(got[finite], want[finite], torch.bfloat16, "input")
 
 
 def test_amx_declines_tiles_mostly_padding():

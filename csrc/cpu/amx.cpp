@@ -1,7 +1,8 @@
 // The bfloat16 forward correlation on AMX tiles (Intel's Advanced Matrix Extensions: 16 x 64-byte
-// tile registers and a 16 x 16 x 32 bfloat16 dot product into float32, TDPBF16PS), for stride-1
-// layers of one group. An implicit GEMM: M = output pixels, N = output channels, K = input
-// channels x taps, with no column matrix.
+// tile registers and a 16 x 16 x 32 bfloat16 dot product into float32, TDPBF16PS), for layers of
+// one group, at stride 1 or, split into their input's phases, strided (plan.h, amx_shape). An
+// implicit GEMM: M = output pixels, N = output channels, K = input channels x taps, with no column
+// matrix.
 //
 // The input is copied once into a zero-padded NHWC buffer, channels padded to 32 (one tile row).
 // Output pixels are numbered over the padded width ("the wide grid": q = ho * padded_w + wo,
@@ -66,6 +67,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void configure_tiles() {
 struct AmxProblem {
   const at::BFloat16* input;  // padded NHWC image 0; image n at n * image_pixels pixels
   const at::BFloat16* packed;  // [tap][input chunk][output tile][16 pairs][16][2]
+  const uint8_t* live;         // [tap][output block][input chunk]: 0 where every product is a phantom tap's; or null
   int64_t channels;            // padded input channels (a multiple of 32)
   int64_t chunks, output_tiles;
   int64_t padded_w, image_pixels;
@@ -87,7 +89,9 @@ __attribute__((target("amx-tile,amx-bf16"))) void tile_block(const AmxProblem& p
       const at::BFloat16* a = p.input + (n * p.image_pixels + q0 + r * p.dilation_h * p.padded_w + t * p.dilation_w) *
                                             p.channels;
       const at::BFloat16* b = p.packed + ((r * p.taps_w + t) * p.chunks * p.output_tiles + tile0) * b_tile;
+      const uint8_t* live = p.live ? p.live + ((r * p.taps_w + t) * p.output_tiles + tile0) / 2 * p.chunks : nullptr;
       for (int64_t chunk = 0; chunk < p.chunks; ++chunk) {
+        if (live && !live[chunk]) continue;
         // (oneDNN's order: the second A tile loads while the first product runs)
         const at::BFloat16* b_chunk = b + chunk * p.output_tiles * b_tile;
         _tile_loadd(4, a + chunk * kTileChannels, pixel_bytes);
@@ -168,35 +172,75 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) inline void transpose
   }
 }
 
-// padded[n][i][j][c] = input[n, c, i - pad_h, j - pad_w], zero in the padding and past in_channels;
-// every element written once (no fill first), from either layout.
+// The split input's indices [first, end) along one axis (of `extent`) whose pixel i * stride +
+// phase - pad lies inside the input's `in`.
+struct PhaseSpan {
+  int64_t first, end;
+};
+PhaseSpan phase_span(int64_t in, int64_t pad, int64_t stride, int64_t phase, int64_t extent) {
+  const int64_t low = pad - phase, high = in - 1 + pad - phase;  // i * stride in [low, high]
+  const int64_t first = low <= 0 ? 0 : ceil_div(low, stride);
+  return {first, high < 0 ? first : std::max(first, std::min(extent, high / stride + 1))};
+}
+
+// padded[n][i][j][p * C + c] = input[n, c, i * stride_h + a - pad_h, j * stride_w + b - pad_w] for
+// the phases p = a * stride_w + b (one at stride 1), zero outside the input and past the phases'
+// channels: the input of amx_shape(s), padded, every element written once, from either layout.
 void pad_input(const at::Tensor& input, const ConvShape& s, const AmxGeometry& g, at::BFloat16* padded) {
   const at::BFloat16* x = input.const_data_ptr<at::BFloat16>();
   const int64_t x_n = input.stride(0), x_c = input.stride(1), x_h = input.stride(2), x_w = input.stride(3);
+  const int64_t stride_h = s.stride[0], stride_w = s.stride[1], phase_channels = stride_h * stride_w * s.in_channels;
+  const at::BFloat16 zero(0.0f);
   at::parallel_for(0, s.batch * g.padded_h, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / g.padded_h, i = row % g.padded_h - s.padding[0];
+      const int64_t n = row / g.padded_h, i = row % g.padded_h;
       at::BFloat16* dst = padded + row * g.padded_w * g.channels;
-      if (i < 0 || i >= s.in_h) {
-        std::fill(dst, dst + g.padded_w * g.channels, at::BFloat16(0.0f));
-        continue;
+      for (int64_t j = 0; j < g.padded_w; ++j) {
+        std::fill(dst + j * g.channels + phase_channels, dst + (j + 1) * g.channels, zero);
       }
-      const at::BFloat16* src = x + n * x_n + i * x_h;
-      for (int64_t j = 0; j < g.padded_w; ++j) {  // the padding columns, and channels past in_channels
-        const int64_t wi = j - s.padding[1], first = wi >= 0 && wi < s.in_w ? s.in_channels : 0;
-        std::fill(dst + j * g.channels + first, dst + (j + 1) * g.channels, at::BFloat16(0.0f));
-      }
-      dst += s.padding[1] * g.channels;
-      if (x_c == 1) {  // channels_last: a pixel's channels are one run
-        for (int64_t wi = 0; wi < s.in_w; ++wi) {
-          std::copy(src + wi * x_w, src + wi * x_w + s.in_channels, dst + wi * g.channels);
+      for (int64_t phase = 0; phase < stride_h * stride_w; ++phase) {
+        const int64_t a = phase / stride_w, b = phase % stride_w, h = i * stride_h + a - s.padding[0];
+        PhaseSpan columns = phase_span(s.in_w, s.padding[1], stride_w, b, g.padded_w);
+        if (h < 0 || h >= s.in_h) columns = {0, 0};
+        at::BFloat16* phase_dst = dst + phase * s.in_channels;
+        for (int64_t j = 0; j < g.padded_w; ++j) {  // the columns outside the input
+          if (j == columns.first) j = columns.end;
+          if (j < g.padded_w) std::fill(phase_dst + j * g.channels, phase_dst + j * g.channels + s.in_channels, zero);
         }
-      } else {  // NCHW: along each channel's row, into every pixel's slot
-        for (int64_t c = 0; c < s.in_channels; ++c)
-          for (int64_t wi = 0; wi < s.in_w; ++wi) dst[wi * g.channels + c] = src[c * x_c + wi * x_w];
+        if (columns.first == columns.end) continue;
+        const at::BFloat16* src = x + n * x_n + h * x_h + (columns.first * stride_w + b - s.padding[1]) * x_w;
+        const int64_t step = stride_w * x_w;  // from one column's source pixel to the next's
+        if (x_c == 1) {  // channels_last: a pixel's channels are one run
+          for (int64_t j = columns.first; j < columns.end; ++j, src += step) {
+            std::copy(src, src + s.in_channels, phase_dst + j * g.channels);
+          }
+        } else {  // NCHW: along each channel's row, into every pixel's slot
+          for (int64_t c = 0; c < s.in_channels; ++c)
+            for (int64_t j = columns.first; j < columns.end; ++j)
+              phase_dst[j * g.channels + c] = src[c * x_c + (j - columns.first) * step];
+        }
       }
     }
   });
+}
+
+// Whether any of n bfloat16 values is an Inf or a NaN.
+__attribute__((target("avx512f,avx512bw"))) bool any_non_finite(const at::BFloat16* data, int64_t n) {
+  __mmask32 non_finite = 0;
+  for (int64_t j = 0; j < n; j += 32) {
+    non_finite |= non_finite_lanes(_mm512_maskz_loadu_epi16(first_lanes(n - j), data + j));
+  }
+  return non_finite != 0;
+}
+
+bool has_non_finite(const at::Tensor& t) {
+  const at::Tensor dense = t.is_non_overlapping_and_dense() ? t : t.contiguous();
+  const at::BFloat16* data = dense.const_data_ptr<at::BFloat16>();
+  std::atomic<bool> found{false};
+  at::parallel_for(0, dense.numel(), int64_t(1) << 16, [&](int64_t begin, int64_t end) {
+    if (any_non_finite(data + begin, end - begin)) found = true;
+  });
+  return found;
 }
 
 // v[i] = src[first + i * stride] for i < count (zero past it), 32 bfloat16 values: 32-bit gathers
@@ -222,11 +266,15 @@ __attribute__((target("avx512f,avx512bw"))) __m512i gather_row(const at::BFloat1
   return _mm512_permutex2var_epi16(words[0], _mm512_load_si512(kLowHalves), words[1]);
 }
 
-// packed[r][t][chunk][output tile][pair][k][e] = w[tile * 16 + k, chunk * 32 + 2 * pair + e, r, t]
-// (TDPBF16PS's B operand: pairs of input channels side by side), zero past the real channels; w
-// any strided view (numel < 2^31), read with its taps flipped (w[.., R - 1 - r, T - 1 - t]) where
-// `flip`. Each 16 outputs x 32 channels of a tap: one row of 32 channels an output, then their
-// 32-bit lanes (channel pairs) transposed.
+// How the weight of a correlation's amx_shape lies in the layer's own weight (plan.h): at stride 1
+// it is that weight; a strided layer's split side (its input channels in the forward, the outputs
+// of the input gradient's correlation) holds stride_h x stride_w phases of `channels` each.
+struct WeightPhases {
+  int64_t stride_h = 1, stride_w = 1, channels = 0;
+  bool outputs = false;  // the split side: the correlation's outputs, or its input channels
+};
+
+// One B tile: 16 outputs (rows of `channels` elements at first[j], -1: zeros) x 32 channels.
 __attribute__((target("avx512f,avx512bw"))) void pack_block(const at::BFloat16* w, const int64_t* first,
                                                             int64_t channel_stride, int64_t channels,
                                                             at::BFloat16* dst) {
@@ -238,26 +286,49 @@ __attribute__((target("avx512f,avx512bw"))) void pack_block(const at::BFloat16* 
   for (int pair = 0; pair < 16; ++pair) _mm512_storeu_si512(dst + pair * 2 * kTileOutputs, rows[pair]);
 }
 
-void pack_weight(const at::Tensor& weight, const ConvShape& s, const AmxGeometry& g, bool flip,
-                 at::BFloat16* packed) {
+// packed[r][t][chunk][output tile][pair][k][e] = w[tile * 16 + k, chunk * 32 + 2 * pair + e, r, t]
+// (TDPBF16PS's B operand: pairs of input channels side by side) for w the weight of correlation s
+// (its amx_shape), zero past the real channels and at phantom taps; read in place from the layer's
+// `weight` (any strided view, numel < 2^31) as `phases` says, where a block of 32 input channels is
+// one phase; its taps flipped (w[.., R - 1 - r, T - 1 - t]) where `flip`. Each 16 outputs x 32
+// channels of a tap: one row of 32 channels an output, then their 32-bit lanes (channel pairs)
+// transposed.
+void pack_weight(const at::Tensor& weight, const ConvShape& s, const WeightPhases& phases, const AmxGeometry& g,
+                 bool flip, at::BFloat16* packed) {
   const at::BFloat16* w = weight.const_data_ptr<at::BFloat16>();
   const int64_t taps = s.kernel_h * s.kernel_w, chunks = g.channels / kTileChannels;
   const int64_t tiles = g.outputs / kTileOutputs, b_tile = kTileChannels * kTileOutputs;
-  at::parallel_for(0, taps * chunks, 1, [&](int64_t begin, int64_t end) {
+  // A task's 16 outputs x 32 channels, every tap: the gathers read the same lines tap after tap.
+  at::parallel_for(0, chunks * tiles * taps, taps, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) {
-      const int64_t chunk = index % chunks, tap = index / chunks;
-      const int64_t r = flip ? s.kernel_h - 1 - tap / s.kernel_w : tap / s.kernel_w;
-      const int64_t t = flip ? s.kernel_w - 1 - tap % s.kernel_w : tap % s.kernel_w;
-      const int64_t c0 = chunk * kTileChannels;
-      for (int64_t tile = 0; tile < tiles; ++tile) {
-        int64_t first[16];  // each output's first element, or -1 past out_channels
+      const int64_t tap = index % taps, chunk = index / taps / tiles, tile = index / taps % tiles;
+      const int64_t split_r = flip ? s.kernel_h - 1 - tap / s.kernel_w : tap / s.kernel_w;
+      const int64_t split_t = flip ? s.kernel_w - 1 - tap % s.kernel_w : tap % s.kernel_w;
+      // The layer's tap for a phase, or -1 past its kernel (a phantom).
+      auto layer_tap = [&](int64_t phase) -> std::array<int64_t, 2> {
+        const int64_t r = split_r * phases.stride_h + phase / phases.stride_w;
+        const int64_t t = split_t * phases.stride_w + phase % phases.stride_w;
+        return r < weight.size(2) && t < weight.size(3) ? std::array<int64_t, 2>{r, t} : std::array<int64_t, 2>{-1, -1};
+      };
+      int64_t c0 = chunk * kTileChannels;
+      std::array<int64_t, 2> input_tap{0, 0};  // (the split input side's phase, where there is one)
+      if (!phases.outputs) {
+        input_tap = layer_tap(c0 / phases.channels);
+        c0 %= phases.channels;
+      }
+      const int64_t count = std::min(kTileChannels, (phases.outputs ? s.in_channels : phases.channels) - c0);
+      {
+        int64_t first[16];  // each output's first element, or -1 past out_channels and at phantom taps
         for (int64_t j = 0; j < 16; ++j) {
-          const int64_t k = tile * kTileOutputs + j;
-          first[j] = k < s.out_channels ? k * weight.stride(0) + c0 * weight.stride(1) + r * weight.stride(2) +
-                                              t * weight.stride(3)
-                                        : -1;
+          int64_t k = tile * kTileOutputs + j;
+          const std::array<int64_t, 2> tap_rt = phases.outputs ? layer_tap(k / phases.channels) : input_tap;
+          if (phases.outputs) k %= phases.channels;
+          first[j] = tile * kTileOutputs + j < s.out_channels && tap_rt[0] >= 0
+                         ? k * weight.stride(0) + c0 * weight.stride(1) + tap_rt[0] * weight.stride(2) +
+                               tap_rt[1] * weight.stride(3)
+                         : -1;
         }
-        pack_block(w, first, weight.stride(1), s.in_channels - c0, packed + (index * tiles + tile) * b_tile);
+        pack_block(w, first, weight.stride(1), count, packed + ((tap * chunks + chunk) * tiles + tile) * b_tile);
       }
     }
   });
@@ -461,28 +532,37 @@ __attribute__((target("avx512f,avx512bw"))) void wide_row(const at::BFloat16* dy
   _mm512_storeu_si512(dst, v);
 }
 
-// x in pixel pairs over each flattened padded image, [n][channel block][pair][32 channels][2], in
-// both parities (paired[0]: pairs from even pixels, paired[1]: from odd), channels padded to 32,
-// zeros in the padding and past the image. Returns whether x holds an Inf or a NaN.
-bool pair_input(const at::Tensor& input, const ConvShape& s, const AmxGeometry& g, int64_t plane_pairs,
+// x in pixel pairs over each flattened padded image of amx_shape(layer) (of geometry g),
+// [n][channel block][pair][32 channels][2], in both parities (paired[0]: pairs from even pixels,
+// paired[1]: from odd), channels padded to 32, zeros in the padding and past the image. A strided
+// layer's phases are read in place (pad_input's indexing), where each block of 32 channels is one
+// phase's. Returns whether x holds an Inf or a NaN.
+bool pair_input(const at::Tensor& input, const ConvShape& layer, const AmxGeometry& g, int64_t plane_pairs,
                 at::BFloat16* const* paired) {
-  const int64_t channel_blocks = g.channels / kAmxChannels, plane = 2 * plane_pairs;
+  const int64_t channel_blocks = g.channels / kAmxChannels, plane = 2 * plane_pairs, channels = layer.in_channels;
+  const int64_t stride_h = layer.stride[0], stride_w = layer.stride[1], phases = stride_h * stride_w;
+  TORCH_INTERNAL_ASSERT(phases == 1 || channels % kAmxChannels == 0);
   std::atomic<bool> any_non_finite{false};
   if (input.is_contiguous(at::MemoryFormat::ChannelsLast)) {  // interleave two pixels' channel runs
     const at::BFloat16* x = input.const_data_ptr<at::BFloat16>();
-    auto pixel = [&](int64_t n, int64_t p) -> const at::BFloat16* {
-      const int64_t i = p / g.padded_w - s.padding[0], j = p % g.padded_w - s.padding[1];
-      const bool inside = p < g.image_pixels && i >= 0 && i < s.in_h && j >= 0 && j < s.in_w;
-      return inside ? x + ((n * s.in_h + i) * s.in_w + j) * s.in_channels : nullptr;
+    auto pixel = [&](int64_t n, int64_t p, int64_t phase) -> const at::BFloat16* {
+      const int64_t h = p / g.padded_w * stride_h + phase / stride_w - layer.padding[0];
+      const int64_t w = p % g.padded_w * stride_w + phase % stride_w - layer.padding[1];
+      const bool inside = p < g.image_pixels && h >= 0 && h < layer.in_h && w >= 0 && w < layer.in_w;
+      return inside ? x + ((n * layer.in_h + h) * layer.in_w + w) * channels : nullptr;
     };
-    at::parallel_for(0, 2 * s.batch * plane_pairs, 16, [&](int64_t begin, int64_t end) {
+    const int64_t block_stride = plane_pairs * kAmxChannels * 2;
+    at::parallel_for(0, 2 * layer.batch * plane_pairs, 16, [&](int64_t begin, int64_t end) {
       bool non_finite = false;
       for (int64_t index = begin; index < end; ++index) {
-        const int64_t parity = index / (s.batch * plane_pairs), pair = index % (s.batch * plane_pairs);
+        const int64_t parity = index / (layer.batch * plane_pairs), pair = index % (layer.batch * plane_pairs);
         const int64_t n = pair / plane_pairs, p = pair % plane_pairs * 2 + parity;
         at::BFloat16* dst = paired[parity] + (n * channel_blocks * plane_pairs + p / 2) * kAmxChannels * 2;
-        non_finite |= interleave_pair(pixel(n, p), pixel(n, p + 1), s.in_channels, g.channels,
-                                      plane_pairs * kAmxChannels * 2, dst);
+        for (int64_t phase = 0; phase < phases; ++phase) {
+          non_finite |= interleave_pair(pixel(n, p, phase), pixel(n, p + 1, phase), channels,
+                                        phases == 1 ? g.channels : channels, block_stride,
+                                        dst + phase * channels / kAmxChannels * block_stride);
+        }
       }
       if (non_finite) any_non_finite = true;
     });
@@ -493,17 +573,28 @@ bool pair_input(const at::Tensor& input, const ConvShape& s, const AmxGeometry& 
   const at::Tensor contiguous = input.contiguous();
   const at::BFloat16* x = contiguous.const_data_ptr<at::BFloat16>();
   const int64_t stride = plane + kAmxPixels;
-  at::parallel_for(0, s.batch * channel_blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, layer.batch * channel_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<at::BFloat16> planes(kAmxChannels * stride);
+    std::vector<at::BFloat16> row(stride_w > 1 ? layer.in_w : 0);  // a strided row's phase, gathered
     bool non_finite = false;
     for (int64_t index = begin; index < end; ++index) {
-      const int64_t n = index / channel_blocks, c0 = index % channel_blocks * kAmxChannels;
+      const int64_t n = index / channel_blocks, block_channel = index % channel_blocks * kAmxChannels;
+      const int64_t phase = block_channel / channels, c0 = block_channel % channels;
+      const int64_t a = phase / stride_w, b = phase % stride_w;
+      const PhaseSpan rows = phase_span(layer.in_h, layer.padding[0], stride_h, a, g.padded_h);
+      const PhaseSpan columns = phase_span(layer.in_w, layer.padding[1], stride_w, b, g.padded_w);
       std::fill(planes.begin(), planes.end(), at::BFloat16(0.0f));
-      for (int64_t c = c0; c < std::min(c0 + kAmxChannels, s.in_channels); ++c) {
-        const at::BFloat16* src = x + (n * s.in_channels + c) * s.in_h * s.in_w;
-        at::BFloat16* dst = planes.data() + (c - c0) * stride;
-        for (int64_t i = 0; i < s.in_h; ++i) {
-          non_finite |= copy_checked(src + i * s.in_w, s.in_w, dst + (i + s.padding[0]) * g.padded_w + s.padding[1]);
+      for (int64_t c = c0; c < std::min(c0 + kAmxChannels, channels); ++c) {
+        const at::BFloat16* src = x + (n * channels + c) * layer.in_h * layer.in_w;
+        at::BFloat16* dst = planes.data() + (c - c0) * stride + columns.first;
+        const int64_t w = columns.first * stride_w + b - layer.padding[1], count = columns.end - columns.first;
+        for (int64_t i = rows.first; i < rows.end; ++i) {
+          const at::BFloat16* src_row = src + (i * stride_h + a - layer.padding[0]) * layer.in_w + w;
+          if (stride_w > 1) {
+            for (int64_t j = 0; j < count; ++j) row[j] = src_row[j * stride_w];
+            src_row = row.data();
+          }
+          non_finite |= copy_checked(src_row, count, dst + i * g.padded_w);
         }
       }
       for (int64_t parity = 0; parity < 2; ++parity) {
@@ -563,17 +654,19 @@ void block_grad_output(const at::Tensor& grad_output, const ConvShape& s, const 
   });
 }
 
-}  // namespace
-
-at::Tensor amx_weight_grad(const at::Tensor& grad_output, const at::Tensor& input, const ConvShape& s) {
-  TORCH_INTERNAL_ASSERT(input.scalar_type() == at::kBFloat16 && s.groups == 1 && s.stride[0] == 1 &&
-                        s.stride[1] == 1);
+// The weight gradient of amx_shape(layer), with the input of `layer` (a strided one's where each
+// block of 32 channels is one phase's); `real` (amx_real_taps, or null) marks the taps of each
+// 32-channel block that are not all phantoms: the others are left zero.
+at::Tensor weight_grad_tiles(const at::Tensor& grad_output, const at::Tensor& input, const ConvShape& layer,
+                             const uint8_t* real) {
+  TORCH_INTERNAL_ASSERT(input.scalar_type() == at::kBFloat16 && layer.groups == 1);
+  const ConvShape s = amx_shape(layer);
   const AmxGeometry g = amx_geometry(s);
   const int64_t plane_pairs = amx_grad_plane(s, g) / 2, x_numel = s.batch * plane_pairs * g.channels * 2;
   at::BFloat16* x_buffer = amx_buffer(0, 2 * x_numel);
   at::BFloat16* const x_pairs[2] = {x_buffer, x_buffer + x_numel};
   at::BFloat16* dy_blocks = amx_buffer(1, s.batch * g.blocks * kGradBlock * (g.outputs / kAmxOutputs));
-  if (pair_input(input, s, g, plane_pairs, x_pairs)) return at::Tensor();
+  if (pair_input(input, layer, g, plane_pairs, x_pairs)) return at::Tensor();
   block_grad_output(grad_output, s, g, dy_blocks);
 
   const AmxGradProblem p{dy_blocks, {x_pairs[0], x_pairs[1]}, g.channels / kAmxChannels, g.outputs / kAmxOutputs,
@@ -583,6 +676,9 @@ at::Tensor amx_weight_grad(const at::Tensor& grad_output, const at::Tensor& inpu
   const int64_t width = units.width(), group_images = ceil_div(64, g.blocks);
   at::Tensor dw = at::empty(s.weight_sizes(), input.options().dtype(at::kFloat));
   float* dw_data = dw.mutable_data_ptr<float>();
+  // Consecutive units share the larger operand's blocks (x's pairs, or dy's), read from memory
+  // once: x is 4x dy's size at stride 2 (its 4 phases), 4x the traffic read in dy's order.
+  const bool x_outer = 2 * plane_pairs * g.channels > g.blocks * kAmxPixels * g.outputs;
   at::parallel_for(0, units.count(), 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
     struct alignas(64) TapSums {  // a block's sums, [output][channel] (tile rows on whole lines)
@@ -592,7 +688,8 @@ at::Tensor amx_weight_grad(const at::Tensor& grad_output, const at::Tensor& inpu
     float* narrow_sums[4];
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t tap_group = unit % units.tap_groups, block_pair = unit / units.tap_groups;
-      const int64_t k_block = block_pair / units.channel_blocks, c_block = block_pair % units.channel_blocks;
+      const int64_t k_block = x_outer ? block_pair % units.output_blocks : block_pair / units.channel_blocks;
+      const int64_t c_block = x_outer ? block_pair / units.output_blocks : block_pair % units.channel_blocks;
       const int64_t tap0 = tap_group * units.group_taps, tap_end = std::min(taps, tap0 + units.group_taps);
       for (TapSums& t : tap_sums) std::fill(std::begin(t.values), std::end(t.values), 0.0f);
       if (units.narrow) std::transform(tap_sums.begin(), tap_sums.begin() + (tap_end - tap0), narrow_sums,
@@ -604,6 +701,7 @@ at::Tensor amx_weight_grad(const at::Tensor& grad_output, const at::Tensor& inpu
         const int64_t n_end = std::min(s.batch, n + group_images);
         if (!units.narrow) {
           for (int64_t tap = tap0; tap < tap_end; ++tap) {
+            if (real && !real[tap * units.channel_blocks + c_block]) continue;
             grad_block(p, n, n_end, k_block, c_block, tap, tap_sums[tap - tap0].values);
           }
           continue;
@@ -631,10 +729,13 @@ at::Tensor amx_weight_grad(const at::Tensor& grad_output, const at::Tensor& inpu
   return dw;
 }
 
-at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const ConvShape& s,
-                       at::MemoryFormat format, bool flip) {
-  TORCH_INTERNAL_ASSERT(input.scalar_type() == at::kBFloat16 && s.groups == 1 && s.stride[0] == 1 &&
-                        s.stride[1] == 1);
+// y = bias + the correlation of the input of layer s (its strides and padding are where pad_input
+// reads) with the weight of amx_shape(s), read from `weight` as pack_weight does; `live` as
+// AmxProblem's, or null.
+at::Tensor forward_tiles(const at::Tensor& input, const at::Tensor& weight, const WeightPhases& phases, bool flip,
+                         const at::Tensor& bias, const ConvShape& layer, at::MemoryFormat format, const uint8_t* live) {
+  TORCH_INTERNAL_ASSERT(input.scalar_type() == at::kBFloat16 && layer.groups == 1);
+  const ConvShape s = amx_shape(layer);
   const AmxGeometry g = amx_geometry(s);
   const int64_t channels = g.channels, outputs = g.outputs, padded_w = g.padded_w;
   // Past the last image, the pixels the last block's dropped q read.
@@ -642,9 +743,9 @@ at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const 
   const int64_t padded_pixels = s.batch * g.image_pixels, padded_numel = (padded_pixels + slack) * channels;
   at::BFloat16* padded = amx_buffer(0, padded_numel);
   at::BFloat16* packed = amx_buffer(1, s.kernel_h * s.kernel_w * channels * outputs);
-  pad_input(input, s, g, padded);
+  pad_input(input, layer, g, padded);
   std::fill(padded + padded_pixels * channels, padded + padded_numel, at::BFloat16(0.0f));
-  pack_weight(weight, s, g, flip, packed);
+  pack_weight(weight, s, phases, g, flip, packed);
   std::vector<float> bias_values(outputs, 0.0f);  // zero past out_channels, and without a bias
   if (bias.defined()) {
     const at::Tensor b = bias.to(at::kFloat).contiguous();
@@ -654,7 +755,7 @@ at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const 
   at::Tensor y = at::empty(s.output_sizes(), input.options().memory_format(format));
   at::BFloat16* y_data = y.mutable_data_ptr<at::BFloat16>();
   const int64_t y_n = y.stride(0), y_c = y.stride(1), y_h = y.stride(2), y_w = y.stride(3);
-  const AmxProblem p{padded, packed, channels,
+  const AmxProblem p{padded, packed, live, channels,
                      channels / kTileChannels, outputs / kTileOutputs, padded_w, g.image_pixels,
                      s.kernel_h, s.kernel_w, s.dilation[0], s.dilation[1]};
   const int64_t channel_blocks = outputs / kAmxOutputs, blocks = g.blocks, tasks = s.batch * blocks * channel_blocks;
@@ -691,14 +792,150 @@ at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const 
   return y;
 }
 
+// ---- Strided layers: the phases split and merged (plan.h, amx_shape) ----
+
+bool is_strided(const ConvShape& s) { return s.stride[0] > 1 || s.stride[1] > 1; }
+
+// The weight of amx_shape(s), [K][phase][C][i][j] = weight[k][c][i * stride_h + a][j * stride_w + b],
+// zero at the phantom taps past the kernel.
+at::Tensor split_weight(const at::Tensor& weight, const ConvShape& s) {
+  const ConvShape a = amx_shape(s);
+  const int64_t stride_h = s.stride[0], stride_w = s.stride[1];
+  at::Tensor split = at::zeros({s.out_channels, stride_h * stride_w, s.in_channels, a.kernel_h, a.kernel_w},
+                               weight.options().memory_format(at::MemoryFormat::Contiguous));
+  for (int64_t phase = 0; phase < stride_h * stride_w; ++phase) {
+    const int64_t row = phase / stride_w, column = phase % stride_w;
+    const at::Tensor taps = weight.slice(2, row, s.kernel_h, stride_h).slice(3, column, s.kernel_w, stride_w);
+    split.select(1, phase).slice(2, 0, taps.size(2)).slice(3, 0, taps.size(3)).copy_(taps);
+  }
+  return split.view({s.out_channels, a.in_channels, a.kernel_h, a.kernel_w});
+}
+
+// The inverse of split_weight for the weight gradient of amx_shape(s): its real taps, in place.
+at::Tensor merge_weight(const at::Tensor& split_grad, const ConvShape& s) {
+  const int64_t stride_h = s.stride[0], stride_w = s.stride[1];
+  const at::Tensor phases = split_grad.view({s.out_channels, stride_h * stride_w, s.in_channels,
+                                             split_grad.size(2), split_grad.size(3)});
+  at::Tensor dw = at::empty(s.weight_sizes(), split_grad.options());
+  for (int64_t phase = 0; phase < stride_h * stride_w; ++phase) {
+    const int64_t row = phase / stride_w, column = phase % stride_w;
+    at::Tensor taps = dw.slice(2, row, s.kernel_h, stride_h).slice(3, column, s.kernel_w, stride_w);
+    taps.copy_(phases.select(1, phase).slice(2, 0, taps.size(2)).slice(3, 0, taps.size(3)));
+  }
+  return dw;
+}
+
+// The input of amx_shape(s), channels_last: the padded input's phases side by side in each pixel.
+at::Tensor split_input(const at::Tensor& input, const ConvShape& s) {
+  const ConvShape a = amx_shape(s);
+  const int64_t stride_h = s.stride[0], stride_w = s.stride[1];
+  at::Tensor split = at::zeros({s.batch, a.in_h, a.in_w, stride_h, stride_w, s.in_channels}, input.options());
+  const at::Tensor nhwc = input.permute({0, 2, 3, 1});
+  for (int64_t row = 0; row < stride_h; ++row) {
+    const PhaseSpan rows = phase_span(s.in_h, s.padding[0], stride_h, row, a.in_h);
+    for (int64_t column = 0; column < stride_w; ++column) {
+      const PhaseSpan columns = phase_span(s.in_w, s.padding[1], stride_w, column, a.in_w);
+      if (rows.first == rows.end || columns.first == columns.end) continue;
+      const int64_t h = rows.first * stride_h + row - s.padding[0], w = columns.first * stride_w + column - s.padding[1];
+      split.select(3, row).select(3, column).slice(1, rows.first, rows.end).slice(2, columns.first, columns.end)
+          .copy_(nhwc.slice(1, h, h + (rows.end - rows.first - 1) * stride_h + 1, stride_h)
+                     .slice(2, w, w + (columns.end - columns.first - 1) * stride_w + 1, stride_w));
+    }
+  }
+  return split.view({s.batch, a.in_h, a.in_w, a.in_channels}).permute({0, 3, 1, 2});
+}
+
+// dx in `format` from the input gradient of amx_shape(s): each phase's pixels inside the input put
+// in place; zero where no phase pixel lands (rows or columns past the output's reach).
+at::Tensor merge_input_grad(const at::Tensor& split_grad, const ConvShape& s, at::MemoryFormat format) {
+  const ConvShape a = amx_shape(s);
+  const int64_t stride_h = s.stride[0], stride_w = s.stride[1];
+  at::Tensor dx = at::empty(s.input_sizes(), split_grad.options().memory_format(format));
+  if ((s.in_h - 1 + s.padding[0]) / stride_h >= a.in_h || (s.in_w - 1 + s.padding[1]) / stride_w >= a.in_w) {
+    dx.zero_();
+  }
+  for (int64_t phase = 0; phase < stride_h * stride_w; ++phase) {
+    const int64_t row = phase / stride_w, column = phase % stride_w;
+    const PhaseSpan rows = phase_span(s.in_h, s.padding[0], stride_h, row, a.in_h);
+    const PhaseSpan columns = phase_span(s.in_w, s.padding[1], stride_w, column, a.in_w);
+    if (rows.first == rows.end || columns.first == columns.end) continue;
+    const int64_t h = rows.first * stride_h + row - s.padding[0], w = columns.first * stride_w + column - s.padding[1];
+    dx.slice(2, h, h + (rows.end - rows.first - 1) * stride_h + 1, stride_h)
+        .slice(3, w, w + (columns.end - columns.first - 1) * stride_w + 1, stride_w)
+        .copy_(split_grad.slice(1, phase * s.in_channels, (phase + 1) * s.in_channels)
+                   .slice(2, rows.first, rows.end)
+                   .slice(3, columns.first, columns.end));
+  }
+  return dx;
+}
+
+}  // namespace
+
+at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const ConvShape& s,
+                       at::MemoryFormat format) {
+  const ConvShape a = amx_shape(s);
+  if (!is_strided(s)) return forward_tiles(input, weight, {1, 1, s.in_channels}, false, bias, s, format, nullptr);
+  // A block of 32 input channels that mixes phases multiplies some pixels by a phantom tap's zero
+  // weight: 0 * Inf would make a NaN where no real product does. (Its weight is split first: the
+  // packing reads one phase a block.)
+  if (s.in_channels % kAmxChannels != 0) {
+    if (has_non_finite(input)) return at::Tensor();
+    return forward_tiles(input, split_weight(weight, s), {1, 1, a.in_channels}, false, bias, s, format, nullptr);
+  }
+  const std::vector<uint8_t> real = amx_real_taps(s);
+  const int64_t taps = a.kernel_h * a.kernel_w, chunks = ceil_div(a.in_channels, kAmxChannels);
+  const int64_t output_blocks = ceil_div(a.out_channels, kAmxOutputs);
+  std::vector<uint8_t> live(taps * output_blocks * chunks);  // [tap][output block][chunk]
+  for (int64_t index = 0; index < static_cast<int64_t>(live.size()); ++index) {
+    live[index] = real[index / (output_blocks * chunks) * chunks + index % chunks];
+  }
+  return forward_tiles(input, weight, {s.stride[0], s.stride[1], s.in_channels}, false, bias, s, format, live.data());
+}
+
+at::Tensor amx_input_grad(const at::Tensor& grad_output, const at::Tensor& weight, const ConvShape& s,
+                          at::MemoryFormat format) {
+  if (!is_strided(s)) {
+    return forward_tiles(grad_output, weight.transpose(0, 1), {1, 1, s.out_channels}, /*flip=*/true, at::Tensor(),
+                         transposed_correlation(s), format, nullptr);
+  }
+  // The correlation's outputs are the split input's channels, its taps those of amx_shape(s)
+  // flipped: a block of 32 outputs is one phase (in_channels % 32 == 0), its phantom taps skipped.
+  const ConvShape a = amx_shape(s), t = transposed_correlation(a);
+  const std::vector<uint8_t> real = amx_real_taps(s);
+  const int64_t taps = a.kernel_h * a.kernel_w, chunks = ceil_div(t.in_channels, kAmxChannels);
+  const int64_t output_blocks = ceil_div(t.out_channels, kAmxOutputs);
+  std::vector<uint8_t> live(taps * output_blocks * chunks);
+  for (int64_t index = 0; index < static_cast<int64_t>(live.size()); ++index) {
+    const int64_t tap = index / (output_blocks * chunks), block = index / chunks % output_blocks;
+    live[index] = real[(taps - 1 - tap) * output_blocks + block];
+  }
+  const WeightPhases phases{s.stride[0], s.stride[1], s.in_channels, /*outputs=*/true};
+  const at::Tensor split_grad = forward_tiles(grad_output, weight.transpose(0, 1), phases, /*flip=*/true,
+                                              at::Tensor(), t, format, live.data());
+  return merge_input_grad(split_grad, s, format);
+}
+
+at::Tensor amx_weight_grad(const at::Tensor& grad_output, const at::Tensor& input, const ConvShape& s) {
+  if (!is_strided(s)) return weight_grad_tiles(grad_output, input, s, nullptr);
+  const std::vector<uint8_t> real = amx_real_taps(s);
+  // Where blocks of 32 channels mix phases, the input is split first (pair_input reads one phase a block).
+  const at::Tensor split_grad = s.in_channels % kAmxChannels == 0
+                                    ? weight_grad_tiles(grad_output, input, s, real.data())
+                                    : weight_grad_tiles(grad_output, split_input(input, s), amx_shape(s), real.data());
+  return split_grad.defined() ? merge_weight(split_grad, s) : split_grad;
+}
+
 #else  // no AMX code on this compiler or system: never called (amx_available is false)
 
 at::Tensor amx_weight_grad(const at::Tensor&, const at::Tensor&, const ConvShape&) {
   TORCH_INTERNAL_ASSERT(false, "AMX is not available");
 }
 
-at::Tensor amx_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const ConvShape&, at::MemoryFormat,
-                       bool) {
+at::Tensor amx_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const ConvShape&, at::MemoryFormat) {
+  TORCH_INTERNAL_ASSERT(false, "AMX is not available");
+}
+
+at::Tensor amx_input_grad(const at::Tensor&, const at::Tensor&, const ConvShape&, at::MemoryFormat) {
   TORCH_INTERNAL_ASSERT(false, "AMX is not available");
 }
 

@@ -34,15 +34,18 @@ void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTa
 void blocked_correlation(const BlockedRun& run, const Activations& in, const float* packed, const float* init,
                          const Activations& out);
 
-// y = bias + the correlation of a bfloat16 input with its weight (stride 1, one group) on AMX
-// tiles (amx.cpp); y in `format`, bias float32 or undefined. The weight is any strided view, its
-// taps read flipped where `flip` (the input gradient's correlation).
+// On AMX tiles (amx.cpp), the layers runs_amx takes (bfloat16, one group; strided layers split
+// into phases, plan.h amx_shape):
+// - y = bias + the correlation of the input with the weight (any strided view), y in `format` and
+//   bias float32 or undefined; undefined where a strided layer's phantom taps would meet an Inf or
+//   a NaN of the input (blocks of 32 channels that mix phases), which the caller runs elsewhere;
+// - dx of the layers runs_amx_input_grad takes, in `format`;
+// - dW, float32 (K, C, k_h, k_w), summed over the batch in a fixed order; undefined where the input
+//   holds an Inf or a NaN (the wide grid's dropped pixels would multiply it by zero).
 at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const ConvShape& s,
-                       at::MemoryFormat format, bool flip = false);
-
-// The weight gradient of the same layers on AMX tiles (amx.cpp), float32 (K, C, k_h, k_w) summed
-// over the batch in a fixed order; undefined where the input holds an Inf or a NaN (the wide grid's
-// dropped pixels would multiply it by zero), which the caller then runs on another engine.
+                       at::MemoryFormat format);
+at::Tensor amx_input_grad(const at::Tensor& grad_output, const at::Tensor& weight, const ConvShape& s,
+                          at::MemoryFormat format);
 at::Tensor amx_weight_grad(const at::Tensor& grad_output, const at::Tensor& input, const ConvShape& s);
 
 // dw (K, C/groups, k_h, k_w) = sum over images and output pixels of dy[n, k, oh, ow] *

@@ -302,10 +302,14 @@ void backward_input_phases(const scalar_t* dy, const scalar_t* w, scalar_t* dx, 
 at::Tensor direct_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvShape s = check_forward(input, weight, bias, stride, padding, dilation, groups);
-  const DirectPlan plan = plan_for(s, DirectPass::Forward, input);
+  DirectPlan plan = plan_for(s, DirectPass::Forward, input);
   const at::MemoryFormat format = result_format(input, weight);
   const bool has_bias = bias.has_value() && bias->defined();
-  if (plan.kernel == DirectKernel::Amx) return amx_forward(input, weight, has_bias ? *bias : at::Tensor(), s, format);
+  if (plan.kernel == DirectKernel::Amx) {
+    const at::Tensor y = amx_forward(input, weight, has_bias ? *bias : at::Tensor(), s, format);
+    if (y.defined()) return y;
+    plan = plan_forward_engines(s, input.scalar_type(), at::get_num_threads());
+  }
   if (plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::Depthwise) {
     const at::Tensor b = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
     at::Tensor y = at::empty(s.output_sizes(), input.options().memory_format(format));
@@ -328,10 +332,7 @@ at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor
   const ConvShape s = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
   const DirectPlan plan = plan_for(s, DirectPass::InputGrad, grad_output);
   const at::MemoryFormat format = result_format(grad_output, weight);
-  if (plan.kernel == DirectKernel::Amx) {
-    return amx_forward(grad_output, weight.transpose(0, 1), at::Tensor(), transposed_correlation(s), format,
-                       /*flip=*/true);
-  }
+  if (plan.kernel == DirectKernel::Amx) return amx_input_grad(grad_output, weight, s, format);
   if (plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::Depthwise) {
     at::Tensor dx = at::empty(s.input_sizes(), grad_output.options().memory_format(format));
     if (!input_grad_phases_cover(s, plan.phases)) dx.zero_();  // phases no tap reaches stay zero
