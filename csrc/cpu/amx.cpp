@@ -731,9 +731,12 @@ at::Tensor weight_grad_tiles(const at::Tensor& grad_output, const at::Tensor& in
 
 // y = bias + the correlation of the input of layer s (its strides and padding are where pad_input
 // reads) with the weight of amx_shape(s), read from `weight` as pack_weight does; `live` as
-// AmxProblem's, or null.
+// AmxProblem's, or null. Where the phases are on the outputs' side (the input gradient of the
+// strided layer `split_output`), each phase's pixels go in place into that layer's dx, zero where no
+// phase pixel lands.
 at::Tensor forward_tiles(const at::Tensor& input, const at::Tensor& weight, const WeightPhases& phases, bool flip,
-                         const at::Tensor& bias, const ConvShape& layer, at::MemoryFormat format, const uint8_t* live) {
+                         const at::Tensor& bias, const ConvShape& layer, at::MemoryFormat format, const uint8_t* live,
+                         const ConvShape* split_output = nullptr) {
   TORCH_INTERNAL_ASSERT(input.scalar_type() == at::kBFloat16 && layer.groups == 1);
   const ConvShape s = amx_shape(layer);
   const AmxGeometry g = amx_geometry(s);
@@ -752,7 +755,21 @@ at::Tensor forward_tiles(const at::Tensor& input, const at::Tensor& weight, cons
     std::copy(b.const_data_ptr<float>(), b.const_data_ptr<float>() + s.out_channels, bias_values.begin());
   }
 
-  at::Tensor y = at::empty(s.output_sizes(), input.options().memory_format(format));
+  // Output pixel (ho, wo) of block k0 goes to y's (ho * stride_h + a - pad_h, wo * stride_w + b -
+  // pad_w), channel k0 % phase_outputs, for the block's phase (a, b): y itself at stride 1.
+  TORCH_INTERNAL_ASSERT(phases.outputs == (split_output != nullptr));
+  int64_t stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, phase_outputs = s.out_channels;
+  std::array<int64_t, 4> y_sizes = s.output_sizes();
+  if (split_output) {
+    stride_h = split_output->stride[0], stride_w = split_output->stride[1];
+    pad_h = split_output->padding[0], pad_w = split_output->padding[1];
+    phase_outputs = phases.channels;
+    y_sizes = split_output->input_sizes();
+    TORCH_INTERNAL_ASSERT(phase_outputs % kAmxOutputs == 0);
+  }
+  const int64_t y_height = y_sizes[2], y_width = y_sizes[3];
+  at::Tensor y = at::empty(y_sizes, input.options().memory_format(format));
+  if ((y_height - 1 + pad_h) / stride_h >= s.out_h || (y_width - 1 + pad_w) / stride_w >= s.out_w) y.zero_();
   at::BFloat16* y_data = y.mutable_data_ptr<at::BFloat16>();
   const int64_t y_n = y.stride(0), y_c = y.stride(1), y_h = y.stride(2), y_w = y.stride(3);
   const AmxProblem p{padded, packed, live, channels,
@@ -771,14 +788,17 @@ at::Tensor forward_tiles(const at::Tensor& input, const at::Tensor& weight, cons
       const int64_t channel_block = weights_outer ? task / (s.batch * blocks) : task % channel_blocks;
       const int64_t n = pixel_task / blocks, q0 = pixel_task % blocks * kAmxPixels;
       tile_block(p, n, q0, 2 * channel_block, sums);
-      const int64_t k0 = channel_block * kAmxOutputs;
+      const int64_t k0 = channel_block * kAmxOutputs, phase = k0 / phase_outputs, c0 = k0 % phase_outputs;
       const int64_t k_count = std::min<int64_t>(kAmxOutputs, s.out_channels - k0);
+      const int64_t row0 = phase / stride_w - pad_h, column0 = phase % stride_w - pad_w;
       const float* bias_block = bias_values.data() + k0;
       int64_t ho = q0 / padded_w, wo = q0 % padded_w;
       for (int64_t i = 0; i < kAmxPixels; ++i, ++wo) {
         if (wo == padded_w) wo = 0, ++ho;
         if (ho >= s.out_h || wo >= s.out_w) continue;  // a dropped pixel of the wide grid
-        at::BFloat16* out = y_data + n * y_n + ho * y_h + wo * y_w + k0 * y_c;
+        const int64_t h = ho * stride_h + row0, w = wo * stride_w + column0;
+        if (h < 0 || h >= y_height || w < 0 || w >= y_width) continue;  // a phase pixel in the padding
+        at::BFloat16* out = y_data + n * y_n + h * y_h + w * y_w + c0 * y_c;
         const float* row = sums + i * kAmxOutputs;
         if (y_c == 1 && k_count == kAmxOutputs) {  // channels_last: the block's outputs are one run
           store_outputs(row, bias_block, out);
@@ -845,30 +865,6 @@ at::Tensor split_input(const at::Tensor& input, const ConvShape& s) {
   return split.view({s.batch, a.in_h, a.in_w, a.in_channels}).permute({0, 3, 1, 2});
 }
 
-// dx in `format` from the input gradient of amx_shape(s): each phase's pixels inside the input put
-// in place; zero where no phase pixel lands (rows or columns past the output's reach).
-at::Tensor merge_input_grad(const at::Tensor& split_grad, const ConvShape& s, at::MemoryFormat format) {
-  const ConvShape a = amx_shape(s);
-  const int64_t stride_h = s.stride[0], stride_w = s.stride[1];
-  at::Tensor dx = at::empty(s.input_sizes(), split_grad.options().memory_format(format));
-  if ((s.in_h - 1 + s.padding[0]) / stride_h >= a.in_h || (s.in_w - 1 + s.padding[1]) / stride_w >= a.in_w) {
-    dx.zero_();
-  }
-  for (int64_t phase = 0; phase < stride_h * stride_w; ++phase) {
-    const int64_t row = phase / stride_w, column = phase % stride_w;
-    const PhaseSpan rows = phase_span(s.in_h, s.padding[0], stride_h, row, a.in_h);
-    const PhaseSpan columns = phase_span(s.in_w, s.padding[1], stride_w, column, a.in_w);
-    if (rows.first == rows.end || columns.first == columns.end) continue;
-    const int64_t h = rows.first * stride_h + row - s.padding[0], w = columns.first * stride_w + column - s.padding[1];
-    dx.slice(2, h, h + (rows.end - rows.first - 1) * stride_h + 1, stride_h)
-        .slice(3, w, w + (columns.end - columns.first - 1) * stride_w + 1, stride_w)
-        .copy_(split_grad.slice(1, phase * s.in_channels, (phase + 1) * s.in_channels)
-                   .slice(2, rows.first, rows.end)
-                   .slice(3, columns.first, columns.end));
-  }
-  return dx;
-}
-
 }  // namespace
 
 at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const ConvShape& s,
@@ -910,9 +906,8 @@ at::Tensor amx_input_grad(const at::Tensor& grad_output, const at::Tensor& weigh
     live[index] = real[(taps - 1 - tap) * output_blocks + block];
   }
   const WeightPhases phases{s.stride[0], s.stride[1], s.in_channels, /*outputs=*/true};
-  const at::Tensor split_grad = forward_tiles(grad_output, weight.transpose(0, 1), phases, /*flip=*/true,
-                                              at::Tensor(), t, format, live.data());
-  return merge_input_grad(split_grad, s, format);
+  return forward_tiles(grad_output, weight.transpose(0, 1), phases, /*flip=*/true, at::Tensor(), t, format,
+                       live.data(), &s);
 }
 
 at::Tensor amx_weight_grad(const at::Tensor& grad_output, const at::Tensor& input, const ConvShape& s) {
