@@ -486,17 +486,45 @@ __attribute__((target("avx512f,avx512bw"))) void transpose_block(const at::BFloa
   }
 }
 
-// dst[j][c][e] = planes[c][2 * j + e] for 16 pixel pairs j and 32 channels c (planes[c] at
-// c * plane_stride): each plane's pixel pairs as 32-bit lanes, those lanes transposed.
-__attribute__((target("avx512f,avx512bw"))) void pair_block(const at::BFloat16* planes, int64_t plane_stride,
-                                                            at::BFloat16* dst) {
-  __m512i half[2][16];  // [channels 0-15 or 16-31][channel]: lane j holds pixels 2j, 2j + 1
-  for (int c = 0; c < 32; ++c) half[c / 16][c % 16] = _mm512_loadu_si512(planes + c * plane_stride);
-  transpose_lanes(half[0]);
-  transpose_lanes(half[1]);
-  for (int j = 0; j < 16; ++j) {
-    _mm512_storeu_si512(dst + j * 2 * kAmxChannels, half[0][j]);
-    _mm512_storeu_si512(dst + j * 2 * kAmxChannels + 32, half[1][j]);
+// even[j][c][e] = planes[c][2 * j + e] and odd[j][c][e] = planes[c][2 * j + 1 + e], the pixel
+// pairs of `plane` pixels (a multiple of 32, zero past them) for 32 channels c (planes[c] at
+// c * plane_stride; those past `channels` zero): 32 pixels at a time, each plane's pixel pairs as
+// 32-bit lanes transposed into even pairs, and odd pair j made of even pairs j and j + 1 (the high
+// half of one lane and the low half of the next).
+// The odd pairs between two rows of even pairs: (pixel 2j + 1, pixel 2j + 2) in each 32-bit lane,
+// the high half of first's lane and the low half of next's.
+alignas(64) constexpr int16_t kOddPairs[32] = {1,  32, 3,  34, 5,  36, 7,  38, 9,  40, 11, 42, 13, 44, 15, 46,
+                                               17, 48, 19, 50, 21, 52, 23, 54, 25, 56, 27, 58, 29, 60, 31, 62};
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512i odd_pair(__m512i first, __m512i next) {
+  return _mm512_permutex2var_epi16(first, _mm512_load_si512(kOddPairs), next);
+}
+
+__attribute__((target("avx512f,avx512bw"))) void pair_planes(const at::BFloat16* planes, int64_t plane_stride,
+                                                             int64_t plane, int64_t channels, at::BFloat16* even,
+                                                             at::BFloat16* odd) {
+  constexpr int64_t row = 2 * kAmxChannels;  // elements of a pair row: 32 channels x 2 pixels
+  const int halves = channels > 16 ? 2 : 1;   // (a half of zero channels is not transposed)
+  __m512i last[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};  // the previous block's even pair 15
+  for (int64_t p0 = 0; p0 < plane; p0 += kAmxPixels) {
+    __m512i half[2][16];  // [channels 0-15 or 16-31][pixel pair j]: lane c holds pixels 2j, 2j + 1
+    for (int h = 0; h < 2; ++h) {
+      for (int c = 0; c < 16; ++c) {
+        half[h][c] = h < halves ? _mm512_loadu_si512(planes + (16 * h + c) * plane_stride + p0) : _mm512_setzero_si512();
+      }
+      if (h < halves) transpose_lanes(half[h]);
+    }
+    const int64_t pair0 = p0 / 2;
+    for (int h = 0; h < 2; ++h) {
+      if (p0 > 0) _mm512_storeu_si512(odd + (pair0 - 1) * row + 32 * h, odd_pair(last[h], half[h][0]));
+      for (int j = 0; j < 16; ++j) {
+        _mm512_storeu_si512(even + (pair0 + j) * row + 32 * h, half[h][j]);
+        if (j < 15) _mm512_storeu_si512(odd + (pair0 + j) * row + 32 * h, odd_pair(half[h][j], half[h][j + 1]));
+      }
+      last[h] = half[h][15];
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    _mm512_storeu_si512(odd + (plane / 2 - 1) * row + 32 * h, odd_pair(last[h], _mm512_setzero_si512()));
   }
 }
 
@@ -568,11 +596,10 @@ bool pair_input(const at::Tensor& input, const ConvShape& layer, const AmxGeomet
     });
     return any_non_finite;
   }
-  // NCHW: a block's 32 channels padded into planes first (one past the end for the odd pairs),
-  // then 32 pixels at a time transposed into pairs.
+  // NCHW: a block's 32 channels padded into planes first, then 32 pixels at a time transposed into pairs.
   const at::Tensor contiguous = input.contiguous();
   const at::BFloat16* x = contiguous.const_data_ptr<at::BFloat16>();
-  const int64_t stride = plane + kAmxPixels;
+  const int64_t stride = plane;
   at::parallel_for(0, layer.batch * channel_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<at::BFloat16> planes(kAmxChannels * stride);
     std::vector<at::BFloat16> row(stride_w > 1 ? layer.in_w : 0);  // a strided row's phase, gathered
@@ -583,8 +610,9 @@ bool pair_input(const at::Tensor& input, const ConvShape& layer, const AmxGeomet
       const int64_t a = phase / stride_w, b = phase % stride_w;
       const PhaseSpan rows = phase_span(layer.in_h, layer.padding[0], stride_h, a, g.padded_h);
       const PhaseSpan columns = phase_span(layer.in_w, layer.padding[1], stride_w, b, g.padded_w);
-      std::fill(planes.begin(), planes.end(), at::BFloat16(0.0f));
-      for (int64_t c = c0; c < std::min(c0 + kAmxChannels, channels); ++c) {
+      const int64_t block_channels = std::min(kAmxChannels, channels - c0);
+      std::fill(planes.begin(), planes.begin() + block_channels * stride, at::BFloat16(0.0f));
+      for (int64_t c = c0; c < c0 + block_channels; ++c) {
         const at::BFloat16* src = x + (n * channels + c) * layer.in_h * layer.in_w;
         at::BFloat16* dst = planes.data() + (c - c0) * stride + columns.first;
         const int64_t w = columns.first * stride_w + b - layer.padding[1], count = columns.end - columns.first;
@@ -597,12 +625,8 @@ bool pair_input(const at::Tensor& input, const ConvShape& layer, const AmxGeomet
           non_finite |= copy_checked(src_row, count, dst + i * g.padded_w);
         }
       }
-      for (int64_t parity = 0; parity < 2; ++parity) {
-        at::BFloat16* dst = paired[parity] + index * plane_pairs * kAmxChannels * 2;
-        for (int64_t p0 = 0; p0 < plane; p0 += kAmxPixels) {
-          pair_block(planes.data() + p0 + parity, stride, dst + p0 / 2 * kAmxChannels * 2);
-        }
-      }
+      const int64_t offset = index * plane_pairs * kAmxChannels * 2;
+      pair_planes(planes.data(), stride, plane, block_channels, paired[0] + offset, paired[1] + offset);
     }
     if (non_finite) any_non_finite = true;
   });
