@@ -392,13 +392,12 @@ bool runs_amx(const ConvShape& s, at::ScalarType dtype) {
     return false;
   }
   const ConvShape a = amx_shape(s);
-  const AmxGeometry g = amx_forward_geometry(a);
-  // Channels are padded to 32 both ways (16 in tap pairs): under 1/8 of the tiles' products real
-  // (3 -> 16 3x3 in tap pairs: 7 %; 1 -> 6: 0.6 %), the blocked engine is faster (3 -> 16 3x3 @32:
-  // 0.93x F.conv2d against AMX's 0.50x; 1 -> 6 5x5 @28: 0.37x against 0.17x). 6 -> 16 5x5 in tap
-  // pairs (16 %) runs AMX: 0.49x against 0.40x. Phantom taps count as padding.
-  const bool fills_tiles = 8 * product({s.in_channels, s.out_channels, s.kernel_h, s.kernel_w}) >=
-                           product({g.channels, g.outputs, a.kernel_h, g.tap_columns()});
+  const AmxGeometry g = amx_geometry(a);
+  // Channels are padded to 32 both ways: under 1/16 of the tiles' products real (3 -> 16, 1 -> 6:
+  // 5 %, 0.6 %), the blocked engine is faster (1 -> 6 5x5 @28: 0.37x F.conv2d against AMX's 0.17x;
+  // 6 -> 16: 9 %, AMX 0.49x against 0.40x). Phantom taps count as padding.
+  const bool fills_tiles = 16 * product({s.in_channels, s.out_channels, s.kernel_h, s.kernel_w}) >=
+                           product({g.channels, g.outputs, a.kernel_h, a.kernel_w});
   // (The weight's element offsets are 32-bit gather indices: cpu/amx.cpp, gather_row.)
   return fills_tiles && product({a.batch + 1, g.image_pixels, g.channels}) < kMaxAmxBuffer &&
          product({a.out_channels, a.in_channels, a.kernel_h, a.kernel_w}) < (int64_t(1) << 31) &&
@@ -458,7 +457,7 @@ bool runs_amx_input_grad(const ConvShape& s, at::ScalarType dtype) {
 bool runs_amx_weight_grad(const ConvShape& s, at::ScalarType dtype) {
   if (!runs_amx(s, dtype)) return false;
   const ConvShape a = amx_shape(s);
-  const AmxGeometry g = amx_geometry(a);  // (the weight gradient takes 32 channels a block)
+  const AmxGeometry g = amx_geometry(a);
   return product({2, a.batch, g.channels, amx_grad_plane(a, g)}) < kMaxAmxBuffer &&
          product({a.batch, g.blocks, kAmxPixels, g.outputs}) < kMaxAmxBuffer;
 }
@@ -493,7 +492,18 @@ DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype
         plan.kernel = DirectKernel::Amx;
         return plan;
       }
-      return plan_input_grad_engines(s, dtype, threads);
+      if (!input_grad_phases_apply(s)) return plan;  // the scatter loop
+      plan.phases = input_grad_phases(s);
+      if (runs_depthwise(s, dtype)) {
+        plan.kernel = DirectKernel::Depthwise;
+        for (const Phase& ph : plan.phases) plan.runs.push_back(input_grad_run(s, ph, dtype, threads));
+      } else if (runs_blocked(dtype, s.in_per_group())) {
+        plan.kernel = DirectKernel::Blocked;
+        for (const Phase& ph : plan.phases) plan.runs.push_back(input_grad_run(s, ph, dtype, threads));
+      } else if (s.stride[0] > 1 || s.stride[1] > 1) {
+        plan.kernel = DirectKernel::LoopPhases;
+      }
+      return plan;
     case DirectPass::WeightGrad:
       // Where the row engine runs (few output channels, wide kernel rows), it is faster than
       // AMX's padded tiles (1 -> 6 5x5 @28: 1.9x F.conv2d against 0.09x).
@@ -502,23 +512,6 @@ DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype
         return plan;
       }
       return plan_weight_grad_engines(s, dtype, threads);
-  }
-  return plan;
-}
-
-DirectPlan plan_input_grad_engines(const ConvShape& s, at::ScalarType dtype, int64_t threads) {
-  threads = std::max<int64_t>(1, threads);
-  DirectPlan plan;
-  if (!input_grad_phases_apply(s)) return plan;  // the scatter loop
-  plan.phases = input_grad_phases(s);
-  if (runs_depthwise(s, dtype)) {
-    plan.kernel = DirectKernel::Depthwise;
-    for (const Phase& ph : plan.phases) plan.runs.push_back(input_grad_run(s, ph, dtype, threads));
-  } else if (runs_blocked(dtype, s.in_per_group())) {
-    plan.kernel = DirectKernel::Blocked;
-    for (const Phase& ph : plan.phases) plan.runs.push_back(input_grad_run(s, ph, dtype, threads));
-  } else if (s.stride[0] > 1 || s.stride[1] > 1) {
-    plan.kernel = DirectKernel::LoopPhases;
   }
   return plan;
 }

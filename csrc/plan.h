@@ -313,39 +313,22 @@ bool runs_amx_input_grad(const ConvShape& s, at::ScalarType dtype);
 // reducing 32 input channels (a 64-byte tile row) a step; the pixels run over the padded width
 // (the "wide grid", cpu/amx.cpp), those past out_w computed and dropped.
 constexpr int64_t kAmxPixels = 32, kAmxOutputs = 32, kAmxChannels = 32;
-// Layers of at most 16 input channels (after any phase split) run the forward's tiles in tap
-// pairs: each 64-byte row holds two adjacent taps of a kernel row, 16 channels each, where 32
-// channels a tap would be at least half padding (16 -> 16 3x3: half the products). A row of an odd
-// number of taps ends in a phantom (a zero weight), which reads the pixel after the kernel's: such
-// a call checks its input for an Inf or a NaN (0 * Inf), and declines where it finds one.
-inline bool amx_tap_pairs(const ConvShape& s) {
-  return s.in_channels <= kAmxChannels / 2 && s.dilation[1] == 1 && s.kernel_w >= 2;
-}
 struct AmxGeometry {
-  int64_t channels, outputs;  // padded to kAmxChannels (16 in tap pairs) and kAmxOutputs
-  bool tap_pairs;
-  int64_t tap_steps;          // K steps along a kernel row: k_w, or ceil(k_w / 2) in tap pairs
-  int64_t padded_h, padded_w, image_pixels;  // (padded_w even in tap pairs: rows on whole lines)
+  int64_t channels, outputs;  // padded to kAmxChannels and kAmxOutputs
+  int64_t padded_h, padded_w, image_pixels;
   int64_t grid, blocks;       // wide-grid pixels per image (out_h * padded_w), and their blocks
-  // The kernel row's taps the tiles multiply, phantoms included.
-  int64_t tap_columns() const { return tap_pairs ? 2 * tap_steps : tap_steps; }
 };
-inline AmxGeometry amx_geometry(const ConvShape& s, bool tap_pairs = false) {
+inline AmxGeometry amx_geometry(const ConvShape& s) {
   AmxGeometry g;
-  g.tap_pairs = tap_pairs;
-  g.channels = tap_pairs ? kAmxChannels / 2 : ceil_div(s.in_channels, kAmxChannels) * kAmxChannels;
+  g.channels = ceil_div(s.in_channels, kAmxChannels) * kAmxChannels;
   g.outputs = ceil_div(s.out_channels, kAmxOutputs) * kAmxOutputs;
-  g.tap_steps = tap_pairs ? ceil_div(s.kernel_w, 2) : s.kernel_w;
   g.padded_h = s.in_h + 2 * s.padding[0];
   g.padded_w = s.in_w + 2 * s.padding[1];
-  if (tap_pairs) g.padded_w += g.padded_w % 2;
   g.image_pixels = product({g.padded_h, g.padded_w});
   g.grid = product({s.out_h, g.padded_w});
   g.blocks = ceil_div(g.grid, kAmxPixels);
   return g;
 }
-// The forward's geometry (the input gradient's: of its transposed correlation).
-inline AmxGeometry amx_forward_geometry(const ConvShape& s) { return amx_geometry(s, amx_tap_pairs(s)); }
 
 // The AMX weight gradient (cpu/amx.cpp) reads x as padded planes of this many pixels: a block of
 // 32 wide-grid pixels shifted by the last tap runs up to 31 + (k_w - 1) * dil_w pixels past the
@@ -388,11 +371,9 @@ inline AmxGradUnits amx_grad_units(const ConvShape& s, int64_t threads) {
 bool runs_amx_weight_grad(const ConvShape& s, at::ScalarType dtype);
 
 DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype, int64_t threads);
-// The forward's and the input gradient's plans on the AVX-512 engines or the plain loops: what
-// plan_direct gives where AMX does not run, and what runs where AMX declines (non-finite values
-// its phantom taps would meet).
+// The forward's plan on the AVX-512 engines or the plain loops: what plan_direct gives where AMX
+// does not run, and what runs where AMX's strided forward declines (non-finite input).
 DirectPlan plan_forward_engines(const ConvShape& s, at::ScalarType dtype, int64_t threads);
-DirectPlan plan_input_grad_engines(const ConvShape& s, at::ScalarType dtype, int64_t threads);
 // The weight gradient's plan on the AVX-512 engines or the plain loops: what plan_direct gives
 // where AMX does not run, and what runs where AMX's weight gradient declines (non-finite input).
 DirectPlan plan_weight_grad_engines(const ConvShape& s, at::ScalarType dtype, int64_t threads);

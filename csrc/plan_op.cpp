@@ -223,9 +223,8 @@ void count_amx(const ConvShape& s, DirectPass pass, int64_t threads, Counts& c) 
     return;
   }
   const ConvShape t = pass == DirectPass::InputGrad ? transposed_correlation(a) : a;
-  const AmxGeometry g = amx_forward_geometry(t);
-  c.mac_amx = double(t.batch) * g.blocks * kAmxPixels * g.outputs * g.channels * t.kernel_h * g.tap_columns() *
-              real_share;
+  const AmxGeometry g = amx_geometry(t);
+  c.mac_amx = double(t.batch) * g.blocks * kAmxPixels * g.outputs * g.channels * t.kernel_h * t.kernel_w * real_share;
   c.strip = double(t.batch) * g.image_pixels * g.channels + (pass == DirectPass::InputGrad ? split : 0.0);
   c.output = double(t.batch) * t.out_channels * t.out_h * t.out_w;
   c.tasks = t.batch * g.blocks * (g.outputs / kAmxOutputs);

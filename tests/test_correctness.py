@@ -321,9 +321,10 @@ AMX = all(f in open("/proc/cpuinfo").read() for f in ("amx_tile", "amx_bf16", "a
     (3, 12, 9, (9, 11), (3, 3), 1, 1, (1, 1)),       # channels padded to 32, outputs to 32
     (1, 40, 50, (7, 7), (5, 5), 1, 2, (1, 1)),       # a second, partial step and block; a 7x7 map
     (2, 33, 17, (8, 13), (3, 3), 1, 2, (2, 2)),      # dilation; rows of 13 in the padded width's grid
-    (2, 3, 64, (20, 20), (7, 7), 1, 3, (1, 1)),      # an RGB stem (3 channels, in tap pairs)
+    (2, 3, 24, (20, 20), (7, 7), 1, 3, (1, 1)),      # an RGB stem
     (2, 16, 8, (6, 6), (1, 1), 1, 0, (1, 1)),        # 1x1, no padding
     (1, 8, 40, (1, 37), (1, 3), 1, (0, 1), (1, 1)),  # one row: blocks of 32 pixels cross the row's end
+    (1, 32, 40, (3, 70), (3, 3), 1, 1, (1, 1)),      # rows of 48 or more: NCHW stored from a transpose
     # Strided, split into the input's phases:
     (2, 64, 64, (14, 14), (3, 3), 2, 1, (1, 1)),     # 2 x 2 phases of whole blocks: phantom taps skipped
     (2, 32, 40, (15, 13), (3, 3), 2, 1, (1, 1)),     # odd sizes: phases of unequal extent
@@ -338,8 +339,8 @@ def test_amx_forward(device, layout, batch, in_channels, out_channels, size, ker
     the weight gradient as a GEMM over pixel pairs: padded channels and outputs, the wide grid's
     dropped pixels, dilation, strided layers over their input's phases, both layouts, a bias;
     forward and both gradients against F.conv2d in float64, and the plan runs AMX for all three
-    (the weight gradient where the row engine does not take it; the input gradient where its padded
-    outputs are not mostly padding and, strided, where no block of 32 channels mixes phases)."""
+    (the weight gradient where the row engine does not take it; a strided input gradient where no
+    block of 32 channels mixes phases)."""
     stride = (stride, stride) if isinstance(stride, int) else stride
     case = Case(batch=batch, in_channels=in_channels, out_channels=out_channels, size=size, kernel=kernel,
                 stride=stride, padding=padding, dilation=dilation, groups=1, bias=True, unbatched=False,
@@ -350,52 +351,47 @@ def test_amx_forward(device, layout, batch, in_channels, out_channels, size, ker
     forward, input_grad, weight_grad = (passes[name] for name in ("forward", "input_grad", "weight_grad"))
     # The weight gradient: AMX, or where it takes the layer (few output channels) the row engine.
     row_engine = weight_grad["blocked"] and weight_grad["chunks"] == 0 and weight_grad["mac_amx"] == 0
-    # The input gradient's outputs are the layer's input channels, padded to 32: AMX declines where
-    # under 1/8 are real (the RGB stem), or where a strided layer's blocks of 32 mix phases.
     mixed_phases = stride != (1, 1) and in_channels % 32 != 0
     if AMX:
         assert forward["mac_amx"] > 0 and (weight_grad["mac_amx"] > 0 or row_engine)
-        assert (input_grad["mac_amx"] > 0) == (not mixed_phases and in_channels >= 4)
+        assert (input_grad["mac_amx"] > 0) == (not mixed_phases)
     else:
         assert forward["mac_amx"] == input_grad["mac_amx"] == weight_grad["mac_amx"] == 0
 
 
-@pytest.mark.parametrize("stride, in_channels, out_channels", [(2, 3, 8), (2, 32, 8), (1, 16, 16)])
-def test_amx_phantom_taps_are_exact_beside_non_finite_values(stride, in_channels, out_channels):
-    """AMX multiplies some pixels by phantom taps' zero weights: a strided layer's split input where
-    a block of 32 channels mixes phases (3 channels, four phases), and tap pairs (16 channels or
-    fewer) where a kernel row has an odd number of taps. An Inf there would make NaNs F.conv2d does
-    not; such inputs take the other engines: the same non-finite outputs as float64 F.conv2d, and the
-    same values elsewhere. With whole blocks of one phase the phantom taps are skipped, on AMX, but
-    not in tap pairs (dx of 32 -> 8 /2: its correlation has 8 input channels), which check dy."""
+def test_amx_strided_is_exact_beside_non_finite_values():
+    """A strided layer on AMX multiplies its split input by phantom taps' zero weights; where a block
+    of 32 channels mixes phases (3 channels, four phases) those products cannot be skipped, and an
+    Inf would make NaNs F.conv2d does not. Such inputs take the other engines: the same non-finite
+    outputs as float64 F.conv2d, and the same values elsewhere. With whole blocks of one phase the
+    phantom taps are skipped, on AMX, in the forward and in the input gradient (an Inf in dy)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, in_channels, 21, 20, generator=g).to(torch.bfloat16)
-    w = torch.randn(out_channels, in_channels, 7, 7, generator=g).to(torch.bfloat16)
-    x[1, 2, 10, 9] = float("inf")
-    got = channelconv.conv2d(x, w, stride=stride, padding=3, algorithm="direct")
-    want = torch.nn.functional.conv2d(x.double(), w.double(), stride=stride, padding=3)
-    assert torch.equal(got.isfinite(), want.isfinite()) and not want.isfinite().all()
-    finite = want.isfinite()
-    assert_close(got[finite], want[finite], torch.bfloat16, "output")
-    passes = channelconv.cost(x.shape, w.shape, stride, 3, dtype=torch.bfloat16).plans["direct"].passes
-    assert (passes["forward"]["mac_amx"] > 0) == AMX
-    if in_channels < 4:  # (its input gradient is not on AMX: plan.h)
-        return
+    for in_channels in (3, 32):
+        x = torch.randn(2, in_channels, 21, 20, generator=g).to(torch.bfloat16)
+        w = torch.randn(8, in_channels, 7, 7, generator=g).to(torch.bfloat16)
+        x[1, 2, 10, 9] = float("inf")
+        got = channelconv.conv2d(x, w, stride=2, padding=3, algorithm="direct")
+        want = torch.nn.functional.conv2d(x.double(), w.double(), stride=2, padding=3)
+        assert torch.equal(got.isfinite(), want.isfinite()) and not want.isfinite().all()
+        finite = want.isfinite()
+        assert_close(got[finite], want[finite], torch.bfloat16, "output")
+        passes = channelconv.cost(x.shape, w.shape, 2, 3, dtype=torch.bfloat16).plans["direct"].passes
+        assert (passes["forward"]["mac_amx"] > 0) == AMX
+    # The input gradient (blocks of one phase only): an Inf in dy meets no phantom tap.
     assert (passes["input_grad"]["mac_amx"] > 0) == AMX
-    dy = torch.randn(got.shape, generator=g).to(torch.bfloat16)
+    dy = torch.randn(2, 8, 11, 10, generator=g).to(torch.bfloat16)
     dy[1, 3, 5, 4] = float("inf")
-    got = torch.ops.channelconv.direct_backward_input(dy, w, list(x.shape), [stride] * 2, [3, 3], [1, 1], 1)
+    got = torch.ops.channelconv.direct_backward_input(dy, w, list(x.shape), [2, 2], [3, 3], [1, 1], 1)
     x64 = torch.zeros(x.shape, dtype=torch.float64, requires_grad=True)
-    y64 = torch.nn.functional.conv2d(x64, w.double(), stride=stride, padding=3)
-    want = torch.autograd.grad(y64, x64, dy.double())[0]
+    want = torch.autograd.grad(torch.nn.functional.conv2d(x64, w.double(), stride=2, padding=3), x64, dy.double())[0]
     assert torch.equal(got.isfinite(), want.isfinite()) and not want.isfinite().all()
     finite = want.isfinite()
     assert_close(got[finite], want[finite], torch.bfloat16, "input")
 
 
 def test_amx_declines_tiles_mostly_padding():
-    """Channels pad to 32 both ways on AMX tiles (16 in tap pairs): where under 1/8 of the products
-    are real (1 -> 6, 3 -> 16) the blocked engine runs; 6 -> 16 (16 % in tap pairs) takes AMX."""
+    """Channels pad to 32 both ways on AMX tiles: where under 1/16 of the products are real (1 -> 6,
+    3 -> 16) the blocked engine runs; 6 -> 16 (9 %) takes AMX."""
     def amx(in_channels, out_channels):
         return channelconv.cost((2, in_channels, 10, 10), (out_channels, in_channels, 5, 5), 1, 2,
                                 dtype=torch.bfloat16).plans["direct"].passes["forward"]["mac_amx"] > 0

@@ -25,7 +25,6 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <vector>
 
 #include "blocked.h"
@@ -67,45 +66,39 @@ __attribute__((target("amx-tile,amx-bf16"))) void configure_tiles() {
 
 struct AmxProblem {
   const at::BFloat16* input;  // padded NHWC image 0; image n at n * image_pixels pixels
-  // In tap pairs (plan.h, amx_tap_pairs): the padded input one pixel on, so that the odd pixels'
-  // rows lie on whole lines too; null otherwise.
-  const at::BFloat16* input_odd;
-  const at::BFloat16* packed;  // [tap step][input chunk][output tile][16 pairs][16][2]
-  const uint8_t* live;         // [tap step][output block][input chunk]: 0 where every product is a phantom tap's; or null
-  int64_t channels;            // padded input channels (a multiple of 32; 16 in tap pairs)
+  const at::BFloat16* packed;  // [tap][input chunk][output tile][16 pairs][16][2]
+  const uint8_t* live;         // [tap][output block][input chunk]: 0 where every product is a phantom tap's; or null
+  int64_t channels;            // padded input channels (a multiple of 32)
   int64_t chunks, output_tiles;
   int64_t padded_w, image_pixels;
-  int64_t taps_h, tap_steps, dilation_h, step_w;  // step_w: pixels from a K step to the next along a row
+  int64_t taps_h, taps_w, dilation_h, dilation_w;
 };
 
 // 32 wide-grid pixels [q0, q0 + 32) x 32 output channels from output tile `tile0`, of image n,
-// into `sums` (32 x 32 float32, row = pixel: q0 + row, or in tap pairs q0 + 2 * (row % 16) + row / 16,
-// the first A tile holding the even pixels and the second the odd).
+// into `sums` (32 x 32 float32, row = pixel).
 __attribute__((target("amx-tile,amx-bf16"))) void tile_block(const AmxProblem& p, int64_t n, int64_t q0,
                                                              int64_t tile0, float* sums) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  // A tile rows: consecutive pixels, or in tap pairs every other pixel (a row: two pixels' channels)
-  const int64_t a_stride = p.channels * int64_t(sizeof(at::BFloat16)) * (p.input_odd ? 2 : 1);
+  const int64_t pixel_bytes = p.channels * int64_t(sizeof(at::BFloat16));
   const int64_t b_tile = kTileChannels * kTileOutputs;  // bfloat16 elements of one B tile
   for (int64_t r = 0; r < p.taps_h; ++r) {
-    for (int64_t t = 0; t < p.tap_steps; ++t) {
-      const int64_t first = (n * p.image_pixels + q0 + r * p.dilation_h * p.padded_w + t * p.step_w) * p.channels;
-      const at::BFloat16* a = p.input + first;
-      const at::BFloat16* a_second = p.input_odd ? p.input_odd + first : a + kTilePixels * p.channels;
-      const at::BFloat16* b = p.packed + ((r * p.tap_steps + t) * p.chunks * p.output_tiles + tile0) * b_tile;
-      const uint8_t* live = p.live ? p.live + ((r * p.tap_steps + t) * p.output_tiles + tile0) / 2 * p.chunks : nullptr;
+    for (int64_t t = 0; t < p.taps_w; ++t) {
+      const at::BFloat16* a = p.input + (n * p.image_pixels + q0 + r * p.dilation_h * p.padded_w + t * p.dilation_w) *
+                                            p.channels;
+      const at::BFloat16* b = p.packed + ((r * p.taps_w + t) * p.chunks * p.output_tiles + tile0) * b_tile;
+      const uint8_t* live = p.live ? p.live + ((r * p.taps_w + t) * p.output_tiles + tile0) / 2 * p.chunks : nullptr;
       for (int64_t chunk = 0; chunk < p.chunks; ++chunk) {
         if (live && !live[chunk]) continue;
         // (oneDNN's order: the second A tile loads while the first product runs)
         const at::BFloat16* b_chunk = b + chunk * p.output_tiles * b_tile;
-        _tile_loadd(4, a + chunk * kTileChannels, a_stride);
+        _tile_loadd(4, a + chunk * kTileChannels, pixel_bytes);
         _tile_loadd(6, b_chunk, 64);
         _tile_loadd(7, b_chunk + b_tile, 64);
         _tile_dpbf16ps(0, 4, 6);
-        _tile_loadd(5, a_second + chunk * kTileChannels, a_stride);
+        _tile_loadd(5, a + kTilePixels * p.channels + chunk * kTileChannels, pixel_bytes);
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
@@ -128,7 +121,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void release_tiles() { _tile_releas
 // ran 2.5x slower from a vector's 16-byte aligned storage).
 at::BFloat16* amx_buffer(int which, int64_t numel) {
   constexpr int64_t kLine = 64 / sizeof(at::BFloat16);
-  thread_local std::vector<at::BFloat16> buffers[3];
+  thread_local std::vector<at::BFloat16> buffers[2];
   if (static_cast<int64_t>(buffers[which].size()) < numel + kLine) buffers[which].resize(numel + kLine);
   const auto address = reinterpret_cast<uintptr_t>(buffers[which].data());
   return buffers[which].data() + (-address % 64) / sizeof(at::BFloat16);
@@ -152,6 +145,13 @@ __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void store_outpu
     const __m512 sum = _mm512_add_ps(_mm512_loadu_ps(row + k), _mm512_loadu_ps(bias + k));
     _mm256_mask_storeu_epi16(out + k, __mmask16(first_lanes(count - k)), (__m256i)_mm512_cvtneps_pbh(sum));
   }
+}
+
+// dst[j] = src[j] for j < count (at most 32): one masked load and store.
+__attribute__((target("avx512f,avx512bw"))) inline void copy_run(const at::BFloat16* src, int64_t count,
+                                                                at::BFloat16* dst) {
+  const __mmask32 lanes = first_lanes(count);
+  _mm512_mask_storeu_epi16(dst, lanes, _mm512_maskz_loadu_epi16(lanes, src));
 }
 
 // The bfloat16 lanes of v that hold an Inf or a NaN (every exponent bit set).
@@ -281,18 +281,13 @@ struct WeightPhases {
   bool outputs = false;  // the split side: the correlation's outputs, or its input channels
 };
 
-// One B tile: 16 outputs (rows of `channels` elements at first[j], -1: zeros) x 32 channels; in
-// tap pairs (`second` not null) 16 channels from first[j] and 16 from second[j] (the next tap).
+// One B tile: 16 outputs (rows of `channels` elements at first[j], -1: zeros) x 32 channels.
 __attribute__((target("avx512f,avx512bw"))) void pack_block(const at::BFloat16* w, const int64_t* first,
-                                                            const int64_t* second, int64_t channel_stride,
-                                                            int64_t channels, at::BFloat16* dst) {
+                                                            int64_t channel_stride, int64_t channels,
+                                                            at::BFloat16* dst) {
   __m512i rows[16];
   for (int j = 0; j < 16; ++j) {
     rows[j] = first[j] < 0 ? _mm512_setzero_si512() : gather_row(w, first[j], channel_stride, channels);
-    if (second && second[j] >= 0) {
-      const __m512i high = gather_row(w, second[j], channel_stride, channels);
-      rows[j] = _mm512_mask_shuffle_i64x2(rows[j], 0xF0, rows[j], high, 0x44);  // (high: the low half of `high`)
-    }
   }
   transpose_lanes(rows);
   for (int pair = 0; pair < 16; ++pair) _mm512_storeu_si512(dst + pair * 2 * kTileOutputs, rows[pair]);
@@ -308,44 +303,40 @@ __attribute__((target("avx512f,avx512bw"))) void pack_block(const at::BFloat16* 
 void pack_weight(const at::Tensor& weight, const ConvShape& s, const WeightPhases& phases, const AmxGeometry& g,
                  bool flip, at::BFloat16* packed) {
   const at::BFloat16* w = weight.const_data_ptr<at::BFloat16>();
-  const int64_t steps = s.kernel_h * g.tap_steps, chunks = ceil_div(g.channels, kTileChannels);
+  const int64_t taps = s.kernel_h * s.kernel_w, chunks = g.channels / kTileChannels;
   const int64_t tiles = g.outputs / kTileOutputs, b_tile = kTileChannels * kTileOutputs;
   // A task's 16 outputs x 32 channels, every tap: the gathers read the same lines tap after tap.
-  at::parallel_for(0, chunks * tiles * steps, steps, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks * tiles * taps, taps, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) {
-      const int64_t step = index % steps, chunk = index / steps / tiles, tile = index / steps % tiles;
-      const int64_t r = step / g.tap_steps, split_r = flip ? s.kernel_h - 1 - r : r;
-      int64_t first[2][16];  // [tap of the pair][output]: each output's first element, or -1
-      for (int half = 0; half < (g.tap_pairs ? 2 : 1); ++half) {
-        const int64_t column = g.tap_pairs ? 2 * (step % g.tap_steps) + half : step % g.tap_steps;
-        const int64_t split_t = flip ? s.kernel_w - 1 - column : column;
-        // The layer's tap for a phase, or -1 past its kernel (a phantom).
-        auto layer_tap = [&](int64_t phase) -> std::array<int64_t, 2> {
-          const int64_t r = split_r * phases.stride_h + phase / phases.stride_w;
-          const int64_t t = split_t * phases.stride_w + phase % phases.stride_w;
-          const bool inside = column < s.kernel_w && r < weight.size(2) && t < weight.size(3);
-          return inside ? std::array<int64_t, 2>{r, t} : std::array<int64_t, 2>{-1, -1};
-        };
-        int64_t c0 = chunk * kTileChannels;
-        std::array<int64_t, 2> input_tap{0, 0};  // (the split input side's phase, where there is one)
-        if (!phases.outputs) {
-          input_tap = layer_tap(c0 / phases.channels);
-          c0 %= phases.channels;
-        }
+      const int64_t tap = index % taps, chunk = index / taps / tiles, tile = index / taps % tiles;
+      const int64_t split_r = flip ? s.kernel_h - 1 - tap / s.kernel_w : tap / s.kernel_w;
+      const int64_t split_t = flip ? s.kernel_w - 1 - tap % s.kernel_w : tap % s.kernel_w;
+      // The layer's tap for a phase, or -1 past its kernel (a phantom).
+      auto layer_tap = [&](int64_t phase) -> std::array<int64_t, 2> {
+        const int64_t r = split_r * phases.stride_h + phase / phases.stride_w;
+        const int64_t t = split_t * phases.stride_w + phase % phases.stride_w;
+        return r < weight.size(2) && t < weight.size(3) ? std::array<int64_t, 2>{r, t} : std::array<int64_t, 2>{-1, -1};
+      };
+      int64_t c0 = chunk * kTileChannels;
+      std::array<int64_t, 2> input_tap{0, 0};  // (the split input side's phase, where there is one)
+      if (!phases.outputs) {
+        input_tap = layer_tap(c0 / phases.channels);
+        c0 %= phases.channels;
+      }
+      const int64_t count = std::min(kTileChannels, (phases.outputs ? s.in_channels : phases.channels) - c0);
+      {
+        int64_t first[16];  // each output's first element, or -1 past out_channels and at phantom taps
         for (int64_t j = 0; j < 16; ++j) {
           int64_t k = tile * kTileOutputs + j;
           const std::array<int64_t, 2> tap_rt = phases.outputs ? layer_tap(k / phases.channels) : input_tap;
           if (phases.outputs) k %= phases.channels;
-          first[half][j] = tile * kTileOutputs + j < s.out_channels && tap_rt[0] >= 0
-                               ? k * weight.stride(0) + c0 * weight.stride(1) + tap_rt[0] * weight.stride(2) +
-                                     tap_rt[1] * weight.stride(3)
-                               : -1;
+          first[j] = tile * kTileOutputs + j < s.out_channels && tap_rt[0] >= 0
+                         ? k * weight.stride(0) + c0 * weight.stride(1) + tap_rt[0] * weight.stride(2) +
+                               tap_rt[1] * weight.stride(3)
+                         : -1;
         }
+        pack_block(w, first, weight.stride(1), count, packed + ((tap * chunks + chunk) * tiles + tile) * b_tile);
       }
-      const int64_t c0 = phases.outputs ? chunk * kTileChannels : chunk * kTileChannels % phases.channels;
-      const int64_t count = std::min(g.channels, (phases.outputs ? s.in_channels : phases.channels) - c0);
-      pack_block(w, first[0], g.tap_pairs ? first[1] : nullptr, weight.stride(1), std::min(count, kTileChannels),
-                 packed + ((step * chunks + chunk) * tiles + tile) * b_tile);
     }
   });
 }
@@ -779,25 +770,15 @@ at::Tensor forward_tiles(const at::Tensor& input, const at::Tensor& weight, cons
                          const ConvShape* split_output = nullptr) {
   TORCH_INTERNAL_ASSERT(input.scalar_type() == at::kBFloat16 && layer.groups == 1);
   const ConvShape s = amx_shape(layer);
-  const AmxGeometry g = amx_forward_geometry(s);
-  // In tap pairs a phantom tap beside a real one (the last of a row of odd length; a strided layer's
-  // past its kernel, which `live` skips only where both taps are phantoms) multiplies real pixels.
-  if (g.tap_pairs && (s.kernel_w % 2 == 1 || live) && has_non_finite(input)) return at::Tensor();
+  const AmxGeometry g = amx_geometry(s);
   const int64_t channels = g.channels, outputs = g.outputs, padded_w = g.padded_w;
-  // Past the last image, the pixels the last block's dropped q read (and the odd pixels' copy's one more).
-  const int64_t slack = kAmxPixels + g.tap_columns() * s.dilation[1] + 1;
+  // Past the last image, the pixels the last block's dropped q read.
+  const int64_t slack = kAmxPixels + (s.kernel_w - 1) * s.dilation[1];
   const int64_t padded_pixels = s.batch * g.image_pixels, padded_numel = (padded_pixels + slack) * channels;
   at::BFloat16* padded = amx_buffer(0, padded_numel);
-  at::BFloat16* packed = amx_buffer(1, s.kernel_h * g.tap_steps * ceil_div(channels, kTileChannels) * kTileChannels *
-                                           outputs);
+  at::BFloat16* packed = amx_buffer(1, s.kernel_h * s.kernel_w * channels * outputs);
   pad_input(input, layer, g, padded);
   std::fill(padded + padded_pixels * channels, padded + padded_numel, at::BFloat16(0.0f));
-  at::BFloat16* padded_odd = nullptr;
-  if (g.tap_pairs) {  // (the copy one pixel on: each A tile row of the odd pixels on a whole line)
-    padded_odd = amx_buffer(2, padded_numel);
-    std::copy(padded + channels, padded + padded_numel, padded_odd);
-    std::fill(padded_odd + padded_numel - channels, padded_odd + padded_numel, at::BFloat16(0.0f));
-  }
   pack_weight(weight, s, phases, g, flip, packed);
   std::vector<float> bias_values(outputs, 0.0f);  // zero past out_channels, and without a bias
   if (bias.defined()) {
@@ -822,14 +803,15 @@ at::Tensor forward_tiles(const at::Tensor& input, const at::Tensor& weight, cons
   if ((y_height - 1 + pad_h) / stride_h >= s.out_h || (y_width - 1 + pad_w) / stride_w >= s.out_w) y.zero_();
   at::BFloat16* y_data = y.mutable_data_ptr<at::BFloat16>();
   const int64_t y_n = y.stride(0), y_c = y.stride(1), y_h = y.stride(2), y_w = y.stride(3);
-  const AmxProblem p{padded, padded_odd, packed, live, channels,
-                     ceil_div(channels, kTileChannels), outputs / kTileOutputs, padded_w, g.image_pixels,
-                     s.kernel_h, g.tap_steps, s.dilation[0], g.tap_pairs ? 2 : s.dilation[1]};
+  const AmxProblem p{padded, packed, live, channels,
+                     channels / kTileChannels, outputs / kTileOutputs, padded_w, g.image_pixels,
+                     s.kernel_h, s.kernel_w, s.dilation[0], s.dilation[1]};
   const int64_t channel_blocks = outputs / kAmxOutputs, blocks = g.blocks, tasks = s.batch * blocks * channel_blocks;
   // Whichever operand is larger is read once: with the weights larger (wide layers on small maps:
   // 4.7 MB at 512 -> 512 3x3), channel blocks outermost, so that a thread streams its blocks' weights
   // once; otherwise innermost, consecutive tasks reusing the same input pixels.
   const bool weights_outer = outputs * s.kernel_h * s.kernel_w > s.batch * g.image_pixels;
+  constexpr int64_t kWideRows = 48;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
     alignas(64) float sums[kAmxPixels * kAmxOutputs];
@@ -845,26 +827,27 @@ at::Tensor forward_tiles(const at::Tensor& input, const at::Tensor& weight, cons
       const int64_t k_count = std::min<int64_t>(kAmxOutputs, s.out_channels - k0);
       const int64_t row0 = phase / stride_w - pad_h, column0 = phase % stride_w - pad_w;
       const float* bias_block = bias_values.data() + k0;
-      // The pixel of the sums' row i: q0 + i, or in tap pairs even pixels first, then odd.
-      auto pixel = [&](int64_t i) { return g.tap_pairs ? 2 * (i % kTilePixels) + i / kTilePixels : i; };
-      if (y_c != 1 && !split_output) {  // NCHW: each output's pixels along its rows, from a transpose
-        for (int64_t i = 0; i < kAmxPixels; ++i) {
-          store_outputs(sums + i * kAmxOutputs, bias_block, kAmxOutputs, by_pixel[pixel(i)]);
-        }
+      if (y_c != 1 && y_w == 1 && !split_output && s.out_w >= kWideRows) {
+        // NCHW, long rows: the block transposed, each output's pixels stored along its rows (64 ->
+        // 64 3x3 @56 forward: 0.88x F.conv2d -> 1.05x). On shorter rows the transpose costs more
+        // than it saves (32 -> 32 @16: 0.98x -> 0.84x; 16 -> 16 @32: 0.63x -> 0.60x); they keep
+        // the stores by element.
+        for (int64_t i = 0; i < kAmxPixels; ++i) store_outputs(sums + i * kAmxOutputs, bias_block, kAmxOutputs, by_pixel[i]);
         transpose_block(by_pixel_rows, 0, kAmxOutputs, by_output[0]);
         for (int64_t i = 0; i < kAmxPixels;) {  // a run of the block's pixels in one output row
           const int64_t q = q0 + i, ho = q / padded_w, wo = q % padded_w;
           if (ho >= s.out_h) break;
           const int64_t run = std::min(kAmxPixels - i, padded_w - wo), valid = std::min(run, s.out_w - wo);
           for (int64_t k = 0; k < k_count && valid > 0; ++k) {
-            std::copy(by_output[k] + i, by_output[k] + i + valid, y_data + n * y_n + (k0 + k) * y_c + ho * y_h + wo);
+            copy_run(by_output[k] + i, valid, y_data + n * y_n + (k0 + k) * y_c + ho * y_h + wo);
           }
           i += run;
         }
         continue;
       }
-      for (int64_t i = 0; i < kAmxPixels; ++i) {
-        const int64_t q = q0 + pixel(i), ho = q / padded_w, wo = q % padded_w;
+      int64_t ho = q0 / padded_w, wo = q0 % padded_w;
+      for (int64_t i = 0; i < kAmxPixels; ++i, ++wo) {
+        if (wo == padded_w) wo = 0, ++ho;
         if (ho >= s.out_h || wo >= s.out_w) continue;  // a dropped pixel of the wide grid
         const int64_t h = ho * stride_h + row0, w = wo * stride_w + column0;
         if (h < 0 || h >= y_height || w < 0 || w >= y_width) continue;  // a phase pixel in the padding
@@ -935,23 +918,6 @@ at::Tensor split_input(const at::Tensor& input, const ConvShape& s) {
   return split.view({s.batch, a.in_h, a.in_w, a.in_channels}).permute({0, 3, 1, 2});
 }
 
-// AmxProblem::live for correlation t from whether each (tap, output block, input chunk) has a real
-// product: a K step of its tiles (a tap, or a pair of taps) is live where one of its taps is.
-std::vector<uint8_t> live_steps(const ConvShape& t, const std::function<bool(int64_t, int64_t, int64_t)>& real) {
-  const AmxGeometry g = amx_forward_geometry(t);
-  const int64_t chunks = ceil_div(g.channels, kAmxChannels), output_blocks = g.outputs / kAmxOutputs;
-  const int64_t steps = t.kernel_h * g.tap_steps, taps_a_step = g.tap_pairs ? 2 : 1;
-  std::vector<uint8_t> live(steps * output_blocks * chunks, 0);  // [step][output block][chunk]
-  for (int64_t index = 0; index < static_cast<int64_t>(live.size()); ++index) {
-    const int64_t step = index / (output_blocks * chunks), block = index / chunks % output_blocks;
-    for (int64_t half = 0; half < taps_a_step; ++half) {
-      const int64_t column = step % g.tap_steps * taps_a_step + half;
-      if (column < t.kernel_w && real(step / g.tap_steps * t.kernel_w + column, block, index % chunks)) live[index] = 1;
-    }
-  }
-  return live;
-}
-
 }  // namespace
 
 at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const ConvShape& s,
@@ -966,9 +932,12 @@ at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const 
     return forward_tiles(input, split_weight(weight, s), {1, 1, a.in_channels}, false, bias, s, format, nullptr);
   }
   const std::vector<uint8_t> real = amx_real_taps(s);
-  const int64_t chunks = ceil_div(a.in_channels, kAmxChannels);
-  const std::vector<uint8_t> live =
-      live_steps(a, [&](int64_t tap, int64_t, int64_t chunk) { return real[tap * chunks + chunk] != 0; });
+  const int64_t taps = a.kernel_h * a.kernel_w, chunks = ceil_div(a.in_channels, kAmxChannels);
+  const int64_t output_blocks = ceil_div(a.out_channels, kAmxOutputs);
+  std::vector<uint8_t> live(taps * output_blocks * chunks);  // [tap][output block][chunk]
+  for (int64_t index = 0; index < static_cast<int64_t>(live.size()); ++index) {
+    live[index] = real[index / (output_blocks * chunks) * chunks + index % chunks];
+  }
   return forward_tiles(input, weight, {s.stride[0], s.stride[1], s.in_channels}, false, bias, s, format, live.data());
 }
 
@@ -982,9 +951,13 @@ at::Tensor amx_input_grad(const at::Tensor& grad_output, const at::Tensor& weigh
   // flipped: a block of 32 outputs is one phase (in_channels % 32 == 0), its phantom taps skipped.
   const ConvShape a = amx_shape(s), t = transposed_correlation(a);
   const std::vector<uint8_t> real = amx_real_taps(s);
-  const int64_t taps = a.kernel_h * a.kernel_w, output_blocks = ceil_div(t.out_channels, kAmxOutputs);
-  const std::vector<uint8_t> live = live_steps(
-      t, [&](int64_t tap, int64_t block, int64_t) { return real[(taps - 1 - tap) * output_blocks + block] != 0; });
+  const int64_t taps = a.kernel_h * a.kernel_w, chunks = ceil_div(t.in_channels, kAmxChannels);
+  const int64_t output_blocks = ceil_div(t.out_channels, kAmxOutputs);
+  std::vector<uint8_t> live(taps * output_blocks * chunks);
+  for (int64_t index = 0; index < static_cast<int64_t>(live.size()); ++index) {
+    const int64_t tap = index / (output_blocks * chunks), block = index / chunks % output_blocks;
+    live[index] = real[(taps - 1 - tap) * output_blocks + block];
+  }
   const WeightPhases phases{s.stride[0], s.stride[1], s.in_channels, /*outputs=*/true};
   return forward_tiles(grad_output, weight.transpose(0, 1), phases, /*flip=*/true, at::Tensor(), t, format,
                        live.data(), &s);

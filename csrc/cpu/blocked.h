@@ -37,11 +37,9 @@ void blocked_correlation(const BlockedRun& run, const Activations& in, const flo
 // On AMX tiles (amx.cpp), the layers runs_amx takes (bfloat16, one group; strided layers split
 // into phases, plan.h amx_shape):
 // - y = bias + the correlation of the input with the weight (any strided view), y in `format` and
-//   bias float32 or undefined; undefined where phantom taps would meet an Inf or a NaN of the
-//   input (a strided layer's blocks of 32 channels that mix phases; tap pairs, plan.h), which the
-//   caller runs elsewhere;
-// - dx of the layers runs_amx_input_grad takes, in `format`; undefined where a phantom tap of tap
-//   pairs (plan.h, amx_tap_pairs) would meet an Inf or a NaN of grad_output, as the forward's;
+//   bias float32 or undefined; undefined where a strided layer's phantom taps would meet an Inf or
+//   a NaN of the input (blocks of 32 channels that mix phases), which the caller runs elsewhere;
+// - dx of the layers runs_amx_input_grad takes, in `format`;
 // - dW, float32 (K, C, k_h, k_w), summed over the batch in a fixed order; undefined where the input
 //   holds an Inf or a NaN (the wide grid's dropped pixels would multiply it by zero).
 at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const ConvShape& s,

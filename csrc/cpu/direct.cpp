@@ -330,13 +330,9 @@ at::Tensor direct_backward_input(const at::Tensor& grad_output, const at::Tensor
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                  int64_t groups) {
   const ConvShape s = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
-  DirectPlan plan = plan_for(s, DirectPass::InputGrad, grad_output);
+  const DirectPlan plan = plan_for(s, DirectPass::InputGrad, grad_output);
   const at::MemoryFormat format = result_format(grad_output, weight);
-  if (plan.kernel == DirectKernel::Amx) {
-    const at::Tensor dx = amx_input_grad(grad_output, weight, s, format);
-    if (dx.defined()) return dx;
-    plan = plan_input_grad_engines(s, grad_output.scalar_type(), at::get_num_threads());
-  }
+  if (plan.kernel == DirectKernel::Amx) return amx_input_grad(grad_output, weight, s, format);
   if (plan.kernel == DirectKernel::Blocked || plan.kernel == DirectKernel::Depthwise) {
     at::Tensor dx = at::empty(s.input_sizes(), grad_output.options().memory_format(format));
     if (!input_grad_phases_cover(s, plan.phases)) dx.zero_();  // phases no tap reaches stay zero
