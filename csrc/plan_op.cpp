@@ -204,14 +204,16 @@ void count_loops(const ConvShape& s, DirectPass pass, const DirectPlan& plan, Co
 }
 
 // Padded channels and dropped pixels included, phantom taps (a strided layer's, plan.h amx_shape)
-// where the kernels skip them not. The copies: the forward's zero-padded NHWC input; the weight
-// gradient's x in pixel pairs (twice, one for each parity) and dy in blocks; a strided layer's
-// split input (weight gradient) or its split input gradient, placed into dx.
+// where the kernels skip them not. The copies: the forward's zero-padded NHWC input and its packed
+// weight (every call; 4.7 MB for 512 -> 512 3x3, more than the products on small maps); the weight
+// gradient's x in pixel pairs (twice, one for each parity) and dy in blocks, and a strided layer's
+// split input where blocks of 32 channels mix phases.
 void count_amx(const ConvShape& s, DirectPass pass, int64_t threads, Counts& c) {
   const ConvShape a = amx_shape(s);
   const std::vector<uint8_t> real = amx_real_taps(s);
   const double real_share = double(std::count(real.begin(), real.end(), 1)) / double(real.size());
-  const double split = a.stride == s.stride ? 0.0 : double(a.batch) * a.in_channels * a.in_h * a.in_w;
+  const bool mixed_phases = a.stride != s.stride && s.in_channels % kAmxChannels != 0;
+  const double split = mixed_phases ? double(a.batch) * a.in_channels * a.in_h * a.in_w : 0.0;
   if (pass == DirectPass::WeightGrad) {
     const AmxGeometry g = amx_geometry(a);
     const AmxGradUnits units = amx_grad_units(a, threads);
@@ -225,7 +227,7 @@ void count_amx(const ConvShape& s, DirectPass pass, int64_t threads, Counts& c) 
   const ConvShape t = pass == DirectPass::InputGrad ? transposed_correlation(a) : a;
   const AmxGeometry g = amx_geometry(t);
   c.mac_amx = double(t.batch) * g.blocks * kAmxPixels * g.outputs * g.channels * t.kernel_h * t.kernel_w * real_share;
-  c.strip = double(t.batch) * g.image_pixels * g.channels + (pass == DirectPass::InputGrad ? split : 0.0);
+  c.strip = double(t.batch) * g.image_pixels * g.channels + double(t.kernel_h) * t.kernel_w * g.channels * g.outputs;
   c.output = double(t.batch) * t.out_channels * t.out_h * t.out_w;
   c.tasks = t.batch * g.blocks * (g.outputs / kAmxOutputs);
 }
