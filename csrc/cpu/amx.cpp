@@ -192,29 +192,22 @@ PhaseSpan phase_span(int64_t in, int64_t pad, int64_t stride, int64_t phase, int
 
 // padded[n][i][j][p * C + c] = input[n, c, i * stride_h + a - pad_h, j * stride_w + b - pad_w] for
 // the phases p = a * stride_w + b (one at stride 1), zero outside the input and past the phases'
-// channels: the input of amx_shape(s), padded, every element written once, from either layout.
+// channels: the input of amx_shape(s), padded, from either layout. (Each row is zeroed first: one
+// memset in L1 cost less than zeroing pixel by pixel around the copies, 2.5x this copy's time.)
 void pad_input(const at::Tensor& input, const ConvShape& s, const AmxGeometry& g, at::BFloat16* padded) {
   const at::BFloat16* x = input.const_data_ptr<at::BFloat16>();
   const int64_t x_n = input.stride(0), x_c = input.stride(1), x_h = input.stride(2), x_w = input.stride(3);
-  const int64_t stride_h = s.stride[0], stride_w = s.stride[1], phase_channels = stride_h * stride_w * s.in_channels;
-  const at::BFloat16 zero(0.0f);
+  const int64_t stride_h = s.stride[0], stride_w = s.stride[1];
   at::parallel_for(0, s.batch * g.padded_h, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.padded_h, i = row % g.padded_h;
       at::BFloat16* dst = padded + row * g.padded_w * g.channels;
-      for (int64_t j = 0; j < g.padded_w; ++j) {
-        std::fill(dst + j * g.channels + phase_channels, dst + (j + 1) * g.channels, zero);
-      }
+      std::memset(static_cast<void*>(dst), 0, g.padded_w * g.channels * sizeof(at::BFloat16));
       for (int64_t phase = 0; phase < stride_h * stride_w; ++phase) {
         const int64_t a = phase / stride_w, b = phase % stride_w, h = i * stride_h + a - s.padding[0];
-        PhaseSpan columns = phase_span(s.in_w, s.padding[1], stride_w, b, g.padded_w);
-        if (h < 0 || h >= s.in_h) columns = {0, 0};
+        const PhaseSpan columns = phase_span(s.in_w, s.padding[1], stride_w, b, g.padded_w);
+        if (h < 0 || h >= s.in_h || columns.first == columns.end) continue;
         at::BFloat16* phase_dst = dst + phase * s.in_channels;
-        for (int64_t j = 0; j < g.padded_w; ++j) {  // the columns outside the input
-          if (j == columns.first) j = columns.end;
-          if (j < g.padded_w) std::fill(phase_dst + j * g.channels, phase_dst + j * g.channels + s.in_channels, zero);
-        }
-        if (columns.first == columns.end) continue;
         const at::BFloat16* src = x + n * x_n + h * x_h + (columns.first * stride_w + b - s.padding[1]) * x_w;
         const int64_t step = stride_w * x_w;  // from one column's source pixel to the next's
         if (x_c == 1) {  // channels_last: a pixel's channels are one run
