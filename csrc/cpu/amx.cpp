@@ -486,11 +486,6 @@ __attribute__((target("avx512f,avx512bw"))) void transpose_block(const at::BFloa
   }
 }
 
-// even[j][c][e] = planes[c][2 * j + e] and odd[j][c][e] = planes[c][2 * j + 1 + e], the pixel
-// pairs of `plane` pixels (a multiple of 32, zero past them) for 32 channels c (planes[c] at
-// c * plane_stride; those past `channels` zero): 32 pixels at a time, each plane's pixel pairs as
-// 32-bit lanes transposed into even pairs, and odd pair j made of even pairs j and j + 1 (the high
-// half of one lane and the low half of the next).
 // The odd pairs between two rows of even pairs: (pixel 2j + 1, pixel 2j + 2) in each 32-bit lane,
 // the high half of first's lane and the low half of next's.
 alignas(64) constexpr int16_t kOddPairs[32] = {1,  32, 3,  34, 5,  36, 7,  38, 9,  40, 11, 42, 13, 44, 15, 46,
@@ -499,6 +494,11 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512i odd_pa
   return _mm512_permutex2var_epi16(first, _mm512_load_si512(kOddPairs), next);
 }
 
+// even[j][c][e] = planes[c][2 * j + e] and odd[j][c][e] = planes[c][2 * j + 1 + e], the pixel
+// pairs of `plane` pixels (a multiple of 32, zero past them) for 32 channels c (planes[c] at
+// c * plane_stride; those past `channels` zero): 32 pixels at a time, each plane's pixel pairs as
+// 32-bit lanes transposed into even pairs, and odd pair j made of even pairs j and j + 1 (the high
+// half of one lane and the low half of the next).
 __attribute__((target("avx512f,avx512bw"))) void pair_planes(const at::BFloat16* planes, int64_t plane_stride,
                                                              int64_t plane, int64_t channels, at::BFloat16* even,
                                                              at::BFloat16* odd) {
@@ -509,7 +509,8 @@ __attribute__((target("avx512f,avx512bw"))) void pair_planes(const at::BFloat16*
     __m512i half[2][16];  // [channels 0-15 or 16-31][pixel pair j]: lane c holds pixels 2j, 2j + 1
     for (int h = 0; h < 2; ++h) {
       for (int c = 0; c < 16; ++c) {
-        half[h][c] = h < halves ? _mm512_loadu_si512(planes + (16 * h + c) * plane_stride + p0) : _mm512_setzero_si512();
+        const bool real = 16 * h + c < channels;
+        half[h][c] = real ? _mm512_loadu_si512(planes + (16 * h + c) * plane_stride + p0) : _mm512_setzero_si512();
       }
       if (h < halves) transpose_lanes(half[h]);
     }
@@ -825,7 +826,9 @@ at::Tensor forward_tiles(const at::Tensor& input, const at::Tensor& weight, cons
         // 64 3x3 @56 forward: 0.88x F.conv2d -> 1.05x). On shorter rows the transpose costs more
         // than it saves (32 -> 32 @16: 0.98x -> 0.84x; 16 -> 16 @32: 0.63x -> 0.60x); they keep
         // the stores by element.
-        for (int64_t i = 0; i < kAmxPixels; ++i) store_outputs(sums + i * kAmxOutputs, bias_block, kAmxOutputs, by_pixel[i]);
+        for (int64_t i = 0; i < kAmxPixels; ++i) {
+          store_outputs(sums + i * kAmxOutputs, bias_block, kAmxOutputs, by_pixel[i]);
+        }
         transpose_block(by_pixel_rows, 0, kAmxOutputs, by_output[0]);
         for (int64_t i = 0; i < kAmxPixels;) {  // a run of the block's pixels in one output row
           const int64_t q = q0 + i, ho = q / padded_w, wo = q % padded_w;
@@ -902,7 +905,8 @@ at::Tensor split_input(const at::Tensor& input, const ConvShape& s) {
     for (int64_t column = 0; column < stride_w; ++column) {
       const PhaseSpan columns = phase_span(s.in_w, s.padding[1], stride_w, column, a.in_w);
       if (rows.first == rows.end || columns.first == columns.end) continue;
-      const int64_t h = rows.first * stride_h + row - s.padding[0], w = columns.first * stride_w + column - s.padding[1];
+      const int64_t h = rows.first * stride_h + row - s.padding[0];
+      const int64_t w = columns.first * stride_w + column - s.padding[1];
       split.select(3, row).select(3, column).slice(1, rows.first, rows.end).slice(2, columns.first, columns.end)
           .copy_(nhwc.slice(1, h, h + (rows.end - rows.first - 1) * stride_h + 1, stride_h)
                      .slice(2, w, w + (columns.end - columns.first - 1) * stride_w + 1, stride_w));
