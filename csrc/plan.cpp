@@ -385,10 +385,9 @@ bool bf16_dot_available() {
 constexpr int64_t kMaxAmxBuffer = int64_t(1) << 40;
 
 bool runs_amx(const ConvShape& s, at::ScalarType dtype) {
-  const bool strided = s.stride[0] > 1 || s.stride[1] > 1;
   if (dtype != at::kBFloat16 || s.groups != 1 ||
       std::max({s.in_h, s.in_w, s.padding[0], s.padding[1]}) >= kMaxAmxBuffer ||
-      (strided && (s.dilation[0] > 1 || s.dilation[1] > 1 || s.kernel_h < s.stride[0] || s.kernel_w < s.stride[1]))) {
+      (amx_splits(s) && (s.dilation[0] > 1 || s.dilation[1] > 1 || s.kernel_h < s.stride[0] || s.kernel_w < s.stride[1]))) {
     return false;
   }
   const ConvShape a = amx_shape(s);
@@ -406,7 +405,7 @@ bool runs_amx(const ConvShape& s, at::ScalarType dtype) {
 }
 
 ConvShape amx_shape(const ConvShape& s) {
-  if (s.stride[0] == 1 && s.stride[1] == 1) return s;
+  if (!amx_splits(s)) return s;
   ConvShape a = s;
   a.in_channels = product({s.in_channels, s.stride[0], s.stride[1]});
   a.kernel_h = ceil_div(s.kernel_h, s.stride[0]);
@@ -447,9 +446,7 @@ ConvShape transposed_correlation(const ConvShape& s) {
 }
 
 bool runs_amx_input_grad(const ConvShape& s, at::ScalarType dtype) {
-  if ((s.stride[0] > 1 || s.stride[1] > 1) && (s.in_channels % kAmxChannels != 0 || !runs_amx(s, dtype))) {
-    return false;
-  }
+  if (amx_phases_mix(s) || (amx_splits(s) && !runs_amx(s, dtype))) return false;
   const ConvShape t = transposed_correlation(amx_shape(s));
   return t.padding[0] >= 0 && t.padding[1] >= 0 && runs_amx(t, dtype);
 }

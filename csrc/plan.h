@@ -313,6 +313,11 @@ bool runs_amx_input_grad(const ConvShape& s, at::ScalarType dtype);
 // reducing 32 input channels (a 64-byte tile row) a step; the pixels run over the padded width
 // (the "wide grid", cpu/amx.cpp), those past out_w computed and dropped.
 constexpr int64_t kAmxPixels = 32, kAmxOutputs = 32, kAmxChannels = 32;
+// Whether AMX runs s split into its input's phases (amx_shape), and whether those phases share
+// blocks of 32 channels (C not a multiple of 32): there the phantom taps cannot be skipped, and
+// they multiply real pixels by zero (0 * Inf: the kernels check, or decline).
+inline bool amx_splits(const ConvShape& s) { return s.stride[0] > 1 || s.stride[1] > 1; }
+inline bool amx_phases_mix(const ConvShape& s) { return amx_splits(s) && s.in_channels % kAmxChannels != 0; }
 struct AmxGeometry {
   int64_t channels, outputs;  // padded to kAmxChannels and kAmxOutputs
   int64_t padded_h, padded_w, image_pixels;

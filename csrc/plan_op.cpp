@@ -212,8 +212,7 @@ void count_amx(const ConvShape& s, DirectPass pass, int64_t threads, Counts& c) 
   const ConvShape a = amx_shape(s);
   const std::vector<uint8_t> real = amx_real_taps(s);
   const double real_share = double(std::count(real.begin(), real.end(), 1)) / double(real.size());
-  const bool mixed_phases = a.stride != s.stride && s.in_channels % kAmxChannels != 0;
-  const double split = mixed_phases ? double(a.batch) * a.in_channels * a.in_h * a.in_w : 0.0;
+  const double split = amx_phases_mix(s) ? double(a.batch) * a.in_channels * a.in_h * a.in_w : 0.0;
   if (pass == DirectPass::WeightGrad) {
     const AmxGeometry g = amx_geometry(a);
     const AmxGradUnits units = amx_grad_units(a, threads);

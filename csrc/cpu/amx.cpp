@@ -25,6 +25,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "blocked.h"
@@ -570,7 +571,7 @@ bool pair_input(const at::Tensor& input, const ConvShape& layer, const AmxGeomet
                 at::BFloat16* const* paired) {
   const int64_t channel_blocks = g.channels / kAmxChannels, plane = 2 * plane_pairs, channels = layer.in_channels;
   const int64_t stride_h = layer.stride[0], stride_w = layer.stride[1], phases = stride_h * stride_w;
-  TORCH_INTERNAL_ASSERT(phases == 1 || channels % kAmxChannels == 0);
+  TORCH_INTERNAL_ASSERT(!amx_phases_mix(layer));
   std::atomic<bool> any_non_finite{false};
   if (input.is_contiguous(at::MemoryFormat::ChannelsLast)) {  // interleave two pixels' channel runs
     const at::BFloat16* x = input.const_data_ptr<at::BFloat16>();
@@ -863,8 +864,6 @@ at::Tensor forward_tiles(const at::Tensor& input, const at::Tensor& weight, cons
 
 // ---- Strided layers: the phases split and merged (plan.h, amx_shape) ----
 
-bool is_strided(const ConvShape& s) { return s.stride[0] > 1 || s.stride[1] > 1; }
-
 // The weight of amx_shape(s), [K][phase][C][i][j] = weight[k][c][i * stride_h + a][j * stride_w + b],
 // zero at the phantom taps past the kernel.
 at::Tensor split_weight(const at::Tensor& weight, const ConvShape& s) {
@@ -915,32 +914,40 @@ at::Tensor split_input(const at::Tensor& input, const ConvShape& s) {
   return split.view({s.batch, a.in_h, a.in_w, a.in_channels}).permute({0, 3, 1, 2});
 }
 
+// AmxProblem::live, [tap][output block][input chunk], from whether each holds a real product.
+std::vector<uint8_t> live_steps(int64_t taps, int64_t output_blocks, int64_t chunks,
+                                const std::function<bool(int64_t, int64_t, int64_t)>& real) {
+  std::vector<uint8_t> live(taps * output_blocks * chunks);
+  for (int64_t index = 0; index < static_cast<int64_t>(live.size()); ++index) {
+    live[index] = real(index / (output_blocks * chunks), index / chunks % output_blocks, index % chunks);
+  }
+  return live;
+}
+
 }  // namespace
 
 at::Tensor amx_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const ConvShape& s,
                        at::MemoryFormat format) {
+  if (!amx_splits(s)) return forward_tiles(input, weight, {1, 1, s.in_channels}, false, bias, s, format, nullptr);
   const ConvShape a = amx_shape(s);
-  if (!is_strided(s)) return forward_tiles(input, weight, {1, 1, s.in_channels}, false, bias, s, format, nullptr);
   // A block of 32 input channels that mixes phases multiplies some pixels by a phantom tap's zero
   // weight: 0 * Inf would make a NaN where no real product does. (Its weight is split first: the
   // packing reads one phase a block.)
-  if (s.in_channels % kAmxChannels != 0) {
+  if (amx_phases_mix(s)) {
     if (has_non_finite(input)) return at::Tensor();
     return forward_tiles(input, split_weight(weight, s), {1, 1, a.in_channels}, false, bias, s, format, nullptr);
   }
   const std::vector<uint8_t> real = amx_real_taps(s);
-  const int64_t taps = a.kernel_h * a.kernel_w, chunks = ceil_div(a.in_channels, kAmxChannels);
-  const int64_t output_blocks = ceil_div(a.out_channels, kAmxOutputs);
-  std::vector<uint8_t> live(taps * output_blocks * chunks);  // [tap][output block][chunk]
-  for (int64_t index = 0; index < static_cast<int64_t>(live.size()); ++index) {
-    live[index] = real[index / (output_blocks * chunks) * chunks + index % chunks];
-  }
+  const int64_t chunks = ceil_div(a.in_channels, kAmxChannels);
+  const std::vector<uint8_t> live =
+      live_steps(a.kernel_h * a.kernel_w, ceil_div(a.out_channels, kAmxOutputs), chunks,
+                 [&](int64_t tap, int64_t, int64_t chunk) { return real[tap * chunks + chunk] != 0; });
   return forward_tiles(input, weight, {s.stride[0], s.stride[1], s.in_channels}, false, bias, s, format, live.data());
 }
 
 at::Tensor amx_input_grad(const at::Tensor& grad_output, const at::Tensor& weight, const ConvShape& s,
                           at::MemoryFormat format) {
-  if (!is_strided(s)) {
+  if (!amx_splits(s)) {
     return forward_tiles(grad_output, weight.transpose(0, 1), {1, 1, s.out_channels}, /*flip=*/true, at::Tensor(),
                          transposed_correlation(s), format, nullptr);
   }
@@ -948,25 +955,23 @@ at::Tensor amx_input_grad(const at::Tensor& grad_output, const at::Tensor& weigh
   // flipped: a block of 32 outputs is one phase (in_channels % 32 == 0), its phantom taps skipped.
   const ConvShape a = amx_shape(s), t = transposed_correlation(a);
   const std::vector<uint8_t> real = amx_real_taps(s);
-  const int64_t taps = a.kernel_h * a.kernel_w, chunks = ceil_div(t.in_channels, kAmxChannels);
-  const int64_t output_blocks = ceil_div(t.out_channels, kAmxOutputs);
-  std::vector<uint8_t> live(taps * output_blocks * chunks);
-  for (int64_t index = 0; index < static_cast<int64_t>(live.size()); ++index) {
-    const int64_t tap = index / (output_blocks * chunks), block = index / chunks % output_blocks;
-    live[index] = real[(taps - 1 - tap) * output_blocks + block];
-  }
+  const int64_t taps = a.kernel_h * a.kernel_w, output_blocks = ceil_div(t.out_channels, kAmxOutputs);
+  const std::vector<uint8_t> live =
+      live_steps(taps, output_blocks, ceil_div(t.in_channels, kAmxChannels), [&](int64_t tap, int64_t block, int64_t) {
+        return real[(taps - 1 - tap) * output_blocks + block] != 0;
+      });
   const WeightPhases phases{s.stride[0], s.stride[1], s.in_channels, /*outputs=*/true};
   return forward_tiles(grad_output, weight.transpose(0, 1), phases, /*flip=*/true, at::Tensor(), t, format,
                        live.data(), &s);
 }
 
 at::Tensor amx_weight_grad(const at::Tensor& grad_output, const at::Tensor& input, const ConvShape& s) {
-  if (!is_strided(s)) return weight_grad_tiles(grad_output, input, s, nullptr);
+  if (!amx_splits(s)) return weight_grad_tiles(grad_output, input, s, nullptr);
   const std::vector<uint8_t> real = amx_real_taps(s);
   // Where blocks of 32 channels mix phases, the input is split first (pair_input reads one phase a block).
-  const at::Tensor split_grad = s.in_channels % kAmxChannels == 0
-                                    ? weight_grad_tiles(grad_output, input, s, real.data())
-                                    : weight_grad_tiles(grad_output, split_input(input, s), amx_shape(s), real.data());
+  const at::Tensor split_grad = amx_phases_mix(s)
+                                    ? weight_grad_tiles(grad_output, split_input(input, s), amx_shape(s), real.data())
+                                    : weight_grad_tiles(grad_output, input, s, real.data());
   return split_grad.defined() ? merge_weight(split_grad, s) : split_grad;
 }
 
