@@ -385,9 +385,11 @@ bool bf16_dot_available() {
 constexpr int64_t kMaxAmxBuffer = int64_t(1) << 40;
 
 bool runs_amx(const ConvShape& s, at::ScalarType dtype) {
+  // A split layer's kernel must reach every phase, without dilation.
+  const bool splits_fully = s.dilation[0] == 1 && s.dilation[1] == 1 && s.kernel_h >= s.stride[0] &&
+                            s.kernel_w >= s.stride[1];
   if (dtype != at::kBFloat16 || s.groups != 1 ||
-      std::max({s.in_h, s.in_w, s.padding[0], s.padding[1]}) >= kMaxAmxBuffer ||
-      (amx_splits(s) && (s.dilation[0] > 1 || s.dilation[1] > 1 || s.kernel_h < s.stride[0] || s.kernel_w < s.stride[1]))) {
+      std::max({s.in_h, s.in_w, s.padding[0], s.padding[1]}) >= kMaxAmxBuffer || (amx_splits(s) && !splits_fully)) {
     return false;
   }
   const ConvShape a = amx_shape(s);
