@@ -116,7 +116,10 @@ def result_format(a: torch.Tensor, b: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def memory_format_of(t: torch.Tensor) -> torch.memory_format:
-    """The layout to price ``t`` in: channels_last when it is channels_last-contiguous (whether the
-    kernels then see NHWC data is the plan's word: csrc/plan.h, sees_nhwc)."""
-    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+def memory_format_of(input: torch.Tensor, weight: torch.Tensor | None = None) -> torch.memory_format:
+    """The layout to price a layer in: channels_last when its input is channels_last-contiguous and,
+    given the weight, its result is channels_last too (whether the kernels then see NHWC data is the
+    plan's word: csrc/plan.h, layer_sees_nhwc; a one-channel input is both layouts, its result not)."""
+    if not input.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    return torch.channels_last if weight is None else result_format(input, weight)

@@ -124,7 +124,7 @@ class Cost:
     backward_bytes_moved: int
     im2col_workspace_bytes: int | None  # None: im2col refuses (one output row exceeds the workspace limit)
     workspace_limit: int
-    channels_last: bool = False  # the kernels see the input as NHWC (the plan's word: csrc/plan.h, sees_nhwc)
+    channels_last: bool = False  # priced as NHWC: the kernels see its input or output so (csrc/plan.h, layer_sees_nhwc)
     plans: dict = field(repr=False, default_factory=dict)
 
     @property

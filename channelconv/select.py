@@ -132,7 +132,7 @@ def choose(input_shape, weight_shape, stride, padding, dilation, groups, *, tens
     return _decide(input_shape, weight_shape, stride, padding, dilation, groups,
                    "cpu" if input.is_cpu else input.device.type,  # (is_cpu: the cheaper attribute)
                    input.dtype, backward_passes(input, tensors[1]), tensors, True,
-                   memory_format_of(input)).choice
+                   memory_format_of(input, tensors[1])).choice
 
 
 def reload_calibration() -> None:
@@ -217,7 +217,8 @@ def explain(input, weight, stride=1, padding=0, dilation=1, groups=1, *, bias=No
     training = bool(gradients)
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
     if memory_format is None:
-        memory_format = memory_format_of(input) if isinstance(input, torch.Tensor) else torch.contiguous_format
+        memory_format = (memory_format_of(input, weight if tensors else None) if isinstance(input, torch.Tensor)
+                         else torch.contiguous_format)
     c = cost(in_shape, w_shape, stride, padding, dilation, groups, dtype, bias=bias is not None and bias is not False,
              device=device_type, memory_format=memory_format)
     timed_on = None

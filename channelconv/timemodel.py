@@ -91,8 +91,11 @@ def features(algorithm: str, c: Cost, gemm: dict, vector_bytes: int = 16, gradie
     m, n, k = max(plan.gemm_m, 1), max(plan.gemm_n, 1), max(plan.gemm_k, 1)
     inflation = 1.0 + gemm["m0"] / m + gemm["n0"] / n + gemm["k0"] / k
     share = (1 + len(gradients)) / (1 + len(BACKWARD)) if gradients else 1.0
+    # A channels_last layer whose lowered driver runs NCHW (a one-channel input reads as NCHW, its
+    # output does not) converts its output, or dy, whole in each pass: a strided gather.
+    converted = math.prod(c.output_shape) if c.channels_last and not plan.nhwc else 0
     values = {"gemm": 2.0 * c.macs * inflation, "column": float(plan.column_elements),
-              "column_strided": float(plan.column_elements) if c.stride[1] > 1 else 0.0,
+              "column_strided": (float(plan.column_elements) if c.stride[1] > 1 else 0.0) + converted,
               "gemm_call": float(plan.gemm_calls * c.groups), "call": 1.0}
     return {f: share * v for f, v in values.items()}
 

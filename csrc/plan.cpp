@@ -89,6 +89,9 @@ void plan_bands(const ConvShape& s, int64_t element_size, int64_t limit_bytes, b
 constexpr int64_t kStripBytes = int64_t(1) << 20;
 // Channel-last input rows per weight-gradient chunk: with the chunk's dy, resident in a core's L2.
 constexpr int64_t kGradChunkBytes = int64_t(1) << 20;
+// Work items the weight gradient cuts its chunks into slices for, where it has fewer units: a
+// one-channel stem (1 -> 16 3x3) is a single unit, which one thread ran while the others waited.
+constexpr int64_t kGradWorkItems = 8;
 
 // A tile spans 32 output channels: with fewer than 4 per group (depthwise) most lanes would idle,
 // and the plain loops, vectorised along the width, do better.
@@ -269,8 +272,9 @@ GradChunks grad_chunks(const BlockedProblem& p, int64_t threads) {
   const int64_t C = p.in_per_group, S = p.taps_w;
   g.tile_channels = std::max<int64_t>(1, kGradTileValues * kBlockedChannels / p.block / S);
   g.cols = input_span(p.out_w, S, p.stride_w, p.dil_w);
-  const auto chunk_bytes = [&](int64_t out_rows) {
-    return product({p.input_rows(out_rows), g.cols, C, int64_t(sizeof(float))});
+  const auto chunk_bytes = [&](int64_t out_rows) {  // its input rows and a block of its dy
+    return (product({p.input_rows(out_rows), g.cols, C}) + product({out_rows, p.out_w, p.block})) *
+           int64_t(sizeof(float));
   };
   // A band of output rows of one image, as many rows as keep the band's input rows within
   // kGradChunkBytes; or, when a whole image fits, several whole images (the dW tiles are loaded and
@@ -297,6 +301,12 @@ GradChunks grad_chunks(const BlockedProblem& p, int64_t threads) {
   g.units = p.groups * g.parts * blocks;
   g.units_per_range = ceil_div(std::max<int64_t>(g.units, 1), std::min(threads, std::max<int64_t>(g.units, 1)));
   g.ranges = ceil_div(g.units, g.units_per_range);
+  // Slices from the shape only, like the chunks, so that the sums' order does not depend on the
+  // thread count either: by (group, block) pairs, as the parts split among threads are not.
+  g.chunks = ceil_div(p.batch, g.images) * g.bands;
+  const int64_t wanted = ceil_div(kGradWorkItems, std::max<int64_t>(p.groups * blocks, 1));
+  g.slice_chunks = std::max<int64_t>(1, ceil_div(g.chunks, std::clamp<int64_t>(wanted, 1, std::max<int64_t>(g.chunks, 1))));
+  g.slices = std::max<int64_t>(1, ceil_div(g.chunks, g.slice_chunks));
   return g;
 }
 

@@ -88,6 +88,14 @@ struct LoweredPlan {
 inline bool sees_nhwc(int64_t channels, int64_t pixels, bool channels_last) {
   return channels_last && channels > 1 && pixels > 1;
 }
+// Whether 'auto' prices a layer whose activations are channels_last in that layout: when the kernels
+// see its input or its output as NHWC. A one-channel input is NCHW as well, but its output of 16
+// channels is not, and the direct kernels write it as NHWC (the lowered driver follows its input
+// alone: its NHWC columns of one channel ran at a tenth of F.conv2d's speed; benchmarks/NOTES.md v18).
+inline bool layer_sees_nhwc(const ConvShape& s, bool channels_last) {
+  return sees_nhwc(s.in_channels, s.in_h * s.in_w, channels_last) ||
+         sees_nhwc(s.out_channels, s.out_h * s.out_w, channels_last);
+}
 // `nhwc`: the CPU's channels_last driver (above).
 LoweredPlan plan_lowered(const ConvShape& s, Lowering lowering, int64_t element_size, int64_t workspace_limit,
                          bool cpu, bool nhwc);
@@ -216,13 +224,16 @@ struct BlockedRun {
 
 // The blocked weight gradient's reduction over output pixels, in chunks: a band of output rows of
 // one image, or several whole images. Work units (group, input-channel part, channel block) each
-// own their slice of dW; `ranges` threads take runs of units_per_range consecutive units.
+// own their part of dW; `ranges` threads take runs of units_per_range consecutive units. Where the
+// units are too few to share out, the chunks are cut into `slices` of slice_chunks consecutive
+// chunks, each summed into its own copy of dW; the copies are then added in slice order.
 struct GradChunks {
   int64_t rows, bands, images;            // output rows per band, bands per image, images per chunk
   int64_t cols;                           // input columns of a chunk's channel-last rows
   int64_t parts, part_channels;           // input channels split into parts of part_channels
   int64_t tile_channels;                  // G: input channels per tile
   int64_t units, ranges, units_per_range;
+  int64_t chunks, slices, slice_chunks;   // chunks in all (image runs x bands, image-major)
 };
 
 // One stride phase of the input gradient along one axis: the input positions phase, phase +

@@ -127,7 +127,7 @@ void count_weight_grad(const BlockedProblem& p, const GradChunks& g, Counts& c) 
   const double row_steps = p.channel_pack == 2 ? double(p.out_w / 2 + p.out_w % 2) : double(p.out_w);
   c.mac = double(p.batch) * p.groups * blocks * p.block * p.out_h * row_steps * C * taps;
   c.pairs = p.channel_pack == 2 ? 1 : 0;
-  c.output = double(p.groups) * p.out_per_group * C * taps;
+  c.output = double(g.slices) * p.groups * p.out_per_group * C * taps;  // (each slice's copy is added)
   for (int64_t n0 = 0; n0 < p.batch; n0 += g.images) {
     const int64_t images = std::min(g.images, p.batch - n0);
     for (int64_t band = 0; band < g.bands; ++band) {
@@ -305,7 +305,8 @@ c10::Dict<std::string, int64_t> plan_summary(const std::string& algorithm, const
                                              bool channels_last) {
   const ConvShape s = make_shape(input_size, weight_size, stride, padding, dilation, groups);
   const DirectPass pass = pass_named(which);
-  const bool nhwc_data = sees_nhwc(s.in_channels, s.in_h * s.in_w, channels_last);
+  // The layout the time model prices the layer in; the lowered driver's own, by its input.
+  const bool nhwc_data = layer_sees_nhwc(s, channels_last);
   if (algorithm == "direct") {
     Summary d = device.is_cpu() ? describe_direct_cpu(s, pass, dtype, threads) : describe_direct_cuda(s, pass);
     d.insert("channels_last", nhwc_data);
@@ -315,7 +316,7 @@ c10::Dict<std::string, int64_t> plan_summary(const std::string& algorithm, const
                     "'direct', 'im2col' or '1x1', but got algorithm='", algorithm, "'");
   const Lowering lowering = algorithm == "im2col" ? Lowering::Im2col : Lowering::OneByOne;
   const LoweredPlan plan = plan_lowered(s, lowering, c10::elementSize(dtype), workspace_limit, device.is_cpu(),
-                                          nhwc_data);
+                                          sees_nhwc(s.in_channels, s.in_h * s.in_w, channels_last));
   if (!plan.input_is_columns) check_workspace_fits(plan, s, workspace_limit);
   Summary d = describe(plan);
   d.insert("channels_last", nhwc_data);

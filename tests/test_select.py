@@ -184,8 +184,17 @@ def test_calibration_is_per_layout(tmp_path, monkeypatch):
     assert channelconv.explain(x_cl, w, padding=1).choice == "im2col"
     assert channelconv.explain(x_shape, w_shape, padding=1, memory_format=torch.channels_last).choice == "im2col"
     assert channelconv.cost(x_shape, w_shape, padding=1, memory_format=torch.channels_last).channels_last
-    # one channel: channels_last is the same memory as NCHW, and NCHW it is to the kernels
-    assert not channelconv.cost((2, 1, 8, 8), (4, 1, 3, 3), memory_format=torch.channels_last).channels_last
+    # One input channel: a channels_last input is the same memory as NCHW, but its output of 4
+    # channels is not (the direct kernels write it NHWC), so the layer is priced channels_last; with
+    # one output channel as well, NCHW.
+    assert channelconv.cost((2, 1, 8, 8), (4, 1, 3, 3), memory_format=torch.channels_last).channels_last
+    assert not channelconv.cost((2, 1, 8, 8), (1, 1, 3, 3), memory_format=torch.channels_last).channels_last
+    # ... and the layout is the result's: F.conv2d's rule on the tensors, not the ambiguous input's.
+    x1, w1 = torch.randn(2, 1, 8, 8), torch.randn(4, 1, 3, 3)
+    assert channelconv.explain(x1, w1, padding=1).choice == "direct"
+    cl = torch.channels_last
+    # (.to gives a one-channel tensor channels_last strides; .contiguous keeps its NCHW ones)
+    assert channelconv.explain(x1.to(memory_format=cl), w1.to(memory_format=cl), padding=1).choice == "im2col"
     with pytest.raises(ValueError, match="memory_format"):
         channelconv.cost(x_shape, w_shape, memory_format=torch.preserve_format)
 

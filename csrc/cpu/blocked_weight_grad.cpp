@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <array>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -32,7 +33,8 @@ struct GradTile {
   // Pack 2 (bfloat16 pairs, plan.h channel_pack): dy holds pairs of a row's consecutive pixels,
   // [image][row][pixel / 2][block], and x pairs of columns stride_w apart, with the layout and
   // steps of the float rows; a row's odd last pixel runs on dy_single and x_single (float32).
-  const float* dy;     // [image][pixel][block]: the chunk's output pixels, row after row
+  const float* dy;     // [image][pixel][block]: the chunk's output pixels, row after row,
+  int64_t dy_step;     // dy_step floats apart (block, or a channels_last float32 dy's channels)
   const float* x;      // channel-last rows at (image 0, kernel row r's first input row, column 0, first channel)
   int64_t images, image_step;  // the chunk's images, image_step floats apart in x
   int64_t rows, out_w;         // output rows and columns per image
@@ -87,7 +89,7 @@ __attribute__((target("avx512f,fma"))) void grad_tile_kernel(const GradTile& t) 
     for (int64_t j = 0; j < t.rows; ++j) {
       const int64_t row = m * t.image_step + j * t.row_step;
       const float* x = t.x + row;
-      for (int64_t i = 0; i < steps; ++i, x += Pack * t.pixel_step, d += block)
+      for (int64_t i = 0; i < steps; ++i, x += Pack * t.pixel_step, d += t.dy_step)
         grad_pixel<S, G, V, Pack>(acc, d, x, t.tap_step);
       if constexpr (Pack == 2) {
         if (t.out_w % 2 == 1)  // the row's last pixel alone, in float32
@@ -210,22 +212,25 @@ void pair_output_pixels(const BlockedProblem& p, const Chunk& ch, const float* d
     }
 }
 
-// The unit's tiles over the chunk, added into its slice of the [c][r][s][32] copy of dW. Pack 2:
-// dy_pairs and x_pairs as the tiles read them (the float32 dy_t and rows_t for odd last pixels).
+// The unit's tiles over the chunk, added into its part of the [c][r][s][32] copy of dW; the block's
+// dy pixel-major, dy_step floats apart. Pack 2: dy_pairs and x_pairs as the tiles read them (the
+// float32 dy_t and rows_t for odd last pixels).
 void run_unit_tiles(const BlockedProblem& p, const GradChunks& k, const Chunk& ch, const Unit& u, const float* dy_t,
-                    const float* rows_t, const uint32_t* dy_pairs, const uint32_t* x_pairs, float* dw_unit) {
+                    int64_t dy_step, const float* rows_t, const uint32_t* dy_pairs, const uint32_t* x_pairs,
+                    float* dw_unit) {
   const int64_t R = p.taps_h, S = p.taps_w;
   const bool pairs = p.channel_pack == 2;
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t c = 0; c < u.channels; c += k.tile_channels) {
       const int64_t tile_g = std::min<int64_t>(k.tile_channels, u.channels - c);
       const int64_t x_offset = c * ch.images * ch.in_rows * k.cols + r * p.dil_h * k.cols * tile_g;
-      GradTile t{dy_t, rows_t + x_offset,
+      GradTile t{dy_t, dy_step, rows_t + x_offset,
                  ch.images, ch.in_rows * k.cols * tile_g, ch.rows, p.out_w,
                  p.stride_h * k.cols * tile_g, p.stride_w * tile_g, p.dil_w * tile_g,
                  dw_unit + ((u.c0 + c) * R + r) * S * p.block, R * S * p.block};
       if (pairs) {
         t.dy = reinterpret_cast<const float*>(dy_pairs);
+        t.dy_step = p.block;
         t.x = reinterpret_cast<const float*>(x_pairs + x_offset);
         t.dy_single = dy_t;
         t.x_single = rows_t + x_offset;
@@ -235,34 +240,49 @@ void run_unit_tiles(const BlockedProblem& p, const GradChunks& k, const Chunk& c
   }
 }
 
-// One thread's run of units [begin, end) over every chunk; it packs the input rows of its parts
-// only, once per (group, part) and chunk.
-void run_units(const BlockedProblem& p, const GradChunks& k, int64_t begin, int64_t end, const Activations& dy,
-               const Activations& x, float* dw_t) {
-  std::vector<float> rows_t(k.images * p.input_rows(k.rows) * k.cols * k.part_channels);
-  std::vector<float> dy_t(k.images * k.rows * p.out_w * p.block);
+// One work item: units [begin, end) over chunks [chunk_begin, chunk_end) (a slice); it packs the
+// input rows of its parts only, once per (group, part) and chunk.
+constexpr int64_t kInPlaceChannels = 64;
+
+void run_units(const BlockedProblem& p, const GradChunks& k, int64_t begin, int64_t end, int64_t chunk_begin,
+               int64_t chunk_end, const Activations& dy, const Activations& x, float* dw_t) {
+  // (Left uninitialised: every element is written before it is read.)
+  const int64_t rows_floats = k.images * p.input_rows(k.rows) * k.cols * k.part_channels;
+  const int64_t dy_floats = k.images * k.rows * p.out_w * p.block;
   const bool pairs = p.channel_pack == 2;  // (the pairs are sized like the float buffers)
-  std::vector<uint32_t> x_pairs(pairs ? rows_t.size() : 0), dy_pairs(pairs ? dy_t.size() : 0);
+  // A float32 channels_last dy of few channels is read where it lies, for blocks of whole width:
+  // its pixels' channels lie together already (a copy of it was a third of a one-channel stem's
+  // gradient). With more, a block's pixels lie far apart and the copy, which packs them, is faster.
+  const bool dy_in_place = !pairs && dy.dtype == at::kFloat && dy.channels_last && dy.channels <= kInPlaceChannels;
+  const auto buffer = [](int64_t floats) { return std::unique_ptr<float[]>(new float[floats]); };
+  const auto rows_t = buffer(rows_floats), dy_t = buffer(dy_floats);
+  const auto x_pairs = buffer(pairs ? rows_floats : 0), dy_pairs = buffer(pairs ? dy_floats : 0);
   const int64_t dw_block = p.in_per_group * p.taps_h * p.taps_w * p.block;
-  for (int64_t n0 = 0; n0 < p.batch; n0 += k.images) {
-    for (int64_t band = 0; band < k.bands; ++band) {
-      Chunk ch{n0, std::min(k.images, p.batch - n0), band * k.rows, std::min(k.rows, p.out_h - band * k.rows), 0, 0};
-      ch.in_rows = p.input_rows(ch.rows);
-      ch.ih0 = ch.oh0 * p.stride_h + p.offset_h;
-      int64_t packed = -1;  // the (group, part) whose input rows rows_t holds
-      for (int64_t unit = begin; unit < end; ++unit) {
-        const Unit u = unit_at(p, k, unit);
-        if (u.channels <= 0) continue;
-        if (packed != unit / p.blocks()) {
-          pack_input_rows(p, k, ch, u, x, rows_t.data());
-          if (pairs) pair_input_columns(p, k, ch, u, rows_t.data(), x_pairs.data());
-          packed = unit / p.blocks();
-        }
-        pack_output_grad(p, ch, u, dy, dy_t.data());
-        if (pairs) pair_output_pixels(p, ch, dy_t.data(), dy_pairs.data());
-        run_unit_tiles(p, k, ch, u, dy_t.data(), rows_t.data(), dy_pairs.data(), x_pairs.data(),
-                       dw_t + (u.g * p.blocks() + u.b) * dw_block);
+  for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+    const int64_t n0 = chunk / k.bands * k.images, band = chunk % k.bands;
+    Chunk ch{n0, std::min(k.images, p.batch - n0), band * k.rows, std::min(k.rows, p.out_h - band * k.rows), 0, 0};
+    ch.in_rows = p.input_rows(ch.rows);
+    ch.ih0 = ch.oh0 * p.stride_h + p.offset_h;
+    int64_t packed = -1;  // the (group, part) whose input rows rows_t holds
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const Unit u = unit_at(p, k, unit);
+      if (u.channels <= 0) continue;
+      if (packed != unit / p.blocks()) {
+        pack_input_rows(p, k, ch, u, x, rows_t.get());
+        if (pairs) pair_input_columns(p, k, ch, u, rows_t.get(), reinterpret_cast<uint32_t*>(x_pairs.get()));
+        packed = unit / p.blocks();
       }
+      float* dw_unit = dw_t + (u.g * p.blocks() + u.b) * dw_block;
+      const int64_t first_channel = u.g * p.out_per_group + u.b * p.block;
+      if (dy_in_place && std::min(p.block, p.out_per_group - u.b * p.block) == p.block) {
+        const float* d = static_cast<const float*>(dy.data) + dy.offset(ch.n0, first_channel, ch.oh0 * p.out_w);
+        run_unit_tiles(p, k, ch, u, d, dy.channels, rows_t.get(), nullptr, nullptr, dw_unit);
+        continue;
+      }
+      pack_output_grad(p, ch, u, dy, dy_t.get());
+      if (pairs) pair_output_pixels(p, ch, dy_t.get(), reinterpret_cast<uint32_t*>(dy_pairs.get()));
+      run_unit_tiles(p, k, ch, u, dy_t.get(), p.block, rows_t.get(), reinterpret_cast<uint32_t*>(dy_pairs.get()),
+                     reinterpret_cast<uint32_t*>(x_pairs.get()), dw_unit);
     }
   }
 }
@@ -276,24 +296,32 @@ void blocked_weight_grad(const BlockedProblem& p, const GradChunks& k, const Act
     std::fill(dw, dw + p.groups * p.out_per_group * C * R * S, 0.0f);
     return;
   }
-  // dW in the tiles' order, [group][block][c][r][s][32], summed over all chunks.
-  const int64_t dw_block = C * R * S * p.block;
-  std::vector<float> dw_t(p.groups * p.blocks() * dw_block, 0.0f);
-  at::parallel_for(0, k.ranges, 1, [&](int64_t range_begin, int64_t range_end) {
-    for (int64_t range = range_begin; range < range_end; ++range) {
+  // dW in the tiles' order, [group][block][c][r][s][32], summed over each slice's chunks: one copy
+  // per slice.
+  const int64_t dw_block = C * R * S * p.block, dw_floats = p.groups * p.blocks() * dw_block;
+  std::vector<float> dw_t(k.slices * dw_floats, 0.0f);
+  at::parallel_for(0, k.slices * k.ranges, 1, [&](int64_t item_begin, int64_t item_end) {
+    for (int64_t item = item_begin; item < item_end; ++item) {
+      const int64_t slice = item / k.ranges, range = item % k.ranges;
       const int64_t begin = range * k.units_per_range, end = std::min(k.units, begin + k.units_per_range);
-      run_units(p, k, begin, end, dy, x, dw_t.data());
-      // Each unit's dW slice back to (K, C, k_h, k_w).
-      for (int64_t unit = begin; unit < end; ++unit) {
-        const Unit u = unit_at(p, k, unit);
-        const int64_t channels = std::min(p.block, p.out_per_group - u.b * p.block);
-        const int64_t taps = std::max<int64_t>(0, u.channels) * R * S;  // the unit's (c, r, s) taps from c0 on
-        if (taps > 0)
-          blocked::transpose(dw_t.data() + (u.g * p.blocks() + u.b) * dw_block + u.c0 * R * S * p.block,
-                             p.block, taps, channels,
-                             dw + (u.g * p.out_per_group + u.b * p.block) * C * R * S + u.c0 * R * S,
-                             C * R * S);
+      const int64_t chunk_begin = slice * k.slice_chunks, chunk_end = std::min(k.chunks, chunk_begin + k.slice_chunks);
+      run_units(p, k, begin, end, chunk_begin, chunk_end, dy, x, dw_t.data() + slice * dw_floats);
+    }
+  });
+  // Each unit's part of dW: the slices added in order, then back to (K, C, k_h, k_w).
+  at::parallel_for(0, k.units, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const Unit u = unit_at(p, k, unit);
+      const int64_t channels = std::min(p.block, p.out_per_group - u.b * p.block);
+      const int64_t taps = std::max<int64_t>(0, u.channels) * R * S;  // the unit's (c, r, s) taps from c0 on
+      if (taps == 0) continue;
+      float* sum = dw_t.data() + (u.g * p.blocks() + u.b) * dw_block + u.c0 * R * S * p.block;
+      for (int64_t slice = 1; slice < k.slices; ++slice) {
+        const float* part = sum + slice * dw_floats;
+        for (int64_t i = 0; i < taps * p.block; ++i) sum[i] += part[i];
       }
+      blocked::transpose(sum, p.block, taps, channels, dw + (u.g * p.out_per_group + u.b * p.block) * C * R * S +
+                                                            u.c0 * R * S, C * R * S);
     }
   });
 }
