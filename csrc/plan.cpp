@@ -305,7 +305,8 @@ GradChunks grad_chunks(const BlockedProblem& p, int64_t threads) {
   // thread count either: by (group, block) pairs, as the parts split among threads are not.
   g.chunks = ceil_div(p.batch, g.images) * g.bands;
   const int64_t wanted = ceil_div(kGradWorkItems, std::max<int64_t>(p.groups * blocks, 1));
-  g.slice_chunks = std::max<int64_t>(1, ceil_div(g.chunks, std::clamp<int64_t>(wanted, 1, std::max<int64_t>(g.chunks, 1))));
+  const int64_t slices = std::clamp<int64_t>(wanted, 1, std::max<int64_t>(g.chunks, 1));
+  g.slice_chunks = std::max<int64_t>(1, ceil_div(g.chunks, slices));
   g.slices = std::max<int64_t>(1, ceil_div(g.chunks, g.slice_chunks));
   return g;
 }

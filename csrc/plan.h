@@ -93,8 +93,10 @@ inline bool sees_nhwc(int64_t channels, int64_t pixels, bool channels_last) {
 // channels is not, and the direct kernels write it as NHWC (the lowered driver follows its input
 // alone: its NHWC columns of one channel ran at a tenth of F.conv2d's speed; benchmarks/NOTES.md v18).
 inline bool layer_sees_nhwc(const ConvShape& s, bool channels_last) {
-  return sees_nhwc(s.in_channels, s.in_h * s.in_w, channels_last) ||
-         sees_nhwc(s.out_channels, s.out_h * s.out_w, channels_last);
+  // (pixels as 0, 1 or 2: a plan may be asked for sizes whose product overflows)
+  const auto pixels = [](int64_t h, int64_t w) -> int64_t { return h < 1 || w < 1 ? 0 : h > 1 || w > 1 ? 2 : 1; };
+  return sees_nhwc(s.in_channels, pixels(s.in_h, s.in_w), channels_last) ||
+         sees_nhwc(s.out_channels, pixels(s.out_h, s.out_w), channels_last);
 }
 // `nhwc`: the CPU's channels_last driver (above).
 LoweredPlan plan_lowered(const ConvShape& s, Lowering lowering, int64_t element_size, int64_t workspace_limit,

@@ -83,9 +83,10 @@ def test_training_runs_are_bitwise_identical(device):
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("in_channels, out_channels, kernel, stride", [(64, 24, 3, 2), (64, 72, 3, 2), (1, 24, 11, 4),
-                                                                        (1, 32, 3, 1)])
-def test_direct_weight_grad_does_not_depend_on_the_thread_count(in_channels, out_channels, kernel, stride):
+@pytest.mark.parametrize("in_channels, out_channels, kernel, stride, layout", [
+    (64, 24, 3, 2, "contiguous"), (64, 72, 3, 2, "contiguous"), (1, 24, 11, 4, "contiguous"),
+    (1, 32, 3, 1, "contiguous"), (1, 32, 3, 1, "channels_last")])
+def test_direct_weight_grad_does_not_depend_on_the_thread_count(in_channels, out_channels, kernel, stride, layout):
     """The direct weight gradient sums each element over its chunks of output rows in order,
     whatever the thread count, so one and two threads give the same bits. On an AVX-512 CPU this
     shape takes the blocked kernel: 100 rows of 64 channels make two chunks per image, and 24 or
@@ -93,11 +94,13 @@ def test_direct_weight_grad_does_not_depend_on_the_thread_count(in_channels, out
     The 11x11 layer takes the row engine, whose units run as many blocks of output channels on one
     copy of an input plane as the thread count allows (12 at one thread, 6 at two). The 1 -> 32
     layer is a single unit, whose two chunks (100 rows of 32 dy channels each) are cut into slices
-    summed apart, then in order."""
+    summed apart, then in order; in channels_last its float32 dy is read in place."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, in_channels, 100, 70, generator=g)
     y_h = (100 + 2 - kernel) // stride + 1
     dy = torch.randn(2, out_channels, y_h, (70 + 2 - kernel) + 1, generator=g)
+    if layout == "channels_last":
+        x, dy = (t.to(memory_format=torch.channels_last) for t in (x, dy))
     args = ([out_channels, in_channels, kernel, kernel], [stride, 1], [1, 1], [1, 1], 1)
     before = torch.get_num_threads()
     try:

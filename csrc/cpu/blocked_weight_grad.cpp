@@ -240,19 +240,20 @@ void run_unit_tiles(const BlockedProblem& p, const GradChunks& k, const Chunk& c
   }
 }
 
-// One work item: units [begin, end) over chunks [chunk_begin, chunk_end) (a slice); it packs the
-// input rows of its parts only, once per (group, part) and chunk.
+// A float32 channels_last dy of at most this many channels is read where it lies: its pixels'
+// channels lie together already (a copy of it was a third of a one-channel stem's gradient). With
+// more, a block's pixels lie far apart, and the copy, which packs them, is faster (NOTES v18).
 constexpr int64_t kInPlaceChannels = 64;
 
+// One work item: units [begin, end) over chunks [chunk_begin, chunk_end) (a slice); it packs the
+// input rows of its parts only, once per (group, part) and chunk.
 void run_units(const BlockedProblem& p, const GradChunks& k, int64_t begin, int64_t end, int64_t chunk_begin,
                int64_t chunk_end, const Activations& dy, const Activations& x, float* dw_t) {
   // (Left uninitialised: every element is written before it is read.)
   const int64_t rows_floats = k.images * p.input_rows(k.rows) * k.cols * k.part_channels;
   const int64_t dy_floats = k.images * k.rows * p.out_w * p.block;
   const bool pairs = p.channel_pack == 2;  // (the pairs are sized like the float buffers)
-  // A float32 channels_last dy of few channels is read where it lies, for blocks of whole width:
-  // its pixels' channels lie together already (a copy of it was a third of a one-channel stem's
-  // gradient). With more, a block's pixels lie far apart and the copy, which packs them, is faster.
+  // (in place for blocks of whole width only)
   const bool dy_in_place = !pairs && dy.dtype == at::kFloat && dy.channels_last && dy.channels <= kInPlaceChannels;
   const auto buffer = [](int64_t floats) { return std::unique_ptr<float[]>(new float[floats]); };
   const auto rows_t = buffer(rows_floats), dy_t = buffer(dy_floats);
