@@ -176,6 +176,7 @@ struct BlockedProblem {
   int64_t plane_h() const { return out_plane_h < 0 ? out_h : out_plane_h; }
   int64_t plane_w() const { return out_plane_w < 0 ? out_w : out_plane_w; }
   int64_t blocks() const { return (out_per_group + block - 1) / block; }
+  int64_t block_channels(int64_t b) const { return std::min(block, out_per_group - b * block); }  // of block b
   int64_t packs() const { return (in_per_group + channel_pack - 1) / channel_pack; }
   int64_t max_pixels() const { return block == kBlockedChannels ? kMaxPixels : kMaxNarrowPixels; }
   // Rows of at most half a tile go several to a tile, as many as fit, up to kMaxTileRows; wider

@@ -273,7 +273,7 @@ void fill_strips(const BlockedProblem& p, const Activations& in, int64_t g, int6
 void run_block(const BlockedProblem& p, int64_t g, int64_t b, const float* packed, const float* init,
                const Activations& out, TaskState& st) {
   const int64_t strip_width = p.strip_width();
-  const int64_t channels = std::min(p.block, p.out_per_group - b * p.block);
+  const int64_t channels = p.block_channels(b);
   const int64_t first_channel = g * p.out_per_group + b * p.block;
   const float* block_weights = packed + (g * p.blocks() + b) * p.packs() * p.taps_h * p.taps_w * p.block;
   const bool direct_out = out.dtype == at::kFloat && out.channels_last && channels == p.block;
@@ -344,7 +344,7 @@ void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTa
     std::vector<float> tap_major(kernel_taps * p.block);  // [kernel tap][block]
     for (int64_t gb = begin; gb < end; ++gb) {
       const int64_t g = gb / blocks, b = gb % blocks;
-      const int64_t channels = std::min(p.block, p.out_per_group - b * p.block);
+      const int64_t channels = p.block_channels(b);
       float* dst = packed + gb * block_floats;
       if (!taps.transposed) {  // forward: every tap in order, so the block's rows of w transposed whole
         if (channels < p.block) std::fill(dst, dst + block_floats, 0.0f);

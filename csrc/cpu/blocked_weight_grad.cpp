@@ -175,7 +175,7 @@ void pack_input_rows(const BlockedProblem& p, const GradChunks& k, const Chunk& 
 // dy_t[m][pixel][j] = dy[n0 + m, block channel j, pixel of the band], zero past the group's channels.
 void pack_output_grad(const BlockedProblem& p, const Chunk& ch, const Unit& u, const Activations& dy, float* dy_t) {
   const int64_t band_pixels = ch.rows * p.out_w;
-  const int64_t block_channels = std::min(p.block, p.out_per_group - u.b * p.block);
+  const int64_t block_channels = p.block_channels(u.b);
   if (block_channels < p.block) std::fill(dy_t, dy_t + ch.images * band_pixels * p.block, 0.0f);
   for (int64_t m = 0; m < ch.images; ++m)
     read_pixel_major(dy, ch.n0 + m, u.g * p.out_per_group + u.b * p.block, block_channels, ch.oh0 * p.out_w,
@@ -274,9 +274,9 @@ void run_units(const BlockedProblem& p, const GradChunks& k, int64_t begin, int6
         packed = unit / p.blocks();
       }
       float* dw_unit = dw_t + (u.g * p.blocks() + u.b) * dw_block;
-      const int64_t first_channel = u.g * p.out_per_group + u.b * p.block;
-      if (dy_in_place && std::min(p.block, p.out_per_group - u.b * p.block) == p.block) {
-        const float* d = static_cast<const float*>(dy.data) + dy.offset(ch.n0, first_channel, ch.oh0 * p.out_w);
+      if (dy_in_place && p.block_channels(u.b) == p.block) {
+        const float* d = static_cast<const float*>(dy.data) +
+                         dy.offset(ch.n0, u.g * p.out_per_group + u.b * p.block, ch.oh0 * p.out_w);
         run_unit_tiles(p, k, ch, u, d, dy.channels, rows_t.get(), nullptr, nullptr, dw_unit);
         continue;
       }
@@ -313,7 +313,7 @@ void blocked_weight_grad(const BlockedProblem& p, const GradChunks& k, const Act
   at::parallel_for(0, k.units, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
       const Unit u = unit_at(p, k, unit);
-      const int64_t channels = std::min(p.block, p.out_per_group - u.b * p.block);
+      const int64_t channels = p.block_channels(u.b);
       const int64_t taps = std::max<int64_t>(0, u.channels) * R * S;  // the unit's (c, r, s) taps from c0 on
       if (taps == 0) continue;
       float* sum = dw_t.data() + (u.g * p.blocks() + u.b) * dw_block + u.c0 * R * S * p.block;
