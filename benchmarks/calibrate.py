@@ -105,6 +105,10 @@ def probe_layers(quick: bool = False) -> list[Layer]:
         (160, 160, 40, 3, 2, 1, 4, 1), (320, 320, 20, 3, 2, 1, 4, 1), (640, 640, 8, 3, 1, 1, 4, 1),
         # large layers, whose column bands outgrow the caches
         (144, 288, 48, 3, 1, 1, 4, 1), (288, 288, 24, 3, 1, 1, 4, 1), (96, 96, 96, 3, 1, 1, 2, 1),
+        # few channels at large batches (small nets trained on small images): the blocked engines'
+        # narrow tiles, AMX's padded channels and skinny GEMMs
+        (2, 10, 30, 5, 1, 1, 48, 1), (8, 20, 18, 5, 1, 1, 48, 1), (12, 24, 20, 3, 1, 1, 24, 1),
+        (24, 48, 10, 3, 1, 1, 32, 1),
         # tiny layers, where the per-call overheads decide
         (6, 12, 14, 3, 1, 1, 1, 1), (12, 6, 9, 1, 1, 1, 1, 1), (12, 12, 9, 3, 1, 12, 2, 1), (10, 20, 11, 1, 2, 1, 1, 1),
     ]

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #include <sys/syscall.h>
@@ -169,8 +170,8 @@ BlockedProblem with_tile_width(BlockedProblem p) {
   return p;
 }
 
-// bfloat16 runs in pairs where the CPU has their dot product (plan.h, channel_pack).
-int64_t channel_pack_for(at::ScalarType dtype) { return dtype == at::kBFloat16 && bf16_dot_available() ? 2 : 1; }
+// bfloat16 runs in pairs where their dot product pays (plan.h, channel_pack; bf16_pairs_pay).
+int64_t channel_pack_for(at::ScalarType dtype) { return dtype == at::kBFloat16 && bf16_pairs_pay() ? 2 : 1; }
 
 BlockedRun correlation_run(const BlockedProblem& problem, const WeightTaps& taps, at::ScalarType dtype,
                            int64_t threads) {
@@ -390,6 +391,19 @@ bool bf16_dot_available() {
 #endif
 }
 
+bool bf16_pairs_pay() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool pay = [] {
+    if (!bf16_dot_available()) return false;
+    if (const char* forced = std::getenv("CHANNELCONV_BF16_PAIRS")) return std::strcmp(forced, "0") != 0;
+    return !__builtin_cpu_is("intel");
+  }();
+  return pay;
+#else
+  return false;
+#endif
+}
+
 // The AMX kernels' buffers (padded input, packed weight; the weight gradient's x pairs and dy
 // blocks) below 2^40 elements: no index of the kernels can overflow (larger inputs take the blocked
 // engines, which stream them).
@@ -465,7 +479,9 @@ bool runs_amx_input_grad(const ConvShape& s, at::ScalarType dtype) {
 }
 
 bool runs_amx_weight_grad(const ConvShape& s, at::ScalarType dtype) {
-  if (!runs_amx(s, dtype)) return false;
+  const bool half_padding = std::min(s.in_channels, s.out_channels) <= kAmxChannels / 2 &&
+                            std::max(s.in_channels, s.out_channels) <= kAmxChannels;
+  if (half_padding || !runs_amx(s, dtype)) return false;
   const ConvShape a = amx_shape(s);
   const AmxGeometry g = amx_geometry(a);
   return product({2, a.batch, g.channels, amx_grad_plane(a, g)}) < kMaxAmxBuffer &&

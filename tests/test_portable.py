@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
@@ -56,6 +58,13 @@ def test_plain_loops_without_avx512():
 
 def test_bfloat16_blocked_forward_without_amx():
     run_with("CHANNELCONV_DISABLE_AMX", BF16_SCRIPT, c=20, stride=(1, 1), check='forward["mac_amx"] == 0')
+
+
+def test_bfloat16_in_channel_pairs_where_forced():
+    # Pairs are the default where they pay (AMD); forced here, so that an Intel CPU covers them too.
+    if "avx512_bf16" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX512_BF16 dot product")
+    run_with("CHANNELCONV_BF16_PAIRS,CHANNELCONV_DISABLE_AMX", BF16_SCRIPT, c=7, stride=(2, 1), check='forward["pairs"]')
 
 
 def test_bfloat16_widened_without_its_dot_product():
