@@ -479,9 +479,11 @@ bool runs_amx_input_grad(const ConvShape& s, at::ScalarType dtype) {
 }
 
 bool runs_amx_weight_grad(const ConvShape& s, at::ScalarType dtype) {
-  const bool half_padding = std::min(s.in_channels, s.out_channels) <= kAmxChannels / 2 &&
-                            std::max(s.in_channels, s.out_channels) <= kAmxChannels;
-  if (half_padding || !runs_amx(s, dtype)) return false;
+  const int64_t narrow = kAmxChannels / 2, fewer = std::min(s.in_channels, s.out_channels),
+                more = std::max(s.in_channels, s.out_channels);
+  if (more <= narrow || (amx_splits(s) && fewer <= narrow && more <= kAmxChannels) || !runs_amx(s, dtype)) {
+    return false;
+  }
   const ConvShape a = amx_shape(s);
   const AmxGeometry g = amx_geometry(a);
   return product({2, a.batch, g.channels, amx_grad_plane(a, g)}) < kMaxAmxBuffer &&

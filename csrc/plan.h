@@ -364,27 +364,41 @@ inline int64_t amx_grad_plane(const ConvShape& s, const AmxGeometry& g) {
   return ceil_div(g.image_pixels + kAmxPixels + (s.kernel_w - 1) * s.dilation[1], kAmxChannels) * kAmxChannels;
 }
 // Its units of work: (output-channel block, input-channel block, group of taps), each summing its
-// 32 x 32 block of dW elements (four accumulators: 2 x 2 tiles) over the whole batch in one fixed
-// order (the result does not depend on the split). Taps are split into more groups only where the
-// units are too few to keep the threads busy.
+// dW elements over the whole batch in one fixed order (the result does not depend on the split).
+// Blocks are 32 x 32 (four accumulators: 2 x 2 tiles), or, where the layer is one such block and
+// at least half of it padding ("narrow": 16 -> 16, 16 -> 32), 16 x 16 with up to four taps in the
+// accumulators, one dy tile serving them all (16 -> 16 3x3 @32: 0.28x F.conv2d -> 0.39x; at
+// 16 -> 64, 64 -> 16 it lost 5-10 %). Taps are split into more groups only where the units are too
+// few to keep the threads busy.
 struct AmxGradUnits {
+  bool narrow;
   int64_t output_blocks, channel_blocks, tap_groups, group_taps;
+  int64_t width() const { return narrow ? kAmxOutputs / 2 : kAmxOutputs; }  // channels of a block, each side
   int64_t count() const { return output_blocks * channel_blocks * tap_groups; }
 };
 inline AmxGradUnits amx_grad_units(const ConvShape& s, int64_t threads) {
   threads = std::max<int64_t>(1, threads);
+  const int64_t taps = s.kernel_h * s.kernel_w;
   AmxGradUnits u{};
-  u.output_blocks = ceil_div(s.out_channels, kAmxOutputs);
-  u.channel_blocks = ceil_div(s.in_channels, kAmxChannels);
-  const int64_t taps = s.kernel_h * s.kernel_w, blocks = u.output_blocks * u.channel_blocks;
-  u.tap_groups = std::min(taps, ceil_div(4 * threads, blocks));
-  u.group_taps = ceil_div(taps, u.tap_groups);
+  u.narrow = std::min(s.in_channels, s.out_channels) <= kAmxChannels / 2 &&
+             std::max(s.in_channels, s.out_channels) <= kAmxChannels;
+  u.output_blocks = ceil_div(s.out_channels, u.width());
+  u.channel_blocks = ceil_div(s.in_channels, u.width());
+  const int64_t blocks = u.output_blocks * u.channel_blocks;
+  if (u.narrow) {  // as many taps to a unit (up to 4) as leave two units a thread
+    u.group_taps = 4;
+    while (u.group_taps > 1 && blocks * ceil_div(taps, u.group_taps) < 2 * threads) --u.group_taps;
+    u.tap_groups = ceil_div(taps, u.group_taps);
+  } else {
+    u.tap_groups = std::min(taps, ceil_div(4 * threads, blocks));
+    u.group_taps = ceil_div(taps, u.tap_groups);
+  }
   return u;
 }
-// Layers whose one 32 x 32 block is at least half padding (16 -> 16, 6 -> 16, 16 -> 32) take the
-// blocked engine's weight gradient: widened to float32 it ran 1.0-1.5x AMX's there (6 -> 16 5x5
-// @14 0.36x F.conv2d on AMX, 0.55x widened; benchmarks/NOTES.md v19), which had run them as 16 x 16
-// tiles with up to four taps in the accumulators.
+// It declines layers of at most 16 channels each way (one narrow block: 6 -> 16 5x5 @14 ran at
+// 0.36x F.conv2d, the blocked engine widened to float32 0.55x; 16 -> 16 3x3 @56 0.55x, 0.62x), and
+// strided ones of half-padded blocks (16 -> 32 3x3/s2 @32: 0.45x, 0.56x; benchmarks/NOTES.md v19).
+// 16 -> 32 at stride 1 stays (@112: 0.55x against 0.37x).
 bool runs_amx_weight_grad(const ConvShape& s, at::ScalarType dtype);
 
 DirectPlan plan_direct(const ConvShape& s, DirectPass pass, at::ScalarType dtype, int64_t threads);

@@ -217,7 +217,7 @@ void count_amx(const ConvShape& s, DirectPass pass, int64_t threads, Counts& c) 
     const AmxGeometry g = amx_geometry(a);
     const AmxGradUnits units = amx_grad_units(a, threads);
     c.mac_amx = double(a.batch) * g.blocks * kAmxPixels * units.output_blocks * units.channel_blocks *
-                kAmxOutputs * kAmxChannels * a.kernel_h * a.kernel_w * real_share;
+                units.width() * units.width() * a.kernel_h * a.kernel_w * (units.narrow ? 1.0 : real_share);
     c.strip = double(a.batch) * (2 * amx_grad_plane(a, g) * g.channels + g.blocks * kAmxPixels * g.outputs) + split;
     c.output = double(a.out_channels) * a.in_channels * a.kernel_h * a.kernel_w;
     c.tasks = units.count();

@@ -339,8 +339,9 @@ def test_amx_forward(device, layout, batch, in_channels, out_channels, size, ker
     the weight gradient as a GEMM over pixel pairs: padded channels and outputs, the wide grid's
     dropped pixels, dilation, strided layers over their input's phases, both layouts, a bias;
     forward and both gradients against F.conv2d in float64, and the plan runs AMX for all three
-    (the weight gradient where the row engine does not take it and a 32 x 32 block is not half
-    padding both ways; a strided input gradient where no block of 32 channels mixes phases)."""
+    (the weight gradient where the row engine does not take it, nor the blocked engine: at most 16
+    channels each way, or strided with half-padded blocks; a strided input gradient where no block of
+    32 channels mixes phases)."""
     stride = (stride, stride) if isinstance(stride, int) else stride
     case = Case(batch=batch, in_channels=in_channels, out_channels=out_channels, size=size, kernel=kernel,
                 stride=stride, padding=padding, dilation=dilation, groups=1, bias=True, unbatched=False,
@@ -352,9 +353,10 @@ def test_amx_forward(device, layout, batch, in_channels, out_channels, size, ker
     # The weight gradient: AMX, or where it takes the layer (few output channels) the row engine.
     row_engine = weight_grad["blocked"] and weight_grad["chunks"] == 0 and weight_grad["mac_amx"] == 0
     mixed_phases = stride != (1, 1) and in_channels % 32 != 0
-    half_padding = min(in_channels, out_channels) <= 16 and max(in_channels, out_channels) <= 32
+    fewer, more = sorted((in_channels, out_channels))
+    blocked_dw = more <= 16 or (stride != (1, 1) and fewer <= 16 and more <= 32)
     if AMX:
-        assert forward["mac_amx"] > 0 and (row_engine or (weight_grad["mac_amx"] > 0) != half_padding)
+        assert forward["mac_amx"] > 0 and (row_engine or (weight_grad["mac_amx"] > 0) != blocked_dw)
         assert (input_grad["mac_amx"] > 0) == (not mixed_phases)
     else:
         assert forward["mac_amx"] == input_grad["mac_amx"] == weight_grad["mac_amx"] == 0
@@ -400,7 +402,7 @@ def test_amx_declines_tiles_mostly_padding():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("in_channels, out_channels", [(40, 64), (16, 64), (64, 16)])
+@pytest.mark.parametrize("in_channels, out_channels", [(40, 64), (16, 32), (32, 16)])
 def test_amx_weight_grad_is_exact_beside_non_finite_inputs_and_thread_independent(layout, in_channels,
                                                                                    out_channels):
     """The AMX weight gradient sums the wide grid's dropped pixels as dy = 0 times the x they meet,
@@ -408,8 +410,8 @@ def test_amx_weight_grad_is_exact_beside_non_finite_inputs_and_thread_independen
     copy of x checks, and such inputs take the other engine: every dW element finite where float64
     F.conv2d's is, and the same elsewhere. Its units split taps by thread count; each sum runs in
     the same order whatever the split (1, 2 and 3 threads give the same bits). 40 -> 64 runs
-    32 x 32 blocks, one of them part padding; 16 -> 64 and 64 -> 16 blocks half padding on one side.
-    (Layers whose one block is half padding on both sides take the blocked engine.)"""
+    32 x 32 blocks; 16 -> 32 and 32 -> 16 the narrow 16 x 16 tiles with up to four taps in the
+    accumulators (both halves of a 32-channel block on each side)."""
     g = torch.Generator().manual_seed(0)
     memory_format = getattr(torch, layout + "_format", torch.channels_last)
     x = torch.randn(2, in_channels, 12, 13, generator=g).to(torch.bfloat16).contiguous(memory_format=memory_format)

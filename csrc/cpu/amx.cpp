@@ -398,6 +398,51 @@ __attribute__((target("amx-tile,amx-bf16"))) void grad_block(const AmxGradProble
   _tile_stored(3, acc + tile_half + kTileOutputs, row_bytes);
 }
 
+// Taps [tap0, tap0 + kTaps) of one 16-output x 16-channel tile (the halves k_tile and c_tile of
+// their 32-channel blocks), each tap's sums in its own accumulator (tiles 0-3, acc[i]: 16 x 16,
+// row = output): one dy tile serves every tap, for the narrow layers where a 32 x 32 block would
+// be half padding. The x tiles rotate through tiles 5-7.
+template <int kTaps>
+__attribute__((target("amx-tile,amx-bf16"))) void grad_taps(const AmxGradProblem& p, int64_t n_begin, int64_t n_end,
+                                                            int64_t k_tile, int64_t c_tile, int64_t tap0,
+                                                            float* const* acc) {
+  constexpr int64_t row_bytes = kTileOutputs * sizeof(float);
+  constexpr int64_t b_stride = kAmxChannels * 2 * sizeof(at::BFloat16);
+  int64_t offset[4] = {};
+  for (int i = 0; i < kTaps; ++i) offset[i] = p.tap_offset(tap0 + i);
+  _tile_loadd(0, acc[0], row_bytes);
+  if constexpr (kTaps > 1) _tile_loadd(1, acc[1], row_bytes);
+  if constexpr (kTaps > 2) _tile_loadd(2, acc[2], row_bytes);
+  if constexpr (kTaps > 3) _tile_loadd(3, acc[3], row_bytes);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const at::BFloat16* a = p.dy + (n * p.output_blocks + k_tile / 2) * p.grid_blocks * kGradBlock +
+                            k_tile % 2 * kGradBlock / 2;
+    const int64_t x_half = c_tile % 2 * 2 * kTileOutputs;  // (the channel block's second 16)
+    auto b_tile = [&](int64_t block, int i) { return p.x_tile(n, c_tile / 2, block, offset[i]) + x_half; };
+    for (int64_t block = 0; block < p.grid_blocks; ++block) {
+      _tile_loadd(4, a + block * kGradBlock, 64);
+      _tile_loadd(5, b_tile(block, 0), b_stride);
+      _tile_dpbf16ps(0, 4, 5);
+      if constexpr (kTaps > 1) {
+        _tile_loadd(6, b_tile(block, 1), b_stride);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+      if constexpr (kTaps > 2) {
+        _tile_loadd(7, b_tile(block, 2), b_stride);
+        _tile_dpbf16ps(2, 4, 7);
+      }
+      if constexpr (kTaps > 3) {
+        _tile_loadd(5, b_tile(block, 3), b_stride);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+  }
+  _tile_stored(0, acc[0], row_bytes);
+  if constexpr (kTaps > 1) _tile_stored(1, acc[1], row_bytes);
+  if constexpr (kTaps > 2) _tile_stored(2, acc[2], row_bytes);
+  if constexpr (kTaps > 3) _tile_stored(3, acc[3], row_bytes);
+}
+
 // dst[c / 32 * block_stride + 2 * (c % 32) + e] = source e's channel c (zero where source e is null
 // or c >= count), c < padded. Returns whether a value read is an Inf or a NaN (every exponent bit set).
 __attribute__((target("avx512f,avx512bw"))) bool interleave_pair(const at::BFloat16* even_source,
@@ -654,7 +699,7 @@ at::Tensor weight_grad_tiles(const at::Tensor& grad_output, const at::Tensor& in
                          g.blocks, plane_pairs, g.padded_w, s.kernel_w, s.dilation[0], s.dilation[1]};
   const int64_t taps = s.kernel_h * s.kernel_w;
   const AmxGradUnits units = amx_grad_units(s, at::get_num_threads());
-  const int64_t width = kAmxOutputs, group_images = ceil_div(64, g.blocks);
+  const int64_t width = units.width(), group_images = ceil_div(64, g.blocks);
   at::Tensor dw = at::empty(s.weight_sizes(), input.options().dtype(at::kFloat));
   float* dw_data = dw.mutable_data_ptr<float>();
   // Consecutive units share the larger operand's blocks (x's pairs, or dy's), read from memory
@@ -666,20 +711,32 @@ at::Tensor weight_grad_tiles(const at::Tensor& grad_output, const at::Tensor& in
       float values[kAmxOutputs * kAmxChannels];
     };
     std::vector<TapSums> tap_sums(units.group_taps);
+    float* narrow_sums[4];
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t tap_group = unit % units.tap_groups, block_pair = unit / units.tap_groups;
       const int64_t k_block = x_outer ? block_pair % units.output_blocks : block_pair / units.channel_blocks;
       const int64_t c_block = x_outer ? block_pair / units.output_blocks : block_pair % units.channel_blocks;
       const int64_t tap0 = tap_group * units.group_taps, tap_end = std::min(taps, tap0 + units.group_taps);
       for (TapSums& t : tap_sums) std::fill(std::begin(t.values), std::end(t.values), 0.0f);
+      if (units.narrow) std::transform(tap_sums.begin(), tap_sums.begin() + (tap_end - tap0), narrow_sums,
+                                       [](TapSums& t) { return t.values; });
       // A few images at a time (one, or enough of a small map's for 64 blocks), every tap of the
-      // group: their dy and x blocks are read from L2 once a tap; the sums stay in tiles across the
-      // images' blocks, and go through memory between groups.
+      // group: their dy and x blocks are read from L2 once a tap (a group of taps, narrow); the
+      // sums stay in tiles across the images' blocks, and go through memory between groups.
       for (int64_t n = 0; n < s.batch; n += group_images) {
         const int64_t n_end = std::min(s.batch, n + group_images);
-        for (int64_t tap = tap0; tap < tap_end; ++tap) {
-          if (real && !real[tap * units.channel_blocks + c_block]) continue;
-          grad_block(p, n, n_end, k_block, c_block, tap, tap_sums[tap - tap0].values);
+        if (!units.narrow) {
+          for (int64_t tap = tap0; tap < tap_end; ++tap) {
+            if (real && !real[tap * units.channel_blocks + c_block]) continue;
+            grad_block(p, n, n_end, k_block, c_block, tap, tap_sums[tap - tap0].values);
+          }
+          continue;
+        }
+        switch (tap_end - tap0) {
+          case 1: grad_taps<1>(p, n, n_end, k_block, c_block, tap0, narrow_sums); break;
+          case 2: grad_taps<2>(p, n, n_end, k_block, c_block, tap0, narrow_sums); break;
+          case 3: grad_taps<3>(p, n, n_end, k_block, c_block, tap0, narrow_sums); break;
+          default: grad_taps<4>(p, n, n_end, k_block, c_block, tap0, narrow_sums); break;
         }
       }
       // dw[k][c][tap] from the sums [tap][k][c] (width x width), inside the real channels.
