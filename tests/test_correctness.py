@@ -325,6 +325,7 @@ AMX = all(f in open("/proc/cpuinfo").read() for f in ("amx_tile", "amx_bf16", "a
     (2, 16, 8, (6, 6), (1, 1), 1, 0, (1, 1)),        # 1x1, no padding
     (1, 8, 40, (1, 37), (1, 3), 1, (0, 1), (1, 1)),  # one row: blocks of 32 pixels cross the row's end
     (1, 32, 40, (3, 70), (3, 3), 1, 1, (1, 1)),      # rows of 48 or more: NCHW stored from a transpose
+    (1, 16, 40, (32, 32), (3, 3), 1, 1, (1, 1)),     # 2 KB planes: blocks of over 16 outputs transposed too
     # Strided, split into the input's phases:
     (2, 64, 64, (14, 14), (3, 3), 2, 1, (1, 1)),     # 2 x 2 phases of whole blocks: phantom taps skipped
     (2, 32, 40, (15, 13), (3, 3), 2, 1, (1, 1)),     # odd sizes: phases of unequal extent

@@ -807,6 +807,11 @@ at::Tensor forward_tiles(const at::Tensor& input, const at::Tensor& weight, cons
   // once; otherwise innermost, consecutive tasks reusing the same input pixels.
   const bool weights_outer = outputs * s.kernel_h * s.kernel_w > s.batch * g.image_pixels;
   constexpr int64_t kWideRows = 48;
+  // Stored by element, a pixel's outputs lie a plane apart. Planes of a multiple of 2 KB put them
+  // into at most 2 of L1's 64 sets: over 16 outputs, more lines a set than its 12 ways, and every
+  // store missed (8 -> 32 3x3 @32, 2 KB planes, ran at 0.37x F.conv2d forward against @28's
+  // 0.91x). There the transpose pays; at 16 outputs it cost 10 % (benchmarks/NOTES.md v19).
+  const bool planes_alias = y_c * int64_t(sizeof(at::BFloat16)) % 2048 == 0;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
     alignas(64) float sums[kAmxPixels * kAmxOutputs];
@@ -822,11 +827,11 @@ at::Tensor forward_tiles(const at::Tensor& input, const at::Tensor& weight, cons
       const int64_t k_count = std::min<int64_t>(kAmxOutputs, s.out_channels - k0);
       const int64_t row0 = phase / stride_w - pad_h, column0 = phase % stride_w - pad_w;
       const float* bias_block = bias_values.data() + k0;
-      if (y_c != 1 && y_w == 1 && !split_output && s.out_w >= kWideRows) {
+      if (y_c != 1 && y_w == 1 && !split_output && (s.out_w >= kWideRows || (planes_alias && k_count > kAmxOutputs / 2))) {
         // NCHW, long rows: the block transposed, each output's pixels stored along its rows (64 ->
         // 64 3x3 @56 forward: 0.88x F.conv2d -> 1.05x). On shorter rows the transpose costs more
         // than it saves (32 -> 32 @16: 0.98x -> 0.84x; 16 -> 16 @32: 0.63x -> 0.60x); they keep
-        // the stores by element.
+        // the stores by element, except where the planes alias (below).
         for (int64_t i = 0; i < kAmxPixels; ++i) {
           store_outputs(sums + i * kAmxOutputs, bias_block, kAmxOutputs, by_pixel[i]);
         }
