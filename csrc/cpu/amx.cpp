@@ -827,7 +827,8 @@ at::Tensor forward_tiles(const at::Tensor& input, const at::Tensor& weight, cons
       const int64_t k_count = std::min<int64_t>(kAmxOutputs, s.out_channels - k0);
       const int64_t row0 = phase / stride_w - pad_h, column0 = phase % stride_w - pad_w;
       const float* bias_block = bias_values.data() + k0;
-      if (y_c != 1 && y_w == 1 && !split_output && (s.out_w >= kWideRows || (planes_alias && k_count > kAmxOutputs / 2))) {
+      const bool transpose = s.out_w >= kWideRows || (planes_alias && k_count > kAmxOutputs / 2);
+      if (y_c != 1 && y_w == 1 && !split_output && transpose) {
         // NCHW, long rows: the block transposed, each output's pixels stored along its rows (64 ->
         // 64 3x3 @56 forward: 0.88x F.conv2d -> 1.05x). On shorter rows the transpose costs more
         // than it saves (32 -> 32 @16: 0.98x -> 0.84x; 16 -> 16 @32: 0.63x -> 0.60x); they keep
