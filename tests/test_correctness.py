@@ -340,9 +340,8 @@ def test_amx_forward(device, layout, batch, in_channels, out_channels, size, ker
     the weight gradient as a GEMM over pixel pairs: padded channels and outputs, the wide grid's
     dropped pixels, dilation, strided layers over their input's phases, both layouts, a bias;
     forward and both gradients against F.conv2d in float64, and the plan runs AMX for all three
-    (the weight gradient where the row engine does not take it, nor the blocked engine: at most 16
-    channels each way, or strided with half-padded blocks; a strided input gradient where no block of
-    32 channels mixes phases)."""
+    (the weight gradient, or for the smallest layers (csrc/plan.h, runs_amx_weight_grad) one of the
+    blocked engines; a strided input gradient where no block of 32 channels mixes phases)."""
     stride = (stride, stride) if isinstance(stride, int) else stride
     case = Case(batch=batch, in_channels=in_channels, out_channels=out_channels, size=size, kernel=kernel,
                 stride=stride, padding=padding, dilation=dilation, groups=1, bias=True, unbatched=False,
@@ -351,13 +350,9 @@ def test_amx_forward(device, layout, batch, in_channels, out_channels, size, ker
     passes = channelconv.cost((batch, in_channels, *size), (out_channels, in_channels, *kernel), stride, padding,
                               dilation, dtype=torch.bfloat16).plans["direct"].passes
     forward, input_grad, weight_grad = (passes[name] for name in ("forward", "input_grad", "weight_grad"))
-    # The weight gradient: AMX, or where it takes the layer (few output channels) the row engine.
-    row_engine = weight_grad["blocked"] and weight_grad["chunks"] == 0 and weight_grad["mac_amx"] == 0
     mixed_phases = stride != (1, 1) and in_channels % 32 != 0
-    fewer, more = sorted((in_channels, out_channels))
-    blocked_dw = more <= 16 or (stride != (1, 1) and fewer <= 16 and more <= 32)
-    if AMX:
-        assert forward["mac_amx"] > 0 and (row_engine or (weight_grad["mac_amx"] > 0) != blocked_dw)
+    if AMX:  # (the weight gradient: AMX, or a blocked engine, never the plain loops)
+        assert forward["mac_amx"] > 0 and (weight_grad["mac_amx"] > 0 or weight_grad["blocked"])
         assert (input_grad["mac_amx"] > 0) == (not mixed_phases)
     else:
         assert forward["mac_amx"] == input_grad["mac_amx"] == weight_grad["mac_amx"] == 0
@@ -444,13 +439,6 @@ def test_amx_weight_grad_is_exact_beside_non_finite_inputs_and_thread_independen
     assert_close(got[finite], want[finite], torch.bfloat16, "weight")
 
 
-# Whether this CPU runs bfloat16 in channel pairs (vdpbf16ps; csrc/plan.h, bf16_pairs_pay): it has
-# AVX512_BF16 and is not Intel's (where widening ran faster), unless CHANNELCONV_BF16_PAIRS says.
-_CPUINFO = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-BF16_PAIRS = "avx512_bf16" in _CPUINFO and os.environ.get("CHANNELCONV_BF16_PAIRS",
-                                                           "0" if "GenuineIntel" in _CPUINFO else "1") != "0"
-
-
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("in_channels, out_channels, groups, kernel, stride, padding, dilation", [
@@ -464,7 +452,8 @@ def test_blocked_engines_layouts_and_dtypes(device, layout, dtype, in_channels, 
     """The blocked correlation and weight gradient read NCHW and channels_last operands in float32,
     bfloat16 and float16 where they lie and convert on the rows they copy (csrc/cpu/activations.h);
     bfloat16 runs in channel pairs (the weight gradient in pixel pairs) where the CPU's dot product
-    pays, widened elsewhere. Forward and both gradients
+    pays (csrc/plan.h, bf16_pairs_pay), the same way in all three passes; other dtypes never do
+    (tests/test_portable.py forces each way). Forward and both gradients
     against F.conv2d in float64 within the dtype's tolerance, in F.conv2d's memory formats."""
     case = Case(batch=3, in_channels=in_channels, out_channels=out_channels, size=(9, 11), kernel=kernel,
                 stride=stride, padding=padding, dilation=dilation, groups=groups, bias=True, unbatched=False,
@@ -473,8 +462,10 @@ def test_blocked_engines_layouts_and_dtypes(device, layout, dtype, in_channels, 
     passes = channelconv.cost((3, in_channels, 9, 11), (out_channels, in_channels // groups, *kernel), stride,
                               padding, dilation, groups, dtype=dtype).plans["direct"].passes
     if device == "cpu" and passes["forward"]["blocked"]:  # an AVX-512 CPU
-        for name in ("forward", "input_grad", "weight_grad"):  # (odd and even rows: 11 and 6 output columns)
-            assert passes[name]["blocked"] and passes[name]["pairs"] == int(dtype == torch.bfloat16 and BF16_PAIRS)
+        names = ("forward", "input_grad", "weight_grad")  # (odd and even rows: 11 and 6 output columns)
+        assert all(passes[name]["blocked"] for name in names)
+        pairs = {passes[name]["pairs"] for name in names}
+        assert len(pairs) == 1 and (dtype == torch.bfloat16 or pairs == {0}), pairs
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
