@@ -109,13 +109,18 @@ def probe_layers(quick: bool = False) -> list[Layer]:
         # narrow tiles, AMX's padded channels and skinny GEMMs
         (2, 10, 30, 5, 1, 1, 48, 1), (8, 20, 18, 5, 1, 1, 48, 1), (12, 24, 20, 3, 1, 1, 24, 1),
         (24, 48, 10, 3, 1, 1, 32, 1),
+    ]
+    spec = [(*layer[:6], 2 * layer[6], layer[7]) for layer in spec]  # batches of 2-16: whole images share GEMMs
+    spec += [  # at the batch given:
         # tiny layers, where the per-call overheads decide
         (6, 12, 14, 3, 1, 1, 1, 1), (12, 6, 9, 1, 1, 1, 1, 1), (12, 12, 9, 3, 1, 12, 2, 1), (10, 20, 11, 1, 2, 1, 1, 1),
+        # deep layers at batch 1 and 2, whose weights outweigh the work: packing them for the blocked
+        # tiles costs direct more than its multiply-adds
+        (448, 448, 4, 3, 1, 1, 1, 1), (320, 640, 9, 3, 2, 1, 1, 1), (768, 768, 3, 3, 1, 1, 2, 1),
+        (1536, 384, 5, 1, 1, 1, 1, 1),
     ]
     layers = []
-    for i, (c_in, c_out, size, k, s, g, n, d) in enumerate(spec):
-        if i < len(spec) - 4:  # batches of 2-8, as in training: whole images then share GEMMs
-            n *= 2
+    for c_in, c_out, size, k, s, g, n, d in spec:
         layers.append(Layer(f"probe {c_in}->{c_out} {k}x{k}/{s} @{size} g{g} n{n}", c_in, c_out, (size, size),
                             (k, k), (s, s), ((k // 2) * d,) * 2, (d, d), g, False, batch=n))
     layers += random_layers(CALIBRATION_SEED, 60, PROBE_MACS)

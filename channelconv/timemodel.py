@@ -36,11 +36,11 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 _CALIBRATION_ENV = "CHANNELCONV_CALIBRATION"
 
 LOWERED_FEATURES = ("gemm", "column", "column_strided", "gemm_call", "call")
-DIRECT_FEATURES = ("mac", "mac_1x1", "mac_plain", "mac_amx", "inner_loop", "weight_read", "strip", "output",
-                   "output_far", "call")
+DIRECT_FEATURES = ("mac", "mac_1x1", "mac_plain", "mac_amx", "inner_loop", "weight_read", "weight_pack", "strip",
+                   "output", "output_far", "call")
 # Work that the kernels spread over threads; the rest (dispatch, per-GEMM setup) is serial.
 PARALLEL_FEATURES = frozenset({"gemm", "column", "column_strided", "mac", "mac_1x1", "mac_plain", "mac_amx",
-                               "inner_loop", "weight_read", "strip", "output", "output_far"})
+                               "inner_loop", "weight_read", "weight_pack", "strip", "output", "output_far"})
 # A pass's result larger than this is written to memory rather than to a core's cache (2 MiB of L2).
 CACHED_OUTPUT_BYTES = 2 << 20
 FEATURE_NAMES = {
@@ -55,6 +55,7 @@ FEATURE_NAMES = {
     "mac_amx": "multiply-adds on AMX tiles (bfloat16; channels padded to 32, the wide grid's dropped pixels)",
     "inner_loop": "inner loops started",
     "weight_read": "packed weights streamed (once per task of output rows)",
+    "weight_pack": "weights packed for the tiles (read across the weight's rows and written, once per pass)",
     "strip": "input elements copied into the blocked kernel's zero-padded strips",
     "output": "output elements (accumulator fill and copy)",
     "output_far": "of those, the ones of results too large for the cache (written to memory)",
@@ -113,7 +114,8 @@ def _direct_pass(counts: dict, element_size: int, vector_bytes: int) -> dict:
         return values
     if counts["blocked"]:
         values.update(mac=float(counts["mac"]), mac_1x1=float(counts["mac_1x1"]),
-                      weight_read=float(counts["weight_read"]), strip=float(counts["strip"]))
+                      weight_read=float(counts["weight_read"]), weight_pack=float(counts["weight_pack"]),
+                      strip=float(counts["strip"]))
         return values
     lanes, row = max(1, vector_bytes // element_size), counts["row"]
     waste = math.ceil(row / lanes) * lanes / row if row else 1.0

@@ -22,6 +22,8 @@
 //   mac_1x1      of those, a 1x1 kernel's (its tile streams the input, with no reuse across taps)
 //   inner_loop   innermost loops started (blocked: one per tile and kernel row or input channel)
 //   weight_read  packed weights streamed (once per task of output rows; the dW tiles per chunk)
+//   weight_pack  weights packed for the tiles, once per correlation: a read across the weight's rows
+//                and a write, which on deep layers at small batches cost more than the tiles
 //   strip        input elements copied into zero-padded strips (weight gradient: x and dy packed)
 //   output       elements written
 //   row          the plain loops' inner length (a short row wastes vector lanes)
@@ -61,7 +63,8 @@ Summary describe(const LoweredPlan& p) {
 // allocated (the op then fails with the allocator's message), and the time model reads them as
 // floats anyway. A count past int64 is reported as INT64_MAX.
 struct Counts {
-  double mac = 0, mac_1x1 = 0, mac_amx = 0, inner_loop = 0, weight_read = 0, strip = 0, output = 0, tiles = 0;
+  double mac = 0, mac_1x1 = 0, mac_amx = 0, inner_loop = 0, weight_read = 0, weight_pack = 0, strip = 0, output = 0;
+  double tiles = 0;
   int64_t blocked = 0, depthwise = 0, row = 0, strided = 0, runs = 0, tasks = 0, chunks = 0, parts = 0;
   int64_t pairs = 0;  // 1: bfloat16 channel pairs (plan.h, channel_pack)
 
@@ -69,7 +72,8 @@ struct Counts {
     Summary d;
     for (const auto& [key, value] : {std::pair<const char*, double>{"mac", mac}, {"mac_1x1", mac_1x1},
                                      {"mac_amx", mac_amx},
-                                     {"inner_loop", inner_loop}, {"weight_read", weight_read}, {"strip", strip},
+                                     {"inner_loop", inner_loop}, {"weight_read", weight_read},
+                                     {"weight_pack", weight_pack}, {"strip", strip},
                                      {"output", output}, {"tiles", tiles}})
       d.insert(key, value < 9.2e18 ? static_cast<int64_t>(value) : std::numeric_limits<int64_t>::max());
     for (const auto& [key, value] : {std::pair<const char*, int64_t>{"blocked", blocked}, {"depthwise", depthwise},
@@ -100,6 +104,7 @@ void count_run(const BlockedRun& run, Counts& c) {
   c.mac_1x1 += taps == 1 ? mac : 0;
   c.inner_loop += tiles * (taps == 1 ? 1 : double(p.packs()) * p.taps_h);
   c.weight_read += tasks * blocks * p.block * p.packs() * taps;
+  c.weight_pack += p.groups * blocks * p.block * p.packs() * taps;
   c.strip += double(p.groups) * p.batch * p.out_h * p.packs() * p.taps_h * p.strip_width();
   c.output += double(p.batch) * p.groups * p.out_per_group * p.out_h * p.out_w;
 }
