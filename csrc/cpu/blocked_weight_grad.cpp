@@ -154,19 +154,24 @@ struct Chunk {
 // so that a tile reads one contiguous stream.
 void pack_input_rows(const BlockedProblem& p, const GradChunks& k, const Chunk& ch, const Unit& u,
                      const Activations& x, float* rows_t) {
-  std::fill(rows_t, rows_t + u.channels * ch.images * ch.in_rows * k.cols, 0.0f);
-  const int64_t col_begin = std::max<int64_t>(0, -p.offset_w);
-  const int64_t col_end = std::min(k.cols, p.in_w - p.offset_w);
+  const int64_t col_begin = std::clamp<int64_t>(-p.offset_w, 0, k.cols);
+  const int64_t col_end = std::clamp(p.in_w - p.offset_w, col_begin, k.cols);
   for (int64_t c = 0; c < u.channels; c += k.tile_channels) {
     const int64_t tile_g = std::min<int64_t>(k.tile_channels, u.channels - c);
     float* tile_rows = rows_t + c * ch.images * ch.in_rows * k.cols;
     for (int64_t m = 0; m < ch.images; ++m) {
       for (int64_t i = 0; i < ch.in_rows; ++i) {
+        float* row = tile_rows + (m * ch.in_rows + i) * k.cols * tile_g;
         const int64_t ih = ch.ih0 + i;
-        if (ih < 0 || ih >= p.in_h) continue;
+        if (ih < 0 || ih >= p.in_h || col_begin == col_end) {
+          std::fill(row, row + k.cols * tile_g, 0.0f);
+          continue;
+        }
+        // zero the padding columns alone: a fill of the whole buffer first was a pass over it
+        std::fill(row, row + col_begin * tile_g, 0.0f);
+        std::fill(row + col_end * tile_g, row + k.cols * tile_g, 0.0f);
         read_pixel_major(x, ch.n0 + m, u.g * p.in_per_group + u.c0 + c, tile_g, ih * p.in_w + p.offset_w + col_begin,
-                         col_end - col_begin, tile_rows + ((m * ch.in_rows + i) * k.cols + col_begin) * tile_g,
-                         tile_g);
+                         col_end - col_begin, row + col_begin * tile_g, tile_g);
       }
     }
   }
