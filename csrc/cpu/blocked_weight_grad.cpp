@@ -306,9 +306,12 @@ void blocked_weight_grad(const BlockedProblem& p, const GradChunks& k, const Act
   // per slice.
   const int64_t dw_block = C * R * S * p.block, dw_floats = p.groups * p.blocks() * dw_block;
   std::vector<float> dw_t(k.slices * dw_floats, 0.0f);
+  // Items range by range, so that where the ranges are as many as the threads each thread takes one
+  // range over all the slices: slice by slice, a thread took one slice of every range, and slices of
+  // unequal chunks (8 images as 6 + 2) left the other idle a third of the time (NOTES v20).
   at::parallel_for(0, k.slices * k.ranges, 1, [&](int64_t item_begin, int64_t item_end) {
     for (int64_t item = item_begin; item < item_end; ++item) {
-      const int64_t slice = item / k.ranges, range = item % k.ranges;
+      const int64_t range = item / k.slices, slice = item % k.slices;
       const int64_t begin = range * k.units_per_range, end = std::min(k.units, begin + k.units_per_range);
       const int64_t chunk_begin = slice * k.slice_chunks, chunk_end = std::min(k.chunks, chunk_begin + k.slice_chunks);
       run_units(p, k, begin, end, chunk_begin, chunk_end, dy, x, dw_t.data() + slice * dw_floats);
