@@ -280,18 +280,21 @@ GradChunks grad_chunks(const BlockedProblem& p, int64_t threads) {
   // A band of output rows of one image, as many rows as keep the band's input rows within
   // kGradChunkBytes; or, when a whole image fits, several whole images (the dW tiles are loaded and
   // stored once per chunk, so fewer, larger chunks save that traffic), evened out over the chunks.
+  // Whole images go no more to a chunk than leave the chunks the slices want (below): LeNet's
+  // 6 -> 16 at batch 64 fitted in one chunk, a single work item, and ran on one thread.
+  const int64_t blocks = p.blocks();
+  const int64_t wanted = ceil_div(kGradWorkItems, std::max<int64_t>(p.groups * blocks, 1));
   g.rows = std::max<int64_t>(1, p.out_h);
   while (g.rows > 1 && chunk_bytes(g.rows) > kGradChunkBytes) --g.rows;
   g.bands = ceil_div(p.out_h, g.rows);
   g.images = 1;
   if (g.bands == 1 && p.batch > 1) {
-    const int64_t fit = std::clamp<int64_t>(kGradChunkBytes / chunk_bytes(p.out_h), 1, p.batch);
+    const int64_t fit = std::clamp<int64_t>(kGradChunkBytes / chunk_bytes(p.out_h), 1, ceil_div(p.batch, wanted));
     g.images = ceil_div(p.batch, ceil_div(p.batch, fit));
   }
   // With more input than output channels the input channels are split among the threads, so that
   // each packs its share of x (the larger operand) and all of dy rather than all of x and its share
   // of dy. They are also split when there are fewer (group, block) pairs than threads.
-  const int64_t blocks = p.blocks();
   int64_t parts = C > p.out_per_group && p.groups < threads ? ceil_div(threads, p.groups) : 1;
   while ((p.groups * blocks * parts) % threads != 0 && p.groups * blocks * parts < 4 * threads &&
          C / (parts + 1) >= g.tile_channels)
@@ -305,7 +308,6 @@ GradChunks grad_chunks(const BlockedProblem& p, int64_t threads) {
   // Slices from the shape only, like the chunks, so that the sums' order does not depend on the
   // thread count either: by (group, block) pairs, as the parts split among threads are not.
   g.chunks = ceil_div(p.batch, g.images) * g.bands;
-  const int64_t wanted = ceil_div(kGradWorkItems, std::max<int64_t>(p.groups * blocks, 1));
   const int64_t slices = std::clamp<int64_t>(wanted, 1, std::max<int64_t>(g.chunks, 1));
   g.slice_chunks = std::max<int64_t>(1, ceil_div(g.chunks, slices));
   g.slices = std::max<int64_t>(1, ceil_div(g.chunks, g.slice_chunks));
