@@ -130,13 +130,6 @@ __attribute__((target("avx512f"))) void copy_pixels(const float* src, int64_t sr
   }
 }
 
-// A per-thread buffer for a half-precision run widened before it is transposed.
-float* scratch(int64_t floats) {
-  thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
-  return buffer.data();
-}
-
 template <typename T>
 void read_channel_major_as(const Activations& a, int64_t n, int64_t c0, int64_t channels, int64_t pixel0,
                            int64_t count, float* dst, int64_t dst_stride) {
@@ -148,7 +141,7 @@ void read_channel_major_as(const Activations& a, int64_t n, int64_t c0, int64_t 
   if constexpr (std::is_same_v<T, float>) {
     blocked::transpose(src, a.channels, count, channels, dst, dst_stride);
   } else {
-    float* wide = scratch(count * channels);  // [pixel][channel], then transposed
+    float* wide = thread_buffer(Scratch::Widened, count * channels);  // [pixel][channel], then transposed
     for (int64_t i = 0; i < count; ++i) to_float(src + i * a.channels, channels, wide + i * channels);
     blocked::transpose(wide, channels, count, channels, dst, dst_stride);
   }
@@ -166,7 +159,7 @@ void read_pixel_major_as(const Activations& a, int64_t n, int64_t c0, int64_t ch
   if constexpr (std::is_same_v<T, float>) {
     blocked::transpose(src, a.plane(), channels, count, dst, dst_stride);
   } else {
-    float* wide = scratch(channels * count);  // [channel][pixel], then transposed
+    float* wide = thread_buffer(Scratch::Widened, channels * count);  // [channel][pixel], then transposed
     for (int64_t c = 0; c < channels; ++c) to_float(src + c * a.plane(), count, wide + c * count);
     blocked::transpose(wide, count, channels, count, dst, dst_stride);
   }
@@ -187,7 +180,7 @@ void write_pixel_major_as(const Activations& a, int64_t n, int64_t c0, int64_t c
     blocked::transpose(src, src_stride, count, channels, reinterpret_cast<float*>(dst), a.plane());
     return;
   }
-  float* planes = scratch(channels * count);  // [channel][pixel]
+  float* planes = thread_buffer(Scratch::Widened, channels * count);  // [channel][pixel]
   blocked::transpose(src, src_stride, count, channels, planes, count);
   for (int64_t c = 0; c < channels; ++c) {
     T* dst_c = dst + c * a.plane();

@@ -68,6 +68,13 @@ void depthwise_correlation(const BlockedRun& run, const Activations& in, const f
 // channels a vector (3x3 and 5x5 kernels; false, computing nothing, for anything else).
 bool depthwise_weight_grad_nhwc(const ConvShape& s, const Activations& dy, const Activations& x, float* dw);
 
+// The engines' scratch buffers: at least `floats` floats, content undefined, that the calling
+// thread keeps from call to call, one per kind. Allocated afresh on every call, a multi-MB buffer
+// came from mmap and faulted in each of its pages every time, which cost more than the work on it
+// (benchmarks/NOTES.md v20). A thread holds each kind only once at a time.
+enum class Scratch { PackedWeights, GradSums, GradRows, GradRowPairs, GradOutput, GradOutputPairs, Widened, Kinds };
+float* thread_buffer(Scratch kind, int64_t floats);
+
 namespace blocked {
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));  // unaligned loads allowed

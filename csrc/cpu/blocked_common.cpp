@@ -1,5 +1,18 @@
-// The vector helpers the blocked engines share (blocked.h).
+// The vector helpers and buffers the blocked engines share (blocked.h).
 #include "blocked.h"
+
+#include <vector>
+
+namespace channelconv {
+
+float* thread_buffer(Scratch kind, int64_t floats) {
+  thread_local std::vector<float> buffers[static_cast<int>(Scratch::Kinds)];
+  std::vector<float>& buffer = buffers[static_cast<int>(kind)];
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+}  // namespace channelconv
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>

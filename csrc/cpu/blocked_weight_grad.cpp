@@ -15,7 +15,6 @@
 
 #include <algorithm>
 #include <array>
-#include <memory>
 #include <utility>
 #include <vector>
 
@@ -260,9 +259,10 @@ void run_units(const BlockedProblem& p, const GradChunks& k, int64_t begin, int6
   const bool pairs = p.channel_pack == 2;  // (the pairs are sized like the float buffers)
   // (in place for blocks of whole width only)
   const bool dy_in_place = !pairs && dy.dtype == at::kFloat && dy.channels_last && dy.channels <= kInPlaceChannels;
-  const auto buffer = [](int64_t floats) { return std::unique_ptr<float[]>(new float[floats]); };
-  const auto rows_t = buffer(rows_floats), dy_t = buffer(dy_floats);
-  const auto x_pairs = buffer(pairs ? rows_floats : 0), dy_pairs = buffer(pairs ? dy_floats : 0);
+  float* const rows_t = thread_buffer(Scratch::GradRows, rows_floats);
+  float* const dy_t = thread_buffer(Scratch::GradOutput, dy_floats);
+  float* const x_pairs = pairs ? thread_buffer(Scratch::GradRowPairs, rows_floats) : nullptr;
+  float* const dy_pairs = pairs ? thread_buffer(Scratch::GradOutputPairs, dy_floats) : nullptr;
   const int64_t dw_block = p.in_per_group * p.taps_h * p.taps_w * p.block;
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     const int64_t n0 = chunk / k.bands * k.images, band = chunk % k.bands;
@@ -274,21 +274,21 @@ void run_units(const BlockedProblem& p, const GradChunks& k, int64_t begin, int6
       const Unit u = unit_at(p, k, unit);
       if (u.channels <= 0) continue;
       if (packed != unit / p.blocks()) {
-        pack_input_rows(p, k, ch, u, x, rows_t.get());
-        if (pairs) pair_input_columns(p, k, ch, u, rows_t.get(), reinterpret_cast<uint32_t*>(x_pairs.get()));
+        pack_input_rows(p, k, ch, u, x, rows_t);
+        if (pairs) pair_input_columns(p, k, ch, u, rows_t, reinterpret_cast<uint32_t*>(x_pairs));
         packed = unit / p.blocks();
       }
       float* dw_unit = dw_t + (u.g * p.blocks() + u.b) * dw_block;
       if (dy_in_place && p.block_channels(u.b) == p.block) {
         const float* d = static_cast<const float*>(dy.data) +
                          dy.offset(ch.n0, u.g * p.out_per_group + u.b * p.block, ch.oh0 * p.out_w);
-        run_unit_tiles(p, k, ch, u, d, dy.channels, rows_t.get(), nullptr, nullptr, dw_unit);
+        run_unit_tiles(p, k, ch, u, d, dy.channels, rows_t, nullptr, nullptr, dw_unit);
         continue;
       }
-      pack_output_grad(p, ch, u, dy, dy_t.get());
-      if (pairs) pair_output_pixels(p, ch, dy_t.get(), reinterpret_cast<uint32_t*>(dy_pairs.get()));
-      run_unit_tiles(p, k, ch, u, dy_t.get(), p.block, rows_t.get(), reinterpret_cast<uint32_t*>(dy_pairs.get()),
-                     reinterpret_cast<uint32_t*>(x_pairs.get()), dw_unit);
+      pack_output_grad(p, ch, u, dy, dy_t);
+      if (pairs) pair_output_pixels(p, ch, dy_t, reinterpret_cast<uint32_t*>(dy_pairs));
+      run_unit_tiles(p, k, ch, u, dy_t, p.block, rows_t, reinterpret_cast<uint32_t*>(dy_pairs),
+                     reinterpret_cast<uint32_t*>(x_pairs), dw_unit);
     }
   }
 }
@@ -305,7 +305,8 @@ void blocked_weight_grad(const BlockedProblem& p, const GradChunks& k, const Act
   // dW in the tiles' order, [group][block][c][r][s][32], summed over each slice's chunks: one copy
   // per slice.
   const int64_t dw_block = C * R * S * p.block, dw_floats = p.groups * p.blocks() * dw_block;
-  std::vector<float> dw_t(k.slices * dw_floats, 0.0f);
+  float* const dw_t = thread_buffer(Scratch::GradSums, k.slices * dw_floats);
+  std::fill(dw_t, dw_t + k.slices * dw_floats, 0.0f);
   // Items range by range, so that where the ranges are as many as the threads each thread takes one
   // range over all the slices: slice by slice, a thread took one slice of every range, and slices of
   // unequal chunks (8 images as 6 + 2) left the other idle a third of the time (NOTES v20).
@@ -314,7 +315,7 @@ void blocked_weight_grad(const BlockedProblem& p, const GradChunks& k, const Act
       const int64_t range = item / k.slices, slice = item % k.slices;
       const int64_t begin = range * k.units_per_range, end = std::min(k.units, begin + k.units_per_range);
       const int64_t chunk_begin = slice * k.slice_chunks, chunk_end = std::min(k.chunks, chunk_begin + k.slice_chunks);
-      run_units(p, k, begin, end, chunk_begin, chunk_end, dy, x, dw_t.data() + slice * dw_floats);
+      run_units(p, k, begin, end, chunk_begin, chunk_end, dy, x, dw_t + slice * dw_floats);
     }
   });
   // Each unit's part of dW: the slices added in order, then back to (K, C, k_h, k_w).
@@ -324,7 +325,7 @@ void blocked_weight_grad(const BlockedProblem& p, const GradChunks& k, const Act
       const int64_t channels = p.block_channels(u.b);
       const int64_t taps = std::max<int64_t>(0, u.channels) * R * S;  // the unit's (c, r, s) taps from c0 on
       if (taps == 0) continue;
-      float* sum = dw_t.data() + (u.g * p.blocks() + u.b) * dw_block + u.c0 * R * S * p.block;
+      float* sum = dw_t + (u.g * p.blocks() + u.b) * dw_block + u.c0 * R * S * p.block;
       for (int64_t slice = 1; slice < k.slices; ++slice) {
         const float* part = sum + slice * dw_floats;
         for (int64_t i = 0; i < taps * p.block; ++i) sum[i] += part[i];

@@ -222,15 +222,9 @@ void backward_weight_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dw,
 // memory format (activations.h); the row engine takes float32 only, in NCHW (a copy where the
 // operand is channels_last).
 
-// The packed weight is rebuilt on every call, into a buffer each calling thread keeps: reusing
-// the allocation spares the page faults of a fresh multi-MB buffer. (A cache keyed on the weight's
-// version was tried and dropped: writes through `.data` do not bump the version, so it could
-// return a stale packing, a silently wrong answer.)
-float* packing_buffer(int64_t numel) {
-  thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < numel) buffer.resize(numel);
-  return buffer.data();
-}
+// The packed weight is rebuilt on every call, into a buffer each calling thread keeps. (A cache
+// keyed on the weight's version was tried and dropped: writes through `.data` do not bump the
+// version, so it could return a stale packing, a silently wrong answer.)
 
 // The plan's correlations: the forward pass, or the input gradient one stride phase at a time.
 // w and init are float32.
@@ -243,7 +237,7 @@ void run_blocked(const DirectPlan& plan, const at::Tensor& in, const at::Tensor&
       depthwise_correlation(run, in_act, w.const_data_ptr<float>(), init, out_act);
       continue;
     }
-    float* packed = packing_buffer(blocked_weight_numel(run.problem));
+    float* packed = thread_buffer(Scratch::PackedWeights, blocked_weight_numel(run.problem));
     pack_blocked_weight(run.problem, w.const_data_ptr<float>(), run.taps, packed);
     blocked_correlation(run, in_act, packed, init, out_act);
   }
