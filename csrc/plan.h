@@ -178,6 +178,10 @@ struct BlockedProblem {
   int64_t blocks() const { return (out_per_group + block - 1) / block; }
   int64_t block_channels(int64_t b) const { return std::min(block, out_per_group - b * block); }  // of block b
   int64_t packs() const { return (in_per_group + channel_pack - 1) / channel_pack; }
+  // The weights packed for the tiles (cpu/blocked.h): a channel block's, [c][r][s][block], and all
+  // of them, [group][channel block][...].
+  int64_t block_weight_floats() const { return packs() * taps_h * taps_w * block; }
+  int64_t packed_weight_floats() const { return product({groups, blocks(), block_weight_floats()}); }
   int64_t max_pixels() const { return block == kBlockedChannels ? kMaxPixels : kMaxNarrowPixels; }
   // Rows of at most half a tile go several to a tile, as many as fit, up to kMaxTileRows; wider
   // rows are cut into row_pieces() tiles.

@@ -94,7 +94,7 @@ void count_run(const BlockedRun& run, Counts& c) {
   for (int64_t t = 0; t < run.tasks.group_tasks; ++t) {
     group_tiles += double(p.tiles(run.tasks.end(t) - run.tasks.begin(t)));
   }
-  const double tiles = p.groups * blocks * group_tiles, tasks = double(p.groups) * run.tasks.group_tasks;
+  const double tiles = p.groups * blocks * group_tiles;
   const double mac = double(p.batch) * p.groups * blocks * p.block * p.out_h * p.out_w * p.packs() * taps;
   c.runs += 1;
   c.pairs = p.channel_pack == 2 ? 1 : c.pairs;
@@ -103,8 +103,8 @@ void count_run(const BlockedRun& run, Counts& c) {
   c.mac += mac;
   c.mac_1x1 += taps == 1 ? mac : 0;
   c.inner_loop += tiles * (taps == 1 ? 1 : double(p.packs()) * p.taps_h);
-  c.weight_read += tasks * blocks * p.block * p.packs() * taps;
-  c.weight_pack += p.groups * blocks * p.block * p.packs() * taps;
+  c.weight_read += double(run.tasks.group_tasks) * p.packed_weight_floats();  // (every task its group's)
+  c.weight_pack += double(p.packed_weight_floats());
   c.strip += double(p.groups) * p.batch * p.out_h * p.packs() * p.taps_h * p.strip_width();
   c.output += double(p.batch) * p.groups * p.out_per_group * p.out_h * p.out_w;
 }

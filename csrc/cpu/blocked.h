@@ -24,8 +24,7 @@
 namespace channelconv {
 
 // Weights in the forward engine's order, [group][channel block][c][r][s][block], zero-filled past
-// out_per_group: blocked_weight_numel(p) floats.
-int64_t blocked_weight_numel(const BlockedProblem& p);
+// out_per_group: p.packed_weight_floats() floats.
 void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTaps& taps, float* packed);
 
 // in (N, groups*in_per_group, in_h, in_w), out (N, groups*out_per_group, plane_h, plane_w), each in

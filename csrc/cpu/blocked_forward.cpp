@@ -23,10 +23,6 @@
 
 namespace channelconv {
 
-int64_t blocked_weight_numel(const BlockedProblem& p) {
-  return p.groups * p.blocks() * p.packs() * p.taps_h * p.taps_w * p.block;
-}
-
 #if defined(__x86_64__) && defined(__GNUC__)
 
 namespace {
@@ -275,7 +271,7 @@ void run_block(const BlockedProblem& p, int64_t g, int64_t b, const float* packe
   const int64_t strip_width = p.strip_width();
   const int64_t channels = p.block_channels(b);
   const int64_t first_channel = g * p.out_per_group + b * p.block;
-  const float* block_weights = packed + (g * p.blocks() + b) * p.packs() * p.taps_h * p.taps_w * p.block;
+  const float* block_weights = packed + (g * p.blocks() + b) * p.block_weight_floats();
   const bool direct_out = out.dtype == at::kFloat && out.channels_last && channels == p.block;
   // What every tile shares; each sets its rows, kernel rows and outputs.
   Tile t{{}, st.channel_step, p.dil_h * strip_width, 0, p.taps_w, p.dil_w, p.stride_w, p.packs(), nullptr,
@@ -332,13 +328,13 @@ void pack_blocked_weight(const BlockedProblem& p, const float* w, const WeightTa
   if (p.channel_pack == 2) {  // packed channel by channel, then paired
     BlockedProblem by_channel = p;
     by_channel.channel_pack = 1;
-    std::vector<float> single(blocked_weight_numel(by_channel));
+    std::vector<float> single(by_channel.packed_weight_floats());
     pack_blocked_weight(by_channel, w, taps, single.data());
     pair_channels(p, single.data(), reinterpret_cast<uint32_t*>(packed));
     return;
   }
   const int64_t blocks = p.blocks();
-  const int64_t block_floats = p.in_per_group * p.taps_h * p.taps_w * p.block;
+  const int64_t block_floats = p.block_weight_floats();
   const int64_t kernel_taps = taps.kernel_h * taps.kernel_w;
   at::parallel_for(0, p.groups * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> tap_major(kernel_taps * p.block);  // [kernel tap][block]

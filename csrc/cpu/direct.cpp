@@ -237,7 +237,7 @@ void run_blocked(const DirectPlan& plan, const at::Tensor& in, const at::Tensor&
       depthwise_correlation(run, in_act, w.const_data_ptr<float>(), init, out_act);
       continue;
     }
-    float* packed = thread_buffer(Scratch::PackedWeights, blocked_weight_numel(run.problem));
+    float* packed = thread_buffer(Scratch::PackedWeights, run.problem.packed_weight_floats());
     pack_blocked_weight(run.problem, w.const_data_ptr<float>(), run.taps, packed);
     blocked_correlation(run, in_act, packed, init, out_act);
   }
