@@ -411,7 +411,14 @@ bool bf16_pairs_pay() {
 // engines, which stream them).
 constexpr int64_t kMaxAmxBuffer = int64_t(1) << 40;
 
-bool runs_amx(const ConvShape& s, at::ScalarType dtype) {
+namespace {
+
+// Whether the AMX kernels take s at all, and whether the products of their tiles, `row_steps` a
+// kernel row (kernel_w, or fewer where the forward folds taps: plan.h, AmxGeometry), are at least
+// 1/16 real. Channels are padded to 32 both ways: under 1/16 (3 -> 16, 1 -> 6 unfolded: 5 %,
+// 0.6 %), the blocked engine is faster (1 -> 6 5x5 @28: 0.37x F.conv2d against AMX's 0.17x;
+// 6 -> 16: 9 %, AMX 0.49x against 0.40x). Phantom taps count as padding.
+bool amx_takes(const ConvShape& s, at::ScalarType dtype, bool folded) {
   // A split layer's kernel must reach every phase, without dilation.
   const bool splits_fully = s.dilation[0] == 1 && s.dilation[1] == 1 && s.kernel_h >= s.stride[0] &&
                             s.kernel_w >= s.stride[1];
@@ -421,17 +428,18 @@ bool runs_amx(const ConvShape& s, at::ScalarType dtype) {
   }
   const ConvShape a = amx_shape(s);
   const AmxGeometry g = amx_geometry(a);
-  // Channels are padded to 32 both ways: under 1/16 of the tiles' products real (3 -> 16, 1 -> 6:
-  // 5 %, 0.6 %), the blocked engine is faster (1 -> 6 5x5 @28: 0.37x F.conv2d against AMX's 0.17x;
-  // 6 -> 16: 9 %, AMX 0.49x against 0.40x). Phantom taps count as padding.
   const bool fills_tiles = 16 * product({s.in_channels, s.out_channels, s.kernel_h, s.kernel_w}) >=
-                           product({g.channels, g.outputs, a.kernel_h, a.kernel_w});
+                           product({g.channels, g.outputs, a.kernel_h, folded ? g.row_steps : a.kernel_w});
   // (The weight's element offsets are 32-bit gather indices: cpu/amx.cpp, gather_row.)
   return fills_tiles && product({a.batch + 1, g.image_pixels, g.channels}) < kMaxAmxBuffer &&
          product({a.out_channels, a.in_channels, a.kernel_h, a.kernel_w}) < (int64_t(1) << 31) &&
          product({a.kernel_h, a.kernel_w, g.channels, g.outputs}) < kMaxAmxBuffer && blocked_kernel_available() &&
          amx_available();
 }
+
+}  // namespace
+
+bool runs_amx(const ConvShape& s, at::ScalarType dtype) { return amx_takes(s, dtype, /*folded=*/true); }
 
 ConvShape amx_shape(const ConvShape& s) {
   if (!amx_splits(s)) return s;
@@ -483,7 +491,8 @@ bool runs_amx_input_grad(const ConvShape& s, at::ScalarType dtype) {
 bool runs_amx_weight_grad(const ConvShape& s, at::ScalarType dtype) {
   const int64_t narrow = kAmxChannels / 2, fewer = std::min(s.in_channels, s.out_channels),
                 more = std::max(s.in_channels, s.out_channels);
-  if (more <= narrow || (amx_splits(s) && fewer <= narrow && more <= kAmxChannels) || !runs_amx(s, dtype)) {
+  if (more <= narrow || (amx_splits(s) && fewer <= narrow && more <= kAmxChannels) ||
+      !amx_takes(s, dtype, /*folded=*/false)) {
     return false;
   }
   const ConvShape a = amx_shape(s);

@@ -344,13 +344,24 @@ constexpr int64_t kAmxPixels = 32, kAmxOutputs = 32, kAmxChannels = 32;
 // they multiply real pixels by zero (0 * Inf: the kernels check, or decline).
 inline bool amx_splits(const ConvShape& s) { return s.stride[0] > 1 || s.stride[1] > 1; }
 inline bool amx_phases_mix(const ConvShape& s) { return amx_splits(s) && s.in_channels % kAmxChannels != 0; }
+// Folding (the forward correlation only): a layer of at most 16 input channels would fill a tile
+// row of 32 with as many zeros, so each row of its padded input holds `fold` neighbouring pixels'
+// channels instead (pixel P's row: x[P], x[P + 1], ..., C channels each), and one product step
+// covers `fold` taps of a kernel row: ceil(kernel_w / fold) steps a kernel row instead of
+// kernel_w (16 -> 16 3x3: 6 steps for 9; 6 -> 16 5x5: 5 for 25). Without dilation along the row.
 struct AmxGeometry {
   int64_t channels, outputs;  // padded to kAmxChannels and kAmxOutputs
   int64_t padded_h, padded_w, image_pixels;
   int64_t grid, blocks;       // wide-grid pixels per image (out_h * padded_w), and their blocks
+  int64_t fold = 1;           // pixels a tile row of the forward's padded input holds
+  int64_t row_steps = 1;      // product steps a kernel row: ceil(kernel_w / fold)
 };
 inline AmxGeometry amx_geometry(const ConvShape& s) {
   AmxGeometry g;
+  if (s.in_channels > 0 && 2 * s.in_channels <= kAmxChannels && s.dilation[1] == 1 && s.kernel_w > 1) {
+    g.fold = std::min(s.kernel_w, kAmxChannels / s.in_channels);
+  }
+  g.row_steps = ceil_div(s.kernel_w, g.fold);
   g.channels = ceil_div(s.in_channels, kAmxChannels) * kAmxChannels;
   g.outputs = ceil_div(s.out_channels, kAmxOutputs) * kAmxOutputs;
   g.padded_h = s.in_h + 2 * s.padding[0];

@@ -230,8 +230,8 @@ void count_amx(const ConvShape& s, DirectPass pass, int64_t threads, Counts& c) 
   }
   const ConvShape t = pass == DirectPass::InputGrad ? transposed_correlation(a) : a;
   const AmxGeometry g = amx_geometry(t);
-  c.mac_amx = double(t.batch) * g.blocks * kAmxPixels * g.outputs * g.channels * t.kernel_h * t.kernel_w * real_share;
-  c.strip = double(t.batch) * g.image_pixels * g.channels + double(t.kernel_h) * t.kernel_w * g.channels * g.outputs;
+  c.mac_amx = double(t.batch) * g.blocks * kAmxPixels * g.outputs * g.channels * t.kernel_h * g.row_steps * real_share;
+  c.strip = double(t.batch) * g.image_pixels * g.channels + double(t.kernel_h) * g.row_steps * g.channels * g.outputs;
   c.output = double(t.batch) * t.out_channels * t.out_h * t.out_w;
   c.tasks = t.batch * g.blocks * (g.outputs / kAmxOutputs);
 }

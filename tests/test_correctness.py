@@ -389,12 +389,38 @@ def test_amx_strided_is_exact_beside_non_finite_values():
 
 
 def test_amx_declines_tiles_mostly_padding():
-    """Channels pad to 32 both ways on AMX tiles: where under 1/16 of the products are real (1 -> 6,
-    3 -> 16) the blocked engine runs; 6 -> 16 (9 %) takes AMX."""
-    def amx(in_channels, out_channels):
-        return channelconv.cost((2, in_channels, 10, 10), (out_channels, in_channels, 5, 5), 1, 2,
+    """Channels pad to 32 both ways on AMX tiles: where under 1/16 of the products are real the
+    blocked engine runs. Layers of at most 16 input channels fold taps into a tile row (csrc/plan.h,
+    AmxGeometry): 3 -> 16 and 6 -> 16 5x5 take one step a kernel row (14 % and 47 % real) and run on
+    AMX; 1 -> 6 (6 %) does not; the same 3 -> 16 with dilation cannot fold (5 %)."""
+    def amx(in_channels, out_channels, dilation=1):
+        return channelconv.cost((2, in_channels, 10, 10), (out_channels, in_channels, 5, 5), 1, 2, dilation,
                                 dtype=torch.bfloat16).plans["direct"].passes["forward"]["mac_amx"] > 0
-    assert not amx(1, 6) and not amx(3, 16) and amx(6, 16) == AMX
+    assert not amx(1, 6) and amx(3, 16) == AMX and amx(6, 16) == AMX and not amx(3, 16, dilation=2)
+
+
+def test_amx_folded_forward_is_exact_beside_non_finite_values():
+    """A folded step (16 channels: taps 2 and 3 of a 3x3 kernel row, the fourth a zero weight) meets
+    pixels no real product reads; beside an Inf those would make NaNs float64 F.conv2d does not.
+    Such inputs run unfolded: the same non-finite outputs, the same values elsewhere, in the forward
+    and in the input gradient (16 outputs: its correlation folds too)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 9, 11, generator=g).to(torch.bfloat16)
+    w = torch.randn(16, 16, 3, 3, generator=g).to(torch.bfloat16)
+    x[1, 5, 4, 6] = float("inf")
+    got = channelconv.conv2d(x, w, padding=1, algorithm="direct")
+    want = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
+    assert torch.equal(got.isfinite(), want.isfinite()) and not want.isfinite().all()
+    assert_close(got[want.isfinite()], want[want.isfinite()], torch.bfloat16, "output")
+    dy = torch.randn(2, 16, 9, 11, generator=g).to(torch.bfloat16)
+    dy[0, 3, 2, 2] = float("-inf")
+    got = torch.ops.channelconv.direct_backward_input(dy, w, list(x.shape), [1, 1], [1, 1], [1, 1], 1)
+    x64 = torch.zeros(x.shape, dtype=torch.float64, requires_grad=True)
+    want = torch.autograd.grad(torch.nn.functional.conv2d(x64, w.double(), padding=1), x64, dy.double())[0]
+    assert torch.equal(got.isfinite(), want.isfinite()) and not want.isfinite().all()
+    assert_close(got[want.isfinite()], want[want.isfinite()], torch.bfloat16, "input")
+    passes = channelconv.cost(x.shape, w.shape, 1, 1, dtype=torch.bfloat16).plans["direct"].passes
+    assert (passes["forward"]["mac_amx"] > 0) == AMX and (passes["input_grad"]["mac_amx"] > 0) == AMX
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -72,6 +72,7 @@ struct AmxProblem {
   int64_t channels;            // padded input channels (a multiple of 32)
   int64_t chunks, output_tiles;
   int64_t padded_w, image_pixels;
+  // Folded (plan.h, AmxGeometry), taps_w counts a kernel row's steps, dilation_w the pixels between them.
   int64_t taps_h, taps_w, dilation_h, dilation_w;
 };
 
@@ -191,19 +192,45 @@ PhaseSpan phase_span(int64_t in, int64_t pad, int64_t stride, int64_t phase, int
   return {first, high < 0 ? first : std::max(first, std::min(extent, high / stride + 1))};
 }
 
+// tile_row[j] = the `fold` pixels dense[j], dense[j + 1], ... (of `channels` each, one run), zero
+// after them, for the padded row's pixels j (dense runs on `fold` zero pixels past the row). Returns
+// whether a value read is an Inf or a NaN.
+__attribute__((target("avx512f,avx512bw"))) bool fold_row(const at::BFloat16* dense, int64_t channels, int64_t fold,
+                                                          int64_t pixels, at::BFloat16* tile_rows) {
+  const __mmask32 lanes = first_lanes(fold * channels);
+  __mmask32 non_finite = 0;
+  for (int64_t j = 0; j < pixels; ++j) {
+    const __m512i v = _mm512_maskz_loadu_epi16(lanes, dense + j * channels);
+    non_finite |= non_finite_lanes(v);
+    _mm512_store_si512(tile_rows + j * kTileChannels, v);
+  }
+  return non_finite != 0;
+}
+
 // padded[n][i][j][p * C + c] = input[n, c, i * stride_h + a - pad_h, j * stride_w + b - pad_w] for
 // the phases p = a * stride_w + b (one at stride 1), zero outside the input and past the phases'
 // channels: the input of amx_shape(s), padded, from either layout. (Each row is zeroed first: one
 // memset in L1 cost less than zeroing pixel by pixel around the copies, 2.5x this copy's time.)
-void pad_input(const at::Tensor& input, const ConvShape& s, const AmxGeometry& g, at::BFloat16* padded) {
+// Folded (g.fold > 1), each row is padded densely first, its pixels' channels one run, and then
+// pixel j's tile row holds pixels j to j + fold - 1 (plan.h, AmxGeometry). Returns whether a folded
+// row met an Inf or a NaN (unfolded: false, unchecked).
+bool pad_input(const at::Tensor& input, const ConvShape& s, const AmxGeometry& g, at::BFloat16* padded) {
   const at::BFloat16* x = input.const_data_ptr<at::BFloat16>();
   const int64_t x_n = input.stride(0), x_c = input.stride(1), x_h = input.stride(2), x_w = input.stride(3);
   const int64_t stride_h = s.stride[0], stride_w = s.stride[1];
+  const bool folded = g.fold > 1;
+  // A pixel's distance in the row the copies write: the tile rows, or the dense row.
+  const int64_t pixel_stride = folded ? s.in_channels * stride_h * stride_w : g.channels;
+  const int64_t row_numel = (g.padded_w + (folded ? g.fold : 0)) * pixel_stride;
+  std::atomic<bool> any_non_finite{false};
   at::parallel_for(0, s.batch * g.padded_h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<at::BFloat16> dense(folded ? row_numel : 0);
+    bool non_finite = false;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.padded_h, i = row % g.padded_h;
-      at::BFloat16* dst = padded + row * g.padded_w * g.channels;
-      std::memset(static_cast<void*>(dst), 0, g.padded_w * g.channels * sizeof(at::BFloat16));
+      at::BFloat16* tile_rows = padded + row * g.padded_w * g.channels;
+      at::BFloat16* dst = folded ? dense.data() : tile_rows;
+      std::memset(static_cast<void*>(dst), 0, row_numel * sizeof(at::BFloat16));
       for (int64_t phase = 0; phase < stride_h * stride_w; ++phase) {
         const int64_t a = phase / stride_w, b = phase % stride_w, h = i * stride_h + a - s.padding[0];
         const PhaseSpan columns = phase_span(s.in_w, s.padding[1], stride_w, b, g.padded_w);
@@ -213,16 +240,19 @@ void pad_input(const at::Tensor& input, const ConvShape& s, const AmxGeometry& g
         const int64_t step = stride_w * x_w;  // from one column's source pixel to the next's
         if (x_c == 1) {  // channels_last: a pixel's channels are one run
           for (int64_t j = columns.first; j < columns.end; ++j, src += step) {
-            std::copy(src, src + s.in_channels, phase_dst + j * g.channels);
+            std::copy(src, src + s.in_channels, phase_dst + j * pixel_stride);
           }
         } else {  // NCHW: along each channel's row, into every pixel's slot
           for (int64_t c = 0; c < s.in_channels; ++c)
             for (int64_t j = columns.first; j < columns.end; ++j)
-              phase_dst[j * g.channels + c] = src[c * x_c + (j - columns.first) * step];
+              phase_dst[j * pixel_stride + c] = src[c * x_c + (j - columns.first) * step];
         }
       }
+      if (folded) non_finite |= fold_row(dense.data(), pixel_stride, g.fold, g.padded_w, tile_rows);
     }
+    if (non_finite) any_non_finite = true;
   });
+  return any_non_finite;
 }
 
 // Whether any of n bfloat16 values is an Inf or a NaN.
@@ -275,6 +305,28 @@ struct WeightPhases {
   bool outputs = false;  // the split side: the correlation's outputs, or its input channels
 };
 
+// Where element (k, c, r, t) of the weight of correlation s (its amx_shape; taps flipped where
+// `flip`) lies in the layer's `weight` (any strided view) as `phases` says, or -1 past its channels
+// and at phantom taps.
+struct WeightReader {
+  const at::Tensor& weight;
+  const ConvShape& s;
+  WeightPhases phases;
+  bool flip;
+
+  int64_t offset(int64_t k, int64_t c, int64_t r, int64_t t) const {
+    if (k >= s.out_channels || c >= s.in_channels) return -1;
+    if (flip) r = s.kernel_h - 1 - r, t = s.kernel_w - 1 - t;
+    int64_t& split = phases.outputs ? k : c;  // the channel of the split side, and its phase
+    const int64_t phase = split / phases.channels;
+    split %= phases.channels;
+    r = r * phases.stride_h + phase / phases.stride_w;
+    t = t * phases.stride_w + phase % phases.stride_w;
+    if (r >= weight.size(2) || t >= weight.size(3)) return -1;
+    return k * weight.stride(0) + c * weight.stride(1) + r * weight.stride(2) + t * weight.stride(3);
+  }
+};
+
 // One B tile: 16 outputs (rows of `channels` elements at first[j], -1: zeros) x 32 channels.
 __attribute__((target("avx512f,avx512bw"))) void pack_block(const at::BFloat16* w, const int64_t* first,
                                                             int64_t channel_stride, int64_t channels,
@@ -289,50 +341,53 @@ __attribute__((target("avx512f,avx512bw"))) void pack_block(const at::BFloat16* 
 
 // packed[r][t][chunk][output tile][pair][k][e] = w[tile * 16 + k, chunk * 32 + 2 * pair + e, r, t]
 // (TDPBF16PS's B operand: pairs of input channels side by side) for w the weight of correlation s
-// (its amx_shape), zero past the real channels and at phantom taps; read in place from the layer's
-// `weight` (any strided view, numel < 2^31) as `phases` says, where a block of 32 input channels is
-// one phase; its taps flipped (w[.., R - 1 - r, T - 1 - t]) where `flip`. Each 16 outputs x 32
-// channels of a tap: one row of 32 channels an output, then their 32-bit lanes (channel pairs)
-// transposed.
-void pack_weight(const at::Tensor& weight, const ConvShape& s, const WeightPhases& phases, const AmxGeometry& g,
-                 bool flip, at::BFloat16* packed) {
-  const at::BFloat16* w = weight.const_data_ptr<at::BFloat16>();
+// (WeightReader), zero past the real channels and at phantom taps; read in place, where a block of
+// 32 input channels is one phase (numel < 2^31). Each 16 outputs x 32 channels of a tap: one row of
+// 32 channels an output, then their 32-bit lanes (channel pairs) transposed.
+void pack_weight(const WeightReader& reader, const AmxGeometry& g, at::BFloat16* packed) {
+  const ConvShape& s = reader.s;
+  const WeightPhases& phases = reader.phases;
+  const at::BFloat16* w = reader.weight.const_data_ptr<at::BFloat16>();
   const int64_t taps = s.kernel_h * s.kernel_w, chunks = g.channels / kTileChannels;
   const int64_t tiles = g.outputs / kTileOutputs, b_tile = kTileChannels * kTileOutputs;
   // A task's 16 outputs x 32 channels, every tap: the gathers read the same lines tap after tap.
   at::parallel_for(0, chunks * tiles * taps, taps, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) {
       const int64_t tap = index % taps, chunk = index / taps / tiles, tile = index / taps % tiles;
-      const int64_t split_r = flip ? s.kernel_h - 1 - tap / s.kernel_w : tap / s.kernel_w;
-      const int64_t split_t = flip ? s.kernel_w - 1 - tap % s.kernel_w : tap % s.kernel_w;
-      // The layer's tap for a phase, or -1 past its kernel (a phantom).
-      auto layer_tap = [&](int64_t phase) -> std::array<int64_t, 2> {
-        const int64_t r = split_r * phases.stride_h + phase / phases.stride_w;
-        const int64_t t = split_t * phases.stride_w + phase % phases.stride_w;
-        return r < weight.size(2) && t < weight.size(3) ? std::array<int64_t, 2>{r, t} : std::array<int64_t, 2>{-1, -1};
-      };
-      int64_t c0 = chunk * kTileChannels;
-      std::array<int64_t, 2> input_tap{0, 0};  // (the split input side's phase, where there is one)
-      if (!phases.outputs) {
-        input_tap = layer_tap(c0 / phases.channels);
-        c0 %= phases.channels;
+      const int64_t c0 = chunk * kTileChannels;
+      const int64_t phase_channels = phases.outputs ? s.in_channels : phases.channels;
+      const int64_t count = std::min(kTileChannels, phase_channels - c0 % phase_channels);
+      int64_t first[16];  // each output's first element, or -1
+      for (int64_t j = 0; j < 16; ++j) {
+        first[j] = reader.offset(tile * kTileOutputs + j, c0, tap / s.kernel_w, tap % s.kernel_w);
       }
-      const int64_t count = std::min(kTileChannels, (phases.outputs ? s.in_channels : phases.channels) - c0);
-      {
-        int64_t first[16];  // each output's first element, or -1 past out_channels and at phantom taps
-        for (int64_t j = 0; j < 16; ++j) {
-          int64_t k = tile * kTileOutputs + j;
-          const std::array<int64_t, 2> tap_rt = phases.outputs ? layer_tap(k / phases.channels) : input_tap;
-          if (phases.outputs) k %= phases.channels;
-          first[j] = tile * kTileOutputs + j < s.out_channels && tap_rt[0] >= 0
-                         ? k * weight.stride(0) + c0 * weight.stride(1) + tap_rt[0] * weight.stride(2) +
-                               tap_rt[1] * weight.stride(3)
-                         : -1;
-        }
-        pack_block(w, first, weight.stride(1), count, packed + ((tap * chunks + chunk) * tiles + tile) * b_tile);
-      }
+      pack_block(w, first, reader.weight.stride(1), count, packed + ((tap * chunks + chunk) * tiles + tile) * b_tile);
     }
   });
+}
+
+// The B tiles of a folded correlation (plan.h, AmxGeometry; one chunk of 32): packed[r][step][output
+// tile][pair][k][e] = w[tile * 16 + k, c, r, step * fold + i] for element f = 2 * pair + e of a tile
+// row, pixel i = f / C and channel c = f % C of it; zero past the fold's pixels, the kernel row and
+// the real outputs. A few KB (at most 16 input channels): element by element.
+void pack_folded_weight(const WeightReader& reader, const AmxGeometry& g, at::BFloat16* packed) {
+  const ConvShape& s = reader.s;
+  const at::BFloat16* w = reader.weight.const_data_ptr<at::BFloat16>();
+  const int64_t tiles = g.outputs / kTileOutputs;
+  at::BFloat16* dst = packed;
+  for (int64_t r = 0; r < s.kernel_h; ++r) {
+    for (int64_t step = 0; step < g.row_steps; ++step) {
+      for (int64_t tile = 0; tile < tiles; ++tile, dst += kTileChannels * kTileOutputs) {
+        for (int64_t f = 0; f < kTileChannels; ++f) {
+          const int64_t i = f / s.in_channels, c = f % s.in_channels, t = step * g.fold + i;
+          for (int64_t k = 0; k < kTileOutputs; ++k) {
+            const int64_t offset = i < g.fold && t < s.kernel_w ? reader.offset(tile * kTileOutputs + k, c, r, t) : -1;
+            dst[f / 2 * 2 * kTileOutputs + 2 * k + f % 2] = offset < 0 ? at::BFloat16(0.0f) : w[offset];
+          }
+        }
+      }
+    }
+  }
 }
 
 // ---- The weight gradient ----
@@ -765,16 +820,36 @@ at::Tensor forward_tiles(const at::Tensor& input, const at::Tensor& weight, cons
                          const ConvShape* split_output = nullptr) {
   TORCH_INTERNAL_ASSERT(input.scalar_type() == at::kBFloat16 && layer.groups == 1);
   const ConvShape s = amx_shape(layer);
-  const AmxGeometry g = amx_geometry(s);
+  AmxGeometry g = amx_geometry(s);
   const int64_t channels = g.channels, outputs = g.outputs, padded_w = g.padded_w;
   // Past the last image, the pixels the last block's dropped q read.
   const int64_t slack = kAmxPixels + (s.kernel_w - 1) * s.dilation[1];
   const int64_t padded_pixels = s.batch * g.image_pixels, padded_numel = (padded_pixels + slack) * channels;
   at::BFloat16* padded = amx_buffer(0, padded_numel);
   at::BFloat16* packed = amx_buffer(1, s.kernel_h * s.kernel_w * channels * outputs);
-  pad_input(input, layer, g, padded);
+  // Folded, a step's taps past the kernel row, and a phantom tap beside a real one, multiply pixels
+  // by zero weights: 0 * Inf would make a NaN no real product makes. Such an input runs unfolded.
+  if (pad_input(input, layer, g, padded)) {
+    g.fold = 1, g.row_steps = s.kernel_w;
+    pad_input(input, layer, g, padded);
+  }
   std::fill(padded + padded_pixels * channels, padded + padded_numel, at::BFloat16(0.0f));
-  pack_weight(weight, s, phases, g, flip, packed);
+  const WeightReader reader{weight, s, phases, flip};
+  std::vector<uint8_t> step_live;  // folded: a step is live where one of its taps is
+  if (g.fold > 1) {
+    pack_folded_weight(reader, g, packed);
+    if (live) {
+      const int64_t blocks_chunks = g.outputs / kAmxOutputs;  // (one chunk of 32 input channels)
+      step_live.assign(s.kernel_h * g.row_steps * blocks_chunks, 0);
+      for (int64_t tap = 0; tap < s.kernel_h * s.kernel_w; ++tap) {
+        const int64_t step = tap / s.kernel_w * g.row_steps + tap % s.kernel_w / g.fold;
+        for (int64_t i = 0; i < blocks_chunks; ++i) step_live[step * blocks_chunks + i] |= live[tap * blocks_chunks + i];
+      }
+      live = step_live.data();
+    }
+  } else {
+    pack_weight(reader, g, packed);
+  }
   std::vector<float> bias_values(outputs, 0.0f);  // zero past out_channels, and without a bias
   if (bias.defined()) {
     const at::Tensor b = bias.to(at::kFloat).contiguous();
@@ -800,12 +875,12 @@ at::Tensor forward_tiles(const at::Tensor& input, const at::Tensor& weight, cons
   const int64_t y_n = y.stride(0), y_c = y.stride(1), y_h = y.stride(2), y_w = y.stride(3);
   const AmxProblem p{padded, packed, live, channels,
                      channels / kTileChannels, outputs / kTileOutputs, padded_w, g.image_pixels,
-                     s.kernel_h, s.kernel_w, s.dilation[0], s.dilation[1]};
+                     s.kernel_h, g.row_steps, s.dilation[0], g.fold * s.dilation[1]};
   const int64_t channel_blocks = outputs / kAmxOutputs, blocks = g.blocks, tasks = s.batch * blocks * channel_blocks;
   // Whichever operand is larger is read once: with the weights larger (wide layers on small maps:
   // 4.7 MB at 512 -> 512 3x3), channel blocks outermost, so that a thread streams its blocks' weights
   // once; otherwise innermost, consecutive tasks reusing the same input pixels.
-  const bool weights_outer = outputs * s.kernel_h * s.kernel_w > s.batch * g.image_pixels;
+  const bool weights_outer = outputs * s.kernel_h * g.row_steps > s.batch * g.image_pixels;
   constexpr int64_t kWideRows = 48;
   // Stored by element, a pixel's outputs lie a plane apart. Planes of a multiple of 2 KB put them
   // into at most 2 of L1's 64 sets: over 16 outputs, more lines a set than its 12 ways, and every
