@@ -499,18 +499,44 @@ def test_blocked_engines_layouts_and_dtypes(device, layout, dtype, in_channels, 
 @pytest.mark.parametrize("kernel, stride, padding, dilation", [
     ((3, 3), 1, 1, 1), ((5, 5), 2, 2, 1), ((7, 7), 1, 3, 1), ((3, 3), 2, 1, 1), ((3, 3), 1, 2, 2), ((1, 1), 1, 0, 1),
     ((2, 3), 2, 0, 1)])
-def test_depthwise_engine(device, layout, channels, kernel, stride, padding, dilation):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_depthwise_engine(device, dtype, layout, channels, kernel, stride, padding, dilation):
     """The depthwise engine (16 channels of an image at a time): full and partial channel blocks,
     kernels of 1 to 49 taps, stride-2 gradients by phase (taps 2x2, 2x1, 1x2, 1x1), dilation, small
-    maps; forward and both gradients. channels_last float32 runs the forward and the stride-1 input
-    gradient straight from tensor to tensor (depthwise.cpp)."""
+    maps; forward and both gradients, in each dtype. channels_last runs the forward and the stride-1
+    input gradient from tensor to tensor through rings of converted rows, in groups of 8 pixels and
+    single ones (7 columns: none of 8; 9 rows of a 3x3 kernel: every row of the ring reused), and a
+    3x3 or 5x5 weight gradient where the vectors lie (depthwise.cpp)."""
     case = Case(batch=3, in_channels=channels, out_channels=channels, size=(9, 7), kernel=kernel,
                 stride=(stride, stride), padding=padding, dilation=(dilation, dilation), groups=channels, bias=True,
                 unbatched=False, layout=layout)
-    check_case(case, "direct", torch.float32, device)
+    check_case(case, "direct", dtype, device)
     plan = channelconv.cost((3, channels, 9, 7), (channels, 1, *kernel), stride, padding, dilation, channels).plans
     if plan["direct"].passes["forward"]["blocked"]:  # AVX-512: the engine runs both correlations
         assert plan["direct"].passes["forward"]["depthwise"] and plan["direct"].passes["input_grad"]["depthwise"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_depthwise_channels_last_is_thread_independent(dtype):
+    """The channels_last depthwise engine splits rows into bands and channel blocks into groups by
+    the thread count, and sums the weight gradient in slices of images fixed by the shape: the same
+    bits at 1, 2 and 3 threads, in all three passes, on rows of 8 pixels and more (@20 x 19)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 40, 20, 19, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(40, 1, 3, 3, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(5, 40, 20, 19, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    ops, args = torch.ops.channelconv, ([1, 1], [1, 1], [1, 1], 40)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append((ops.direct_forward(x, w, None, *args), ops.direct_backward_input(dy, w, list(x.shape), *args),
+                            ops.direct_backward_weight(dy, x, list(w.shape), *args)))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
 @pytest.mark.parametrize("batch", [0, 2])

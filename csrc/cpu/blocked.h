@@ -63,8 +63,8 @@ void row_weight_grad(const ConvShape& s, int64_t block, int64_t unit_blocks, con
 // in and out in either layout and dtype, like blocked_correlation's; w float32.
 void depthwise_correlation(const BlockedRun& run, const Activations& in, const float* w, const float* init,
                            const Activations& out);
-// A depthwise layer's weight gradient from channels_last float32 dy and x, read where they lie, 16
-// channels a vector (3x3 and 5x5 kernels; false, computing nothing, for anything else).
+// A depthwise layer's weight gradient from channels_last dy and x of one dtype, read where they lie,
+// 16 channels a vector (3x3 and 5x5 kernels; false, computing nothing, for anything else).
 bool depthwise_weight_grad_nhwc(const ConvShape& s, const Activations& dy, const Activations& x, float* dw);
 
 // The engines' scratch buffers: at least `floats` floats, content undefined, that the calling

@@ -5,8 +5,13 @@
 // FMA per tap on 16 channels at once (the tap's 16 weights held in registers), and the
 // [pixel][16] result is written back. The buffers are channel-last, so channels_last operands are
 // read and written with plain copies, and any layout or dtype converts on the way (activations.h).
-// channels_last float32 runs without the buffers: straight from the input to the output.
+// channels_last in and out runs without the window: from the input to the output through a few
+// converted rows (below).
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <climits>
 
 #include <algorithm>
 #include <vector>
@@ -99,55 +104,136 @@ void scatter(const BlockedProblem& p, const float* out_t, const Activations& out
                       p.out_step_w, p.out_w, out_t + oh * p.out_w * kLanes, kLanes);
 }
 
-// channels_last float32 in and out, every output pixel stored in order (the forward pass, the
-// stride-1 input gradient): no window and no copies. One output row of one 16-channel block at a
-// time, the block's taps held in registers; each output pixel is a chain of FMAs over the taps that
-// fall inside the input, each one masked vector load of the pixel's 16 channels where they lie.
-template <int TH, int TW>
-__attribute__((target("avx512f,fma"))) void correlate_nhwc_row(const BlockedProblem& p, const float* image,
-                                                               const float* w_t, const float* init, int64_t c0,
-                                                               int64_t oh, float* out_row) {
-  const int64_t taps_h = TH > 0 ? TH : p.taps_h, taps_w = TW > 0 ? TW : p.taps_w, C = p.groups;
-  const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(kLanes, C - c0)) - 1u);
-  const __m512 bias = _mm512_loadu_ps(init);
-  __m512 w[TH > 0 && TW > 0 ? TH * TW : 1];  // a fixed kernel's taps in registers (the stores cannot alias them)
-  if constexpr (TH > 0 && TW > 0) {
-    for (int tap = 0; tap < TH * TW; ++tap) w[tap] = _mm512_loadu_ps(w_t + tap * kLanes);
-  }
-  for (int64_t ow = 0; ow < p.out_w; ++ow) {
-    __m512 acc = bias;
+// ---- channels_last in and out, read and written where they lie ----
+//
+// Every output pixel stored in order (the forward pass, the stride-1 input gradient), any of the
+// engines' dtypes: a task is one image's band of output rows for one block of 16 channels. The
+// input rows it reads are converted once each into a ring of zero-padded float32 rows [column][16]
+// (the kernel's span of rows, a few KB in L1), and each output row is computed from the ring in
+// groups of 8 pixels, 8 independent chains of FMAs (one chain a pixel was bound by the FMA's
+// latency), with no bounds test. 144 channels @56, batch 8, forward: float32 0.58x F.conv2d ->
+// 0.95x; bfloat16, which went through the window and its conversions pixel by pixel, 0.38x -> 0.85x
+// (benchmarks/NOTES.md v21).
+
+// 16 channels (the lanes of `mask`) of one pixel as float32, and back rounded to T (bfloat16 to
+// nearest even with NaN kept quiet, as c10::BFloat16; float16 by the hardware's conversion).
+// (GCC 12 takes the pass-through operand of the 256-bit load/convert intrinsics for an
+// uninitialised variable: a false -Wmaybe-uninitialized, silenced down to the weight gradient.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define CHANNELCONV_LANES_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline
+CHANNELCONV_LANES_TARGET __m512 load_lanes(const float* src, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, src); }
+CHANNELCONV_LANES_TARGET __m512 load_lanes(const c10::BFloat16* src, __mmask16 mask) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+CHANNELCONV_LANES_TARGET __m512 load_lanes(const c10::Half* src, __mmask16 mask) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, src));
+}
+CHANNELCONV_LANES_TARGET void store_lanes(float* dst, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(dst, mask, v); }
+CHANNELCONV_LANES_TARGET void store_lanes(c10::BFloat16* dst, __m512 v, __mmask16 mask) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
+  _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+CHANNELCONV_LANES_TARGET void store_lanes(c10::Half* dst, __m512 v, __mmask16 mask) {
+  _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#undef CHANNELCONV_LANES_TARGET
+
+inline __mmask16 lanes_mask(int64_t lanes) { return static_cast<__mmask16>((1u << std::min(kLanes, lanes)) - 1u); }
+
+// G output pixels from column ow of the ring's rows (rows[r]: kernel row r's padded row, or null
+// where it lies outside the input), each a chain of FMAs over the taps; TH x TW: the taps as
+// constants (0: the problem's).
+template <int G, int TH, int TW>
+__attribute__((target("avx512f,fma"), always_inline)) inline void pixels(const BlockedProblem& p,
+                                                                       const float* const* rows, const float* w_t,
+                                                                       __m512 bias, int64_t ow, __m512* acc) {
+  const int64_t taps_h = TH > 0 ? TH : p.taps_h, taps_w = TW > 0 ? TW : p.taps_w;
+  const int64_t step = p.stride_w * kLanes, tap_step = p.dil_w * kLanes;
+#pragma GCC unroll 8
+  for (int j = 0; j < G; ++j) acc[j] = bias;
 #pragma GCC unroll 7
-    for (int64_t r = 0; r < taps_h; ++r) {
-      const int64_t ih = p.offset_h + oh * p.stride_h + r * p.dil_h;
-      if (ih < 0 || ih >= p.in_h) continue;
-      const float* row = image + ih * p.in_w * C + c0;
+  for (int64_t r = 0; r < taps_h; ++r) {
+    if (rows[r] == nullptr) continue;
+    const float* x = rows[r] + ow * step;
 #pragma GCC unroll 7
-      for (int64_t s = 0; s < taps_w; ++s) {
-        const int64_t iw = p.offset_w + ow * p.stride_w + s * p.dil_w;
-        if (iw < 0 || iw >= p.in_w) continue;
-        const __m512 tap = TH > 0 && TW > 0 ? w[r * TW + s] : _mm512_loadu_ps(w_t + (r * taps_w + s) * kLanes);
-        acc = _mm512_fmadd_ps(tap, _mm512_maskz_loadu_ps(mask, row + iw * C), acc);
-      }
+    for (int64_t s = 0; s < taps_w; ++s) {
+      const __m512 tap = _mm512_loadu_ps(w_t + (r * taps_w + s) * kLanes);
+#pragma GCC unroll 8
+      for (int j = 0; j < G; ++j) acc[j] = _mm512_fmadd_ps(tap, _mm512_load_ps(x + j * step + s * tap_step), acc[j]);
     }
-    blocked::store_lanes(out_row + ow * C + c0, acc, std::min<int64_t>(kLanes, C - c0));
   }
 }
 
-using NhwcRowFn = void (*)(const BlockedProblem&, const float*, const float*, const float*, int64_t, int64_t,
-                           float*);
+// One image's output rows [oh_begin, oh_end) for channel blocks [b_begin, b_end), each block's
+// input rows in its own ring (ring + (b - b_begin) * ring_floats): an input row is converted for
+// all the blocks at once, one pass along it, rather than block by block (a 16-channel block's
+// pass reads one 64-byte line of every pixel: a stride-2 layer ran 0.76x -> 0.53x F.conv2d so).
+template <typename T, int TH, int TW>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void depthwise_nhwc_band(
+    const BlockedProblem& p, const T* image, const float* w_t, const float* init, int64_t b_begin, int64_t b_end,
+    int64_t oh_begin, int64_t oh_end, float* ring, T* out_image) {
+  const int64_t C = p.groups, width = p.strip_width(), span = (p.taps_h - 1) * p.dil_h + 1;
+  const int64_t row_floats = width * kLanes, ring_floats = span * row_floats, taps = p.taps_h * p.taps_w;
+  const int64_t col_begin = std::max<int64_t>(0, -p.offset_w), col_end = std::min(width, p.in_w - p.offset_w);
+  std::fill(ring, ring + (b_end - b_begin) * ring_floats, 0.0f);  // (the padding columns stay zero)
+  int64_t next_row = INT64_MIN;  // the next input row the rings lack
+  const float* rows[TH > 0 ? TH : 1];
+  std::vector<const float*> many_rows(TH > 0 ? 0 : p.taps_h);
+  const float** row_of = TH > 0 ? rows : many_rows.data();
+  for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
+    const int64_t first = oh * p.stride_h + p.offset_h;  // input row of kernel row 0
+    for (int64_t ih = std::max(first, next_row); ih <= first + span - 1; ++ih) {
+      if (ih < 0 || ih >= p.in_h) continue;
+      float* slot = ring + (ih % span) * row_floats;
+      const T* src = image + (ih * p.in_w + p.offset_w) * C;
+      for (int64_t col = col_begin; col < col_end; ++col) {
+        for (int64_t b = b_begin; b < b_end; ++b) {
+          _mm512_store_ps(slot + (b - b_begin) * ring_floats + col * kLanes,
+                          load_lanes(src + col * C + b * kLanes, lanes_mask(C - b * kLanes)));
+        }
+      }
+    }
+    next_row = first + span;
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      for (int64_t r = 0; r < p.taps_h; ++r) {
+        const int64_t ih = first + r * p.dil_h;
+        row_of[r] = ih >= 0 && ih < p.in_h ? ring + (b - b_begin) * ring_floats + (ih % span) * row_floats : nullptr;
+      }
+      const __mmask16 mask = lanes_mask(C - b * kLanes);
+      const float* block_taps = w_t + b * taps * kLanes;
+      const __m512 bias = _mm512_loadu_ps(init + b * kLanes);
+      T* out_row = out_image + oh * p.out_w * C + b * kLanes;
+      int64_t ow = 0;
+      __m512 acc[8];
+      for (; ow + 8 <= p.out_w; ow += 8) {
+        pixels<8, TH, TW>(p, row_of, block_taps, bias, ow, acc);
+        for (int j = 0; j < 8; ++j) store_lanes(out_row + (ow + j) * C, acc[j], mask);
+      }
+      for (; ow < p.out_w; ++ow) {
+        pixels<1, TH, TW>(p, row_of, block_taps, bias, ow, acc);
+        store_lanes(out_row + ow * C, acc[0], mask);
+      }
+    }
+  }
+}
 
-NhwcRowFn nhwc_row_for(const BlockedProblem& p) {
-  if (p.taps_h == 3 && p.taps_w == 3) return &correlate_nhwc_row<3, 3>;
-  if (p.taps_h == 5 && p.taps_w == 5) return &correlate_nhwc_row<5, 5>;
-  return &correlate_nhwc_row<0, 0>;
+bool lanes_available() {
+  static const bool available = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return available;
 }
 
 bool runs_in_place(const BlockedProblem& p, const Activations& in, const Activations& out) {
-  return in.channels_last && out.channels_last && in.dtype == at::kFloat && out.dtype == at::kFloat &&
+  return in.channels_last && out.channels_last && in.dtype == out.dtype && lanes_available() &&
          p.out_step_h == 1 && p.out_step_w == 1 && p.out_origin_h == 0 && p.out_origin_w == 0 &&
          p.plane_h() == p.out_h && p.plane_w() == p.out_w;
 }
 
+template <typename T>
 void depthwise_nhwc(const BlockedRun& run, const Activations& in, const float* w, const float* init,
                     const Activations& out) {
   const BlockedProblem& p = run.problem;
@@ -158,80 +244,125 @@ void depthwise_nhwc(const BlockedRun& run, const Activations& in, const float* w
     pack_taps(p, w, run.taps, c0, channels, w_t.data() + b * taps * kLanes);
     if (init != nullptr) std::copy(init + c0, init + c0 + channels, init_t.begin() + b * kLanes);
   }
-  const float* x = static_cast<const float*>(in.data);
-  float* y = static_cast<float*>(out.data);
-  const NhwcRowFn fn = nhwc_row_for(p);
-  at::parallel_for(0, p.batch * p.out_h, 1, [&](int64_t begin, int64_t end) {
+  using BandFn = void (*)(const BlockedProblem&, const T*, const float*, const float*, int64_t, int64_t, int64_t,
+                          int64_t, float*, T*);
+  const BandFn band_fn = p.taps_h == 3 && p.taps_w == 3   ? &depthwise_nhwc_band<T, 3, 3>
+                         : p.taps_h == 5 && p.taps_w == 5 ? &depthwise_nhwc_band<T, 5, 5>
+                                                          : &depthwise_nhwc_band<T, 0, 0>;
+  // A task: one image's band of rows for a group of channel blocks, whose rings take up to
+  // kRingBytes (L2); enough tasks for every thread four times over (each band reads its kernel's
+  // span of rows again).
+  constexpr int64_t kRingBytes = 256 << 10;
+  const int64_t span = (p.taps_h - 1) * p.dil_h + 1, ring_floats = span * p.strip_width() * kLanes;
+  const int64_t group_blocks = std::clamp<int64_t>(kRingBytes / (ring_floats * int64_t(sizeof(float))), 1, blocks);
+  const int64_t block_groups = ceil_div(blocks, group_blocks);
+  const int64_t bands = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), p.batch * block_groups), 1, p.out_h);
+  const T* x = static_cast<const T*>(in.data);
+  T* y = static_cast<T*>(out.data);
+  at::parallel_for(0, p.batch * block_groups * bands, 1, [&](int64_t begin, int64_t end) {
+    float* ring = thread_buffer(Scratch::Widened, group_blocks * ring_floats + kLanes);
+    ring += (-reinterpret_cast<uintptr_t>(ring) % 64) / sizeof(float);  // whole 64-byte lines
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / p.out_h, oh = task % p.out_h;
-      const float* image = x + n * p.in_h * p.in_w * p.groups;
-      float* out_row = y + (n * p.out_h + oh) * p.out_w * p.groups;
-      for (int64_t b = 0; b < blocks; ++b)
-        fn(p, image, w_t.data() + b * taps * kLanes, init_t.data() + b * kLanes, b * kLanes, oh, out_row);
+      const int64_t n = task / (block_groups * bands), group = task / bands % block_groups, band = task % bands;
+      const int64_t b_begin = group * group_blocks, b_end = std::min(blocks, b_begin + group_blocks);
+      band_fn(p, x + n * p.in_h * p.in_w * p.groups, w_t.data(), init_t.data(), b_begin, b_end,
+              band * p.out_h / bands, (band + 1) * p.out_h / bands, ring, y + n * p.out_h * p.out_w * p.groups);
     }
   });
 }
 
 // dW[c, r, s] = sum over images and output pixels of dy[n, oh, ow, c] * x[n, ih, iw, c] for a
-// TH x TW kernel, channels_last float32: a block's 16 channels in one vector, read where they lie,
-// one accumulator register per tap. A task owns a block (its slice of dW) and sums images and
-// pixels in a fixed order.
-template <int TH, int TW>
-__attribute__((target("avx512f,fma"))) void weight_grad_nhwc_block(const ConvShape& s, const float* dy,
-                                                                   const float* x, int64_t c0, float* dw) {
-  const int64_t C = s.in_channels, channels = std::min(kLanes, C - c0);
-  const __mmask16 mask = static_cast<__mmask16>((1u << channels) - 1u);
+// TH x TW kernel, channels_last: a block's 16 channels in one vector, read where they lie, one
+// accumulator register per tap, over images [n_begin, n_end).
+template <typename T, int TH, int TW>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void weight_grad_nhwc_block(
+    const ConvShape& s, const T* dy, const T* x, int64_t c0, int64_t n_begin, int64_t n_end, float* sums) {
+  const int64_t C = s.in_channels;
+  const __mmask16 mask = lanes_mask(C - c0);
   __m512 acc[TH * TW];
   for (int tap = 0; tap < TH * TW; ++tap) acc[tap] = _mm512_setzero_ps();
-  for (int64_t n = 0; n < s.batch; ++n)
+  for (int64_t n = n_begin; n < n_end; ++n)
     for (int64_t oh = 0; oh < s.out_h; ++oh) {
-      const float* dy_row = dy + (n * s.out_h + oh) * s.out_w * C + c0;
+      const T* dy_row = dy + (n * s.out_h + oh) * s.out_w * C + c0;
       for (int64_t ow = 0; ow < s.out_w; ++ow) {
-        const __m512 g = _mm512_maskz_loadu_ps(mask, dy_row + ow * C);
+        const __m512 g = load_lanes(dy_row + ow * C, mask);
 #pragma GCC unroll 7
         for (int r = 0; r < TH; ++r) {
           const int64_t ih = oh * s.stride[0] - s.padding[0] + r * s.dilation[0];
           if (ih < 0 || ih >= s.in_h) continue;
-          const float* x_row = x + (n * s.in_h + ih) * s.in_w * C + c0;
+          const T* x_row = x + (n * s.in_h + ih) * s.in_w * C + c0;
 #pragma GCC unroll 7
           for (int t = 0; t < TW; ++t) {
             const int64_t iw = ow * s.stride[1] - s.padding[1] + t * s.dilation[1];
             if (iw < 0 || iw >= s.in_w) continue;
-            acc[r * TW + t] = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(mask, x_row + iw * C), acc[r * TW + t]);
+            acc[r * TW + t] = _mm512_fmadd_ps(g, load_lanes(x_row + iw * C, mask), acc[r * TW + t]);
           }
         }
       }
     }
-  alignas(64) float lanes[kLanes];
-  for (int tap = 0; tap < TH * TW; ++tap) {
-    _mm512_store_ps(lanes, acc[tap]);
-    for (int64_t c = 0; c < channels; ++c) dw[(c0 + c) * TH * TW + tap] = lanes[c];
+  for (int tap = 0; tap < TH * TW; ++tap) _mm512_storeu_ps(sums + tap * kLanes, acc[tap]);
+}
+
+template <typename T>
+void depthwise_weight_grad_nhwc_as(const ConvShape& s, const Activations& dy, const Activations& x, float* dw) {
+  using BlockFn = void (*)(const ConvShape&, const T*, const T*, int64_t, int64_t, int64_t, float*);
+  const int64_t taps = s.kernel_h * s.kernel_w;
+  const BlockFn fn = taps == 9 ? &weight_grad_nhwc_block<T, 3, 3> : &weight_grad_nhwc_block<T, 5, 5>;
+  const int64_t blocks = (s.in_channels + kLanes - 1) / kLanes;
+  // Images in slices, each block's slices summed apart and then added in slice order: more work
+  // items than blocks (144 channels: 9 blocks for the threads), the same sums whatever the thread
+  // count (the slices follow the shape alone).
+  const int64_t slices = std::min<int64_t>(s.batch, ceil_div(16, blocks));
+  std::vector<float> sums(slices * blocks * taps * kLanes);
+  const T *dy_data = static_cast<const T*>(dy.data), *x_data = static_cast<const T*>(x.data);
+  at::parallel_for(0, blocks * slices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / slices, slice = item % slices;
+      fn(s, dy_data, x_data, b * kLanes, slice * s.batch / slices, (slice + 1) * s.batch / slices,
+         sums.data() + item * taps * kLanes);
+    }
+  });
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t c = b * kLanes; c < std::min(s.in_channels, (b + 1) * kLanes); ++c) {
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        float total = 0.0f;
+        for (int64_t slice = 0; slice < slices; ++slice) {
+          total += sums[((b * slices + slice) * taps + tap) * kLanes + c - b * kLanes];
+        }
+        dw[c * taps + tap] = total;
+      }
+    }
   }
 }
+
+#pragma GCC diagnostic pop
 
 }  // namespace
 
 bool depthwise_weight_grad_nhwc(const ConvShape& s, const Activations& dy, const Activations& x, float* dw) {
-  using BlockFn = void (*)(const ConvShape&, const float*, const float*, int64_t, float*);
-  const BlockFn fn = s.kernel_h == 3 && s.kernel_w == 3   ? &weight_grad_nhwc_block<3, 3>
-                     : s.kernel_h == 5 && s.kernel_w == 5 ? &weight_grad_nhwc_block<5, 5>
-                                                          : nullptr;
+  const bool kernel = (s.kernel_h == 3 && s.kernel_w == 3) || (s.kernel_h == 5 && s.kernel_w == 5);
   const bool depthwise = s.groups == s.in_channels && s.out_channels == s.in_channels;
-  if (fn == nullptr || !depthwise || !dy.channels_last || !x.channels_last || dy.dtype != at::kFloat ||
-      x.dtype != at::kFloat) {
+  if (!kernel || !depthwise || !dy.channels_last || !x.channels_last || dy.dtype != x.dtype || !lanes_available()) {
     return false;
   }
-  const float *dy_data = static_cast<const float*>(dy.data), *x_data = static_cast<const float*>(x.data);
-  at::parallel_for(0, (s.in_channels + kLanes - 1) / kLanes, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) fn(s, dy_data, x_data, b * kLanes, dw);
-  });
-  return true;
+  switch (x.dtype) {
+    case at::kFloat: depthwise_weight_grad_nhwc_as<float>(s, dy, x, dw); return true;
+    case at::kBFloat16: depthwise_weight_grad_nhwc_as<c10::BFloat16>(s, dy, x, dw); return true;
+    case at::kHalf: depthwise_weight_grad_nhwc_as<c10::Half>(s, dy, x, dw); return true;
+    default: return false;
+  }
 }
 
 void depthwise_correlation(const BlockedRun& run, const Activations& in, const float* w, const float* init,
                            const Activations& out) {
   const BlockedProblem& p = run.problem;
-  if (runs_in_place(p, in, out)) return depthwise_nhwc(run, in, w, init, out);
+  if (runs_in_place(p, in, out)) {
+    switch (in.dtype) {
+      case at::kBFloat16: return depthwise_nhwc<c10::BFloat16>(run, in, w, init, out);
+      case at::kHalf: return depthwise_nhwc<c10::Half>(run, in, w, init, out);
+      default: return depthwise_nhwc<float>(run, in, w, init, out);
+    }
+  }
   const Window win = window_of(p);
   const int64_t blocks = (p.groups + kLanes - 1) / kLanes;
   at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
