@@ -355,6 +355,8 @@ struct AmxGeometry {
   int64_t grid, blocks;       // wide-grid pixels per image (out_h * padded_w), and their blocks
   int64_t fold = 1;           // pixels a tile row of the forward's padded input holds
   int64_t row_steps = 1;      // product steps a kernel row: ceil(kernel_w / fold)
+  // The forward's blocks: 32 pixels x 32 outputs, or 64 pixels x 16 where the outputs are at most 16.
+  bool narrow_outputs = false;
 };
 inline AmxGeometry amx_geometry(const ConvShape& s) {
   AmxGeometry g;
@@ -362,6 +364,7 @@ inline AmxGeometry amx_geometry(const ConvShape& s) {
     g.fold = std::min(s.kernel_w, kAmxChannels / s.in_channels);
   }
   g.row_steps = ceil_div(s.kernel_w, g.fold);
+  g.narrow_outputs = s.out_channels <= kAmxOutputs / 2;
   g.channels = ceil_div(s.in_channels, kAmxChannels) * kAmxChannels;
   g.outputs = ceil_div(s.out_channels, kAmxOutputs) * kAmxOutputs;
   g.padded_h = s.in_h + 2 * s.padding[0];

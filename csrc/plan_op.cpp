@@ -230,10 +230,12 @@ void count_amx(const ConvShape& s, DirectPass pass, int64_t threads, Counts& c) 
   }
   const ConvShape t = pass == DirectPass::InputGrad ? transposed_correlation(a) : a;
   const AmxGeometry g = amx_geometry(t);
-  c.mac_amx = double(t.batch) * g.blocks * kAmxPixels * g.outputs * g.channels * t.kernel_h * g.row_steps * real_share;
+  const double block_pixels = g.narrow_outputs ? 2.0 * kAmxPixels * ceil_div(g.blocks, 2) : double(kAmxPixels) * g.blocks;
+  const double block_outputs = g.narrow_outputs ? kAmxOutputs / 2 : g.outputs;
+  c.mac_amx = double(t.batch) * block_pixels * block_outputs * g.channels * t.kernel_h * g.row_steps * real_share;
   c.strip = double(t.batch) * g.image_pixels * g.channels + double(t.kernel_h) * g.row_steps * g.channels * g.outputs;
   c.output = double(t.batch) * t.out_channels * t.out_h * t.out_w;
-  c.tasks = t.batch * g.blocks * (g.outputs / kAmxOutputs);
+  c.tasks = t.batch * (g.narrow_outputs ? ceil_div(g.blocks, 2) : g.blocks) * (g.outputs / kAmxOutputs);
 }
 
 Summary describe_direct_cpu(const ConvShape& s, DirectPass pass, at::ScalarType dtype, int64_t threads) {

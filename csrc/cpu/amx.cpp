@@ -114,6 +114,47 @@ __attribute__((target("amx-tile,amx-bf16"))) void tile_block(const AmxProblem& p
   _tile_stored(3, sums + kTilePixels * kAmxOutputs + kTileOutputs, row_bytes);
 }
 
+// Where the outputs are at most 16 (plan.h, AmxGeometry::narrow_outputs): 64 wide-grid pixels [q0,
+// q0 + 64) x output tile 0, four accumulators of 16 pixels, into `sums` of [q0, q0 + 32) and
+// `more_sums` of the next 32 (32 x 32 float32, row = pixel, its first 16 columns written). Half the
+// products of tile_block's 2 x 2 blocking would be the padded outputs'. The A tiles rotate through
+// tiles 4, 5 and 7, so that a load need not wait for the product reading its tile.
+__attribute__((target("amx-tile,amx-bf16"))) void narrow_tile_block(const AmxProblem& p, int64_t n, int64_t q0,
+                                                                    float* sums, float* more_sums) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t pixel_bytes = p.channels * int64_t(sizeof(at::BFloat16));
+  const int64_t b_tile = kTileChannels * kTileOutputs, a_step = kTilePixels * p.channels;
+  for (int64_t r = 0; r < p.taps_h; ++r) {
+    for (int64_t t = 0; t < p.taps_w; ++t) {
+      const at::BFloat16* a = p.input + (n * p.image_pixels + q0 + r * p.dilation_h * p.padded_w + t * p.dilation_w) *
+                                            p.channels;
+      const at::BFloat16* b = p.packed + (r * p.taps_w + t) * p.chunks * p.output_tiles * b_tile;
+      const uint8_t* live = p.live ? p.live + (r * p.taps_w + t) * p.output_tiles / 2 * p.chunks : nullptr;
+      for (int64_t chunk = 0; chunk < p.chunks; ++chunk) {
+        if (live && !live[chunk]) continue;
+        const at::BFloat16* a_chunk = a + chunk * kTileChannels;
+        _tile_loadd(6, b + chunk * p.output_tiles * b_tile, 64);
+        _tile_loadd(4, a_chunk, pixel_bytes);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(5, a_chunk + a_step, pixel_bytes);
+        _tile_dpbf16ps(1, 5, 6);
+        _tile_loadd(7, a_chunk + 2 * a_step, pixel_bytes);
+        _tile_dpbf16ps(2, 7, 6);
+        _tile_loadd(4, a_chunk + 3 * a_step, pixel_bytes);
+        _tile_dpbf16ps(3, 4, 6);
+      }
+    }
+  }
+  constexpr int64_t row_bytes = kAmxOutputs * sizeof(float);
+  _tile_stored(0, sums, row_bytes);
+  _tile_stored(1, sums + kTilePixels * kAmxOutputs, row_bytes);
+  _tile_stored(2, more_sums, row_bytes);
+  _tile_stored(3, more_sums + kTilePixels * kAmxOutputs, row_bytes);
+}
+
 // Tiles are per thread; a parallel region's threads configure their own.
 __attribute__((target("amx-tile,amx-bf16"))) void release_tiles() { _tile_release(); }
 
@@ -822,8 +863,9 @@ at::Tensor forward_tiles(const at::Tensor& input, const at::Tensor& weight, cons
   const ConvShape s = amx_shape(layer);
   AmxGeometry g = amx_geometry(s);
   const int64_t channels = g.channels, outputs = g.outputs, padded_w = g.padded_w;
-  // Past the last image, the pixels the last block's dropped q read.
-  const int64_t slack = kAmxPixels + (s.kernel_w - 1) * s.dilation[1];
+  // Past the last image, the pixels the last block's dropped q read (and a narrow task's second
+  // block past the last).
+  const int64_t slack = 2 * kAmxPixels + (s.kernel_w - 1) * s.dilation[1];
   const int64_t padded_pixels = s.batch * g.image_pixels, padded_numel = (padded_pixels + slack) * channels;
   at::BFloat16* padded = amx_buffer(0, padded_numel);
   at::BFloat16* packed = amx_buffer(1, s.kernel_h * s.kernel_w * channels * outputs);
@@ -876,7 +918,10 @@ at::Tensor forward_tiles(const at::Tensor& input, const at::Tensor& weight, cons
   const AmxProblem p{padded, packed, live, channels,
                      channels / kTileChannels, outputs / kTileOutputs, padded_w, g.image_pixels,
                      s.kernel_h, g.row_steps, s.dilation[0], g.fold * s.dilation[1]};
-  const int64_t channel_blocks = outputs / kAmxOutputs, blocks = g.blocks, tasks = s.batch * blocks * channel_blocks;
+  // A task: one block of 32 pixels x 32 outputs, or where the outputs are at most 16, two blocks'
+  // pixels (g.narrow_outputs).
+  const int64_t channel_blocks = outputs / kAmxOutputs, blocks = g.blocks, task_blocks = g.narrow_outputs ? 2 : 1;
+  const int64_t pixel_tasks = ceil_div(blocks, task_blocks), tasks = s.batch * pixel_tasks * channel_blocks;
   // Whichever operand is larger is read once: with the weights larger (wide layers on small maps:
   // 4.7 MB at 512 -> 512 3x3), channel blocks outermost, so that a thread streams its blocks' weights
   // once; otherwise innermost, consecutive tasks reusing the same input pixels.
@@ -889,53 +934,61 @@ at::Tensor forward_tiles(const at::Tensor& input, const at::Tensor& weight, cons
   const bool planes_alias = y_c * int64_t(sizeof(at::BFloat16)) % 2048 == 0;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
-    alignas(64) float sums[kAmxPixels * kAmxOutputs];
+    alignas(64) float sums[2][kAmxPixels * kAmxOutputs];
     alignas(64) at::BFloat16 by_pixel[kAmxPixels][kAmxOutputs], by_output[kAmxOutputs][kAmxPixels];
     const at::BFloat16* by_pixel_rows[kAmxPixels];
     for (int64_t i = 0; i < kAmxPixels; ++i) by_pixel_rows[i] = by_pixel[i];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t pixel_task = weights_outer ? task % (s.batch * blocks) : task / channel_blocks;
-      const int64_t channel_block = weights_outer ? task / (s.batch * blocks) : task % channel_blocks;
-      const int64_t n = pixel_task / blocks, q0 = pixel_task % blocks * kAmxPixels;
-      tile_block(p, n, q0, 2 * channel_block, sums);
-      const int64_t k0 = channel_block * kAmxOutputs, phase = k0 / phase_outputs, c0 = k0 % phase_outputs;
-      const int64_t k_count = std::min<int64_t>(kAmxOutputs, s.out_channels - k0);
-      const int64_t row0 = phase / stride_w - pad_h, column0 = phase % stride_w - pad_w;
-      const float* bias_block = bias_values.data() + k0;
-      const bool transpose = s.out_w >= kWideRows || (planes_alias && k_count > kAmxOutputs / 2);
-      if (y_c != 1 && y_w == 1 && !split_output && transpose) {
-        // NCHW, long rows: the block transposed, each output's pixels stored along its rows (64 ->
-        // 64 3x3 @56 forward: 0.88x F.conv2d -> 1.05x). On shorter rows the transpose costs more
-        // than it saves (32 -> 32 @16: 0.98x -> 0.84x; 16 -> 16 @32: 0.63x -> 0.60x); they keep
-        // the stores by element, except where the planes alias (below).
-        for (int64_t i = 0; i < kAmxPixels; ++i) {
-          store_outputs(sums + i * kAmxOutputs, bias_block, kAmxOutputs, by_pixel[i]);
-        }
-        transpose_block(by_pixel_rows, 0, kAmxOutputs, by_output[0]);
-        for (int64_t i = 0; i < kAmxPixels;) {  // a run of the block's pixels in one output row
-          const int64_t q = q0 + i, ho = q / padded_w, wo = q % padded_w;
-          if (ho >= s.out_h) break;
-          const int64_t run = std::min(kAmxPixels - i, padded_w - wo), valid = std::min(run, s.out_w - wo);
-          for (int64_t k = 0; k < k_count && valid > 0; ++k) {
-            copy_run(by_output[k] + i, valid, y_data + n * y_n + (k0 + k) * y_c + ho * y_h + wo);
-          }
-          i += run;
-        }
-        continue;
+      const int64_t pixel_task = weights_outer ? task % (s.batch * pixel_tasks) : task / channel_blocks;
+      const int64_t channel_block = weights_outer ? task / (s.batch * pixel_tasks) : task % channel_blocks;
+      const int64_t n = pixel_task / pixel_tasks, first_block = pixel_task % pixel_tasks * task_blocks;
+      if (task_blocks == 2) {
+        narrow_tile_block(p, n, first_block * kAmxPixels, sums[0], sums[1]);
+      } else {
+        tile_block(p, n, first_block * kAmxPixels, 2 * channel_block, sums[0]);
       }
-      int64_t ho = q0 / padded_w, wo = q0 % padded_w;
-      for (int64_t i = 0; i < kAmxPixels; ++i, ++wo) {
-        if (wo == padded_w) wo = 0, ++ho;
-        if (ho >= s.out_h || wo >= s.out_w) continue;  // a dropped pixel of the wide grid
-        const int64_t h = ho * stride_h + row0, w = wo * stride_w + column0;
-        if (h < 0 || h >= y_height || w < 0 || w >= y_width) continue;  // a phase pixel in the padding
-        at::BFloat16* out = y_data + n * y_n + h * y_h + w * y_w + c0 * y_c;
-        const float* row = sums + i * kAmxOutputs;
-        if (y_c == 1) {  // channels_last: the block's outputs are one run
-          store_outputs(row, bias_block, k_count, out);
+      for (int64_t block = first_block; block < std::min(blocks, first_block + task_blocks); ++block) {
+        const int64_t q0 = block * kAmxPixels;
+        const float* block_sums = sums[block - first_block];
+        const int64_t k0 = channel_block * kAmxOutputs, phase = k0 / phase_outputs, c0 = k0 % phase_outputs;
+        const int64_t k_count = std::min<int64_t>(kAmxOutputs, s.out_channels - k0);
+        const int64_t row0 = phase / stride_w - pad_h, column0 = phase % stride_w - pad_w;
+        const float* bias_block = bias_values.data() + k0;
+        const bool transpose = s.out_w >= kWideRows || (planes_alias && k_count > kAmxOutputs / 2);
+        if (y_c != 1 && y_w == 1 && !split_output && transpose) {
+          // NCHW, long rows: the block transposed, each output's pixels stored along its rows (64 ->
+          // 64 3x3 @56 forward: 0.88x F.conv2d -> 1.05x). On shorter rows the transpose costs more
+          // than it saves (32 -> 32 @16: 0.98x -> 0.84x; 16 -> 16 @32: 0.63x -> 0.60x); they keep
+          // the stores by element, except where the planes alias (below).
+          for (int64_t i = 0; i < kAmxPixels; ++i) {
+            store_outputs(block_sums + i * kAmxOutputs, bias_block, kAmxOutputs, by_pixel[i]);
+          }
+          transpose_block(by_pixel_rows, 0, kAmxOutputs, by_output[0]);
+          for (int64_t i = 0; i < kAmxPixels;) {  // a run of the block's pixels in one output row
+            const int64_t q = q0 + i, ho = q / padded_w, wo = q % padded_w;
+            if (ho >= s.out_h) break;
+            const int64_t run = std::min(kAmxPixels - i, padded_w - wo), valid = std::min(run, s.out_w - wo);
+            for (int64_t k = 0; k < k_count && valid > 0; ++k) {
+              copy_run(by_output[k] + i, valid, y_data + n * y_n + (k0 + k) * y_c + ho * y_h + wo);
+            }
+            i += run;
+          }
           continue;
         }
-        for (int64_t k = 0; k < k_count; ++k) out[k * y_c] = static_cast<at::BFloat16>(row[k] + bias_block[k]);
+        int64_t ho = q0 / padded_w, wo = q0 % padded_w;
+        for (int64_t i = 0; i < kAmxPixels; ++i, ++wo) {
+          if (wo == padded_w) wo = 0, ++ho;
+          if (ho >= s.out_h || wo >= s.out_w) continue;  // a dropped pixel of the wide grid
+          const int64_t h = ho * stride_h + row0, w = wo * stride_w + column0;
+          if (h < 0 || h >= y_height || w < 0 || w >= y_width) continue;  // a phase pixel in the padding
+          at::BFloat16* out = y_data + n * y_n + h * y_h + w * y_w + c0 * y_c;
+          const float* row = block_sums + i * kAmxOutputs;
+          if (y_c == 1) {  // channels_last: the block's outputs are one run
+            store_outputs(row, bias_block, k_count, out);
+            continue;
+          }
+          for (int64_t k = 0; k < k_count; ++k) out[k * y_c] = static_cast<at::BFloat16>(row[k] + bias_block[k]);
+        }
       }
     }
     release_tiles();
