@@ -111,9 +111,25 @@ def result_format(a: torch.Tensor, b: torch.Tensor) -> torch.memory_format:
     float64 is always NCHW, as cuDNN's channels_last path takes no doubles."""
     if a.device.type == "cuda" and torch.float64 in (a.dtype, b.dtype):
         return torch.contiguous_format
-    if torch.channels_last in (suggest_memory_format(a), suggest_memory_format(b)):
+    if _suggested_format(a) == torch.channels_last or _suggested_format(b) == torch.channels_last:
         return torch.channels_last
     return torch.contiguous_format
+
+
+def _suggested_format(t: torch.Tensor) -> torch.memory_format:
+    """suggest_memory_format(t), without its stride analysis (a few microseconds a call, twice on
+    every channels_last 'auto' call) where the layout is plain: dense in exactly one of the two."""
+    if type(t) in _PLAIN_TENSORS and t.dim() == 4 and t.layout == torch.strided:
+        try:
+            nchw, nhwc = t.is_contiguous(), t.is_contiguous(memory_format=torch.channels_last)
+        except RuntimeError:  # (a tensor under a transform that will not say)
+            return suggest_memory_format(t)
+        if nchw != nhwc:
+            return torch.channels_last if nhwc else torch.contiguous_format
+    return suggest_memory_format(t)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # (not FakeTensors, whose sizes may be symbolic)
 
 
 def memory_format_of(input: torch.Tensor, weight: torch.Tensor | None = None) -> torch.memory_format:

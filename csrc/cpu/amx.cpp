@@ -4,14 +4,15 @@
 // implicit GEMM: M = output pixels, N = output channels, K = input channels x taps, with no column
 // matrix.
 //
-// The input is copied once into a zero-padded NHWC buffer, channels padded to 32 (one tile row).
+// The input is copied once into a zero-padded NHWC buffer, channels padded to 32 (one tile row;
+// at most 16 channels, several neighbouring pixels' channels: plan.h, AmxGeometry::fold).
 // Output pixels are numbered over the padded width ("the wide grid": q = ho * padded_w + wo,
 // wo < padded_w), so that for a tap (r, t) the input pixels of 16 consecutive q are 16 consecutive
 // buffer pixels, even across output rows: one strided tile load per tap and 32 channels. The
 // q with wo >= out_w are computed and dropped (2 * pad of each padded row, 22 % on a 7x7 map).
-// A task computes 32 pixels x 32 output channels in four accumulator tiles; the weights are
-// packed per (tap, 32 input channels, 16 output channels) as the B tiles TDPBF16PS reads
-// (pairs of input channels interleaved). Each output element is one tile's float32 sum, rounded
+// A task computes 32 pixels x 32 output channels in four accumulator tiles (64 x 16 where there are
+// at most 16 outputs); the weights are packed per (tap, 32 input channels, 16 output channels) as
+// the B tiles TDPBF16PS reads (pairs of input channels interleaved). Each output element is one tile's float32 sum, rounded
 // once: no dependence on the thread count. The weight gradient, further down, is the same kind of
 // implicit GEMM with pixels as its reduction.
 //

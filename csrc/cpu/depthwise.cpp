@@ -273,65 +273,80 @@ void depthwise_nhwc(const BlockedRun& run, const Activations& in, const float* w
 
 // dW[c, r, s] = sum over images and output pixels of dy[n, oh, ow, c] * x[n, ih, iw, c] for a
 // TH x TW kernel, channels_last: a block's 16 channels in one vector, read where they lie, one
-// accumulator register per tap, over images [n_begin, n_end).
+// accumulator register per tap; the sums of output rows [row_begin, row_end) (of all images, row
+// n * out_h + oh) added to `sums` [tap][16].
 template <typename T, int TH, int TW>
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void weight_grad_nhwc_block(
-    const ConvShape& s, const T* dy, const T* x, int64_t c0, int64_t n_begin, int64_t n_end, float* sums) {
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void weight_grad_nhwc_rows(
+    const ConvShape& s, const T* dy, const T* x, int64_t c0, int64_t row_begin, int64_t row_end, float* sums) {
   const int64_t C = s.in_channels;
   const __mmask16 mask = lanes_mask(C - c0);
   __m512 acc[TH * TW];
-  for (int tap = 0; tap < TH * TW; ++tap) acc[tap] = _mm512_setzero_ps();
-  for (int64_t n = n_begin; n < n_end; ++n)
-    for (int64_t oh = 0; oh < s.out_h; ++oh) {
-      const T* dy_row = dy + (n * s.out_h + oh) * s.out_w * C + c0;
-      for (int64_t ow = 0; ow < s.out_w; ++ow) {
-        const __m512 g = load_lanes(dy_row + ow * C, mask);
+  for (int tap = 0; tap < TH * TW; ++tap) acc[tap] = _mm512_loadu_ps(sums + tap * kLanes);
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t n = row / s.out_h, oh = row % s.out_h;
+    const T* x_rows[TH];  // each kernel row's input row, or null outside the input
+    for (int r = 0; r < TH; ++r) {
+      const int64_t ih = oh * s.stride[0] - s.padding[0] + r * s.dilation[0];
+      x_rows[r] = ih >= 0 && ih < s.in_h ? x + (n * s.in_h + ih) * s.in_w * C + c0 : nullptr;
+    }
+    const T* dy_row = dy + row * s.out_w * C + c0;
+    for (int64_t ow = 0; ow < s.out_w; ++ow) {
+      const __m512 g = load_lanes(dy_row + ow * C, mask);
 #pragma GCC unroll 7
-        for (int r = 0; r < TH; ++r) {
-          const int64_t ih = oh * s.stride[0] - s.padding[0] + r * s.dilation[0];
-          if (ih < 0 || ih >= s.in_h) continue;
-          const T* x_row = x + (n * s.in_h + ih) * s.in_w * C + c0;
+      for (int r = 0; r < TH; ++r) {
+        if (x_rows[r] == nullptr) continue;
 #pragma GCC unroll 7
-          for (int t = 0; t < TW; ++t) {
-            const int64_t iw = ow * s.stride[1] - s.padding[1] + t * s.dilation[1];
-            if (iw < 0 || iw >= s.in_w) continue;
-            acc[r * TW + t] = _mm512_fmadd_ps(g, load_lanes(x_row + iw * C, mask), acc[r * TW + t]);
-          }
+        for (int t = 0; t < TW; ++t) {
+          const int64_t iw = ow * s.stride[1] - s.padding[1] + t * s.dilation[1];
+          if (iw < 0 || iw >= s.in_w) continue;
+          acc[r * TW + t] = _mm512_fmadd_ps(g, load_lanes(x_rows[r] + iw * C, mask), acc[r * TW + t]);
         }
       }
     }
+  }
   for (int tap = 0; tap < TH * TW; ++tap) _mm512_storeu_ps(sums + tap * kLanes, acc[tap]);
 }
 
+// The output rows (of all images) in slices, each summed apart and then added in slice order: the
+// same sums whatever the thread count (the slices follow the shape alone). A slice runs in bands
+// of rows whose dy and x stay in L2 (1 MB), every channel block over a band before the next, so
+// that the rows stream from memory once, in order (a block over all rows read one 64-byte line of
+// every pixel, a stride the prefetchers lose: 144 channels @56 float32 ran at 0.40x F.conv2d).
 template <typename T>
 void depthwise_weight_grad_nhwc_as(const ConvShape& s, const Activations& dy, const Activations& x, float* dw) {
-  using BlockFn = void (*)(const ConvShape&, const T*, const T*, int64_t, int64_t, int64_t, float*);
+  using RowsFn = void (*)(const ConvShape&, const T*, const T*, int64_t, int64_t, int64_t, float*);
   const int64_t taps = s.kernel_h * s.kernel_w;
-  const BlockFn fn = taps == 9 ? &weight_grad_nhwc_block<T, 3, 3> : &weight_grad_nhwc_block<T, 5, 5>;
-  const int64_t blocks = (s.in_channels + kLanes - 1) / kLanes;
-  // Images in slices, each block's slices summed apart and then added in slice order: more work
-  // items than blocks (144 channels: 9 blocks for the threads), the same sums whatever the thread
-  // count (the slices follow the shape alone).
-  const int64_t slices = std::min<int64_t>(s.batch, ceil_div(16, blocks));
-  std::vector<float> sums(slices * blocks * taps * kLanes);
+  const RowsFn fn = taps == 9 ? &weight_grad_nhwc_rows<T, 3, 3> : &weight_grad_nhwc_rows<T, 5, 5>;
+  const int64_t blocks = (s.in_channels + kLanes - 1) / kLanes, block_floats = taps * kLanes;
+  // Up to 16 slices, each of at least 4096 pixel vectors (16 slices of 3.5 rows at 960 channels
+  // @7 ran 20 % slower than 4, each unit's setup on too little work).
+  constexpr int64_t kMaxSlices = 16, kSliceWork = 4096, kBandBytes = 1 << 20;
+  const int64_t rows = s.batch * s.out_h;
+  const int64_t slices = std::clamp<int64_t>(product({rows, s.out_w, blocks}) / kSliceWork, 1, std::min(rows, kMaxSlices));
+  // One output row's dy and the input rows its stride brings in.
+  const int64_t row_bytes = (s.out_w + s.stride[0] * s.in_w) * s.in_channels * int64_t(sizeof(T));
+  const int64_t band = std::max<int64_t>(1, kBandBytes / std::max<int64_t>(1, row_bytes));
+  std::vector<float> sums(slices * blocks * block_floats, 0.0f);  // [slice][block][tap][16]
   const T *dy_data = static_cast<const T*>(dy.data), *x_data = static_cast<const T*>(x.data);
-  at::parallel_for(0, blocks * slices, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / slices, slice = item % slices;
-      fn(s, dy_data, x_data, b * kLanes, slice * s.batch / slices, (slice + 1) * s.batch / slices,
-         sums.data() + item * taps * kLanes);
-    }
-  });
-  for (int64_t b = 0; b < blocks; ++b) {
-    for (int64_t c = b * kLanes; c < std::min(s.in_channels, (b + 1) * kLanes); ++c) {
-      for (int64_t tap = 0; tap < taps; ++tap) {
-        float total = 0.0f;
-        for (int64_t slice = 0; slice < slices; ++slice) {
-          total += sums[((b * slices + slice) * taps + tap) * kLanes + c - b * kLanes];
+  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t slice = begin; slice < end; ++slice) {
+      const int64_t slice_end = (slice + 1) * rows / slices;
+      for (int64_t row = slice * rows / slices; row < slice_end; row += band) {
+        for (int64_t b = 0; b < blocks; ++b) {
+          fn(s, dy_data, x_data, b * kLanes, row, std::min(slice_end, row + band),
+             sums.data() + (slice * blocks + b) * block_floats);
         }
-        dw[c * taps + tap] = total;
       }
     }
+  });
+  // The slices added into the first in slice order, whole vectors at a time; then [c][tap].
+  const int64_t slice_floats = blocks * block_floats;
+  for (int64_t slice = 1; slice < slices; ++slice) {
+    const float* part = sums.data() + slice * slice_floats;
+    for (int64_t i = 0; i < slice_floats; ++i) sums[i] += part[i];
+  }
+  for (int64_t c = 0; c < s.in_channels; ++c) {
+    for (int64_t tap = 0; tap < taps; ++tap) dw[c * taps + tap] = sums[c / kLanes * block_floats + tap * kLanes + c % kLanes];
   }
 }
 

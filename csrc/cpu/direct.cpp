@@ -369,7 +369,8 @@ at::Tensor direct_backward_weight(const at::Tensor& grad_output, const at::Tenso
       // The row engine reads one channel's plane at a time: from NHWC a gather at a stride of C
       // elements, C times the tensor's traffic (a depthwise 32-channel layer ran 40x slower), so
       // channels_last operands are copied to NCHW first, in their own dtype. (A channels_last
-      // depthwise 3x3 or 5x5 layer, its operands of one dtype, reads its vectors of 16 channels where they lie instead.)
+      // depthwise 3x3 or 5x5 layer, its operands of one dtype, reads its vectors of 16 channels
+      // where they lie instead.)
       auto nchw = [](const Activations& a, at::Tensor& source) {
         if (!a.channels_last) return a;
         source = source.contiguous();
