@@ -359,6 +359,9 @@ struct WeightReader {
   int64_t offset(int64_t k, int64_t c, int64_t r, int64_t t) const {
     if (k >= s.out_channels || c >= s.in_channels) return -1;
     if (flip) r = s.kernel_h - 1 - r, t = s.kernel_w - 1 - t;
+    if (phases.stride_h == 1 && phases.stride_w == 1) {  // (no divisions: the folded packer calls this per element)
+      return k * weight.stride(0) + c * weight.stride(1) + r * weight.stride(2) + t * weight.stride(3);
+    }
     int64_t& split = phases.outputs ? k : c;  // the channel of the split side, and its phase
     const int64_t phase = split / phases.channels;
     split %= phases.channels;
@@ -411,25 +414,36 @@ void pack_weight(const WeightReader& reader, const AmxGeometry& g, at::BFloat16*
 // The B tiles of a folded correlation (plan.h, AmxGeometry; one chunk of 32): packed[r][step][output
 // tile][pair][k][e] = w[tile * 16 + k, c, r, step * fold + i] for element f = 2 * pair + e of a tile
 // row, pixel i = f / C and channel c = f % C of it; zero past the fold's pixels, the kernel row and
-// the real outputs. A few KB (at most 16 input channels): element by element.
-void pack_folded_weight(const WeightReader& reader, const AmxGeometry& g, at::BFloat16* packed) {
+// the real outputs. Each element f's 16 outputs in one gather (a tile's outputs lie in one phase:
+// its channels are a multiple of 32), two elements' interleaved into a row of pairs. (Element by
+// element, the packing took longer than the products on 6x6 maps: 16 -> 64 5x5 ran 1.3x F.conv2d
+// unfolded, 0.3x folded.)
+__attribute__((target("avx512f,avx512bw"))) void pack_folded_tile(const WeightReader& reader, const AmxGeometry& g,
+                                                                  int64_t index, at::BFloat16* dst) {
   const ConvShape& s = reader.s;
-  const at::BFloat16* w = reader.weight.const_data_ptr<at::BFloat16>();
   const int64_t tiles = g.outputs / kTileOutputs;
-  at::BFloat16* dst = packed;
-  for (int64_t r = 0; r < s.kernel_h; ++r) {
-    for (int64_t step = 0; step < g.row_steps; ++step) {
-      for (int64_t tile = 0; tile < tiles; ++tile, dst += kTileChannels * kTileOutputs) {
-        for (int64_t f = 0; f < kTileChannels; ++f) {
-          const int64_t i = f / s.in_channels, c = f % s.in_channels, t = step * g.fold + i;
-          for (int64_t k = 0; k < kTileOutputs; ++k) {
-            const int64_t offset = i < g.fold && t < s.kernel_w ? reader.offset(tile * kTileOutputs + k, c, r, t) : -1;
-            dst[f / 2 * 2 * kTileOutputs + 2 * k + f % 2] = offset < 0 ? at::BFloat16(0.0f) : w[offset];
-          }
-        }
-      }
+  const int64_t tile = index % tiles, r = index / tiles / g.row_steps, step = index / tiles % g.row_steps;
+  const int64_t outputs = std::min(kTileOutputs, s.out_channels - tile * kTileOutputs);
+  const __m512i pick_low = _mm512_load_si512(kInterleaveLow);
+  for (int64_t pair = 0; pair < kTileChannels / 2; ++pair) {
+    __m512i element[2];
+    for (int64_t e = 0; e < 2; ++e) {
+      const int64_t f = 2 * pair + e, i = f / s.in_channels, t = step * g.fold + i;
+      const int64_t first =
+          i < g.fold && t < s.kernel_w && outputs > 0 ? reader.offset(tile * kTileOutputs, f % s.in_channels, r, t) : -1;
+      element[e] = first < 0 ? _mm512_setzero_si512()
+                             : gather_row(reader.weight.const_data_ptr<at::BFloat16>(), first, reader.weight.stride(0),
+                                          outputs);
     }
+    _mm512_storeu_si512(dst + pair * 2 * kTileOutputs, _mm512_permutex2var_epi16(element[0], pick_low, element[1]));
   }
+}
+
+void pack_folded_weight(const WeightReader& reader, const AmxGeometry& g, at::BFloat16* packed) {
+  const int64_t b_tile = kTileChannels * kTileOutputs;
+  at::parallel_for(0, reader.s.kernel_h * g.row_steps * (g.outputs / kTileOutputs), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) pack_folded_tile(reader, g, index, packed + index * b_tile);
+  });
 }
 
 // ---- The weight gradient ----
