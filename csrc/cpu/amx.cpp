@@ -12,8 +12,8 @@
 // q with wo >= out_w are computed and dropped (2 * pad of each padded row, 22 % on a 7x7 map).
 // A task computes 32 pixels x 32 output channels in four accumulator tiles (64 x 16 where there are
 // at most 16 outputs); the weights are packed per (tap, 32 input channels, 16 output channels) as
-// the B tiles TDPBF16PS reads (pairs of input channels interleaved). Each output element is one tile's float32 sum, rounded
-// once: no dependence on the thread count. The weight gradient, further down, is the same kind of
+// the B tiles TDPBF16PS reads (pairs of input channels interleaved). Each output element is one
+// tile's float32 sum, rounded once: no dependence on the thread count. The weight gradient, further down, is the same kind of
 // implicit GEMM with pixels as its reduction.
 //
 // Every tile row lies on a whole 64-byte line (buffers aligned, rows of 64 bytes at multiples of
@@ -359,15 +359,14 @@ struct WeightReader {
   int64_t offset(int64_t k, int64_t c, int64_t r, int64_t t) const {
     if (k >= s.out_channels || c >= s.in_channels) return -1;
     if (flip) r = s.kernel_h - 1 - r, t = s.kernel_w - 1 - t;
-    if (phases.stride_h == 1 && phases.stride_w == 1) {  // (no divisions: the folded packer calls this per element)
-      return k * weight.stride(0) + c * weight.stride(1) + r * weight.stride(2) + t * weight.stride(3);
+    if (phases.stride_h * phases.stride_w > 1) {
+      int64_t& split = phases.outputs ? k : c;  // the channel of the split side, and its phase
+      const int64_t phase = split / phases.channels;
+      split %= phases.channels;
+      r = r * phases.stride_h + phase / phases.stride_w;
+      t = t * phases.stride_w + phase % phases.stride_w;
+      if (r >= weight.size(2) || t >= weight.size(3)) return -1;
     }
-    int64_t& split = phases.outputs ? k : c;  // the channel of the split side, and its phase
-    const int64_t phase = split / phases.channels;
-    split %= phases.channels;
-    r = r * phases.stride_h + phase / phases.stride_w;
-    t = t * phases.stride_w + phase % phases.stride_w;
-    if (r >= weight.size(2) || t >= weight.size(3)) return -1;
     return k * weight.stride(0) + c * weight.stride(1) + r * weight.stride(2) + t * weight.stride(3);
   }
 };
