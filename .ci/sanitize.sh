@@ -75,7 +75,9 @@ tests=(tests/test_errors.py tests/test_gradcheck.py tests/test_workspace.py test
        "tests/test_func.py::test_vmap_over_per_sample_weights_and_their_gradients"
        "tests/test_correctness.py::test_amx_forward" "tests/test_correctness.py::test_amx_declines_tiles_mostly_padding"
        "tests/test_correctness.py::test_amx_weight_grad_is_exact_beside_non_finite_inputs_and_thread_independent"
-       "tests/test_correctness.py::test_amx_strided_is_exact_beside_non_finite_values")
+       "tests/test_correctness.py::test_amx_strided_is_exact_beside_non_finite_values"
+       "tests/test_correctness.py::test_amx_folded_forward_is_exact_beside_non_finite_values"
+       "tests/test_correctness.py::test_depthwise_channels_last_is_thread_independent")
 present=()
 for t in "${tests[@]}"; do [[ -e $work/${t%%::*} ]] && present+=("$t"); done
 echo "== sanitize: pytest ${present[*]}"

@@ -413,12 +413,12 @@ constexpr int64_t kMaxAmxBuffer = int64_t(1) << 40;
 
 namespace {
 
-// Whether the AMX kernels take s at all, and whether the products of their tiles, `row_steps` a
-// kernel row (kernel_w, or fewer where the forward folds taps: plan.h, AmxGeometry), are at least
-// 1/16 real. Channels are padded to 32 both ways: under 1/16 (3 -> 16, 1 -> 6 unfolded: 5 %,
-// 0.6 %), the blocked engine is faster (1 -> 6 5x5 @28: 0.37x F.conv2d against AMX's 0.17x;
+// Whether the AMX kernels take s at all, and whether the products of their tiles are at least 1/16
+// real: those of the forward correlation's (`forward`: taps folded, plan.h AmxGeometry), or the
+// weight gradient's. Channels are padded to 32
+// both ways: under 1/16 (3 -> 16, 1 -> 6 unfolded: 5 %, 0.6 %), the blocked engine is faster (1 -> 6 5x5 @28: 0.37x F.conv2d against AMX's 0.17x;
 // 6 -> 16: 9 %, AMX 0.49x against 0.40x). Phantom taps count as padding.
-bool amx_takes(const ConvShape& s, at::ScalarType dtype, bool folded) {
+bool amx_takes(const ConvShape& s, at::ScalarType dtype, bool forward) {
   // A split layer's kernel must reach every phase, without dilation.
   const bool splits_fully = s.dilation[0] == 1 && s.dilation[1] == 1 && s.kernel_h >= s.stride[0] &&
                             s.kernel_w >= s.stride[1];
@@ -428,8 +428,11 @@ bool amx_takes(const ConvShape& s, at::ScalarType dtype, bool folded) {
   }
   const ConvShape a = amx_shape(s);
   const AmxGeometry g = amx_geometry(a);
+  // One input channel (at stride 1) is copied 32-fold into tile rows, most of each row zeros even
+  // folded: 1 -> 16 3x3 @224 ran 0.25x F.conv2d on AMX, 0.6-0.8x on the blocked engine.
+  if (a.in_channels == 1) return false;
   const bool fills_tiles = 16 * product({s.in_channels, s.out_channels, s.kernel_h, s.kernel_w}) >=
-                           product({g.channels, g.outputs, a.kernel_h, folded ? g.row_steps : a.kernel_w});
+                           product({g.channels, g.outputs, a.kernel_h, forward ? g.row_steps : a.kernel_w});
   // (The weight's element offsets are 32-bit gather indices: cpu/amx.cpp, gather_row.)
   return fills_tiles && product({a.batch + 1, g.image_pixels, g.channels}) < kMaxAmxBuffer &&
          product({a.out_channels, a.in_channels, a.kernel_h, a.kernel_w}) < (int64_t(1) << 31) &&
@@ -439,7 +442,7 @@ bool amx_takes(const ConvShape& s, at::ScalarType dtype, bool folded) {
 
 }  // namespace
 
-bool runs_amx(const ConvShape& s, at::ScalarType dtype) { return amx_takes(s, dtype, /*folded=*/true); }
+bool runs_amx(const ConvShape& s, at::ScalarType dtype) { return amx_takes(s, dtype, /*forward=*/true); }
 
 ConvShape amx_shape(const ConvShape& s) {
   if (!amx_splits(s)) return s;
@@ -492,7 +495,7 @@ bool runs_amx_weight_grad(const ConvShape& s, at::ScalarType dtype) {
   const int64_t narrow = kAmxChannels / 2, fewer = std::min(s.in_channels, s.out_channels),
                 more = std::max(s.in_channels, s.out_channels);
   if (more <= narrow || (amx_splits(s) && fewer <= narrow && more <= kAmxChannels) ||
-      !amx_takes(s, dtype, /*folded=*/false)) {
+      !amx_takes(s, dtype, /*forward=*/false)) {
     return false;
   }
   const ConvShape a = amx_shape(s);

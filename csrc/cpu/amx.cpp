@@ -185,7 +185,7 @@ inline __mmask32 first_lanes(int64_t count) {
 // nearest even as c10::BFloat16 does (vcvtneps2bf16: every AMX CPU has AVX512_BF16).
 __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void store_outputs(const float* row, const float* bias,
                                                                                    int64_t count, at::BFloat16* out) {
-  for (int64_t k = 0; k < kAmxOutputs; k += 16) {
+  for (int64_t k = 0; k < std::min(count, kAmxOutputs); k += 16) {
     const __m512 sum = _mm512_add_ps(_mm512_loadu_ps(row + k), _mm512_loadu_ps(bias + k));
     _mm256_mask_storeu_epi16(out + k, __mmask16(first_lanes(count - k)), (__m256i)_mm512_cvtneps_pbh(sum));
   }
@@ -280,7 +280,11 @@ bool pad_input(const at::Tensor& input, const ConvShape& s, const AmxGeometry& g
         at::BFloat16* phase_dst = dst + phase * s.in_channels;
         const at::BFloat16* src = x + n * x_n + h * x_h + (columns.first * stride_w + b - s.padding[1]) * x_w;
         const int64_t step = stride_w * x_w;  // from one column's source pixel to the next's
-        if (x_c == 1) {  // channels_last: a pixel's channels are one run
+        if (x_c == 1 && stride_h * stride_w == 1 && step == pixel_stride) {
+          // channels_last at stride 1 where the row's pixels lie as densely as in the input: one run
+          // (a copy call per pixel of 16 channels was a tenth of 16 -> 16 3x3 @32's time)
+          std::copy(src, src + (columns.end - columns.first) * step, phase_dst + columns.first * pixel_stride);
+        } else if (x_c == 1) {  // channels_last: a pixel's channels are one run
           for (int64_t j = columns.first; j < columns.end; ++j, src += step) {
             std::copy(src, src + s.in_channels, phase_dst + j * pixel_stride);
           }
