@@ -522,11 +522,12 @@ def test_depthwise_engine(device, dtype, layout, channels, kernel, stride, paddi
 def test_depthwise_channels_last_is_thread_independent(dtype):
     """The channels_last depthwise engine splits rows into bands and channel blocks into groups by
     the thread count, and sums the weight gradient in slices of images fixed by the shape: the same
-    bits at 1, 2 and 3 threads, in all three passes, on rows of 8 pixels and more (@20 x 19)."""
+    bits at 1, 2 and 3 threads, in all three passes, on rows of 8 pixels and more (@20 x 19; the
+    weight gradient in 3 slices of 80 rows)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 40, 20, 19, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(12, 40, 20, 19, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(40, 1, 3, 3, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
-    dy = torch.randn(5, 40, 20, 19, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(12, 40, 20, 19, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
     ops, args = torch.ops.channelconv, ([1, 1], [1, 1], [1, 1], 40)
     before = torch.get_num_threads()
     try:
