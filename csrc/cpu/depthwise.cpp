@@ -107,11 +107,11 @@ void scatter(const BlockedProblem& p, const float* out_t, const Activations& out
 // ---- channels_last in and out, read and written where they lie ----
 //
 // Every output pixel stored in order (the forward pass, the stride-1 input gradient), any of the
-// engines' dtypes: a task is one image's band of output rows for one block of 16 channels. The
+// engines' dtypes: a task is one image's band of output rows for a group of 16-channel blocks. The
 // input rows it reads are converted once each into a ring of zero-padded float32 rows [column][16]
-// (the kernel's span of rows, a few KB in L1), and each output row is computed from the ring in
-// groups of 8 pixels, 8 independent chains of FMAs (one chain a pixel was bound by the FMA's
-// latency), with no bounds test. 144 channels @56, batch 8, forward: float32 0.58x F.conv2d ->
+// per block (the kernel's span of rows, a few KB; the group's rings within L2), and each output row
+// is computed from the ring in groups of 8 pixels, 8 independent chains of FMAs (one chain a pixel
+// was bound by the FMA's latency), with no bounds test. 144 channels @56, batch 8, forward: float32 0.58x F.conv2d ->
 // 0.95x; bfloat16, which went through the window and its conversions pixel by pixel, 0.38x -> 0.85x
 // (benchmarks/NOTES.md v21).
 
