@@ -211,9 +211,9 @@ void count_loops(const ConvShape& s, DirectPass pass, const DirectPlan& plan, Co
 // Padded channels and dropped pixels included (a folded step's padding too: plan.h AmxGeometry),
 // phantom taps (a strided layer's, plan.h amx_shape) where the kernels skip them not. The copies:
 // the forward's zero-padded NHWC input and its packed weight (every call; 4.7 MB for 512 -> 512
-// 3x3, more than the products on small maps); the weight
-// gradient's x in pixel pairs (twice, one for each parity) and dy in blocks, and a strided layer's
-// split input where blocks of 32 channels mix phases.
+// 3x3, more than the products on small maps); the weight gradient's x in pixel pairs (twice, one
+// for each parity) and dy in blocks, and a strided layer's split input where blocks of 32 channels
+// mix phases.
 void count_amx(const ConvShape& s, DirectPass pass, int64_t threads, Counts& c) {
   const ConvShape a = amx_shape(s);
   const std::vector<uint8_t> real = amx_real_taps(s);
