@@ -56,15 +56,8 @@ __attribute__((target("avx512f"))) void to_float(const c10::Half* src, int64_t n
 
 __attribute__((target("avx512f"))) void from_float(const float* src, int64_t n, c10::BFloat16* dst) {
   int64_t i = 0;
-  const __m512i one = _mm512_set1_epi32(1), half_ulp = _mm512_set1_epi32(0x7fff);
-  const __m512i quiet_nan = _mm512_set1_epi32(0x7fc00000);
   for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_loadu_ps(src + i);
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
-    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(half_ulp, odd));
-    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet_nan);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), blocked::bfloat16_bits(_mm512_loadu_ps(src + i)));
   }
   for (; i < n; ++i) dst[i] = c10::BFloat16(src[i]);
 }

@@ -120,6 +120,16 @@ __attribute__((target("avx512f"), always_inline)) inline void store_lanes(float*
   if (n & 1) _mm_store_ss(dst, _mm512_castps512_ps128(v));
 }
 #pragma GCC diagnostic pop
+
+// v's 16 floats as bfloat16 bits, rounded to nearest even with NaN kept quiet (as c10::BFloat16),
+// without AVX512_BF16's conversion instruction.
+__attribute__((target("avx512f"), always_inline)) inline __m256i bfloat16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
 #endif
 
 // dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols, 16 x 16 at a time in

@@ -132,11 +132,7 @@ CHANNELCONV_LANES_TARGET __m512 load_lanes(const c10::Half* src, __mmask16 mask)
 }
 CHANNELCONV_LANES_TARGET void store_lanes(float* dst, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(dst, mask, v); }
 CHANNELCONV_LANES_TARGET void store_lanes(c10::BFloat16* dst, __m512 v, __mmask16 mask) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
-  _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  _mm256_mask_storeu_epi16(dst, mask, blocked::bfloat16_bits(v));
 }
 CHANNELCONV_LANES_TARGET void store_lanes(c10::Half* dst, __m512 v, __mmask16 mask) {
   _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -177,7 +173,7 @@ template <typename T, int TH, int TW>
 __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void depthwise_nhwc_band(
     const BlockedProblem& p, const T* image, const float* w_t, const float* init, int64_t b_begin, int64_t b_end,
     int64_t oh_begin, int64_t oh_end, float* ring, T* out_image) {
-  const int64_t C = p.groups, width = p.strip_width(), span = (p.taps_h - 1) * p.dil_h + 1;
+  const int64_t C = p.groups, width = p.strip_width(), span = p.input_rows(1);
   const int64_t row_floats = width * kLanes, ring_floats = span * row_floats, taps = p.taps_h * p.taps_w;
   const int64_t col_begin = std::max<int64_t>(0, -p.offset_w), col_end = std::min(width, p.in_w - p.offset_w);
   std::fill(ring, ring + (b_end - b_begin) * ring_floats, 0.0f);  // (the padding columns stay zero)
@@ -253,7 +249,7 @@ void depthwise_nhwc(const BlockedRun& run, const Activations& in, const float* w
   // kRingBytes (L2); enough tasks for every thread four times over (each band reads its kernel's
   // span of rows again).
   constexpr int64_t kRingBytes = 256 << 10;
-  const int64_t span = (p.taps_h - 1) * p.dil_h + 1, ring_floats = span * p.strip_width() * kLanes;
+  const int64_t span = p.input_rows(1), ring_floats = span * p.strip_width() * kLanes;
   const int64_t group_blocks = std::clamp<int64_t>(kRingBytes / (ring_floats * int64_t(sizeof(float))), 1, blocks);
   const int64_t block_groups = ceil_div(blocks, group_blocks);
   const int64_t bands = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), p.batch * block_groups), 1, p.out_h);
